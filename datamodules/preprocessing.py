@@ -1,0 +1,89 @@
+"""Turning documents into lens-training samples: Patchscopes trimming and tuned-lens packing.
+
+A sample is a dict of plain Python lists (cheap to pickle out of a dataloader worker):
+``input_ids`` (tokens fed to the model), ``positions`` (where residuals are read) and ``labels``
+(the real next token at each position, -100 where the text does not say).
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+import torch
+
+IGNORE = -100
+
+
+@dataclass(frozen=True)
+class TrimSettings:
+    """Patchscopes trimming (Ghandeharioun et al. 2024, next-token experiment)."""
+
+    max_words: int = 250
+    """Keep documents with fewer space-separated words than this."""
+    max_chars: int = 2000
+    """Keep documents with fewer characters than this."""
+    positions_per_doc: int = 1
+    """Random positions read per document (the paper uses one)."""
+
+
+def keep_for_trimming(text: str, settings: TrimSettings) -> bool:
+    return len(text) < settings.max_chars and len(text.split(" ")) < settings.max_words
+
+
+def trim_sample(tokens: list[int], rng: random.Random, settings: TrimSettings, seq_len: int) -> dict | None:
+    """Choose ``positions_per_doc`` positions of one tokenised document.
+
+    Reading position i of the whole document is the same as cutting the text after token i, under
+    causal attention, so one forward pass over the prefix serves every chosen position. A position
+    needs a next token (the label), hence i ≤ len - 2; and i < seq_len - 1 so the sample fits.
+    """
+    last = min(len(tokens), seq_len) - 2
+    if last < 0:
+        return None
+    k = min(settings.positions_per_doc, last + 1)
+    positions = sorted(rng.sample(range(last + 1), k))
+    end = positions[-1] + 2
+    return {"input_ids": tokens[:end], "positions": positions, "labels": [tokens[i + 1] for i in positions]}
+
+
+class Packer:
+    """Tuned-lens packing: documents joined with EOS, cut into fixed-length chunks (the reference
+    packs to 2048 tokens). The tokens left over after the last chunk are part of the resumable state."""
+
+    def __init__(self, seq_len: int, eos_id: int, carry: list[int] | None = None):
+        self.seq_len = seq_len
+        self.eos_id = eos_id
+        self.buffer: list[int] = list(carry or [])
+
+    def add(self, tokens: list[int]) -> list[dict]:
+        self.buffer.extend(tokens)
+        self.buffer.append(self.eos_id)
+        chunks = []
+        while len(self.buffer) >= self.seq_len:
+            chunk, self.buffer = self.buffer[: self.seq_len], self.buffer[self.seq_len:]
+            chunks.append({
+                "input_ids": chunk,
+                "positions": list(range(self.seq_len)),
+                "labels": chunk[1:] + [IGNORE],
+            })
+        return chunks
+
+
+def collate(samples: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad a list of samples into tensors: input_ids/attention_mask (B, T);
+    positions/labels (B, P) with -1 / -100 where a sample has fewer positions."""
+    width = max(len(s["input_ids"]) for s in samples)
+    n_pos = max(len(s["positions"]) for s in samples)
+    batch = len(samples)
+    input_ids = torch.full((batch, width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((batch, width), dtype=torch.long)
+    positions = torch.full((batch, n_pos), -1, dtype=torch.long)
+    labels = torch.full((batch, n_pos), IGNORE, dtype=torch.long)
+    for i, s in enumerate(samples):
+        n = len(s["input_ids"])
+        input_ids[i, :n] = torch.tensor(s["input_ids"])
+        attention_mask[i, :n] = 1
+        positions[i, : len(s["positions"])] = torch.tensor(s["positions"])
+        labels[i, : len(s["labels"])] = torch.tensor(s["labels"])
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "positions": positions, "labels": labels}

@@ -1,0 +1,84 @@
+"""Lenses as plain ``nn.Module``s: no Lightning, usable in a notebook.
+
+A lens maps the residual stream at each lensed layer to a vector that the model's own decoder
+(final norm + unembedding, see ``lenses.unembed.Unembed``) turns into next-token logits. The lens
+holds only its own parameters; the frozen model's norm and head are never part of its state, so a
+lens checkpoint or artifact never contains base-model weights.
+
+Residual indices follow REFERENCE.md: 0 = embeddings (input to block 0), i+1 = output of block i.
+Like the reference tuned lens, we lens indices 0..L-1 (the embeddings and blocks 0..L-2); the last
+block's output is the model's own output and needs no translator.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class Lens(nn.Module):
+    """Base class: ``forward(h)`` maps residuals of the lensed layers to decodable residuals."""
+
+    lens_type: str = "abstract"
+
+    def __init__(self, layers: list[int], d_model: int):
+        super().__init__()
+        self.layers = list(layers)
+        self.d_model = d_model
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
+
+    def extra_config(self) -> dict:
+        """Lens-specific settings stored in the artifact's ``config.json``."""
+        return {}
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
+        """h: (num_layers, ..., d_model) → (num_layers, ..., d_model)."""
+        raise NotImplementedError
+
+
+class LogitLens(Lens):
+    """Decode each residual directly (nostalgebraist 2020): the identity map."""
+
+    lens_type = "logit"
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return h
+
+
+class TunedLens(Lens):
+    """One affine translator per lensed layer, parametrised residually: ``h + W_l h + b_l``.
+
+    W and b start at zero, so an untrained tuned lens *is* the logit lens and weight decay pulls
+    each translator towards the identity (Belrose et al. 2023, §3). All layers are applied in one
+    batched matrix multiply rather than a Python loop over ``nn.Linear``s.
+    """
+
+    lens_type = "tuned"
+
+    def __init__(self, layers: list[int], d_model: int, bias: bool = True, offset: int = 0):
+        super().__init__(layers, d_model)
+        if offset < 0:
+            raise ValueError(f"offset must be >= 0, got {offset}")
+        self.offset = offset
+        """Token offset of the target: 0 = same-position next token (tuned lens), k ≥ 1 = future lens."""
+        self.weight = nn.Parameter(torch.zeros(len(layers), d_model, d_model))
+        self.bias = nn.Parameter(torch.zeros(len(layers), d_model)) if bias else None
+
+    def extra_config(self) -> dict:
+        return {"bias": self.bias is not None, "offset": self.offset}
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        shape = h.shape
+        flat = h.reshape(shape[0], -1, shape[-1])  # (L, N, d)
+        weight_t = self.weight.transpose(1, 2)
+        if self.bias is not None:
+            delta = torch.baddbmm(self.bias.unsqueeze(1).to(flat.dtype), flat, weight_t.to(flat.dtype))
+        else:
+            delta = torch.bmm(flat, weight_t.to(flat.dtype))
+        return (flat + delta).reshape(shape)
+
+
+LENS_TYPES: dict[str, type[Lens]] = {cls.lens_type: cls for cls in (LogitLens, TunedLens)}

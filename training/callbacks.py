@@ -1,0 +1,93 @@
+"""Callbacks: the lens artifact and results table at the end of training, and a step progress bar."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+from pathlib import Path
+
+import lightning as L
+from lightning.pytorch.callbacks import TQDMProgressBar
+from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.utilities import rank_zero_only
+
+from lenses.artifact import save_lens
+
+log = logging.getLogger(__name__)
+
+
+def layer_name(index: int) -> str:
+    return "embeddings" if index == 0 else f"block {index - 1}"
+
+
+def results_table(results: dict, unit: str = "bits") -> str:
+    """Markdown table: per layer, KL(final ‖ lens) for the logit and the tuned lens, and the
+    cross-entropy against the real next token, all per token in ``unit``."""
+    lines = [
+        f"| residual | layer | logit lens KL ({unit}) | tuned lens KL ({unit}) | logit lens CE ({unit}) | tuned lens CE ({unit}) |",
+        "|---:|---|---:|---:|---:|---:|",
+    ]
+    for i, layer in enumerate(results["layers"]):
+        row = [results[lens][f"{metric}_{unit}"][i] for metric in ("kl",) for lens in ("logit", "tuned")]
+        row += [results[lens][f"ce_{unit}"][i] for lens in ("logit", "tuned")]
+        lines.append(f"| {layer} | {layer_name(layer)} | " + " | ".join(f"{v:.3f}" for v in row) + " |")
+    return "\n".join(lines)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+class LensArtifactWriter(L.Callback):
+    """At the end of ``fit``: the lens artifact, ``results.json`` and ``results.md``."""
+
+    def __init__(self, dirpath: str = "artifacts/quickstart"):
+        """
+        Args:
+            dirpath: output folder; the lens goes to ``<dirpath>/lens``, the per-layer results next to it.
+        """
+        self.dirpath = Path(dirpath)
+
+    @rank_zero_only
+    def on_train_end(self, trainer: L.Trainer, pl_module) -> None:
+        lens_dir = save_lens(
+            pl_module.lens, self.dirpath / "lens", base_model=pl_module.hparams.name,
+            revision=pl_module.base_revision, unembed_hash=pl_module.unembed_hash,
+            num_hidden_layers=pl_module.adapter.num_layers,
+            extra={"trained_steps": trainer.global_step, "lenscope_lens_dtype": pl_module.hparams.lens_dtype},
+        )
+        log.info("lens artifact written to %s", lens_dir)
+        results = pl_module.last_results
+        if results is None:
+            return
+        cache = pl_module.cache
+        results = {**results, "cache": {"hit_rate": cache.hit_rate, "bytes_per_token": cache.bytes_per_token}
+                   if cache else None, "units": "per token; nats and bits (1 bit = ln 2 nats)"}
+        atomic_write_text(self.dirpath / "results.json", json.dumps(results, indent=2) + "\n")
+        table = results_table(results)
+        atomic_write_text(self.dirpath / "results.md", table + "\n")
+        print(f"\nHeld-out per-layer results (step {results['step']}), also in {self.dirpath / 'results.md'}:\n{table}\n")
+        for logger in trainer.loggers:
+            if isinstance(logger, WandbLogger):
+                columns = ["residual", "layer", "logit_kl_bits", "tuned_kl_bits", "logit_ce_bits", "tuned_ce_bits"]
+                data = [[layer, layer_name(layer), results["logit"]["kl_bits"][i], results["tuned"]["kl_bits"][i],
+                         results["logit"]["ce_bits"][i], results["tuned"]["ce_bits"][i]]
+                        for i, layer in enumerate(results["layers"])]
+                logger.log_table("val/per_layer", columns=columns, data=data)
+
+
+class StepProgressBar(TQDMProgressBar):
+    """The training stream is endless (training stops on ``max_steps``), so show steps out of max_steps."""
+
+    def on_train_epoch_start(self, trainer: L.Trainer, *args) -> None:
+        super().on_train_epoch_start(trainer, *args)
+        if trainer.max_steps and trainer.max_steps > 0:
+            self.train_progress_bar.reset(total=trainer.max_steps)
+            self.train_progress_bar.n = trainer.global_step
+            self.train_progress_bar.set_description("Training")
