@@ -64,9 +64,9 @@ import random
 import tempfile
 import time
 import warnings
+from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import torch as th
@@ -75,11 +75,10 @@ import torch as th
 warnings.filterwarnings("ignore", message=r"(?s).*'datapipes', 'dataloader2' modules")
 
 import transformers  # noqa: E402
-from transformers import AutoModelForCausalLM, PreTrainedModel  # noqa: E402
-
 import tuned_lens  # noqa: E402
 import tuned_lens.scripts.ingredients as ing  # noqa: E402
-from tuned_lens.nn.lenses import LogitLens, TunedLens  # noqa: E402
+from transformers import AutoModelForCausalLM, PreTrainedModel  # noqa: E402
+from tuned_lens.nn.lenses import LogitLens  # noqa: E402
 from tuned_lens.scripts.eval_loop import Eval, _nested_dict  # noqa: E402
 from tuned_lens.scripts.train_loop import LossChoice, State, Train  # noqa: E402
 from tuned_lens.utils import shift_labels, shift_preds  # noqa: E402
@@ -164,7 +163,7 @@ def autocast_disabled():
 class ArrayTrain(Train):
     """The reference ``Train`` with ``setup`` fed by an in-order token array."""
 
-    def bind(self, model: PreTrainedModel, chunks: np.ndarray) -> "ArrayTrain":
+    def bind(self, model: PreTrainedModel, chunks: np.ndarray) -> ArrayTrain:
         self.base_model = model
         self.chunks = chunks
         self.step_ends: list[float] = []
@@ -226,7 +225,7 @@ def evaluate(
         labels = shift_labels(batch["input_ids"], evaluator.token_shift)
 
         batch_output = _nested_dict()
-        for layer, h in zip(range(num_layers), hidden_states):
+        for layer, h in zip(range(num_layers), hidden_states, strict=True):
             evaluator._evaluate_lenses_on_hidden(
                 lenses=lenses,
                 hidden=h,
