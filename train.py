@@ -9,11 +9,15 @@ and exit status 2.
 from __future__ import annotations
 
 import os
+from pathlib import Path
+
 from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.loggers import WandbLogger
 
 from cli_errors import run_with_clean_errors
 from datamodules.lens_data import LensDataModule
 from training.lens_module import LensTrainingModule
+from training.wandb_summary import write_summary_file
 
 
 class LensCLI(LightningCLI):
@@ -21,11 +25,25 @@ class LensCLI(LightningCLI):
         parser.set_defaults({"trainer.enable_model_summary": False})
 
 
+def finish_loggers(cli: LightningCLI) -> None:
+    """Close W&B runs now, so their summary is on disk when ``main`` returns (not at exit)."""
+    for logger in cli.trainer.loggers:
+        if isinstance(logger, WandbLogger) and logger._experiment is not None:
+            run = logger.experiment
+            run_dir = Path(run.dir).parent
+            run.finish()
+            if list(run_dir.glob("run-*.wandb")):
+                write_summary_file(run_dir)
+
+
 def main(argv: list[str] | None = None) -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    run_with_clean_errors(lambda: LensCLI(
-        LensTrainingModule, LensDataModule, args=argv, save_config_kwargs={"overwrite": True}
-    ))
+
+    def run() -> None:
+        cli = LensCLI(LensTrainingModule, LensDataModule, args=argv, save_config_kwargs={"overwrite": True})
+        finish_loggers(cli)
+
+    run_with_clean_errors(run)
 
 
 if __name__ == "__main__":

@@ -190,19 +190,25 @@ class LensTrainingModule(L.LightningModule):
         with torch.no_grad():
             return self.unembed.log_probs(states[-1].to(self.adapter.unembedding_weight.dtype))
 
-    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+    def training_step(self, dataloader_iter) -> torch.Tensor:
+        # The batch is pulled here rather than handed in: Lightning otherwise fetches one batch
+        # ahead, so the data position saved in a checkpoint would be one batch past the last step
+        # trained, and a resumed run would skip that batch.
+        batch, _batch_idx, _loader_idx = next(dataloader_iter)
+        batch = self.transfer_batch_to_device(batch, self.device, 0)
         states, _labels = self.hidden_states(batch)
         target = self._target_log_probs(states)
         dtype = resolve_dtype(self.hparams.lens_dtype)
         kl = lens_kl(self.unembed, self._decode_inputs(self.lens, states, dtype), target, dtype)
         # Layers are independent; summing their losses gives each translator its own gradient.
         loss = kl.sum()
-        self.log("train/kl_mean", kl.mean(), prog_bar=True)
-        self.log_dict({f"train/kl/layer_{layer:02d}": kl[i] for i, layer in enumerate(self.lens.layers)})
-        self.log("train/tokens", float(states.shape[1]), reduce_fx="sum")
+        n = states.shape[1]
+        self.log("train/kl_mean", kl.mean(), prog_bar=True, batch_size=n)
+        self.log_dict({f"train/kl/layer_{layer:02d}": kl[i] for i, layer in enumerate(self.lens.layers)}, batch_size=n)
+        self.log("train/tokens", float(n), reduce_fx="sum", batch_size=n)
         if self.cache is not None:
-            self.log("cache/hit_rate", self.cache.hit_rate)
-            self.log("cache/bytes_per_token", self.cache.bytes_per_token)
+            self.log("cache/hit_rate", self.cache.hit_rate, batch_size=n)
+            self.log("cache/bytes_per_token", self.cache.bytes_per_token, batch_size=n)
         return loss
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:

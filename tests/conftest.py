@@ -1,0 +1,74 @@
+"""Shared fixtures: tiny random models built from configs (no downloads), a word-level tokenizer,
+and small JSON-lines corpora written on the fly."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerFast
+
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Tiny vocabularies gain nothing from compiling the loss kernel; the end-to-end tests on the real
+# model run in subprocesses with compilation on.
+os.environ.setdefault("LENSCOPE_COMPILE", "0")
+
+SHARED_PILE = Path(__file__).resolve().parents[2] / "shared" / "data" / "pile-sample.jsonl.zst"
+WORDS = [f"w{i}" for i in range(200)]
+
+
+def make_tokenizer() -> PreTrainedTokenizerFast:
+    """A word-level tokenizer over ``w0 … w199`` plus specials; ids 0-3 are specials."""
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, "<pad>": 3}
+    vocab.update({w: i + 4 for i, w in enumerate(WORDS)})
+    core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=core, unk_token="<unk>", bos_token="<s>",
+                                   eos_token="</s>", pad_token="<pad>")
+
+
+def tiny_llama(seed: int = 0, layers: int = 3, d_model: int = 32) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    config = LlamaConfig(hidden_size=d_model, intermediate_size=2 * d_model, num_hidden_layers=layers,
+                         num_attention_heads=4, num_key_value_heads=2, vocab_size=len(WORDS) + 4,
+                         max_position_embeddings=256, bos_token_id=1, eos_token_id=2, pad_token_id=3,
+                         tie_word_embeddings=False)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    # Guard against a misspelt config key silently giving a full-size model.
+    assert sum(p.numel() for p in model.parameters()) < 200_000
+    return model
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A tiny random LLaMA and its tokenizer saved as a Hugging Face folder."""
+    path = tmp_path_factory.mktemp("tiny-llama")
+    tiny_llama().save_pretrained(path)
+    make_tokenizer().save_pretrained(path)
+    return path
+
+
+def random_text(rng, n_words: int) -> str:
+    return " ".join(rng.choice(WORDS) for _ in range(n_words))
+
+
+def write_corpus(path: Path, n_docs: int, seed: int = 0, words: tuple[int, int] = (20, 60)) -> Path:
+    """A JSON-lines corpus of random word documents, each tagged with its id (``doc_<i>`` first word
+    is avoided so tokenisation stays in-vocabulary: the id is in the ``id`` field)."""
+    import random
+
+    rng = random.Random(seed)
+    with open(path, "w") as f:
+        for i in range(n_docs):
+            f.write(json.dumps({"id": i, "text": random_text(rng, rng.randint(*words))}) + "\n")
+    return path
+
+
+@pytest.fixture
+def corpus(tmp_path) -> Path:
+    return write_corpus(tmp_path / "corpus.jsonl", 120)

@@ -1,0 +1,310 @@
+"""Lenses, the fused lens loss, and lens artifacts."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+import transformers as T
+from transformers import AutoModelForCausalLM
+
+from basemodel.adapter import ArchitectureAdapter
+from basemodel.loading import tensor_fingerprint
+from lenses.artifact import CONFIG, WEIGHTS, LensArtifactError, load_lens, read_config, save_lens
+from lenses.lens import LogitLens, TunedLens
+from lenses.unembed import Unembed, lens_kl, lens_metrics, reference_kl
+from tests.conftest import tiny_llama
+
+D = 32
+LAYERS = 3
+
+
+def tiny_gemma2(seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    config = T.Gemma2Config(hidden_size=D, intermediate_size=2 * D, num_hidden_layers=LAYERS,
+                            num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                            max_position_embeddings=64, vocab_size=128, pad_token_id=0, bos_token_id=1,
+                            eos_token_id=2, final_logit_softcapping=5.0, sliding_window=16)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    assert sum(p.numel() for p in model.parameters()) < 100_000
+    with torch.no_grad():  # make the soft-cap matter (random-init logits are far below 5)
+        model.lm_head.weight.mul_(30.0)
+    return model
+
+
+@pytest.fixture(scope="module")
+def llama_unembed() -> Unembed:
+    model = tiny_llama()
+    model.requires_grad_(False)
+    return Unembed(ArchitectureAdapter.discover(model))
+
+
+@pytest.fixture(scope="module")
+def gemma2_unembed() -> Unembed:
+    model = tiny_gemma2()
+    model.requires_grad_(False)
+    unembed = Unembed(ArchitectureAdapter.discover(model))
+    assert unembed.softcap == 5.0
+    return unembed
+
+
+def residuals(seed: int, n: int = 10, layers: int = LAYERS) -> torch.Tensor:
+    """(layers, n, d) random residuals with a model-like scale."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(layers, n, D, generator=g)
+
+
+def random_tuned_lens(seed: int, bias: bool = True, scale: float = 0.1) -> TunedLens:
+    lens = TunedLens(list(range(LAYERS)), D, bias=bias)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        lens.weight.copy_(torch.randn(lens.weight.shape, generator=g) * scale)
+        if bias:
+            lens.bias.copy_(torch.randn(lens.bias.shape, generator=g) * scale)
+    return lens
+
+
+# --- lenses ---------------------------------------------------------------------------------------
+
+def test_zero_tuned_lens_equals_logit_lens(llama_unembed):
+    h = residuals(0).view(LAYERS, 2, 5, D)
+    tuned = TunedLens(list(range(LAYERS)), D)
+    logit = LogitLens(list(range(LAYERS)), D)
+    torch.testing.assert_close(tuned(h), logit(h), rtol=0, atol=0)
+    torch.testing.assert_close(llama_unembed.logits(tuned(h)), llama_unembed.logits(logit(h)), rtol=0, atol=0)
+
+
+def test_tuned_lens_batched_equals_per_layer_loop():
+    lens = random_tuned_lens(1)
+    h = residuals(2).view(LAYERS, 2, 5, D)
+    out = lens(h)
+    assert out.shape == h.shape
+    for layer in range(LAYERS):
+        expected = h[layer] + h[layer] @ lens.weight[layer].T + lens.bias[layer]
+        torch.testing.assert_close(out[layer], expected)
+    assert (out - h).abs().max() > 1e-2  # the translators are not the identity here
+
+
+def test_tuned_lens_without_bias():
+    lens = random_tuned_lens(3, bias=False)
+    assert lens.bias is None
+    assert set(dict(lens.named_parameters())) == {"weight"}
+    assert lens.extra_config() == {"bias": False, "offset": 0}
+    h = residuals(4)
+    out = lens(h)
+    for layer in range(LAYERS):
+        torch.testing.assert_close(out[layer], h[layer] + h[layer] @ lens.weight[layer].T)
+    out.square().sum().backward()
+    assert lens.weight.grad is not None and lens.weight.grad.abs().sum() > 0
+
+
+def test_tuned_lens_keeps_input_dtype():
+    lens = random_tuned_lens(5)
+    h = residuals(6).to(torch.bfloat16)
+    out = lens(h)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), lens(h.float()), atol=0.05, rtol=0.02)
+
+
+def test_tuned_lens_rejects_negative_offset():
+    with pytest.raises(ValueError, match="offset"):
+        TunedLens([0, 1], D, offset=-1)
+
+
+# --- fused KL -------------------------------------------------------------------------------------
+
+def _target(unembed: Unembed, seed: int, n: int = 10) -> torch.Tensor:
+    """(n, V) fp32 log-probabilities of the model's decoding of random last-block residuals."""
+    with torch.no_grad():
+        return unembed.log_probs(residuals(seed, n, 1)[0])
+
+
+def _kl_and_grads(unembed: Unembed, fn, lens: TunedLens, h: torch.Tensor, target: torch.Tensor):
+    lens.zero_grad()
+    x = unembed.normalize(lens(h))
+    loss = fn(x)
+    weights = torch.linspace(0.5, 1.5, loss.shape[0])  # distinct per-layer upstream gradients
+    (loss * weights).sum().backward()
+    return loss.detach(), lens.weight.grad.clone(), lens.bias.grad.clone()
+
+
+@pytest.mark.parametrize("which", ["llama", "gemma2"])
+def test_fused_kl_matches_reference_fp32(which, llama_unembed, gemma2_unembed):
+    unembed = llama_unembed if which == "llama" else gemma2_unembed
+    lens = random_tuned_lens(7)
+    h = residuals(8)
+    target = _target(unembed, 9)
+    fused = _kl_and_grads(unembed, lambda x: lens_kl(unembed, x, target, compute_dtype=torch.float32), lens, h, target)
+    ref = _kl_and_grads(unembed, lambda x: reference_kl(unembed, x, target), lens, h, target)
+    assert fused[0].shape == (LAYERS,) and fused[0].dtype == torch.float32
+    assert (fused[0] > 0.01).all()
+    for a, b in zip(fused, ref):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    assert fused[1].abs().max() > 1e-4
+
+
+def test_reference_kl_is_plain_kl(gemma2_unembed):
+    """The yardstick itself: KL(p ‖ q) with q the soft-capped decoding, by definition."""
+    unembed = gemma2_unembed
+    x = unembed.normalize(residuals(10))
+    target = _target(unembed, 11)
+    logq = torch.log_softmax(torch.tanh(F.linear(x, unembed.weight) / 5.0) * 5.0, -1)
+    expected = (target.exp() * (target - logq)).sum(-1).mean(-1)
+    torch.testing.assert_close(reference_kl(unembed, x, target), expected)
+
+
+def test_fused_kl_zero_for_the_models_own_output(llama_unembed):
+    h_last = residuals(12, layers=1)
+    target = llama_unembed.log_probs(h_last[0])
+    kl = lens_kl(llama_unembed, llama_unembed.normalize(h_last), target, compute_dtype=torch.float32)
+    assert kl.abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("which", ["llama", "gemma2"])
+def test_fused_kl_bf16_close_to_fp32(which, llama_unembed, gemma2_unembed):
+    unembed = llama_unembed if which == "llama" else gemma2_unembed
+    lens = random_tuned_lens(13)
+    h = residuals(14)
+    target = _target(unembed, 15)
+    bf16 = _kl_and_grads(unembed, lambda x: lens_kl(unembed, x, target, compute_dtype=torch.bfloat16), lens, h, target)
+    ref = _kl_and_grads(unembed, lambda x: reference_kl(unembed, x, target), lens, h, target)
+    assert bf16[0].dtype == torch.float32
+    torch.testing.assert_close(bf16[0], ref[0], rtol=0.03, atol=0.01)
+    for a, b in zip(bf16[1:], ref[1:]):
+        torch.testing.assert_close(a, b, rtol=0.05, atol=0.05 * b.abs().max().item())
+
+
+def test_fused_kl_without_grad(llama_unembed):
+    x = llama_unembed.normalize(residuals(16))
+    target = _target(llama_unembed, 17)
+    kl = lens_kl(llama_unembed, x, target, compute_dtype=torch.float32)
+    assert not kl.requires_grad
+    torch.testing.assert_close(kl, reference_kl(llama_unembed, x, target))
+
+
+@pytest.mark.parametrize("which", ["llama", "gemma2"])
+def test_lens_metrics(which, llama_unembed, gemma2_unembed):
+    unembed = llama_unembed if which == "llama" else gemma2_unembed
+    n = 12
+    with torch.no_grad():
+        x = unembed.normalize(random_tuned_lens(18)(residuals(19, n)))
+    target = _target(unembed, 20, n)
+    vocab = unembed.weight.shape[0]
+    labels = torch.randint(0, vocab, (n,), generator=torch.Generator().manual_seed(21))
+    labels[[0, 5, 11]] = -100
+    m = lens_metrics(unembed, x, target, labels)
+    assert int(m["n_tokens"]) == n and int(m["n_labels"]) == n - 3
+    torch.testing.assert_close(m["kl"].float() / n, reference_kl(unembed, x, target), rtol=1e-5, atol=1e-6)
+    logits = unembed.adapter.decode(x)  # (L, N, V), soft-capped as the model does
+    for layer in range(LAYERS):
+        expected = F.cross_entropy(logits[layer], labels, ignore_index=-100, reduction="sum")
+        torch.testing.assert_close(m["ce"][layer].float(), expected, rtol=1e-5, atol=1e-4)
+    assert (m["ce"] > 0).all()
+
+
+def test_lens_metrics_without_labels(llama_unembed):
+    x = llama_unembed.normalize(residuals(22))
+    m = lens_metrics(llama_unembed, x, _target(llama_unembed, 23))
+    assert int(m["n_labels"]) == 0 and (m["ce"] == 0).all()
+    assert (m["kl"] > 0).all()
+
+
+# --- artifacts ------------------------------------------------------------------------------------
+
+def _save(lens, path, llama_unembed, **overrides):
+    kwargs = dict(base_model="tiny-llama", revision="local", unembed_hash=tensor_fingerprint(llama_unembed.weight),
+                  num_hidden_layers=LAYERS)
+    kwargs.update(overrides)
+    return save_lens(lens, path, **kwargs)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_artifact_round_trip(tmp_path, llama_unembed, bias):
+    lens = random_tuned_lens(24, bias=bias)
+    lens.offset = 2
+    path = _save(lens, tmp_path / "lens", llama_unembed)
+    config = read_config(path)
+    for key in ("base_model_name_or_path", "base_model_revision", "d_model", "num_hidden_layers", "bias",
+                "unembed_hash", "lens_type"):
+        assert key in config, key
+    assert config["lens_type"] == "tuned" and config["bias"] is bias and config["offset"] == 2
+    loaded = load_lens(path, unembed_hash=tensor_fingerprint(llama_unembed.weight), num_hidden_layers=LAYERS)
+    assert isinstance(loaded, TunedLens) and loaded.layers == lens.layers and loaded.offset == 2
+    assert (loaded.bias is None) == (not bias)
+    h = residuals(25)
+    torch.testing.assert_close(loaded(h), lens(h), rtol=0, atol=0)
+
+
+def test_logit_lens_artifact_round_trip(tmp_path, llama_unembed):
+    path = _save(LogitLens([0, 1, 2], D), tmp_path / "logit", llama_unembed)
+    assert not (path / WEIGHTS).exists()
+    loaded = load_lens(path)
+    assert isinstance(loaded, LogitLens) and loaded.layers == [0, 1, 2]
+
+
+@pytest.fixture
+def artifact(tmp_path, llama_unembed):
+    return _save(random_tuned_lens(26), tmp_path / "lens", llama_unembed)
+
+
+def test_load_refuses_other_unembedding(artifact, llama_unembed):
+    with pytest.raises(LensArtifactError, match="trained for 'tiny-llama'.*unembedding 0123456789abcdef"):
+        load_lens(artifact, unembed_hash="0123456789abcdef")
+
+
+def test_load_refuses_other_layer_count(artifact):
+    with pytest.raises(LensArtifactError, match="has 3 layers but this model has 5"):
+        load_lens(artifact, num_hidden_layers=5)
+
+
+def test_load_refuses_unknown_lens_type(artifact):
+    config = json.loads((artifact / CONFIG).read_text())
+    config["lens_type"] = "quantum"
+    (artifact / CONFIG).write_text(json.dumps(config))
+    with pytest.raises(LensArtifactError, match="unknown lens type 'quantum'"):
+        load_lens(artifact)
+
+
+def test_load_refuses_missing_weights(artifact):
+    (artifact / WEIGHTS).unlink()
+    with pytest.raises(LensArtifactError, match=f"no {WEIGHTS}"):
+        load_lens(artifact)
+
+
+def test_load_refuses_truncated_weights(artifact):
+    data = (artifact / WEIGHTS).read_bytes()
+    (artifact / WEIGHTS).write_bytes(data[: len(data) - 100])
+    with pytest.raises(LensArtifactError, match="does not match its manifest"):
+        load_lens(artifact)
+
+
+def test_load_refuses_modified_weights_of_same_size(artifact):
+    data = bytearray((artifact / WEIGHTS).read_bytes())
+    data[-1] ^= 0xFF
+    (artifact / WEIGHTS).write_bytes(bytes(data))
+    with pytest.raises(LensArtifactError, match="does not match its manifest"):
+        load_lens(artifact)
+
+
+def test_load_refuses_missing_or_broken_config(tmp_path, artifact):
+    with pytest.raises(LensArtifactError, match="not a lens artifact"):
+        load_lens(tmp_path / "nowhere")
+    (artifact / CONFIG).write_text("{not json")
+    with pytest.raises(LensArtifactError, match="not valid JSON"):
+        load_lens(artifact)
+
+
+def test_save_over_existing_artifact_replaces_it(tmp_path, llama_unembed):
+    path = tmp_path / "lens"
+    _save(random_tuned_lens(27), path, llama_unembed)
+    (path / "stale.txt").write_text("from the old artifact")
+    newer = random_tuned_lens(28, bias=False)
+    _save(newer, path, llama_unembed)
+    assert sorted(os.listdir(tmp_path)) == ["lens"], "temporary or old folders left behind"
+    assert sorted(os.listdir(path)) == sorted([CONFIG, WEIGHTS])
+    loaded = load_lens(path)
+    assert loaded.bias is None
+    torch.testing.assert_close(loaded.weight, newer.weight, rtol=0, atol=0)

@@ -1,0 +1,147 @@
+"""The training command line, end to end, on a tiny random model (fast) and the embedded model (slow)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import train
+from lenses.artifact import load_lens
+from tests.conftest import SHARED_PILE, write_corpus
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def fit_args(tmp_path: Path, model_dir: Path, corpus: Path, *extra: str, steps: int = 4,
+             checkpoint: tuple[str, ...] = ()) -> list[str]:
+    return [
+        "fit", "--config", str(ROOT / "configs/debug/fast.yaml"), "--trainer.enable_progress_bar", "false",
+        "--model.name", str(model_dir), "--data.source", str(corpus), "--data.seq_len", "16",
+        "--trainer.max_steps", str(steps), "--trainer.val_check_interval", str(steps),
+        "--trainer.default_root_dir", str(tmp_path / "runs"),
+        "--trainer.callbacks+=lightning.pytorch.callbacks.ModelCheckpoint",
+        f"--trainer.callbacks.dirpath={tmp_path / 'ckpt'}", "--trainer.callbacks.save_last=true",
+        "--trainer.callbacks.every_n_train_steps=2", "--trainer.callbacks.save_top_k=0", *checkpoint,
+        "--trainer.callbacks+=training.callbacks.LensArtifactWriter",
+        f"--trainer.callbacks.dirpath={tmp_path / 'out'}",
+        *extra,
+    ]
+
+
+def test_fit_writes_artifact_results_and_lens_only_checkpoint(tmp_path, tiny_model_dir, corpus):
+    train.main(fit_args(tmp_path, tiny_model_dir, corpus))
+    lens = load_lens(tmp_path / "out" / "lens")
+    assert lens.num_layers == 3 and lens.weight.abs().sum() > 0  # trained away from zero
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    for lens_name in ("logit", "tuned"):
+        assert len(results[lens_name]["kl_bits"]) == 3
+        assert all(v >= 0 and v == v for v in results[lens_name]["kl_nats"])
+    ckpt = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=False)
+    assert set(ckpt["state_dict"]) == {"lens.weight", "lens.bias"}, "checkpoint must hold the lens only"
+    assert ckpt["global_step"] == 4
+    loader_state = ckpt["loops"]["fit_loop"]["state_dict"]["combined_loader"][0]
+    assert loader_state["dataset_state"]["docs"] > 0, "the data position must be checkpointed"
+
+
+def test_resume_from_last_matches_uninterrupted_run(tmp_path, tiny_model_dir, corpus):
+    full = tmp_path / "full"
+    train.main(fit_args(full, tiny_model_dir, corpus, steps=6, checkpoint=(
+        "--trainer.callbacks.save_top_k=-1", "--trainer.callbacks.filename={step}")))
+    # The step-4 checkpoint is exactly what a run killed between steps 4 and 6 leaves as last.ckpt.
+    part = tmp_path / "part"
+    (part / "ckpt").mkdir(parents=True)
+    shutil.copy(full / "ckpt" / "step=4.ckpt", part / "ckpt" / "last.ckpt")
+    # Resuming must restore optimizer, schedule, step and data position to give the same lens.
+    train.main(fit_args(part, tiny_model_dir, corpus, "--ckpt_path", "last", steps=6))
+    a = load_lens(full / "out" / "lens")
+    b = load_lens(part / "out" / "lens")
+    torch.testing.assert_close(a.weight, b.weight, atol=1e-6, rtol=0)
+    torch.testing.assert_close(a.bias, b.bias, atol=1e-6, rtol=0)
+    # ... and not trivially: the last two steps changed the lens.
+    c = torch.load(full / "ckpt" / "step=4.ckpt", weights_only=False)["state_dict"]["lens.weight"]
+    assert (c - a.weight).abs().max() > 1e-5
+
+
+def test_wandb_offline_run_has_summary(tmp_path, tiny_model_dir, corpus, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    args = fit_args(tmp_path, tiny_model_dir, corpus)
+    args += ["--trainer.logger=lightning.pytorch.loggers.WandbLogger", "--trainer.logger.offline=true",
+             f"--trainer.logger.save_dir={tmp_path / 'wb'}", "--trainer.logger.project=lenscope-test"]
+    train.main(args)
+    summaries = list((tmp_path / "wb").rglob("wandb-summary.json"))
+    assert summaries, "offline W&B run wrote no summary"
+    summary = json.loads(summaries[0].read_text())
+    assert "val/tuned/kl_bits/layer_00" in summary and "train/kl_mean" in summary
+
+
+def run_cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / "train.py"), *args], capture_output=True, text=True,
+                          cwd=ROOT, env={**os.environ, **(env or {})}, timeout=600)
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        (["--data.source", "/nonexistent/corpus.jsonl"], "no data found at '/nonexistent/corpus.jsonl'"),
+        (["--data.seq_len", "100000"], "--data.seq_len is 100000 but the model's context is 256"),
+        (["--model.lens_type", "quantum"], "--model.lens_type 'quantum' is unknown"),
+        (["--trainer.max_steps", "0"], "--trainer.max_steps must be a positive number"),
+    ],
+)
+def test_bad_input_gives_one_line_error(tmp_path, tiny_model_dir, corpus, override, expected):
+    result = run_cli(*fit_args(tmp_path, tiny_model_dir, corpus), *override)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and expected in errors[0], result.stderr[-2000:]
+
+
+def test_empty_corpus_is_an_error(tmp_path, tiny_model_dir):
+    corpus = tmp_path / "empty.jsonl"
+    corpus.write_text(json.dumps({"text": "   "}) + "\n")
+    result = run_cli(*fit_args(tmp_path, tiny_model_dir, corpus))
+    assert result.returncode == 2 and "yields no train samples" in result.stderr
+
+
+@pytest.mark.slow
+def test_embedded_model_lens_beats_logit_lens(tmp_path):
+    """The real 135M model on the demo corpus, a few steps: the tuned lens already beats the logit
+    lens on held-out text at every layer (the logit lens of this model is poor at every layer)."""
+    out = tmp_path / "out"
+    result = run_cli(
+        "fit", "--config", "configs/quickstart.yaml", "--trainer.max_steps", "6",
+        "--trainer.val_check_interval", "6", "--trainer.logger", "false", "--trainer.enable_progress_bar", "false",
+        "--data.batch_size", "4", "--data.val_max_docs", "3", "--data.num_workers", "0",
+        "--trainer.default_root_dir", str(tmp_path / "runs"),
+        "--trainer.callbacks+=training.callbacks.LensArtifactWriter", f"--trainer.callbacks.dirpath={out}",
+        env={"LENSCOPE_COMPILE": "1"},
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    results = json.loads((out / "results.json").read_text())
+    logit, tuned = results["logit"]["kl_nats"], results["tuned"]["kl_nats"]
+    assert len(tuned) == 30
+    worse = [i for i, (a, b) in enumerate(zip(logit, tuned, strict=True)) if not b < a]
+    assert not worse, f"tuned lens not better than the logit lens at residuals {worse}"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not SHARED_PILE.exists(), reason="shared Pile sample not present (only on the project's machines)")
+def test_pile_sample_streams(tmp_path):
+    from datamodules.sources import DocumentSource
+
+    docs = list(DocumentSource(str(SHARED_PILE)))
+    assert len(docs) > 600 and all(isinstance(d, str) and d.strip() for d in docs)
+
+
+def test_write_corpus_helper_is_deterministic(tmp_path):
+    a = write_corpus(tmp_path / "a.jsonl", 5, seed=3).read_text()
+    b = write_corpus(tmp_path / "b.jsonl", 5, seed=3).read_text()
+    assert a == b
