@@ -16,6 +16,7 @@ from lightning.pytorch.loggers import WandbLogger
 
 from cli_errors import run_with_clean_errors
 from datamodules.lens_data import LensDataModule
+from training.callbacks import StepProgressBar
 from training.lens_module import LensTrainingModule
 from training.wandb_summary import write_summary_file
 
@@ -23,6 +24,13 @@ from training.wandb_summary import write_summary_file
 class LensCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
         parser.set_defaults({"trainer.enable_model_summary": False})
+
+    def _instantiate_trainer(self, config: dict, callbacks: list):
+        # The training stream is endless, so Lightning's bar would show no total: use one that
+        # counts steps out of max_steps, unless the progress bar is switched off.
+        if config.get("enable_progress_bar") is not False:
+            callbacks = [*callbacks, StepProgressBar()]
+        return super()._instantiate_trainer(config, callbacks)
 
 
 def finish_loggers(cli: LightningCLI) -> None:
