@@ -111,6 +111,12 @@ class LensTrainingModule(L.LightningModule):
         config = self.base.config
         return getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
 
+    def train(self, mode: bool = True):
+        """The frozen model stays in eval mode (no dropout) while the lens trains."""
+        super().train(mode)
+        self.base.eval()
+        return self
+
     # --- checkpoints hold the lens only --------------------------------------------------------------
     def state_dict(self, destination=None, prefix="", keep_vars=False):
         """Only the lens: the frozen base model is reloaded from its name, never checkpointed."""

@@ -1,0 +1,113 @@
+"""The LightningModule and the hidden-state cache on a tiny model, without the CLI."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from basemodel.hidden_cache import CacheMismatchError, HiddenStateCache, batch_key
+from training.lens_module import HiddenStateError, LensTrainingModule
+
+
+@pytest.fixture
+def module(tiny_model_dir):
+    m = LensTrainingModule(name=str(tiny_model_dir), lens_dtype="float32")
+    m.cache = HiddenStateCache("device")
+    return m
+
+
+def make_batch(seed: int = 0, batch: int = 2, seq: int = 12) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(4, 204, (batch, seq), generator=g)
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids),
+            "positions": torch.arange(seq).repeat(batch, 1), "labels": torch.roll(ids, -1, 1)}
+
+
+def test_lensed_layers_and_lens_only_state(module):
+    assert module.lens.layers == [0, 1, 2]  # embeddings + blocks 0..L-2 for a 3-block model
+    assert set(module.state_dict()) == {"lens.weight", "lens.bias"}
+
+
+def test_base_model_stays_in_eval_mode(module):
+    module.train()
+    assert module.lens.training and not module.base.training
+    assert not any(m.training for m in module.base.modules())
+
+
+def test_cache_hits_return_the_same_states(module):
+    batch = make_batch()
+    states, labels = module.hidden_states(batch)
+    assert states.shape == (4, 24, 32) and labels.shape == (24,)
+    again, _ = module.hidden_states(batch)
+    assert module.cache.hits == 1 and module.cache.misses == 1
+    torch.testing.assert_close(states, again, rtol=0, atol=0)
+    assert module.cache.bytes_per_token == 4 * 32 * 4  # (L+1) × d × fp32
+
+
+def test_trimmed_positions_are_gathered(module):
+    batch = make_batch()
+    batch["positions"] = torch.tensor([[3, 7], [5, -1]])
+    batch["labels"] = torch.tensor([[11, 12], [13, -100]])
+    states, labels = module.hidden_states(batch)
+    full = module.reader.read(batch["input_ids"], batch["attention_mask"])
+    torch.testing.assert_close(states[:, 2], full[:, 1, 5])
+    assert labels.tolist() == [11, 12, 13]
+
+
+def test_nan_hidden_states_are_refused_with_the_layer(module, monkeypatch):
+    def poisoned(ids, mask):
+        out = torch.zeros(4, ids.shape[0], ids.shape[1], 32)
+        out[2, 0, 1, 5] = float("inf")
+        return out
+
+    monkeypatch.setattr(module.reader, "read", poisoned)
+    with pytest.raises(HiddenStateError, match="block 1"):
+        module.hidden_states(make_batch())
+
+
+def test_disk_cache_roundtrip_and_mismatch(tmp_path):
+    cache = HiddenStateCache("disk", tmp_path / "c", manifest={"model": "a", "seq_len": 16})
+    states = torch.randn(3, 5, 8)
+    key = batch_key(torch.arange(5))
+    cache.put(key, states)
+    assert not list((tmp_path / "c").glob(".*tmp*")), "no temporary files left behind"
+    reopened = HiddenStateCache("disk", tmp_path / "c", manifest={"model": "a", "seq_len": 16})
+    torch.testing.assert_close(reopened.get(key, torch.device("cpu")), states)
+    with pytest.raises(CacheMismatchError, match="seq_len differ"):
+        HiddenStateCache("disk", tmp_path / "c", manifest={"model": "a", "seq_len": 32})
+
+
+def test_disk_cache_rebuilds_a_damaged_shard(tmp_path):
+    cache = HiddenStateCache("disk", tmp_path / "c", manifest={})
+    key = batch_key(torch.arange(3))
+    cache.put(key, torch.randn(2, 3, 4))
+    shard = tmp_path / "c" / f"{key}.safetensors"
+    shard.write_bytes(shard.read_bytes()[:20])  # cut short, as by a crash without atomic writes
+    with pytest.warns(UserWarning, match="damaged"):
+        assert cache.get(key, torch.device("cpu")) is None
+    assert not shard.exists()
+
+
+def test_device_cache_respects_its_budget():
+    cache = HiddenStateCache("device", max_bytes=1000)
+    cache.put("a", torch.zeros(2, 10, 10))  # 800 bytes
+    cache.put("b", torch.zeros(2, 10, 10))  # would exceed the budget: not stored
+    assert cache.get("a", torch.device("cpu")) is not None and cache.get("b", torch.device("cpu")) is None
+    assert cache.stored_bytes == 800
+
+
+def test_one_training_step_lowers_the_loss(module):
+    batch = make_batch(seq=16)
+    optimizer = torch.optim.SGD(module.lens.parameters(), lr=0.5)
+    losses = []
+    for _ in range(3):
+        states, _ = module.hidden_states(batch)
+        target = module._target_log_probs(states)
+        from lenses.unembed import lens_kl
+
+        kl = lens_kl(module.unembed, module._decode_inputs(module.lens, states, torch.float32), target, torch.float32)
+        optimizer.zero_grad()
+        kl.sum().backward()
+        optimizer.step()
+        losses.append(kl.sum().item())
+    assert losses[-1] < losses[0]
