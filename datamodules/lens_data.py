@@ -74,14 +74,15 @@ class DocumentStream(IterableDataset):
         self.max_docs = max_docs
         self.rank = rank
         self.world_size = world_size
-        self._state = {"pass": 0, "docs": 0, "carry": []}
+        self._state = {"pass": 0, "docs": 0, "within": 0, "carry": []}
 
     # --- state: read and written inside the worker by StatefulDataLoader -------------------------
     def state_dict(self) -> dict:
-        return {"pass": self._state["pass"], "docs": self._state["docs"], "carry": list(self._state["carry"])}
+        return {**self._state, "carry": list(self._state["carry"])}
 
     def load_state_dict(self, state: dict) -> None:
-        self._state = {"pass": state["pass"], "docs": state["docs"], "carry": list(state["carry"])}
+        self._state = {"pass": state["pass"], "docs": state["docs"], "within": state.get("within", 0),
+                       "carry": list(state["carry"])}
 
     # --- the pipeline ----------------------------------------------------------------------------
     def selected(self) -> Iterator[tuple[int, str]]:
@@ -106,35 +107,39 @@ class DocumentStream(IterableDataset):
 
     def __iter__(self) -> Iterator[dict]:
         slot, n_slots = self._slot()
-        start_pass, skip, carry = self._state["pass"], self._state["docs"], self._state["carry"]
-        passes = itertools.count(start_pass) if self.repeat else range(start_pass, start_pass + 1)
-        yielded_any = False
+        # The state says where the last sample handed out came from: ``docs`` of this slot's
+        # documents were fully used, then ``within`` samples of the next one, which is re-packed
+        # from ``carry`` (the packing buffer before it). A finite split is always read whole.
+        state = self._state if self.repeat else {"pass": 0, "docs": 0, "within": 0, "carry": []}
+        start_pass, skip_docs = state["pass"], state["docs"]
+        skip_within, carry = state.get("within", 0), state["carry"]
+        passes = itertools.count(start_pass) if self.repeat else range(1)
         for pass_index in passes:
+            resumed = skip_docs > 0 or skip_within > 0
             packer = Packer(self.seq_len, self.tokenizer.eos_token_id, carry)
-            owned = 0
+            owned = produced = 0
             for n, (ordinal, text) in enumerate(self.documents()):
                 if n % n_slots != slot:
                     continue
                 owned += 1
-                if owned <= skip:  # resuming: these were consumed before the checkpoint
+                if owned <= skip_docs:  # resuming: used before the checkpoint, not even tokenised
                     continue
-                for sample in self._samples(ordinal, text, packer):
-                    self._state = {"pass": pass_index, "docs": owned, "carry": packer.buffer}
-                    yielded_any = True
+                carry_before = list(packer.buffer)
+                for j, sample in enumerate(self._samples(ordinal, text, packer)):
+                    produced += 1
+                    if owned == skip_docs + 1 and j < skip_within:
+                        continue  # resuming inside a document: handed out before the checkpoint
+                    self._state = {"pass": pass_index, "docs": owned - 1, "within": j + 1, "carry": carry_before}
                     yield sample
-                self._state = {"pass": pass_index, "docs": owned, "carry": list(packer.buffer)}
-            if owned == 0 or (self.repeat and not yielded_any):
+                self._state = {"pass": pass_index, "docs": owned, "within": 0, "carry": list(packer.buffer)}
+            if self.repeat and produced == 0 and not resumed:
                 # Nothing for this slot: an endless loop over an empty share would hang training.
-                if not self.repeat:
-                    break
                 raise DataSourceError(
                     f"the {self.split} split of {self.source.source!r} gives no samples to worker slot "
                     f"{slot} of {n_slots}; add data, lower --data.num_workers or check --data.max_words/max_chars"
                 )
-            skip, carry = 0, []
-            self._state = {"pass": pass_index + 1, "docs": 0, "carry": []}
-        if not self.repeat:  # a finite split is read whole each time it is iterated
-            self._state = {"pass": 0, "docs": 0, "carry": []}
+            skip_docs, skip_within, carry = 0, 0, []
+            self._state = {"pass": pass_index + 1, "docs": 0, "within": 0, "carry": []}
 
     def _samples(self, ordinal: int, text: str, packer: Packer) -> list[dict]:
         if self.mode == "pack":

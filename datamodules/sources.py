@@ -143,7 +143,7 @@ def iter_jsonl(path: Path, text_field: str, skipped: SkipCounter, on_bad_record:
         if not raw.strip():
             continue
         try:
-            line = raw.decode("utf-8")
+            line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")  # tolerate a byte-order mark
         except UnicodeDecodeError:
             bad(lineno, "line is not valid UTF-8")
             continue

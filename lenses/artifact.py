@@ -115,6 +115,8 @@ def load_lens(path: str | Path, *, unembed_hash: str | None = None, num_hidden_l
     kwargs = {k: config[k] for k in ("bias", "offset") if k in config and lens_type != "logit"}
     lens = cls(layers=config["layers"], d_model=config["d_model"], **kwargs)
     files = config.get("files", {})
+    if WEIGHTS not in files and lens.state_dict():
+        raise LensArtifactError(f"{path / CONFIG} lists no {WEIGHTS} for a {lens_type} lens; the artifact is damaged, retrain or re-copy it")
     if WEIGHTS in files:
         weights = path / WEIGHTS
         if not weights.is_file():

@@ -26,24 +26,47 @@ D = 32
 LAYERS = 3
 MAX_PARAMS = 100_000
 
-_ATTN = dict(hidden_size=D, intermediate_size=2 * D, num_hidden_layers=LAYERS, num_attention_heads=4,
-             num_key_value_heads=2, max_position_embeddings=64)
+_ATTN = dict(
+    hidden_size=D,
+    intermediate_size=2 * D,
+    num_hidden_layers=LAYERS,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=64,
+)
 _IDS = dict(vocab_size=VOCAB, pad_token_id=0, bos_token_id=1, eos_token_id=2)
 
 CONFIGS = {
     "gpt2": lambda: T.GPT2Config(n_embd=D, n_layer=LAYERS, n_head=4, n_positions=64, **_IDS),
-    "gpt_neox": lambda: T.GPTNeoXConfig(hidden_size=D, num_hidden_layers=LAYERS, num_attention_heads=4,
-                                        intermediate_size=2 * D, max_position_embeddings=64, **_IDS),
-    "gptj": lambda: T.GPTJConfig(n_embd=D, n_layer=LAYERS, n_head=4, rotary_dim=4, n_positions=64, **_IDS),
+    "gpt_neox": lambda: T.GPTNeoXConfig(
+        hidden_size=D,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=4,
+        intermediate_size=2 * D,
+        max_position_embeddings=64,
+        **_IDS,
+    ),
+    "gptj": lambda: T.GPTJConfig(
+        n_embd=D, n_layer=LAYERS, n_head=4, rotary_dim=4, n_positions=64, **_IDS
+    ),
     "llama": lambda: T.LlamaConfig(**_ATTN, **_IDS),
     "mistral": lambda: T.MistralConfig(**_ATTN, **_IDS),
     "qwen2": lambda: T.Qwen2Config(**_ATTN, **_IDS),
     "qwen3": lambda: T.Qwen3Config(**_ATTN, head_dim=8, **_IDS),
     "gemma": lambda: T.GemmaConfig(**_ATTN, head_dim=8, **_IDS),
-    "gemma2": lambda: T.Gemma2Config(**_ATTN, head_dim=8, final_logit_softcapping=5.0, sliding_window=16, **_IDS),
+    "gemma2": lambda: T.Gemma2Config(
+        **_ATTN, head_dim=8, final_logit_softcapping=5.0, sliding_window=16, **_IDS
+    ),
     # word_embed_proj_dim != hidden_size: OPT-350m style, with project_out after the final norm.
-    "opt": lambda: T.OPTConfig(hidden_size=D, ffn_dim=2 * D, num_hidden_layers=LAYERS, num_attention_heads=4,
-                               word_embed_proj_dim=16, max_position_embeddings=64, **_IDS),
+    "opt": lambda: T.OPTConfig(
+        hidden_size=D,
+        ffn_dim=2 * D,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=4,
+        word_embed_proj_dim=16,
+        max_position_embeddings=64,
+        **_IDS,
+    ),
     "phi3": lambda: T.Phi3Config(**_ATTN, original_max_position_embeddings=64, **_IDS),
 }
 
@@ -52,14 +75,19 @@ EXPECTED_PATHS = {
     "gpt2": ("transformer.h", ["transformer.ln_f"]),
     "gpt_neox": ("gpt_neox.layers", ["gpt_neox.final_layer_norm"]),
     "gptj": ("transformer.h", ["transformer.ln_f"]),
-    "opt": ("model.decoder.layers", ["model.decoder.final_layer_norm", "model.decoder.project_out"]),
+    "opt": (
+        "model.decoder.layers",
+        ["model.decoder.final_layer_norm", "model.decoder.project_out"],
+    ),
 }
 
 
 def build(arch: str, seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(CONFIGS[arch]()).eval()
-    assert sum(p.numel() for p in model.parameters()) < MAX_PARAMS, "config key misspelt: model is not tiny"
+    assert sum(p.numel() for p in model.parameters()) < MAX_PARAMS, (
+        "config key misspelt: model is not tiny"
+    )
     if arch == "gemma2":
         # Random init gives logits of |z| < 1, where tanh capping at 5 is almost the identity; scale
         # the head so that the soft-cap visibly changes the logits and a missing cap is caught.
@@ -139,8 +167,9 @@ def test_opt_project_out_follows_final_norm():
     model = build("opt")
     adapter = ArchitectureAdapter.discover(model)
     assert adapter.post_block_paths[-1] == "model.decoder.project_out"
-    assert adapter.post_block_paths.index("model.decoder.final_layer_norm") < adapter.post_block_paths.index(
-        "model.decoder.project_out")
+    assert adapter.post_block_paths.index(
+        "model.decoder.final_layer_norm"
+    ) < adapter.post_block_paths.index("model.decoder.project_out")
     # The residual stream is wider than the head's input.
     assert adapter.d_model == D and adapter.unembedding_weight.shape == (VOCAB, 16)
     h = torch.randn(2, 3, D)
@@ -166,7 +195,9 @@ def _hide_norm_functionally(model: nn.Module) -> None:
 def test_hidden_final_norm_is_refused():
     model = tiny_llama()
     _hide_norm_functionally(model)
-    with pytest.raises(AdapterError, match="could not find the final norm.*model.layers.2.*lm_head"):
+    with pytest.raises(
+        AdapterError, match="could not find the final norm.*model.layers.2.*lm_head"
+    ):
         ArchitectureAdapter.discover(model)
 
 

@@ -16,7 +16,14 @@ from torchdata.stateful_dataloader import StatefulDataLoader
 
 import datamodules.lens_data as lens_data
 from datamodules.lens_data import DocumentStream, LensDataModule, seeded_shuffle
-from datamodules.preprocessing import IGNORE, Packer, TrimSettings, collate, keep_for_trimming, trim_sample
+from datamodules.preprocessing import (
+    IGNORE,
+    Packer,
+    TrimSettings,
+    collate,
+    keep_for_trimming,
+    trim_sample,
+)
 from datamodules.sources import DataSourceError, DocumentSource
 from lenses.errors import ConfigError
 from tests.conftest import make_tokenizer, write_corpus
@@ -35,12 +42,37 @@ def texts_of(path: Path) -> list[str]:
     return [json.loads(line)["text"] for line in path.read_text().splitlines()]
 
 
-def make_stream(path: Path, tok, *, split: str = "train", mode: str = "pack", seq_len: int = 64, seed: int = 0,
-                shuffle_buffer: int = 1000, holdout_every: int = 10, trim: TrimSettings | None = None,
-                repeat: bool = False, max_docs: int | None = None, rank: int = 0, world_size: int = 1):
-    return DocumentStream(DocumentSource(str(path)), tok, split=split, mode=mode, seq_len=seq_len, seed=seed,
-                          shuffle_buffer=shuffle_buffer, holdout_every=holdout_every, trim=trim or TrimSettings(),
-                          repeat=repeat, max_docs=max_docs, rank=rank, world_size=world_size)
+def make_stream(
+    path: Path,
+    tok,
+    *,
+    split: str = "train",
+    mode: str = "pack",
+    seq_len: int = 64,
+    seed: int = 0,
+    shuffle_buffer: int = 1000,
+    holdout_every: int = 10,
+    trim: TrimSettings | None = None,
+    repeat: bool = False,
+    max_docs: int | None = None,
+    rank: int = 0,
+    world_size: int = 1,
+):
+    return DocumentStream(
+        DocumentSource(str(path)),
+        tok,
+        split=split,
+        mode=mode,
+        seq_len=seq_len,
+        seed=seed,
+        shuffle_buffer=shuffle_buffer,
+        holdout_every=holdout_every,
+        trim=trim or TrimSettings(),
+        repeat=repeat,
+        max_docs=max_docs,
+        rank=rank,
+        world_size=world_size,
+    )
 
 
 def write_lines(path: Path, lines: list[bytes]) -> Path:
@@ -49,6 +81,7 @@ def write_lines(path: Path, lines: list[bytes]) -> Path:
 
 
 # --- sources --------------------------------------------------------------------------------------
+
 
 def test_jsonl_source_preserves_order(corpus):
     expected = texts_of(corpus)
@@ -65,7 +98,9 @@ def test_zst_source_equals_plain(tmp_path, corpus):
     # Two frames, the second written as a stream (no content size in the header).
     stream = compressor.compressobj()
     zst = tmp_path / "corpus.jsonl.zst"
-    zst.write_bytes(compressor.compress(data[:half]) + stream.compress(data[half:]) + stream.flush())
+    zst.write_bytes(
+        compressor.compress(data[:half]) + stream.compress(data[half:]) + stream.flush()
+    )
     assert list(DocumentSource(str(zst))) == texts_of(corpus)
 
 
@@ -80,8 +115,10 @@ def test_folder_source_reads_files_in_sorted_order(tmp_path):
 
 
 def test_empty_texts_are_skipped_and_counted(tmp_path):
-    path = write_lines(tmp_path / "d.jsonl", [b'{"text": "w1 w2"}', b'{"text": ""}', b"", b'{"text": "  \\n "}',
-                                              b'{"text": "w3"}'])
+    path = write_lines(
+        tmp_path / "d.jsonl",
+        [b'{"text": "w1 w2"}', b'{"text": ""}', b"", b'{"text": "  \\n "}', b'{"text": "w3"}'],
+    )
     source = DocumentSource(str(path))  # the default policy: empty texts are not errors
     assert list(source) == ["w1 w2", "w3"]
     assert source.skipped.counts == {"empty text": 2}
@@ -162,6 +199,7 @@ def test_missing_path_is_refused(tmp_path):
 
 # --- shuffle --------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("buffer_size", [1, 7, 100, 1000])
 def test_seeded_shuffle_is_a_deterministic_permutation(buffer_size):
     items = list(range(100))
@@ -175,6 +213,7 @@ def test_seeded_shuffle_is_a_deterministic_permutation(buffer_size):
 
 # --- trimming -------------------------------------------------------------------------------------
 
+
 def test_trim_filter():
     settings = TrimSettings(max_words=5, max_chars=20)
     assert keep_for_trimming("w1 w2 w3 w4", settings)
@@ -186,7 +225,9 @@ def test_trim_filter():
 def test_trim_stream_applies_filter(tmp_path, tok):
     path = write_corpus(tmp_path / "c.jsonl", 60, words=(5, 40))
     texts = texts_of(path)
-    stream = make_stream(path, tok, mode="trim", trim=TrimSettings(max_words=20), holdout_every=1000)
+    stream = make_stream(
+        path, tok, mode="trim", trim=TrimSettings(max_words=20), holdout_every=1000
+    )
     kept = [t for _, t in stream.selected()]
     expected = [t for i, t in enumerate(texts) if i % 1000 != 0 and len(t.split(" ")) < 20]
     assert kept == expected and 0 < len(kept) < len(texts) - 1
@@ -195,7 +236,9 @@ def test_trim_stream_applies_filter(tmp_path, tok):
 def test_trim_sample_positions_and_labels(tok):
     tokens = list(range(10, 40))
     for seed in range(20):
-        sample = trim_sample(tokens, random.Random(seed), TrimSettings(positions_per_doc=3), seq_len=16)
+        sample = trim_sample(
+            tokens, random.Random(seed), TrimSettings(positions_per_doc=3), seq_len=16
+        )
         positions = sample["positions"]
         assert len(positions) == 3 and positions == sorted(set(positions))
         assert 0 <= positions[0] and positions[-1] <= 16 - 2
@@ -210,7 +253,10 @@ def test_trim_positions_seeded_per_document(tmp_path, tok):
 
     def positions(seed):
         stream = make_stream(path, tok, mode="trim", seed=seed, trim=settings)
-        return {ordinal: stream._samples(ordinal, text, None)[0]["positions"] for ordinal, text in stream.selected()}
+        return {
+            ordinal: stream._samples(ordinal, text, None)[0]["positions"]
+            for ordinal, text in stream.selected()
+        }
 
     first = positions(0)
     assert positions(0) == first
@@ -226,6 +272,7 @@ def test_trim_positions_seeded_per_document(tmp_path, tok):
 
 
 # --- packing --------------------------------------------------------------------------------------
+
 
 def test_packer_loses_nothing():
     rng = random.Random(0)
@@ -254,8 +301,13 @@ def test_pack_stream_chunks_are_the_eos_joined_documents(tmp_path, tok):
 
 
 def test_collate_pads_and_masks():
-    batch = collate([{"input_ids": [5, 6, 7], "positions": [0, 2], "labels": [6, -100]},
-                     {"input_ids": [8], "positions": [0], "labels": [9]}], pad_id=3)
+    batch = collate(
+        [
+            {"input_ids": [5, 6, 7], "positions": [0, 2], "labels": [6, -100]},
+            {"input_ids": [8], "positions": [0], "labels": [9]},
+        ],
+        pad_id=3,
+    )
     assert batch["input_ids"].tolist() == [[5, 6, 7], [8, 3, 3]]
     assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
     assert batch["positions"].tolist() == [[0, 2], [0, -1]]
@@ -264,20 +316,25 @@ def test_collate_pads_and_masks():
 
 # --- splits and sharding --------------------------------------------------------------------------
 
+
 def test_holdout_split_is_disjoint_from_training(tmp_path, tok):
     path = write_corpus(tmp_path / "c.jsonl", 50)
     train = [o for o, _ in make_stream(path, tok, holdout_every=5).selected()]
     val = [o for o, _ in make_stream(path, tok, split="val", holdout_every=5).selected()]
     assert val == [0, 5, 10, 15, 20, 25, 30, 35, 40, 45]
     assert not set(train) & set(val) and sorted(train + val) == list(range(50))
-    val_docs = [o for o, _ in make_stream(path, tok, split="val", holdout_every=5, max_docs=4).documents()]
+    val_docs = [
+        o for o, _ in make_stream(path, tok, split="val", holdout_every=5, max_docs=4).documents()
+    ]
     assert len(val_docs) == 4 and set(val_docs) <= set(val)
 
 
 def _whole_documents(path, tok, **kwargs):
     """Trim mode with a long context and as many positions as tokens: every sample is one whole
     document, so a sample identifies the document it came from."""
-    return make_stream(path, tok, mode="trim", seq_len=256, trim=TrimSettings(positions_per_doc=1000), **kwargs)
+    return make_stream(
+        path, tok, mode="trim", seq_len=256, trim=TrimSettings(positions_per_doc=1000), **kwargs
+    )
 
 
 def test_every_document_read_by_exactly_one_slot(tmp_path, tok):
@@ -289,9 +346,11 @@ def test_every_document_read_by_exactly_one_slot(tmp_path, tok):
     seen: list[int] = []
     for rank in range(2):
         stream = _whole_documents(path, tok, rank=rank, world_size=2)
-        loader = DataLoader(stream, batch_size=None, num_workers=2, collate_fn=lambda sample: sample)
+        loader = DataLoader(
+            stream, batch_size=None, num_workers=2, collate_fn=lambda sample: sample
+        )
         per_rank = [ordinal_of[tuple(s["input_ids"])] for s in loader]
-        assert len(per_rank) == 10
+        assert len(per_rank) == len(set(per_rank)) == 20  # 40 training documents over 2 ranks
         seen += per_rank
     assert sorted(seen) == sorted(ordinal_of.values())
 
@@ -308,7 +367,7 @@ def test_slot_rule(tmp_path, tok, monkeypatch):
             monkeypatch.setattr(lens_data, "get_worker_info", lambda info=info: info)
             stream = _whole_documents(path, tok, rank=rank, world_size=2)
             got = [ordinal_of[tuple(s["input_ids"])] for s in stream]
-            assert got == order[rank * 2 + worker:: 4]
+            assert got == order[rank * 2 + worker :: 4]
 
 
 def test_empty_slot_in_endless_stream_is_an_error(tmp_path, tok):
@@ -320,16 +379,23 @@ def test_empty_slot_in_endless_stream_is_an_error(tmp_path, tok):
 
 # --- resume ---------------------------------------------------------------------------------------
 
+
 def _loader(stream, num_workers, batch_size=3):
-    return StatefulDataLoader(stream, batch_size=batch_size, num_workers=num_workers,
-                              collate_fn=partial(collate, pad_id=3))
+    return StatefulDataLoader(
+        stream,
+        batch_size=batch_size,
+        num_workers=num_workers,
+        collate_fn=partial(collate, pad_id=3),
+    )
 
 
 def _check_resume(path, tok, num_workers, k, seq_len, batch_size=3, following=5):
     def fresh():
         return make_stream(path, tok, seq_len=seq_len, repeat=True)
 
-    uninterrupted = list(itertools.islice(iter(_loader(fresh(), num_workers, batch_size)), k + following))
+    uninterrupted = list(
+        itertools.islice(iter(_loader(fresh(), num_workers, batch_size)), k + following)
+    )
     loader = _loader(fresh(), num_workers, batch_size)
     it = iter(loader)
     for _ in range(k):
@@ -340,36 +406,28 @@ def _check_resume(path, tok, num_workers, k, seq_len, batch_size=3, following=5)
     resumed_loader.load_state_dict(state)
     resumed = list(itertools.islice(iter(resumed_loader), following))
     assert len(resumed) == following
-    for a, b in zip(uninterrupted[k:], resumed):
+    for a, b in zip(uninterrupted[k:], resumed, strict=True):
         assert torch.equal(a["input_ids"], b["input_ids"])
         assert torch.equal(a["labels"], b["labels"])
     return state
 
 
 @pytest.mark.parametrize("num_workers", [0, 1])
-@pytest.mark.parametrize("k", [2, 5, 9])  # 9 batches crosses into the second pass (~23 chunks a pass)
+@pytest.mark.parametrize(
+    "k", [2, 5, 9]
+)  # 9 batches crosses into the second pass (~23 chunks a pass)
 def test_resume_continues_the_stream(tmp_path, tok, num_workers, k):
     """seq_len 64 > any document: each document gives at most one chunk, and the carry-over matters."""
     path = write_corpus(tmp_path / "c.jsonl", 40)
     _check_resume(path, tok, num_workers, k, seq_len=64)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG lens_data.py DocumentStream.__iter__ (lines ~131-134): while a document's chunks are being "
-    "yielded, the state already says the document is consumed (docs=owned) and carry = the buffer "
-    "after ALL its chunks were cut; chunks of that document not yet yielded when the state is taken "
-    "are lost on resume"))
 @pytest.mark.parametrize("num_workers", [0, 1])
 def test_resume_inside_a_document_with_several_chunks(tmp_path, tok, num_workers):
     path = write_corpus(tmp_path / "c.jsonl", 40)
     _check_resume(path, tok, num_workers, k=1, seq_len=16)  # batch of 3 ends inside a document
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG lens_data.py DocumentStream.__iter__ (lines ~125-145): resuming (repeat=True) from a state "
-    "taken when the rest of the current pass yields no sample (here: right after the pass's last "
-    "chunk) skips every remaining document, leaves yielded_any False and raises DataSourceError "
-    "'gives no samples to worker slot 0 of 1' instead of starting the next pass"))
 @pytest.mark.parametrize("num_workers", [0, 1])
 def test_resume_at_the_end_of_a_pass(tmp_path, tok, num_workers):
     path = write_corpus(tmp_path / "c.jsonl", 40)
@@ -384,7 +442,18 @@ def test_finite_split_is_read_whole_each_time(tmp_path, tok):
     assert first and [s["input_ids"] for s in stream] == first
 
 
+def test_finite_split_is_read_whole_after_a_partial_read(tmp_path, tok):
+    path = write_corpus(tmp_path / "c.jsonl", 40)
+    stream = make_stream(path, tok, split="val", holdout_every=2, seq_len=32)
+    n_batches = len(list(_loader(stream, 0, batch_size=2)))
+    partial_read = iter(_loader(stream, 0, batch_size=2))
+    next(partial_read)
+    del partial_read
+    assert len(list(_loader(stream, 0, batch_size=2))) == n_batches
+
+
 # --- data module settings -------------------------------------------------------------------------
+
 
 def test_datamodule_refuses_seq_len_beyond_context(corpus, tok):
     dm = LensDataModule(source=str(corpus), seq_len=512)
@@ -394,13 +463,16 @@ def test_datamodule_refuses_seq_len_beyond_context(corpus, tok):
     assert dm.tokenizer is tok
 
 
-@pytest.mark.parametrize(("kwargs", "flag"), [
-    ({"mode": "random"}, "--data.mode"),
-    ({"batch_size": 0}, "--data.batch_size"),
-    ({"seq_len": 0}, "--data.seq_len"),
-    ({"holdout_every": 1}, "--data.holdout_every"),
-    ({"num_workers": -1}, "--data.num_workers"),
-])
+@pytest.mark.parametrize(
+    ("kwargs", "flag"),
+    [
+        ({"mode": "random"}, "--data.mode"),
+        ({"batch_size": 0}, "--data.batch_size"),
+        ({"seq_len": 0}, "--data.seq_len"),
+        ({"holdout_every": 1}, "--data.holdout_every"),
+        ({"num_workers": -1}, "--data.num_workers"),
+    ],
+)
 def test_datamodule_refuses_bad_settings(corpus, kwargs, flag):
     with pytest.raises(ConfigError, match=flag):
         LensDataModule(source=str(corpus), **kwargs)
@@ -414,3 +486,9 @@ def test_datamodule_streams_batches(corpus, tok):
     assert batch["input_ids"].shape == (4, 16)
     val = list(dm.val_dataloader())
     assert val and all(b["input_ids"].shape[1] == 16 for b in val)
+
+
+def test_byte_order_mark_on_the_first_line_is_tolerated(tmp_path):
+    path = tmp_path / "bom.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + json.dumps({"text": "w1 w2"}).encode() + b"\n")
+    assert list(DocumentSource(str(path))) == ["w1 w2"]

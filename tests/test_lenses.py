@@ -24,10 +24,21 @@ LAYERS = 3
 
 def tiny_gemma2(seed: int = 0) -> torch.nn.Module:
     torch.manual_seed(seed)
-    config = T.Gemma2Config(hidden_size=D, intermediate_size=2 * D, num_hidden_layers=LAYERS,
-                            num_attention_heads=4, num_key_value_heads=2, head_dim=8,
-                            max_position_embeddings=64, vocab_size=128, pad_token_id=0, bos_token_id=1,
-                            eos_token_id=2, final_logit_softcapping=5.0, sliding_window=16)
+    config = T.Gemma2Config(
+        hidden_size=D,
+        intermediate_size=2 * D,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        max_position_embeddings=64,
+        vocab_size=128,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+        final_logit_softcapping=5.0,
+        sliding_window=16,
+    )
     model = AutoModelForCausalLM.from_config(config).eval()
     assert sum(p.numel() for p in model.parameters()) < 100_000
     with torch.no_grad():  # make the soft-cap matter (random-init logits are far below 5)
@@ -69,12 +80,15 @@ def random_tuned_lens(seed: int, bias: bool = True, scale: float = 0.1) -> Tuned
 
 # --- lenses ---------------------------------------------------------------------------------------
 
+
 def test_zero_tuned_lens_equals_logit_lens(llama_unembed):
     h = residuals(0).view(LAYERS, 2, 5, D)
     tuned = TunedLens(list(range(LAYERS)), D)
     logit = LogitLens(list(range(LAYERS)), D)
     torch.testing.assert_close(tuned(h), logit(h), rtol=0, atol=0)
-    torch.testing.assert_close(llama_unembed.logits(tuned(h)), llama_unembed.logits(logit(h)), rtol=0, atol=0)
+    torch.testing.assert_close(
+        llama_unembed.logits(tuned(h)), llama_unembed.logits(logit(h)), rtol=0, atol=0
+    )
 
 
 def test_tuned_lens_batched_equals_per_layer_loop():
@@ -116,6 +130,7 @@ def test_tuned_lens_rejects_negative_offset():
 
 # --- fused KL -------------------------------------------------------------------------------------
 
+
 def _target(unembed: Unembed, seed: int, n: int = 10) -> torch.Tensor:
     """(n, V) fp32 log-probabilities of the model's decoding of random last-block residuals."""
     with torch.no_grad():
@@ -137,11 +152,13 @@ def test_fused_kl_matches_reference_fp32(which, llama_unembed, gemma2_unembed):
     lens = random_tuned_lens(7)
     h = residuals(8)
     target = _target(unembed, 9)
-    fused = _kl_and_grads(unembed, lambda x: lens_kl(unembed, x, target, compute_dtype=torch.float32), lens, h, target)
+    fused = _kl_and_grads(
+        unembed, lambda x: lens_kl(unembed, x, target, compute_dtype=torch.float32), lens, h, target
+    )
     ref = _kl_and_grads(unembed, lambda x: reference_kl(unembed, x, target), lens, h, target)
     assert fused[0].shape == (LAYERS,) and fused[0].dtype == torch.float32
     assert (fused[0] > 0.01).all()
-    for a, b in zip(fused, ref):
+    for a, b in zip(fused, ref, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
     assert fused[1].abs().max() > 1e-4
 
@@ -159,7 +176,9 @@ def test_reference_kl_is_plain_kl(gemma2_unembed):
 def test_fused_kl_zero_for_the_models_own_output(llama_unembed):
     h_last = residuals(12, layers=1)
     target = llama_unembed.log_probs(h_last[0])
-    kl = lens_kl(llama_unembed, llama_unembed.normalize(h_last), target, compute_dtype=torch.float32)
+    kl = lens_kl(
+        llama_unembed, llama_unembed.normalize(h_last), target, compute_dtype=torch.float32
+    )
     assert kl.abs().max() < 1e-5
 
 
@@ -169,11 +188,17 @@ def test_fused_kl_bf16_close_to_fp32(which, llama_unembed, gemma2_unembed):
     lens = random_tuned_lens(13)
     h = residuals(14)
     target = _target(unembed, 15)
-    bf16 = _kl_and_grads(unembed, lambda x: lens_kl(unembed, x, target, compute_dtype=torch.bfloat16), lens, h, target)
+    bf16 = _kl_and_grads(
+        unembed,
+        lambda x: lens_kl(unembed, x, target, compute_dtype=torch.bfloat16),
+        lens,
+        h,
+        target,
+    )
     ref = _kl_and_grads(unembed, lambda x: reference_kl(unembed, x, target), lens, h, target)
     assert bf16[0].dtype == torch.float32
     torch.testing.assert_close(bf16[0], ref[0], rtol=0.03, atol=0.01)
-    for a, b in zip(bf16[1:], ref[1:]):
+    for a, b in zip(bf16[1:], ref[1:], strict=True):
         torch.testing.assert_close(a, b, rtol=0.05, atol=0.05 * b.abs().max().item())
 
 
@@ -197,7 +222,9 @@ def test_lens_metrics(which, llama_unembed, gemma2_unembed):
     labels[[0, 5, 11]] = -100
     m = lens_metrics(unembed, x, target, labels)
     assert int(m["n_tokens"]) == n and int(m["n_labels"]) == n - 3
-    torch.testing.assert_close(m["kl"].float() / n, reference_kl(unembed, x, target), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(
+        m["kl"].float() / n, reference_kl(unembed, x, target), rtol=1e-5, atol=1e-6
+    )
     logits = unembed.adapter.decode(x)  # (L, N, V), soft-capped as the model does
     for layer in range(LAYERS):
         expected = F.cross_entropy(logits[layer], labels, ignore_index=-100, reduction="sum")
@@ -214,9 +241,14 @@ def test_lens_metrics_without_labels(llama_unembed):
 
 # --- artifacts ------------------------------------------------------------------------------------
 
+
 def _save(lens, path, llama_unembed, **overrides):
-    kwargs = dict(base_model="tiny-llama", revision="local", unembed_hash=tensor_fingerprint(llama_unembed.weight),
-                  num_hidden_layers=LAYERS)
+    kwargs = dict(
+        base_model="tiny-llama",
+        revision="local",
+        unembed_hash=tensor_fingerprint(llama_unembed.weight),
+        num_hidden_layers=LAYERS,
+    )
     kwargs.update(overrides)
     return save_lens(lens, path, **kwargs)
 
@@ -227,11 +259,20 @@ def test_artifact_round_trip(tmp_path, llama_unembed, bias):
     lens.offset = 2
     path = _save(lens, tmp_path / "lens", llama_unembed)
     config = read_config(path)
-    for key in ("base_model_name_or_path", "base_model_revision", "d_model", "num_hidden_layers", "bias",
-                "unembed_hash", "lens_type"):
+    for key in (
+        "base_model_name_or_path",
+        "base_model_revision",
+        "d_model",
+        "num_hidden_layers",
+        "bias",
+        "unembed_hash",
+        "lens_type",
+    ):
         assert key in config, key
     assert config["lens_type"] == "tuned" and config["bias"] is bias and config["offset"] == 2
-    loaded = load_lens(path, unembed_hash=tensor_fingerprint(llama_unembed.weight), num_hidden_layers=LAYERS)
+    loaded = load_lens(
+        path, unembed_hash=tensor_fingerprint(llama_unembed.weight), num_hidden_layers=LAYERS
+    )
     assert isinstance(loaded, TunedLens) and loaded.layers == lens.layers and loaded.offset == 2
     assert (loaded.bias is None) == (not bias)
     h = residuals(25)
@@ -251,7 +292,9 @@ def artifact(tmp_path, llama_unembed):
 
 
 def test_load_refuses_other_unembedding(artifact, llama_unembed):
-    with pytest.raises(LensArtifactError, match="trained for 'tiny-llama'.*unembedding 0123456789abcdef"):
+    with pytest.raises(
+        LensArtifactError, match="trained for 'tiny-llama'.*unembedding 0123456789abcdef"
+    ):
         load_lens(artifact, unembed_hash="0123456789abcdef")
 
 
@@ -308,3 +351,13 @@ def test_save_over_existing_artifact_replaces_it(tmp_path, llama_unembed):
     loaded = load_lens(path)
     assert loaded.bias is None
     torch.testing.assert_close(loaded.weight, newer.weight, rtol=0, atol=0)
+
+
+def test_load_refuses_a_manifest_without_weights(tmp_path):
+    lens = TunedLens([0, 1], 8)
+    path = save_lens(lens, tmp_path / "lens", base_model="m", revision="r", unembed_hash="h", num_hidden_layers=2)
+    config = json.loads((path / "config.json").read_text())
+    config["files"] = {}
+    (path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(LensArtifactError, match="lists no lens.safetensors"):
+        load_lens(path)
