@@ -50,6 +50,18 @@ def test_fit_writes_artifact_results_and_lens_only_checkpoint(tmp_path, tiny_mod
     assert loader_state["dataset_state"]["docs"] > 0, "the data position must be checkpointed"
 
 
+def test_validate_scores_a_checkpoint(tmp_path, tiny_model_dir, corpus):
+    train.main(fit_args(tmp_path, tiny_model_dir, corpus))
+    trained = json.loads((tmp_path / "out" / "results.json").read_text())
+    (tmp_path / "out" / "results.json").unlink()
+    args = fit_args(tmp_path, tiny_model_dir, corpus, "--ckpt_path", str(tmp_path / "ckpt" / "last.ckpt"))
+    train.main(["validate", *args[1:]])
+    validated = json.loads((tmp_path / "out" / "results.json").read_text())
+    # Same checkpoint, same held-out data: the same numbers (and not the untrained lens's).
+    assert validated["tuned"]["kl_nats"] == pytest.approx(trained["tuned"]["kl_nats"], rel=1e-6)
+    assert validated["tuned"]["kl_nats"] != pytest.approx(validated["logit"]["kl_nats"], rel=1e-6)
+
+
 def test_resume_from_last_matches_uninterrupted_run(tmp_path, tiny_model_dir, corpus):
     full = tmp_path / "full"
     train.main(fit_args(full, tiny_model_dir, corpus, steps=6, checkpoint=(

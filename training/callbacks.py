@@ -11,6 +11,7 @@ from pathlib import Path
 import lightning as L
 from lightning.pytorch.callbacks import TQDMProgressBar
 from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_only
 
 from lenses.artifact import save_lens
@@ -63,6 +64,15 @@ class LensArtifactWriter(L.Callback):
             extra={"trained_steps": trainer.global_step, "lenscope_lens_dtype": pl_module.hparams.lens_dtype},
         )
         log.info("lens artifact written to %s", lens_dir)
+        self._write_results(trainer, pl_module)
+
+    @rank_zero_only
+    def on_validation_end(self, trainer: L.Trainer, pl_module) -> None:
+        # ``train.py validate`` has no train end: write its results here.
+        if trainer.state.fn == TrainerFn.VALIDATING:
+            self._write_results(trainer, pl_module)
+
+    def _write_results(self, trainer: L.Trainer, pl_module) -> None:
         results = pl_module.last_results
         if results is None:
             return
