@@ -1,0 +1,41 @@
+"""Multi-process training on Lightning's own DDP (gloo on this CPU machine)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+from lenses.artifact import load_lens
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def fit(tmp_path: Path, model_dir: Path, corpus: Path, devices: int, batch_size: int) -> Path:
+    out = tmp_path / f"ddp{devices}"
+    cmd = [
+        sys.executable, str(ROOT / "train.py"), "fit", "--config", str(ROOT / "configs/debug/fast.yaml"),
+        "--config", str(ROOT / "configs/trainer/ddp.yaml"),
+        "--model.name", str(model_dir), "--data.source", str(corpus),
+        # Trimming gives one sample (one read position) per document, so a global batch is the same
+        # set of documents however it is split across ranks, and every rank has as many tokens.
+        "--data.mode", "trim", "--data.seq_len", "64", "--data.batch_size", str(batch_size),
+        "--trainer.devices", str(devices), "--trainer.max_steps", "3", "--trainer.val_check_interval", "3",
+        "--trainer.enable_progress_bar", "false", "--trainer.default_root_dir", str(out),
+        "--trainer.callbacks+=training.callbacks.LensArtifactWriter", f"--trainer.callbacks.dirpath={out / 'out'}",
+    ]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path,
+                            env={**os.environ, "LENSCOPE_COMPILE": "0"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out / "out" / "lens"
+
+
+def test_two_process_ddp_trains_the_same_lens_as_one_process(tmp_path, tiny_model_dir, corpus):
+    one = load_lens(fit(tmp_path, tiny_model_dir, corpus, devices=1, batch_size=8))
+    two = load_lens(fit(tmp_path, tiny_model_dir, corpus, devices=2, batch_size=4))
+    assert one.weight.abs().max() > 1e-6, "the lens must have trained"
+    torch.testing.assert_close(one.weight, two.weight, atol=1e-5, rtol=0)
+    torch.testing.assert_close(one.bias, two.bias, atol=1e-5, rtol=0)
