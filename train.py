@@ -11,12 +11,14 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import torch
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import WandbLogger
 
 from cli_errors import run_with_clean_errors
 from datamodules.lens_data import LensDataModule
 from training.callbacks import StepProgressBar
+from training.checkpoint_io import AtomicCheckpointIO
 from training.lens_module import LensTrainingModule
 from training.wandb_summary import write_summary_file
 
@@ -25,12 +27,47 @@ class LensCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
         parser.set_defaults({"trainer.enable_model_summary": False})
 
+    def before_instantiate_classes(self) -> None:
+        # Resuming continues the same W&B run: the run id travels in the checkpoint.
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        run_id = wandb_run_id_of(resolve_ckpt_path(config))
+        logger = config.trainer.get("logger")
+        if run_id and logger and "WandbLogger" in str(logger.get("class_path", "")):
+            logger.init_args.id = run_id
+            logger.init_args.resume = "allow"
+
     def _instantiate_trainer(self, config: dict, callbacks: list):
         # The training stream is endless, so Lightning's bar would show no total: use one that
         # counts steps out of max_steps, unless the progress bar is switched off.
         if config.get("enable_progress_bar") is not False:
             callbacks = [*callbacks, StepProgressBar()]
+        # Checkpoints are written atomically (see training/checkpoint_io.py).
+        if not config.get("plugins"):
+            config = {**config, "plugins": [AtomicCheckpointIO()]}
         return super()._instantiate_trainer(config, callbacks)
+
+
+def resolve_ckpt_path(config) -> Path | None:
+    """The checkpoint file ``--ckpt_path`` names (``last``: ``last.ckpt`` of the configured ModelCheckpoint)."""
+    ckpt = config.get("ckpt_path")
+    if not ckpt:
+        return None
+    if ckpt != "last":
+        return Path(ckpt)
+    for callback in config.trainer.get("callbacks") or []:
+        if str(callback.get("class_path", "")).endswith("ModelCheckpoint") and callback.init_args.get("dirpath"):
+            return Path(callback.init_args.dirpath) / "last.ckpt"
+    return None
+
+
+def wandb_run_id_of(path: Path | None) -> str | None:
+    if path is None or not path.is_file():
+        return None
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception:  # a damaged checkpoint is reported by Lightning when it loads it
+        return None
+    return checkpoint.get("lenscope", {}).get("wandb_run_id")
 
 
 def finish_loggers(cli: LightningCLI) -> None:

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
+from lightning.pytorch.loggers import WandbLogger
 
 from basemodel.adapter import ArchitectureAdapter
 from basemodel.hidden_cache import HiddenStateCache, batch_key
@@ -129,6 +130,9 @@ class LensTrainingModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["lenscope"] = {"base_model": self.hparams.name, "revision": self.base_revision,
                                   "unembed_hash": self.unembed_hash}
+        for logger in self.trainer.loggers:
+            if isinstance(logger, WandbLogger):  # so that a resumed run logs into the same W&B run
+                checkpoint["lenscope"]["wandb_run_id"] = logger.version
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         saved = checkpoint.get("lenscope", {})

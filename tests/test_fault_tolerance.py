@@ -1,0 +1,128 @@
+"""Runs that are killed, or fail to write, lose nothing: exact resume and intact checkpoints."""
+
+from __future__ import annotations
+
+import errno
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from lenses.artifact import load_lens
+from training.checkpoint_io import AtomicCheckpointIO, CheckpointWriteError
+
+ROOT = Path(__file__).resolve().parents[1]
+STEPS = 24
+
+
+def command(out: Path, model_dir: Path, corpus: Path, *extra: str) -> list[str]:
+    return [
+        sys.executable, str(ROOT / "train.py"), "fit", "--config", str(ROOT / "configs/debug/fast.yaml"),
+        "--model.name", str(model_dir), "--data.source", str(corpus), "--data.seq_len", "16",
+        "--data.num_workers", "1",  # the data position lives in a worker process: the hard case
+        "--trainer.max_steps", str(STEPS), "--trainer.val_check_interval", str(STEPS),
+        "--trainer.enable_progress_bar", "false", "--trainer.default_root_dir", str(out),
+        "--trainer.logger=lightning.pytorch.loggers.WandbLogger", "--trainer.logger.offline=true",
+        f"--trainer.logger.save_dir={out / 'wb'}", "--trainer.logger.project=lenscope-test",
+        "--trainer.callbacks+=lightning.pytorch.callbacks.ModelCheckpoint",
+        f"--trainer.callbacks.dirpath={out / 'ckpt'}", "--trainer.callbacks.save_last=true",
+        "--trainer.callbacks.every_n_train_steps=1", "--trainer.callbacks.save_top_k=0",
+        "--trainer.callbacks+=training.callbacks.LensArtifactWriter", f"--trainer.callbacks.dirpath={out / 'out'}",
+        *extra,
+    ]
+
+
+ENV = {**os.environ, "LENSCOPE_COMPILE": "0", "WANDB_MODE": "offline"}
+
+
+def run_to_end(cmd: list[str], env: dict | None = None) -> None:
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env or ENV)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+def saved_step(path: Path) -> int:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)["global_step"]
+    except Exception:  # not there yet
+        return -1
+
+
+def kill_when(cmd: list[str], ready, env: dict) -> None:
+    process = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    try:
+        deadline = time.time() + 300
+        while not ready():
+            assert process.poll() is None, "the run ended before it could be killed"
+            assert time.time() < deadline, "timed out waiting for the kill point"
+            time.sleep(0.02)
+        process.send_signal(signal.SIGKILL)
+    finally:
+        process.wait()
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, tiny_model_dir):
+    from tests.conftest import write_corpus
+
+    base = tmp_path_factory.mktemp("uninterrupted")
+    corpus = write_corpus(base / "corpus.jsonl", 120)
+    run_to_end(command(base / "run", tiny_model_dir, corpus))
+    return corpus, load_lens(base / "run" / "out" / "lens")
+
+
+def assert_same_lens(a, b) -> None:
+    torch.testing.assert_close(a.weight, b.weight, atol=1e-6, rtol=0)
+    torch.testing.assert_close(a.bias, b.bias, atol=1e-6, rtol=0)
+
+
+def test_sigkill_at_a_random_step_then_resume(tmp_path, tiny_model_dir, uninterrupted):
+    corpus, reference = uninterrupted
+    kill_at = random.Random(7).randrange(3, STEPS - 6)
+    out = tmp_path / "run"
+    last = out / "ckpt" / "last.ckpt"
+    kill_when(command(out, tiny_model_dir, corpus), lambda: saved_step(last) >= kill_at, ENV)
+    killed_at = saved_step(last)
+    assert kill_at <= killed_at < STEPS, f"killed at step {killed_at}"
+    run_to_end(command(out, tiny_model_dir, corpus, "--ckpt_path", "last"))
+    assert_same_lens(reference, load_lens(out / "out" / "lens"))
+    # The resumed run logs into the same W&B run.
+    runs = sorted((out / "wb" / "wandb").glob("offline-run-*"))
+    assert len(runs) == 2 and runs[0].name.split("-")[-1] == runs[1].name.split("-")[-1]
+
+
+def test_sigkill_during_a_checkpoint_write_then_resume(tmp_path, tiny_model_dir, uninterrupted):
+    corpus, reference = uninterrupted
+    out = tmp_path / "run"
+    ckpt_dir = out / "ckpt"
+    slow_writes = {**ENV, "LENSCOPE_TEST_CHECKPOINT_DELAY": "1.0"}
+
+    def writing_after_step_3() -> bool:
+        return saved_step(ckpt_dir / "last.ckpt") >= 3 and any(ckpt_dir.glob(".last.ckpt.*.tmp"))
+
+    kill_when(command(out, tiny_model_dir, corpus), writing_after_step_3, slow_writes)
+    step_before = saved_step(ckpt_dir / "last.ckpt")
+    assert 3 <= step_before < STEPS, "the previous checkpoint must be intact and loadable"
+    run_to_end(command(out, tiny_model_dir, corpus, "--ckpt_path", "last"))
+    assert_same_lens(reference, load_lens(out / "out" / "lens"))
+
+
+def test_full_disk_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    io = AtomicCheckpointIO()
+    path = tmp_path / "last.ckpt"
+    io.save_checkpoint({"step": 1}, path)
+
+    def no_space(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", no_space)
+    with pytest.raises(CheckpointWriteError, match="the disk is full"):
+        io.save_checkpoint({"step": 2}, path)
+    monkeypatch.undo()
+    assert torch.load(path, weights_only=False) == {"step": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"], "no temporary file left behind"
