@@ -26,6 +26,7 @@ from basemodel.loading import (
     tensor_fingerprint,
 )
 from basemodel.residuals import ResidualReader
+from lenses.artifact import load_lens
 from lenses.errors import ConfigError, UserError
 from lenses.lens import LENS_TYPES, Lens, LogitLens, TunedLens
 from lenses.unembed import Unembed, lens_kl, lens_metrics
@@ -57,6 +58,7 @@ class LensTrainingModule(L.LightningModule):
         cache_dir: str | None = None,
         cache_max_gb: float = 8.0,
         cache_dtype: str | None = None,
+        init_lens: str | None = None,
     ):
         """
         Args:
@@ -80,6 +82,8 @@ class LensTrainingModule(L.LightningModule):
             cache_dir: folder of the disk cache (default: a folder under the lenscope cache).
             cache_max_gb: memory budget of the device cache, in GiB.
             cache_dtype: dtype of cached states (default: the model's dtype).
+            init_lens: lens artifact folder to start from (continue training a lens); it must have
+                been trained on this model.
         """
         super().__init__()
         self.save_hyperparameters()
@@ -98,6 +102,12 @@ class LensTrainingModule(L.LightningModule):
         layers = list(range(self.adapter.num_layers))  # embeddings + blocks 0..L-2 (see lenses.lens)
         d_model = self.adapter.d_model
         self.lens: Lens = TunedLens(layers, d_model, bias=bias) if lens_type == "tuned" else LogitLens(layers, d_model)
+        if init_lens is not None:
+            start = load_lens(init_lens, unembed_hash=self.unembed_hash, num_hidden_layers=self.adapter.num_layers)
+            if start.lens_type != lens_type or start.layers != layers:
+                raise ConfigError(f"--model.init_lens {init_lens} is a {start.lens_type} lens of layers {start.layers}; "
+                                  f"this run trains a {lens_type} lens of layers {layers}")
+            self.lens.load_state_dict(start.state_dict())
         self.logit_lens = LogitLens(layers, d_model)
         self.val_metrics = torch.nn.ModuleDict({
             "logit": PerLayerLensMetrics(len(layers)),
