@@ -106,6 +106,7 @@ def run_cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
         (["--data.seq_len", "100000"], "--data.seq_len is 100000 but the model's context is 256"),
         (["--model.lens_type", "quantum"], "--model.lens_type 'quantum' is unknown"),
         (["--trainer.max_steps", "0"], "--trainer.max_steps must be a positive number"),
+        (["--model.offset", "16"], "--model.offset is 16 but --data.seq_len is 16"),
     ],
 )
 def test_bad_input_gives_one_line_error(tmp_path, tiny_model_dir, corpus, override, expected):

@@ -102,12 +102,28 @@ def test_one_training_step_lowers_the_loss(module):
     losses = []
     for _ in range(3):
         states, _ = module.hidden_states(batch)
-        target = module._target_log_probs(states)
+        target = module._target_log_probs(states[-1])
         from lenses.unembed import lens_kl
 
-        kl = lens_kl(module.unembed, module._decode_inputs(module.lens, states, torch.float32), target, torch.float32)
+        kl = lens_kl(module.unembed, module._decode_inputs(module.lens, states[module.lens.layers], torch.float32),
+                     target, torch.float32)
         optimizer.zero_grad()
         kl.sum().backward()
         optimizer.step()
         losses.append(kl.sum().item())
     assert losses[-1] < losses[0]
+
+
+def test_offset_pairs_each_position_with_the_target_k_ahead(tiny_model_dir):
+    module = LensTrainingModule(name=str(tiny_model_dir), lens_dtype="float32", offset=2)
+    module.cache = HiddenStateCache("none")
+    batch = make_batch(seq=8)
+    h, final, labels = module.lens_examples(batch)
+    states, all_labels = module.hidden_states(batch)
+    # 2 rows × (8 - 2) positions have a target two tokens ahead.
+    assert h.shape == (3, 12, 32) and final.shape == (12, 32)
+    per_row = states.view(4, 2, 8, 32)
+    torch.testing.assert_close(h.view(3, 2, 6, 32), per_row[:3, :, :6])
+    torch.testing.assert_close(final.view(2, 6, 32), per_row[3, :, 2:])
+    assert labels.view(2, 6).tolist() == all_labels.view(2, 8)[:, 2:].tolist()
+    assert module.lens.offset == 2

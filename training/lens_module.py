@@ -47,6 +47,7 @@ class LensTrainingModule(L.LightningModule):
         dtype: str = "float32",
         lens_type: str = "tuned",
         bias: bool = True,
+        offset: int = 0,
         lr: float = 1.0,
         momentum: float = 0.9,
         nesterov: bool = True,
@@ -67,6 +68,10 @@ class LensTrainingModule(L.LightningModule):
             dtype: dtype of the frozen base model's weights.
             lens_type: lens to train; ``tuned`` (affine translators). ``logit`` has nothing to train.
             bias: give each translator a bias vector.
+            offset: token offset of the target: 0 trains the tuned lens (the model's own next-token
+                distribution at the same position); k ≥ 1 trains a future lens of the affine kind
+                (layer ℓ at position t matches the model's final distribution at position t + k,
+                the reference's ``token_shift``).
             lr: learning rate in the reference's units: PyTorch's SGD gets ``lr × (1 − momentum)``
                 (tuned-lens 0.2.0 default 1.0, i.e. 0.1).
             momentum: SGD momentum.
@@ -89,6 +94,8 @@ class LensTrainingModule(L.LightningModule):
         self.save_hyperparameters()
         if lens_type not in LENS_TYPES:
             raise ConfigError(f"--model.lens_type {lens_type!r} is unknown; use one of {sorted(LENS_TYPES)}")
+        if offset < 0:
+            raise ConfigError(f"--model.offset must be >= 0, got {offset}")
         if warmup_steps < 0:
             raise ConfigError(f"--model.warmup_steps must be >= 0, got {warmup_steps}")
         loaded = load_base_model(name, revision, dtype)
@@ -101,7 +108,7 @@ class LensTrainingModule(L.LightningModule):
         self.unembed_hash = tensor_fingerprint(self.adapter.unembedding_weight)
         layers = list(range(self.adapter.num_layers))  # embeddings + blocks 0..L-2 (see lenses.lens)
         d_model = self.adapter.d_model
-        self.lens: Lens = TunedLens(layers, d_model, bias=bias) if lens_type == "tuned" else LogitLens(layers, d_model)
+        self.lens: Lens = TunedLens(layers, d_model, bias=bias, offset=offset) if lens_type == "tuned" else LogitLens(layers, d_model)
         if init_lens is not None:
             start = load_lens(init_lens, unembed_hash=self.unembed_hash, num_hidden_layers=self.adapter.num_layers)
             if start.lens_type != lens_type or start.layers != layers:
@@ -155,6 +162,12 @@ class LensTrainingModule(L.LightningModule):
     # --- set-up --------------------------------------------------------------------------------------
     def setup(self, stage: str) -> None:
         datamodule = getattr(self.trainer, "datamodule", None)
+        seq_len = getattr(getattr(datamodule, "hparams", {}), "get", lambda *_: None)("seq_len")
+        if seq_len is not None and self.hparams.offset >= seq_len:
+            raise ConfigError(
+                f"--model.offset is {self.hparams.offset} but --data.seq_len is {seq_len}: no position has a "
+                "target that far ahead; lower --model.offset or raise --data.seq_len"
+            )
         describe = datamodule.describe() if datamodule is not None and hasattr(datamodule, "describe") else {}
         manifest = {
             "model": self.hparams.name, "revision": self.base_revision, "unembed_hash": self.unembed_hash,
@@ -201,14 +214,36 @@ class LensTrainingModule(L.LightningModule):
                 self.cache.put(key, states)
         return states, labels
 
-    def _decode_inputs(self, lens: Lens, states: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        h = states[lens.layers].float()
+    def lens_examples(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Lens inputs, target residuals and labels for the batch, with the target ``offset`` ahead.
+
+        Returns h (num_lensed, M, d_model) at read positions t, the last block's raw output at
+        t + offset (M, d_model), and the real token after t + offset (M,), for the M read positions
+        whose target position was read too (with offset 0: all of them).
+        """
+        states, labels = self.hidden_states(batch)
+        k = self.hparams.offset
+        if k:
+            positions = batch["positions"]
+            rows, cols = (positions >= 0).nonzero(as_tuple=True)
+            pos = positions[rows, cols]
+            entry = torch.full((positions.shape[0], batch["input_ids"].shape[1] + k), -1, device=pos.device)
+            entry[rows, pos] = torch.arange(len(pos), device=pos.device)
+            target = entry[rows, pos + k]
+            keep = target >= 0
+            return states[self.lens.layers][:, keep], states[-1][target[keep]], labels[target[keep]]
+        return states[self.lens.layers], states[-1], labels
+
+    def _decode_inputs(self, lens: Lens, h: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """h: (num_lensed, N, d_model) → the head's input for each lensed layer."""
+        h = h.float()
         with torch.autocast(self.device.type, dtype=dtype, enabled=dtype != torch.float32):
             return self.unembed.normalize(lens(h))
 
-    def _target_log_probs(self, states: torch.Tensor) -> torch.Tensor:
+    def _target_log_probs(self, final: torch.Tensor) -> torch.Tensor:
+        """final: (N, d_model) raw last-block output → (N, vocab) fp32 log-probs."""
         with torch.no_grad():
-            return self.unembed.log_probs(states[-1].to(self.adapter.unembedding_weight.dtype))
+            return self.unembed.log_probs(final.to(self.adapter.unembedding_weight.dtype))
 
     def training_step(self, dataloader_iter) -> torch.Tensor:
         # The batch is pulled here rather than handed in: Lightning otherwise fetches one batch
@@ -216,13 +251,13 @@ class LensTrainingModule(L.LightningModule):
         # trained, and a resumed run would skip that batch.
         batch, _batch_idx, _loader_idx = next(dataloader_iter)
         batch = self.transfer_batch_to_device(batch, self.device, 0)
-        states, _labels = self.hidden_states(batch)
-        target = self._target_log_probs(states)
+        h, final, _labels = self.lens_examples(batch)
+        target = self._target_log_probs(final)
         dtype = resolve_dtype(self.hparams.lens_dtype)
-        kl = lens_kl(self.unembed, self._decode_inputs(self.lens, states, dtype), target, dtype)
+        kl = lens_kl(self.unembed, self._decode_inputs(self.lens, h, dtype), target, dtype)
         # Layers are independent; summing their losses gives each translator its own gradient.
         loss = kl.sum()
-        n = states.shape[1]
+        n = h.shape[1]
         self.log("train/kl_mean", kl.mean(), prog_bar=True, batch_size=n)
         self.log_dict({f"train/kl/layer_{layer:02d}": kl[i] for i, layer in enumerate(self.lens.layers)}, batch_size=n)
         self.log("train/tokens", float(n), reduce_fx="sum", batch_size=n)
@@ -232,11 +267,11 @@ class LensTrainingModule(L.LightningModule):
         return loss
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        states, labels = self.hidden_states(batch)
-        target = self._target_log_probs(states)
+        h, final, labels = self.lens_examples(batch)
+        target = self._target_log_probs(final)
         dtype = resolve_dtype(self.hparams.eval_dtype)
         for name, lens in (("logit", self.logit_lens), ("tuned", self.lens)):
-            x = self._decode_inputs(lens, states, dtype)
+            x = self._decode_inputs(lens, h, dtype)
             self.val_metrics[name].update(lens_metrics(self.unembed, x, target, labels, dtype))
 
     def on_validation_epoch_end(self) -> None:
