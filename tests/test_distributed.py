@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from lenses.artifact import load_lens
@@ -34,8 +36,15 @@ def fit(tmp_path: Path, model_dir: Path, corpus: Path, devices: int, batch_size:
 
 
 def test_two_process_ddp_trains_the_same_lens_as_one_process(tmp_path, tiny_model_dir, corpus):
-    one = load_lens(fit(tmp_path, tiny_model_dir, corpus, devices=1, batch_size=8))
-    two = load_lens(fit(tmp_path, tiny_model_dir, corpus, devices=2, batch_size=4))
+    one_dir = fit(tmp_path, tiny_model_dir, corpus, devices=1, batch_size=8)
+    two_dir = fit(tmp_path, tiny_model_dir, corpus, devices=2, batch_size=4)
+    one, two = load_lens(one_dir), load_lens(two_dir)
     assert one.weight.abs().max() > 1e-6, "the lens must have trained"
     torch.testing.assert_close(one.weight, two.weight, atol=1e-5, rtol=0)
     torch.testing.assert_close(one.bias, two.bias, atol=1e-5, rtol=0)
+    # Validation is split across the ranks and its metrics reduced: the same held-out numbers.
+    a = json.loads((one_dir.parent / "results.json").read_text())
+    b = json.loads((two_dir.parent / "results.json").read_text())
+    for lens in ("logit", "tuned"):
+        for metric in ("kl_nats", "ce_nats"):
+            assert b[lens][metric] == pytest.approx(a[lens][metric], rel=1e-3), (lens, metric)
