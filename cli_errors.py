@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
 from lenses.errors import UserError
 
@@ -27,6 +28,25 @@ def is_user_error(err: BaseException) -> bool:
     )
 
 
+def is_trainer_setting_error(err: BaseException) -> bool:
+    """Lightning's ``MisconfigurationException`` raised while the ``Trainer`` is built, i.e. a bad
+    ``--trainer.*`` value (e.g. ``--trainer.max_steps -5``). Raised anywhere else it may be a bug and
+    keeps its traceback."""
+    try:
+        from lightning.fabric.utilities.exceptions import MisconfigurationException
+    except ImportError:  # pragma: no cover - Lightning is a dependency
+        return False
+    if not isinstance(err, MisconfigurationException):
+        return False
+    tb = err.__traceback__
+    while tb is not None:
+        code = tb.tb_frame.f_code
+        if code.co_name == "__init__" and Path(code.co_filename).as_posix().endswith("lightning/pytorch/trainer/trainer.py"):
+            return True
+        tb = tb.tb_next
+    return False
+
+
 def _user_error_types() -> list[type]:
     seen, todo = [], [UserError]
     while todo:
@@ -41,6 +61,9 @@ def run_with_clean_errors(fn: Callable[[], object]) -> object:
     try:
         return fn()
     except Exception as err:
+        if is_trainer_setting_error(err):
+            print(f"error: invalid --trainer setting: {one_line(err)}", file=sys.stderr)
+            raise SystemExit(2) from None
         if not is_user_error(err):
             raise
         print(f"error: {one_line(err)}", file=sys.stderr)

@@ -147,6 +147,8 @@ def load_base_model(
             raise ModelLoadError(f"model folder {path} has no config.json; pass a Hugging Face model folder")
         resolved_revision = "local"
         kwargs = {}
+    elif _looks_like_a_path(name):
+        raise ModelLoadError(f"model folder {name} does not exist; pass an existing Hugging Face model folder or a hub id")
     else:
         path = name
         resolved_revision = revision or "main"
@@ -165,6 +167,13 @@ def load_base_model(
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return LoadedModel(model=model, tokenizer=tokenizer, name=str(name), revision=resolved_revision)
+
+
+def _looks_like_a_path(name: str) -> bool:
+    """A name that cannot be a hub id (``owner/name``): absolute, ``./``/``../``/``~``-relative,
+    or with more than one ``/``."""
+    return (Path(name).is_absolute() or name.startswith(("./", "../", "~", ".\\", "..\\"))
+            or name.count("/") > 1 or "\\" in name)
 
 
 def tensor_fingerprint(t: torch.Tensor) -> str:

@@ -1,0 +1,388 @@
+"""Bad inputs through the real command line: one line ``error: …`` naming the problem, exit status 2,
+no Python traceback. The catalogue of these inputs is docs/bad-inputs.md (keep the two in step).
+
+Every case runs ``train.py fit`` in its own process, from a temporary working directory, with every
+output path under ``tmp_path``. Starting a fresh interpreter costs ~6 s of imports (torch, Lightning,
+transformers), which for two dozen cases is minutes on a small machine, so by default the processes
+are forked from a "zygote" that has imported those libraries once and then runs ``train.py`` as
+``__main__`` with its own argv, working directory, environment, stdout/stderr file descriptors and
+exit status — exactly what the interpreter does for ``python train.py …``, minus the imports.
+``LENSCOPE_TEST_FRESH_CLI=1`` runs every case as a fresh ``python train.py …`` instead (same
+assertions). The final-norm case needs to change the model's structure and runs in-process.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+import zstandard
+from transformers import AutoModelForCausalLM, LlamaConfig
+
+import train
+from basemodel.loading import tensor_fingerprint
+from lenses.artifact import save_lens
+from lenses.lens import TunedLens
+from tests.conftest import WORDS, make_tokenizer, tiny_llama, write_corpus
+
+ROOT = Path(__file__).resolve().parents[1]
+TRAIN = ROOT / "train.py"
+FRESH = os.environ.get("LENSCOPE_TEST_FRESH_CLI") == "1"
+TIMEOUT_S = 300  # per run; a case that hangs (e.g. an endless run) fails instead of blocking the suite
+
+# The zygote: imports the heavy libraries once, then for each request (one JSON line on stdin)
+# forks a child that becomes ``python train.py <argv>`` and answers with the child's exit status.
+ZYGOTE = r"""
+import atexit, json, os, runpy, signal, sys, time, traceback
+import torch, lightning, transformers, nnsight, zstandard, safetensors, jsonargparse  # noqa: F401
+from lightning.pytorch.cli import LightningCLI  # noqa: F401
+from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: F401
+
+train_py = sys.argv[1]
+while line := sys.stdin.readline():
+    req = json.loads(line)
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            os.chdir(req["cwd"])
+            os.environ.clear()
+            os.environ.update(req["env"])
+            for fd, name in ((1, "stdout"), (2, "stderr")):
+                target = os.open(req[name], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+                os.dup2(target, fd)
+                os.close(target)
+            os.dup2(os.open(os.devnull, os.O_RDONLY), 0)
+            sys.stdin = open(0, closefd=False)
+            sys.stdout = open(1, "w", buffering=1, closefd=False)
+            sys.stderr = open(2, "w", buffering=1, closefd=False, errors="backslashreplace")
+            sys.argv = [train_py, *req["argv"]]
+            sys.path[0] = os.path.dirname(train_py)
+            try:
+                runpy.run_path(train_py, run_name="__main__")
+                code = 0
+            except SystemExit as exit_:
+                if exit_.code is None or isinstance(exit_.code, int):
+                    code = exit_.code or 0
+                else:
+                    print(exit_.code, file=sys.stderr)
+            except BaseException:
+                traceback.print_exc()  # what the interpreter prints for an uncaught exception
+            atexit._run_exitfuncs()
+        finally:
+            try:
+                sys.stdout.flush()
+                sys.stderr.flush()
+            finally:
+                os._exit(code)
+    deadline = time.monotonic() + req["timeout"]
+    while (done := os.waitpid(pid, os.WNOHANG))[0] == 0:
+        if time.monotonic() > deadline:
+            os.kill(pid, signal.SIGKILL)
+            done = os.waitpid(pid, 0)
+            break
+        time.sleep(0.02)
+    print(json.dumps({"rc": os.waitstatus_to_exitcode(done[1])}), flush=True)
+"""
+
+
+def cli_env(tmp_path: Path) -> dict[str, str]:
+    return {**os.environ, "LENSCOPE_COMPILE": "0", "WANDB_MODE": "offline", "TOKENIZERS_PARALLELISM": "false",
+            "LENSCOPE_CACHE": str(tmp_path / "lenscope-cache")}
+
+
+@dataclass
+class Result:
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+class Zygote:
+    def __init__(self, env: dict[str, str]):
+        self.proc = subprocess.Popen([sys.executable, "-c", ZYGOTE, str(TRAIN)], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, text=True, cwd=ROOT, env=env)
+
+    def run(self, argv: list[str], cwd: Path, env: dict[str, str]) -> Result:
+        out, err = cwd / ".cli-stdout", cwd / ".cli-stderr"
+        request = {"argv": argv, "cwd": str(cwd), "env": env, "stdout": str(out), "stderr": str(err),
+                   "timeout": TIMEOUT_S}
+        self.proc.stdin.write(json.dumps(request) + "\n")
+        self.proc.stdin.flush()
+        reply = self.proc.stdout.readline()
+        assert reply, "the CLI zygote died"
+        rc = json.loads(reply)["rc"]
+        assert rc != -signal.SIGKILL, f"train.py {' '.join(argv)} ran past {TIMEOUT_S} s"
+        return Result(rc, out.read_text(), err.read_text())
+
+    def close(self) -> None:
+        self.proc.stdin.close()
+        self.proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def zygote(tmp_path_factory):
+    if FRESH:
+        yield None
+        return
+    z = Zygote(cli_env(tmp_path_factory.mktemp("zygote")))
+    yield z
+    z.close()
+
+
+@pytest.fixture
+def cli(zygote, tmp_path):
+    """Run ``train.py <argv>`` from a fresh working directory under ``tmp_path``."""
+
+    def run(*argv: str) -> Result:
+        cwd = tmp_path / "cwd"
+        cwd.mkdir(exist_ok=True)
+        env = cli_env(tmp_path)
+        if zygote is None:
+            done = subprocess.run([sys.executable, str(TRAIN), *argv], capture_output=True, text=True,
+                                  cwd=cwd, env=env, timeout=TIMEOUT_S)
+            return Result(done.returncode, done.stdout, done.stderr)
+        return zygote.run(list(argv), cwd, env)
+
+    return run
+
+
+def fit_args(tmp_path: Path, model_dir: Path, source: Path | str, *extra: str, steps: int = 2) -> list[str]:
+    """``fit`` on the debug preset, checkpointing every step and writing the lens artifact, all
+    under ``tmp_path``."""
+    return [
+        "fit", "--config", str(ROOT / "configs/debug/fast.yaml"), "--trainer.enable_progress_bar", "false",
+        "--model.name", str(model_dir), "--data.source", str(source), "--data.seq_len", "16",
+        "--trainer.max_steps", str(steps), "--trainer.val_check_interval", str(steps),
+        "--trainer.default_root_dir", str(tmp_path / "runs"),
+        "--trainer.callbacks+=lightning.pytorch.callbacks.ModelCheckpoint",
+        f"--trainer.callbacks.dirpath={tmp_path / 'ckpt'}", "--trainer.callbacks.save_last=true",
+        "--trainer.callbacks.every_n_train_steps=1", "--trainer.callbacks.save_top_k=0",
+        "--trainer.callbacks+=training.callbacks.LensArtifactWriter",
+        f"--trainer.callbacks.dirpath={tmp_path / 'out'}",
+        *extra,
+    ]
+
+
+def assert_one_line_error(result: Result, expected: str) -> str:
+    tail = f"\n--- stderr (tail) ---\n{result.stderr[-3000:]}"
+    assert "Traceback" not in result.stderr, tail
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, f"expected one 'error:' line, got {errors}{tail}"
+    assert expected in errors[0], f"{expected!r} not in {errors[0]!r}{tail}"
+    assert result.returncode == 2, f"exit status {result.returncode}{tail}"
+    return errors[0]
+
+
+def nothing_written(tmp_path: Path) -> None:
+    assert not (tmp_path / "out" / "lens").exists(), "a lens artifact was written"
+    assert not list(tmp_path.rglob("*.ckpt")), "a checkpoint was written"
+
+
+# --- inputs ------------------------------------------------------------------------------------------
+def write_jsonl_lines(path: Path, lines: list[bytes]) -> Path:
+    path.write_bytes(b"".join(line + b"\n" for line in lines))
+    return path
+
+
+def good_line(i: int = 0) -> bytes:
+    return json.dumps({"text": " ".join(WORDS[i:i + 30])}).encode()
+
+
+def zst_corpus(tmp_path: Path) -> bytes:
+    """A one-frame zstd corpus of ~60 kB compressed, so that half of it ends inside the frame."""
+    plain = write_corpus(tmp_path / "big.jsonl", 1500, words=(40, 80))
+    data = zstandard.ZstdCompressor().compress(plain.read_bytes())
+    assert len(data) > 20_000
+    return data
+
+
+def bad_corpus(tmp_path: Path, kind: str) -> Path:
+    path = tmp_path / ("corpus.jsonl.zst" if kind.endswith("zst") else "corpus.jsonl")
+    if kind == "empty":
+        return write_jsonl_lines(path, [json.dumps({"text": t}).encode() for t in ("", "   ", "\n\t ", " ")])
+    if kind == "corrupt-zst":
+        path.write_bytes(random.Random(0).randbytes(4096))
+    elif kind == "truncated-zst":
+        data = zst_corpus(tmp_path)
+        path.write_bytes(data[: len(data) // 2])
+    elif kind == "no-text-field":
+        write_jsonl_lines(path, [good_line(0), json.dumps({"content": "w1 w2 w3"}).encode(), good_line(5)])
+    elif kind == "non-string-text":
+        write_jsonl_lines(path, [good_line(0), good_line(3), json.dumps({"text": ["w1", "w2"]}).encode()])
+    elif kind == "invalid-utf8":
+        write_jsonl_lines(path, [good_line(0), b'{"text": "w1 \xff\xfe w2"}', good_line(5)])
+    elif kind == "all-bad-skipped":
+        write_jsonl_lines(path, [b'{"content": "w1"}', b"not json", b'{"text": 7}', b"[1, 2]", b'{"text": "  "}'])
+    else:  # pragma: no cover
+        raise ValueError(kind)
+    return path
+
+
+DATA_CASES = [
+    # (id, corpus kind or None for a good corpus, extra flags, expected substring of the error line)
+    ("missing-data-path", "missing", [], "no data found at"),
+    ("empty-corpus", "empty", [], "yields no train samples (skipped: {'empty text': 4})"),
+    ("corrupt-zst", "corrupt-zst", [], "is not a valid zstd file"),
+    ("truncated-zst", "truncated-zst", [], "is truncated (its last zstd frame is incomplete)"),
+    ("record-without-text-field", "no-text-field", [], "corpus.jsonl:2: record has no 'text' field"),
+    ("non-string-text", "non-string-text", [], "corpus.jsonl:3: 'text' is a list, not a string"),
+    ("invalid-utf8", "invalid-utf8", [], "corpus.jsonl:2: line is not valid UTF-8"),
+    ("all-records-bad-with-skip", "all-bad-skipped", ["--data.on_bad_record", "skip"],
+     "yields no train samples (skipped: {"),
+    ("unknown-bad-record-policy", None, ["--data.on_bad_record", "ignore"],
+     "--data.on_bad_record must be 'error' or 'skip', got 'ignore'"),
+    ("seq-len-beyond-context", None, ["--data.seq_len", "1000"],
+     "--data.seq_len is 1000 but the model's context is 256"),
+    ("unknown-data-mode", None, ["--data.mode", "sideways"], "--data.mode must be one of ('pack', 'trim'), got 'sideways'"),
+    ("zero-batch-size", None, ["--data.batch_size", "0"], "--data.batch_size must be at least 1, got 0"),
+    ("zero-max-steps", None, ["--trainer.max_steps", "0"], "--trainer.max_steps must be a positive number of steps, got 0"),
+    # Lightning reads -1 as "no limit"; the training stream is endless, so that would never stop.
+    ("max-steps-minus-one", None, ["--trainer.max_steps", "-1"],
+     "--trainer.max_steps must be a positive number of steps, got -1"),
+    ("negative-max-steps", None, ["--trainer.max_steps", "-5"],
+     "invalid --trainer setting: `max_steps` must be a non-negative integer or -1 (infinite steps). You passed in -5."),
+    ("unknown-lens-type", None, ["--model.lens_type", "quantum"], "--model.lens_type 'quantum' is unknown"),
+    ("unknown-model-dtype", None, ["--model.dtype", "float8"], "unknown dtype 'float8'"),
+]
+
+
+@pytest.mark.parametrize(("kind", "extra", "expected"), [c[1:] for c in DATA_CASES], ids=[c[0] for c in DATA_CASES])
+def test_bad_data_or_setting(cli, tmp_path, tiny_model_dir, corpus, kind, extra, expected):
+    if kind == "missing":
+        source = tmp_path / "no-such-corpus.jsonl"
+    else:
+        source = bad_corpus(tmp_path, kind) if kind else corpus
+    result = cli(*fit_args(tmp_path, tiny_model_dir, source, *extra))
+    assert_one_line_error(result, expected)
+    nothing_written(tmp_path)
+
+
+# --- the base model --------------------------------------------------------------------------------
+def test_model_folder_that_does_not_exist(cli, tmp_path, corpus):
+    missing = tmp_path / "no-such-model"
+    result = cli(*fit_args(tmp_path, missing, corpus))
+    assert_one_line_error(result, f"model folder {missing} does not exist")
+    nothing_written(tmp_path)
+
+
+def test_model_folder_without_config(cli, tmp_path, tiny_model_dir, corpus):
+    folder = tmp_path / "not-a-model"
+    folder.mkdir()
+    for f in tiny_model_dir.iterdir():
+        if f.name != "config.json":
+            (folder / f.name).write_bytes(f.read_bytes())
+    result = cli(*fit_args(tmp_path, folder, corpus))
+    assert_one_line_error(result, f"model folder {folder} has no config.json")
+    nothing_written(tmp_path)
+
+
+def test_final_norm_that_cannot_be_found(tmp_path, tiny_model_dir, corpus, monkeypatch, capsys):
+    """A model that applies its final norm as a plain function, not as a module: nothing runs between
+    the last block and the head, so the adapter cannot find the norm. Runs in-process, because the
+    model's structure is changed after loading."""
+    import training.lens_module as lens_module
+
+    real_load = lens_module.load_base_model
+
+    def load_with_functional_norm(*args, **kwargs):
+        loaded = real_load(*args, **kwargs)
+        inner = loaded.model.model
+        norm = inner._modules.pop("norm")
+        inner.__dict__["norm"] = norm.forward  # still applied, but no module call the hooks can see
+        return loaded
+
+    monkeypatch.setattr(lens_module, "load_base_model", load_with_functional_norm)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", [str(TRAIN)])  # as if run from the command line
+    with pytest.raises(SystemExit) as exit_:
+        train.main(fit_args(tmp_path, tiny_model_dir, corpus))
+    captured = capsys.readouterr()
+    assert_one_line_error(Result(exit_.value.code, captured.out, captured.err),
+                          "could not find the final norm of LlamaForCausalLM: no module runs between "
+                          "its last decoder block (model.layers.2) and its unembedding (lm_head)")
+    nothing_written(tmp_path)
+
+
+def overflowing_llama_dir(path: Path) -> Path:
+    """A tiny LLaMA whose hidden states overflow in fp16 after block 0 for ordinary words.
+
+    The embeddings of the corpus words are 6e4 (just inside fp16's range, max 65504) and block 0's
+    MLP adds a bias of 2e4, so the residual after block 0 is inf. The five tokens the architecture
+    probe feeds the model keep small embeddings, so the model still loads.
+    """
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=len(WORDS) + 4, max_position_embeddings=256,
+                         bos_token_id=1, eos_token_id=2, pad_token_id=3, tie_word_embeddings=False, mlp_bias=True)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    probe_ids = {(i * 7 + 3) % config.vocab_size for i in range(5)}  # see basemodel.adapter._probe
+    with torch.no_grad():
+        rows = [i for i in range(4, config.vocab_size) if i not in probe_ids]
+        model.model.embed_tokens.weight[rows] = 6e4
+        model.model.layers[0].mlp.down_proj.bias.fill_(2e4)
+    model.save_pretrained(path)
+    make_tokenizer().save_pretrained(path)
+    return path
+
+
+def test_nan_or_inf_hidden_states(cli, tmp_path, corpus):
+    model_dir = overflowing_llama_dir(tmp_path / "overflowing-llama")
+    result = cli(*fit_args(tmp_path, model_dir, corpus, "--model.dtype", "float16"))
+    assert_one_line_error(result, "hidden states contain NaN or inf at the output of block 0 (residual index 1)")
+    nothing_written(tmp_path)
+
+
+# --- lens artifacts passed as --model.init_lens ----------------------------------------------------------
+def unembed_hash_of(model_dir: Path) -> str:
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    return tensor_fingerprint(model.get_output_embeddings().weight)
+
+
+def artifact(path: Path, *, unembed_hash: str, layers: int = 3, base_model: str = "tiny") -> Path:
+    return save_lens(TunedLens(list(range(layers)), 32), path, base_model=base_model, revision="local",
+                     unembed_hash=unembed_hash, num_hidden_layers=layers)
+
+
+@pytest.mark.parametrize("case", ["other-model", "wrong-layer-count", "missing-weights", "unknown-lens-type"])
+def test_bad_init_lens(cli, tmp_path, tiny_model_dir, corpus, case):
+    good_hash = unembed_hash_of(tiny_model_dir)
+    lens_dir = tmp_path / "lens"
+    if case == "other-model":
+        other = tiny_llama(seed=1)
+        artifact(lens_dir, unembed_hash=tensor_fingerprint(other.get_output_embeddings().weight), base_model="other-llama")
+        expected = f"{lens_dir} was trained for 'other-llama'"
+    elif case == "wrong-layer-count":
+        artifact(lens_dir, unembed_hash=good_hash, layers=5)
+        expected = f"{lens_dir} has 5 layers but this model has 3"
+    elif case == "missing-weights":
+        artifact(lens_dir, unembed_hash=good_hash)
+        (lens_dir / "lens.safetensors").unlink()
+        expected = f"{lens_dir} has no lens.safetensors"
+    else:
+        artifact(lens_dir, unembed_hash=good_hash)
+        config = json.loads((lens_dir / "config.json").read_text())
+        (lens_dir / "config.json").write_text(json.dumps({**config, "lens_type": "quantum"}))
+        expected = f"{lens_dir}: unknown lens type 'quantum'"
+    result = cli(*fit_args(tmp_path, tiny_model_dir, corpus, "--model.init_lens", str(lens_dir)))
+    assert_one_line_error(result, expected)
+    nothing_written(tmp_path)
+
+
+# --- the hidden-state cache ---------------------------------------------------------------------------
+def test_disk_cache_made_with_other_settings(cli, tmp_path, tiny_model_dir, corpus):
+    cache = ["--model.cache", "disk", "--model.cache_dir", str(tmp_path / "hidden-cache")]
+    first = cli(*fit_args(tmp_path / "first", tiny_model_dir, corpus, *cache))
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert list((tmp_path / "hidden-cache").glob("*.safetensors")), "the first run cached nothing"
+    second = cli(*fit_args(tmp_path / "second", tiny_model_dir, corpus, *cache, "--data.seq_len", "32"))
+    assert_one_line_error(second, f"the hidden-state cache at {tmp_path / 'hidden-cache'} was made with other settings (data differ)")
+    nothing_written(tmp_path / "second")
