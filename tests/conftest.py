@@ -72,3 +72,25 @@ def write_corpus(path: Path, n_docs: int, seed: int = 0, words: tuple[int, int] 
 @pytest.fixture
 def corpus(tmp_path) -> Path:
     return write_corpus(tmp_path / "corpus.jsonl", 120)
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def fit_args(out: Path, model_dir: Path, source: Path | str, *extra: str, steps: int = 4,
+             checkpoint_every: int = 2, checkpoint: tuple[str, ...] = ()) -> list[str]:
+    """``train.py fit`` on the debug preset with a ModelCheckpoint (``out/ckpt``, ``last.ckpt``)
+    and the lens artifact writer (``out/out``): every output under ``out``. ``checkpoint`` adds
+    arguments to the ModelCheckpoint entry; ``extra`` comes last and may override anything."""
+    return [
+        "fit", "--config", str(ROOT / "configs/debug/fast.yaml"), "--trainer.enable_progress_bar", "false",
+        "--model.name", str(model_dir), "--data.source", str(source), "--data.seq_len", "16",
+        "--trainer.max_steps", str(steps), "--trainer.val_check_interval", str(steps),
+        "--trainer.default_root_dir", str(out / "runs"),
+        "--trainer.callbacks+=lightning.pytorch.callbacks.ModelCheckpoint",
+        f"--trainer.callbacks.dirpath={out / 'ckpt'}", "--trainer.callbacks.save_last=true",
+        f"--trainer.callbacks.every_n_train_steps={checkpoint_every}", "--trainer.callbacks.save_top_k=0",
+        *checkpoint,
+        "--trainer.callbacks+=training.callbacks.LensArtifactWriter", f"--trainer.callbacks.dirpath={out / 'out'}",
+        *extra,
+    ]

@@ -32,6 +32,7 @@ from basemodel.loading import tensor_fingerprint
 from lenses.artifact import save_lens
 from lenses.lens import TunedLens
 from tests.conftest import WORDS, make_tokenizer, tiny_llama, write_corpus
+from tests.conftest import fit_args as cli_fit_args
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN = ROOT / "train.py"
@@ -156,20 +157,8 @@ def cli(zygote, tmp_path):
 
 
 def fit_args(tmp_path: Path, model_dir: Path, source: Path | str, *extra: str, steps: int = 2) -> list[str]:
-    """``fit`` on the debug preset, checkpointing every step and writing the lens artifact, all
-    under ``tmp_path``."""
-    return [
-        "fit", "--config", str(ROOT / "configs/debug/fast.yaml"), "--trainer.enable_progress_bar", "false",
-        "--model.name", str(model_dir), "--data.source", str(source), "--data.seq_len", "16",
-        "--trainer.max_steps", str(steps), "--trainer.val_check_interval", str(steps),
-        "--trainer.default_root_dir", str(tmp_path / "runs"),
-        "--trainer.callbacks+=lightning.pytorch.callbacks.ModelCheckpoint",
-        f"--trainer.callbacks.dirpath={tmp_path / 'ckpt'}", "--trainer.callbacks.save_last=true",
-        "--trainer.callbacks.every_n_train_steps=1", "--trainer.callbacks.save_top_k=0",
-        "--trainer.callbacks+=training.callbacks.LensArtifactWriter",
-        f"--trainer.callbacks.dirpath={tmp_path / 'out'}",
-        *extra,
-    ]
+    """``fit`` checkpointing every step and writing the lens artifact, all under ``tmp_path``."""
+    return cli_fit_args(tmp_path, model_dir, source, *extra, steps=steps, checkpoint_every=1)
 
 
 def assert_one_line_error(result: Result, expected: str) -> str:

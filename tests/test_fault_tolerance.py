@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from lenses.artifact import load_lens
+from tests.conftest import fit_args
 from training.checkpoint_io import AtomicCheckpointIO, CheckpointWriteError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -22,20 +23,13 @@ STEPS = 24
 
 
 def command(out: Path, model_dir: Path, corpus: Path, *extra: str) -> list[str]:
-    return [
-        sys.executable, str(ROOT / "train.py"), "fit", "--config", str(ROOT / "configs/debug/fast.yaml"),
-        "--model.name", str(model_dir), "--data.source", str(corpus), "--data.seq_len", "16",
+    return [sys.executable, str(ROOT / "train.py"), *fit_args(
+        out, model_dir, corpus,
         "--data.num_workers", "1",  # the data position lives in a worker process: the hard case
-        "--trainer.max_steps", str(STEPS), "--trainer.val_check_interval", str(STEPS),
-        "--trainer.enable_progress_bar", "false", "--trainer.default_root_dir", str(out),
         "--trainer.logger=lightning.pytorch.loggers.WandbLogger", "--trainer.logger.offline=true",
         f"--trainer.logger.save_dir={out / 'wb'}", "--trainer.logger.project=lenscope-test",
-        "--trainer.callbacks+=lightning.pytorch.callbacks.ModelCheckpoint",
-        f"--trainer.callbacks.dirpath={out / 'ckpt'}", "--trainer.callbacks.save_last=true",
-        "--trainer.callbacks.every_n_train_steps=1", "--trainer.callbacks.save_top_k=0",
-        "--trainer.callbacks+=training.callbacks.LensArtifactWriter", f"--trainer.callbacks.dirpath={out / 'out'}",
-        *extra,
-    ]
+        *extra, steps=STEPS, checkpoint_every=1,
+    )]
 
 
 ENV = {**os.environ, "LENSCOPE_COMPILE": "0", "WANDB_MODE": "offline"}

@@ -14,25 +14,9 @@ import torch
 
 import train
 from lenses.artifact import load_lens
-from tests.conftest import SHARED_PILE, write_corpus
+from tests.conftest import SHARED_PILE, fit_args, write_corpus
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def fit_args(tmp_path: Path, model_dir: Path, corpus: Path, *extra: str, steps: int = 4,
-             checkpoint: tuple[str, ...] = ()) -> list[str]:
-    return [
-        "fit", "--config", str(ROOT / "configs/debug/fast.yaml"), "--trainer.enable_progress_bar", "false",
-        "--model.name", str(model_dir), "--data.source", str(corpus), "--data.seq_len", "16",
-        "--trainer.max_steps", str(steps), "--trainer.val_check_interval", str(steps),
-        "--trainer.default_root_dir", str(tmp_path / "runs"),
-        "--trainer.callbacks+=lightning.pytorch.callbacks.ModelCheckpoint",
-        f"--trainer.callbacks.dirpath={tmp_path / 'ckpt'}", "--trainer.callbacks.save_last=true",
-        "--trainer.callbacks.every_n_train_steps=2", "--trainer.callbacks.save_top_k=0", *checkpoint,
-        "--trainer.callbacks+=training.callbacks.LensArtifactWriter",
-        f"--trainer.callbacks.dirpath={tmp_path / 'out'}",
-        *extra,
-    ]
 
 
 def test_fit_writes_artifact_results_and_lens_only_checkpoint(tmp_path, tiny_model_dir, corpus):
