@@ -127,3 +127,21 @@ def test_offset_pairs_each_position_with_the_target_k_ahead(tiny_model_dir):
     torch.testing.assert_close(final.view(2, 6, 32), per_row[3, :, 2:])
     assert labels.view(2, 6).tolist() == all_labels.view(2, 8)[:, 2:].tolist()
     assert module.lens.offset == 2
+
+
+def test_a_later_run_reuses_the_disk_cache_without_the_model(tiny_model_dir, tmp_path, monkeypatch):
+    manifest = {"model": "tiny", "data": "same"}
+    first = LensTrainingModule(name=str(tiny_model_dir), lens_dtype="float32")
+    first.cache = HiddenStateCache("disk", tmp_path / "cache", manifest=manifest)
+    states, _ = first.hidden_states(make_batch())
+
+    later = LensTrainingModule(name=str(tiny_model_dir), lens_dtype="float32")
+    later.cache = HiddenStateCache("disk", tmp_path / "cache", manifest=manifest)
+
+    def model_must_not_run(*args):
+        raise AssertionError("the model ran although the batch is cached")
+
+    monkeypatch.setattr(later.reader, "read", model_must_not_run)
+    again, _ = later.hidden_states(make_batch())
+    torch.testing.assert_close(states, again, rtol=0, atol=0)
+    assert later.cache.hit_rate == 1.0
