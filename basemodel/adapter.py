@@ -65,6 +65,8 @@ class ArchitectureAdapter:
     d_model: int
     """Width of the residual stream (can differ from the head's input width, e.g. OPT-350m)."""
     softcap: float | None = None
+    block_output_is_tuple: bool = False
+    """Whether a decoder block returns a tuple (hidden state first) rather than a tensor."""
     blocks: nn.ModuleList = field(init=False, repr=False)
     head: nn.Module = field(init=False, repr=False)
     post_blocks: list[nn.Module] = field(init=False, repr=False)
@@ -122,7 +124,7 @@ class ArchitectureAdapter:
             raise AdapterError(f"could not find the decoder blocks of {name}: it has no nn.ModuleList of {n_layers} layers")
         block_path, blocks = max(matching, key=lambda nm: sum(p.numel() for p in nm[1].parameters()))
 
-        post_paths, last_block_out, logits = _probe(model, blocks, head, names)
+        post_paths, last_block_out, logits, returns_tuple = _probe(model, blocks, head, names)
         if not post_paths:
             raise AdapterError(
                 f"could not find the final norm of {name}: no module runs between its last decoder "
@@ -130,7 +132,8 @@ class ArchitectureAdapter:
             )
         softcap = getattr(_text_config(model), "final_logit_softcapping", None) or None
         adapter = cls(model=model, block_path=block_path, head_path=head_path,
-                      post_block_paths=post_paths, d_model=last_block_out.shape[-1], softcap=softcap)
+                      post_block_paths=post_paths, d_model=last_block_out.shape[-1], softcap=softcap,
+                      block_output_is_tuple=returns_tuple)
         with torch.no_grad():
             decoded = adapter.decode(last_block_out).float()
         err = (decoded - logits.float()).abs().max().item()
@@ -162,6 +165,7 @@ def _probe(model: PreTrainedModel, blocks: nn.ModuleList, head: nn.Module, names
         ends[names[id(module)]] = next(clock)
         if module is last_block:
             captured["last"] = _first_tensor(output).detach()
+            captured["tuple"] = isinstance(output, (tuple, list))
 
     for n, m in model.named_modules():
         if n:
@@ -184,4 +188,4 @@ def _probe(model: PreTrainedModel, blocks: nn.ModuleList, head: nn.Module, names
     outer.sort(key=lambda n: starts[n])
     # Dropout is the identity in eval mode and never part of how the model decodes.
     outer = [n for n in outer if not isinstance(model.get_submodule(n), nn.Dropout)]
-    return outer, captured["last"], out.logits
+    return outer, captured["last"], out.logits, captured["tuple"]
