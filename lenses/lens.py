@@ -81,4 +81,12 @@ class TunedLens(Lens):
         return (flat + delta).reshape(shape)
 
 
-LENS_TYPES: dict[str, type[Lens]] = {cls.lens_type: cls for cls in (LogitLens, TunedLens)}
+class AffineLens(TunedLens):
+    """The least-squares affine lens (the "tuned lens" of the Patchscopes paper): the same map
+    ``h + W h + b`` = ``A h + b`` with A = I + W, but fitted in closed form to predict the last
+    block's raw output (``lenses.least_squares``) instead of trained with a KL loss."""
+
+    lens_type = "affine"
+
+
+LENS_TYPES: dict[str, type[Lens]] = {cls.lens_type: cls for cls in (LogitLens, TunedLens, AffineLens)}

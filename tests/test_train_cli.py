@@ -142,3 +142,17 @@ def test_write_corpus_helper_is_deterministic(tmp_path):
     a = write_corpus(tmp_path / "a.jsonl", 5, seed=3).read_text()
     b = write_corpus(tmp_path / "b.jsonl", 5, seed=3).read_text()
     assert a == b
+
+
+def test_affine_lens_fits_in_closed_form_and_warm_starts_a_tuned_lens(tmp_path, tiny_model_dir, corpus):
+    affine = tmp_path / "affine"
+    train.main(fit_args(affine, tiny_model_dir, corpus, "--model.lens_type", "affine"))
+    fitted = load_lens(affine / "out" / "lens")
+    assert fitted.lens_type == "affine" and fitted.weight.abs().max() > 1e-3
+    assert torch.isfinite(fitted.weight).all() and torch.isfinite(fitted.bias).all()
+    warm = tmp_path / "warm"
+    train.main(fit_args(warm, tiny_model_dir, corpus, "--model.init_lens", str(affine / "out" / "lens"),
+                        "--model.lr", "0.0"))
+    started = load_lens(warm / "out" / "lens")
+    assert started.lens_type == "tuned"
+    torch.testing.assert_close(started.weight, fitted.weight, atol=1e-6, rtol=0)  # lr 0: still the fit

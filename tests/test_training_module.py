@@ -145,3 +145,21 @@ def test_a_later_run_reuses_the_disk_cache_without_the_model(tiny_model_dir, tmp
     again, _ = later.hidden_states(make_batch())
     torch.testing.assert_close(states, again, rtol=0, atol=0)
     assert later.cache.hit_rate == 1.0
+
+
+def test_affine_lens_is_the_least_squares_fit_of_the_last_block(tiny_model_dir):
+    module = LensTrainingModule(name=str(tiny_model_dir), lens_type="affine", ridge=1e-9)
+    module.cache = HiddenStateCache("none")
+    hs, finals = [], []
+    for seed in range(6):
+        h, final, _ = module.lens_examples(make_batch(seed=seed, batch=4, seq=16))
+        module.normal_equations.update(h, final)
+        hs.append(h)
+        finals.append(final)
+    module.on_validation_epoch_start()  # solves
+    h, final = torch.cat(hs, 1).double(), torch.cat(finals).double()
+    x = torch.cat([h, torch.ones(*h.shape[:2], 1, dtype=torch.float64)], -1)
+    predicted = module.lens(h.float()).double()
+    for layer in range(3):
+        solution = torch.linalg.lstsq(x[layer], final).solution  # (d+1, d)
+        torch.testing.assert_close(predicted[layer], x[layer] @ solution, atol=2e-3, rtol=1e-3)

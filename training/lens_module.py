@@ -28,7 +28,8 @@ from basemodel.loading import (
 from basemodel.residuals import ResidualReader
 from lenses.artifact import load_lens
 from lenses.errors import ConfigError, UserError
-from lenses.lens import LENS_TYPES, Lens, LogitLens, TunedLens
+from lenses.least_squares import NormalEquations
+from lenses.lens import LENS_TYPES, AffineLens, Lens, LogitLens, TunedLens
 from lenses.unembed import Unembed, lens_kl, lens_metrics
 from training.metrics import PerLayerLensMetrics
 
@@ -60,13 +61,16 @@ class LensTrainingModule(L.LightningModule):
         cache_max_gb: float = 8.0,
         cache_dtype: str | None = None,
         init_lens: str | None = None,
+        ridge: float = 1e-3,
     ):
         """
         Args:
             name: base model: hub id, local folder, or ``embedded:smollm2-135m`` (the embedded default).
             revision: hub revision (branch, tag or commit) of the base model.
             dtype: dtype of the frozen base model's weights.
-            lens_type: lens to train; ``tuned`` (affine translators). ``logit`` has nothing to train.
+            lens_type: lens to train: ``tuned`` (affine translators trained with the KL loss) or
+                ``affine`` (the same map fitted in closed form by least squares to the last block's
+                output, Patchscopes' "tuned lens"; no optimizer). ``logit`` has nothing to train.
             bias: give each translator a bias vector.
             offset: token offset of the target: 0 trains the tuned lens (the model's own next-token
                 distribution at the same position); k ≥ 1 trains a future lens of the affine kind
@@ -87,8 +91,9 @@ class LensTrainingModule(L.LightningModule):
             cache_dir: folder of the disk cache (default: a folder under the lenscope cache).
             cache_max_gb: memory budget of the device cache, in GiB.
             cache_dtype: dtype of cached states (default: the model's dtype).
-            init_lens: lens artifact folder to start from (continue training a lens); it must have
-                been trained on this model.
+            init_lens: lens artifact folder to start from (continue training a lens, or warm-start
+                a tuned lens from an affine one); it must have been made for this model.
+            ridge: relative ridge term of the least-squares fit (``lens_type: affine``).
         """
         super().__init__()
         self.save_hyperparameters()
@@ -108,10 +113,17 @@ class LensTrainingModule(L.LightningModule):
         self.unembed_hash = tensor_fingerprint(self.adapter.unembedding_weight)
         layers = list(range(self.adapter.num_layers))  # embeddings + blocks 0..L-2 (see lenses.lens)
         d_model = self.adapter.d_model
-        self.lens: Lens = TunedLens(layers, d_model, bias=bias, offset=offset) if lens_type == "tuned" else LogitLens(layers, d_model)
+        if lens_type == "affine":
+            self.lens: Lens = AffineLens(layers, d_model, bias=True, offset=offset)
+            self.normal_equations = NormalEquations(len(layers), d_model)
+        elif lens_type == "tuned":
+            self.lens = TunedLens(layers, d_model, bias=bias, offset=offset)
+        else:
+            self.lens = LogitLens(layers, d_model)
         if init_lens is not None:
             start = load_lens(init_lens, unembed_hash=self.unembed_hash, num_hidden_layers=self.adapter.num_layers)
-            if start.lens_type != lens_type or start.layers != layers:
+            compatible = start.lens_type == lens_type or (start.lens_type, lens_type) == ("affine", "tuned")
+            if not compatible or start.layers != layers:
                 raise ConfigError(f"--model.init_lens {init_lens} is a {start.lens_type} lens of layers {start.layers}; "
                                   f"this run trains a {lens_type} lens of layers {layers}")
             self.lens.load_state_dict(start.state_dict())
@@ -147,12 +159,20 @@ class LensTrainingModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["lenscope"] = {"base_model": self.hparams.name, "revision": self.base_revision,
                                   "unembed_hash": self.unembed_hash}
+        if self.hparams.lens_type == "affine":  # the fit so far, so that a resumed fit goes on from it
+            eq = self.normal_equations
+            checkpoint["lenscope"]["normal_equations"] = {"xtx": eq.xtx, "xty": eq.xty, "count": eq.count}
         for logger in self.trainer.loggers:
             if isinstance(logger, WandbLogger):  # so that a resumed run logs into the same W&B run
                 checkpoint["lenscope"]["wandb_run_id"] = logger.version
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         saved = checkpoint.get("lenscope", {})
+        if self.hparams.lens_type == "affine" and "normal_equations" in saved:
+            state = saved["normal_equations"]
+            self.normal_equations.xtx.copy_(state["xtx"])
+            self.normal_equations.xty.copy_(state["xty"])
+            self.normal_equations.count = state["count"]
         if saved.get("unembed_hash") not in (None, self.unembed_hash):
             raise ConfigError(
                 f"checkpoint was made for {saved.get('base_model')!r}, not for {self.hparams.name!r} "
@@ -252,6 +272,11 @@ class LensTrainingModule(L.LightningModule):
         batch, _batch_idx, _loader_idx = next(dataloader_iter)
         batch = self.transfer_batch_to_device(batch, self.device, 0)
         h, final, _labels = self.lens_examples(batch)
+        if self.hparams.lens_type == "affine":
+            self.normal_equations.update(h, final)
+            self.log("train/positions", float(self.normal_equations.count), batch_size=h.shape[1])
+            # Nothing to descend: a zero loss keeps Lightning's step counting (max_steps, checkpoints).
+            return self.lens.weight.sum() * 0.0
         target = self._target_log_probs(final)
         dtype = resolve_dtype(self.hparams.lens_dtype)
         kl = lens_kl(self.unembed, self._decode_inputs(self.lens, h, dtype), target, dtype)
@@ -274,6 +299,13 @@ class LensTrainingModule(L.LightningModule):
             x = self._decode_inputs(lens, h, dtype)
             self.val_metrics[name].update(lens_metrics(self.unembed, x, target, labels, dtype))
 
+    def on_validation_epoch_start(self) -> None:
+        if self.hparams.lens_type == "affine" and self.normal_equations.count:
+            a, b = self.normal_equations.solve(self.hparams.ridge)
+            with torch.no_grad():
+                self.lens.weight.copy_(a - torch.eye(a.shape[-1], device=a.device))
+                self.lens.bias.copy_(b)
+
     def on_validation_epoch_end(self) -> None:
         results: dict = {"layers": self.lens.layers}
         for name, metric in self.val_metrics.items():
@@ -290,6 +322,9 @@ class LensTrainingModule(L.LightningModule):
     # --- optimisation ---------------------------------------------------------------------------------
     def configure_optimizers(self):
         hp = self.hparams
+        if hp.lens_type == "affine":
+            # Fitted in closed form (on_validation_epoch_start); a zero learning rate leaves it be.
+            return torch.optim.SGD(self.lens.parameters(), lr=0.0)
         # The reference scales lr by (1 − momentum) so that lr=1.0 is a sensible SGD step size.
         optimizer = torch.optim.SGD(self.lens.parameters(), lr=hp.lr * (1 - hp.momentum), momentum=hp.momentum,
                                     nesterov=hp.nesterov, weight_decay=hp.weight_decay)

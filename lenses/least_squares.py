@@ -1,0 +1,56 @@
+"""The least-squares affine lens (the "tuned lens" of the Patchscopes paper), fitted in closed form.
+
+For each lensed layer ℓ, find A_ℓ, b_ℓ minimising Σ ‖A_ℓ h_ℓ + b_ℓ − h_L‖² over cached positions,
+where h_L is the last block's raw output (decoded afterwards by the model's own final norm and
+head). The normal equations are accumulated in float64 batch by batch — (d+1)² + (d+1)·d numbers
+per layer, whatever the number of positions — and solved once, with a small ridge term for
+directions the data never visit. The result maps to the residual parametrisation of
+``TunedLens`` as W = A − I, so it can warm-start KL training (``TunedLens.from_affine``).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from lenses.lens import TunedLens
+
+
+class NormalEquations:
+    """Running Σ x̃ x̃ᵀ and Σ x̃ yᵀ per layer, with x̃ = [h, 1]."""
+
+    def __init__(self, num_layers: int, d_model: int, device: torch.device | str = "cpu"):
+        self.xtx = torch.zeros(num_layers, d_model + 1, d_model + 1, dtype=torch.float64, device=device)
+        self.xty = torch.zeros(num_layers, d_model + 1, d_model, dtype=torch.float64, device=device)
+        self.count = 0
+
+    def update(self, h: torch.Tensor, target: torch.Tensor) -> None:
+        """h: (num_layers, N, d) lens inputs; target: (N, d) last-block raw output."""
+        if self.xtx.device != h.device:
+            self.xtx, self.xty = self.xtx.to(h.device), self.xty.to(h.device)
+        x = torch.cat([h.double(), h.new_ones(*h.shape[:2], 1, dtype=torch.float64)], dim=-1)
+        self.xtx += x.transpose(1, 2) @ x
+        self.xty += x.transpose(1, 2) @ target.double().expand(h.shape[0], *target.shape)
+        self.count += h.shape[1]
+
+    def solve(self, ridge: float = 1e-3) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns A (num_layers, d, d) and b (num_layers, d) with prediction h Aᵀ + b.
+
+        ``ridge`` is relative: λ = ridge × mean diagonal of Σ x̃ x̃ᵀ for each layer, so it means
+        the same whatever the scale of the residual stream.
+        """
+        if self.count == 0:
+            raise ValueError("no positions were accumulated")
+        d1 = self.xtx.shape[-1]
+        scale = self.xtx.diagonal(dim1=1, dim2=2).mean(-1).view(-1, 1, 1)
+        eye = torch.eye(d1, dtype=torch.float64, device=self.xtx.device)
+        solution = torch.linalg.solve(self.xtx + ridge * scale * eye, self.xty)  # (L, d+1, d)
+        return solution[:, :-1].transpose(1, 2).float(), solution[:, -1].float()
+
+
+def tuned_lens_from_affine(layers: list[int], a: torch.Tensor, b: torch.Tensor, offset: int = 0) -> TunedLens:
+    """A tuned lens (h + W h + b) equal to the affine map (A h + b): W = A − I."""
+    lens = TunedLens(layers, a.shape[-1], bias=True, offset=offset)
+    with torch.no_grad():
+        lens.weight.copy_(a - torch.eye(a.shape[-1]))
+        lens.bias.copy_(b)
+    return lens
