@@ -18,7 +18,7 @@ from lightning.pytorch.loggers import WandbLogger
 from cli_errors import run_with_clean_errors
 from datamodules.lens_data import LensDataModule
 from training.callbacks import StepProgressBar
-from training.checkpoint_io import AtomicCheckpointIO
+from training.checkpoint_io import AtomicCheckpointIO, CheckpointWriteError
 from training.lens_module import LensTrainingModule
 from training.wandb_summary import write_summary_file
 
@@ -61,12 +61,17 @@ def resolve_ckpt_path(config) -> Path | None:
 
 
 def wandb_run_id_of(path: Path | None) -> str | None:
+    """The W&B run id stored in a checkpoint; a checkpoint that does not load is refused here,
+    with one line, rather than deep inside Lightning."""
     if path is None or not path.is_file():
         return None
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception:  # a damaged checkpoint is reported by Lightning when it loads it
-        return None
+    except Exception as err:  # torch raises several types for a damaged file
+        raise CheckpointWriteError(
+            f"checkpoint {path} does not load ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else 'damaged'}); "
+            "it was cut short or modified: pass an earlier --ckpt_path or delete it to start over"
+        ) from None
     return checkpoint.get("lenscope", {}).get("wandb_run_id")
 
 

@@ -120,3 +120,42 @@ def test_full_disk_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     monkeypatch.undo()
     assert torch.load(path, weights_only=False) == {"step": 1}
     assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"], "no temporary file left behind"
+
+
+def test_a_damaged_checkpoint_is_refused_with_one_line(tmp_path, tiny_model_dir, uninterrupted):
+    corpus, _ = uninterrupted
+    out = tmp_path / "run"
+    (out / "ckpt").mkdir(parents=True)
+    (out / "ckpt" / "last.ckpt").write_bytes(b"PK\x03\x04 cut short")
+    result = subprocess.run(command(out, tiny_model_dir, corpus, "--ckpt_path", "last"), capture_output=True,
+                            text=True, timeout=600, env=ENV)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "does not load" in result.stderr and "pass an earlier --ckpt_path" in result.stderr
+
+
+def _write_shards(directory: str, seed: int) -> None:
+    from basemodel.hidden_cache import HiddenStateCache, batch_key
+
+    cache = HiddenStateCache("disk", directory, manifest={"same": "settings"})
+    for i in range(40):  # both writers write the same keys, in different orders
+        j = i if seed == 0 else 39 - i
+        cache.put(batch_key(torch.tensor([j])), torch.full((2, 64, 16), float(j)))
+
+
+def test_two_processes_writing_one_disk_cache_do_not_corrupt_it(tmp_path):
+    import multiprocessing
+
+    from basemodel.hidden_cache import HiddenStateCache, batch_key
+
+    context = multiprocessing.get_context("spawn")
+    writers = [context.Process(target=_write_shards, args=(str(tmp_path / "cache"), seed)) for seed in (0, 1)]
+    for w in writers:
+        w.start()
+    for w in writers:
+        w.join(120)
+        assert w.exitcode == 0
+    cache = HiddenStateCache("disk", tmp_path / "cache", manifest={"same": "settings"})
+    for j in range(40):
+        states = cache.get(batch_key(torch.tensor([j])), torch.device("cpu"))
+        assert states is not None and torch.equal(states, torch.full((2, 64, 16), float(j)))
+    assert not list((tmp_path / "cache").glob(".*")), "no temporary files left behind"

@@ -24,7 +24,7 @@ from lenses.errors import UserError
 
 
 class CheckpointWriteError(UserError):
-    """A checkpoint could not be written; earlier checkpoints are untouched."""
+    """A checkpoint could not be written (earlier checkpoints are untouched) or does not load."""
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
