@@ -22,6 +22,11 @@ SHARED_PILE = Path(__file__).resolve().parents[2] / "shared" / "data" / "pile-sa
 WORDS = [f"w{i}" for i in range(200)]
 
 
+TINY_DECODER = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+                    num_key_value_heads=2, max_position_embeddings=64)
+"""Shape of the tiny random decoders the unit tests build (with their own vocabulary size)."""
+
+
 def make_tokenizer() -> PreTrainedTokenizerFast:
     """A word-level tokenizer over ``w0 … w199`` plus specials; ids 0-3 are specials."""
     vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, "<pad>": 3}

@@ -19,21 +19,14 @@ from transformers import AutoModel, AutoModelForCausalLM
 from basemodel.adapter import AdapterError, ArchitectureAdapter
 from basemodel.loading import tensor_fingerprint
 from basemodel.residuals import ResidualReader
-from tests.conftest import make_tokenizer, tiny_llama
+from tests.conftest import TINY_DECODER, make_tokenizer, tiny_llama
 
 VOCAB = 128
 D = 32
 LAYERS = 3
 MAX_PARAMS = 100_000
 
-_ATTN = dict(
-    hidden_size=D,
-    intermediate_size=2 * D,
-    num_hidden_layers=LAYERS,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=64,
-)
+_ATTN = TINY_DECODER
 _IDS = dict(vocab_size=VOCAB, pad_token_id=0, bos_token_id=1, eos_token_id=2)
 
 CONFIGS = {

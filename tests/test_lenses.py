@@ -16,7 +16,7 @@ from basemodel.loading import tensor_fingerprint
 from lenses.artifact import CONFIG, WEIGHTS, LensArtifactError, load_lens, read_config, save_lens
 from lenses.lens import LogitLens, TunedLens
 from lenses.unembed import Unembed, lens_kl, lens_metrics, reference_kl
-from tests.conftest import tiny_llama
+from tests.conftest import TINY_DECODER, tiny_llama
 
 D = 32
 LAYERS = 3
@@ -25,13 +25,8 @@ LAYERS = 3
 def tiny_gemma2(seed: int = 0) -> torch.nn.Module:
     torch.manual_seed(seed)
     config = T.Gemma2Config(
-        hidden_size=D,
-        intermediate_size=2 * D,
-        num_hidden_layers=LAYERS,
-        num_attention_heads=4,
-        num_key_value_heads=2,
+        **TINY_DECODER,
         head_dim=8,
-        max_position_embeddings=64,
         vocab_size=128,
         pad_token_id=0,
         bos_token_id=1,

@@ -9,11 +9,10 @@ import transformers as T
 from basemodel.adapter import ArchitectureAdapter
 from basemodel.patching import PatchingEngine
 from basemodel.residuals import ResidualReader
-from tests.conftest import make_tokenizer
+from tests.conftest import TINY_DECODER, make_tokenizer
 
 VOCAB = 128
-COMMON = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
-              num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=64)
+COMMON = dict(**TINY_DECODER, vocab_size=VOCAB)
 CONFIGS = {
     "llama": lambda: T.LlamaConfig(**COMMON),
     "gemma2": lambda: T.Gemma2Config(**COMMON, head_dim=8, final_logit_softcapping=5.0),
