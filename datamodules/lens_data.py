@@ -88,8 +88,9 @@ class DocumentStream(IterableDataset):
     def selected(self) -> Iterator[tuple[int, str]]:
         """(ordinal, text) of this split, after the trimming filter, in source order."""
         for ordinal, text in enumerate(self.source):
-            held_out = ordinal % self.holdout_every == 0
-            if held_out != (self.split == "val"):
+            # holdout_every 0: the source is used whole (training and validation come from
+            # separate sources); otherwise every n-th document is validation, the rest training.
+            if self.holdout_every and (ordinal % self.holdout_every == 0) != (self.split == "val"):
                 continue
             if self.mode == "trim" and not keep_for_trimming(text, self.trim):
                 continue
@@ -255,10 +256,10 @@ class LensDataModule(L.LightningDataModule):
     def _stream(self, split: str, rank: int, world: int) -> DocumentStream:
         source = self._source(split)
         source.check()
-        # A separate validation source is used whole: no hold-out split inside it.
-        holdout_every = self.hparams.holdout_every if self.hparams.val_source is None or split == "train" else 1
+        # With a separate validation source, both sources are used whole: no hold-out split.
+        holdout_every = self.hparams.holdout_every if self.hparams.val_source is None else 0
         return DocumentStream(
-            source, self.tokenizer, split="val" if holdout_every == 1 else split, mode=self.hparams.mode,
+            source, self.tokenizer, split=split, mode=self.hparams.mode,
             seq_len=self.hparams.seq_len, seed=self.hparams.seed, shuffle_buffer=self.hparams.shuffle_buffer,
             holdout_every=holdout_every, trim=self.trim, repeat=split == "train",
             max_docs=self.hparams.val_max_docs if split == "val" else None, rank=rank, world_size=world,

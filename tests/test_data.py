@@ -492,3 +492,15 @@ def test_byte_order_mark_on_the_first_line_is_tolerated(tmp_path):
     path = tmp_path / "bom.jsonl"
     path.write_bytes(b"\xef\xbb\xbf" + json.dumps({"text": "w1 w2"}).encode() + b"\n")
     assert list(DocumentSource(str(path))) == ["w1 w2"]
+
+
+def test_separate_validation_source_uses_both_sources_whole(tmp_path, tok):
+    train_path = write_corpus(tmp_path / "train.jsonl", 30, seed=1)
+    val_path = write_corpus(tmp_path / "val.jsonl", 7, seed=2)
+    dm = LensDataModule(source=str(train_path), val_source=str(val_path), mode="trim", seq_len=200,
+                        val_max_docs=None, num_workers=0)
+    dm.bind(tok, 256)
+    train_docs = [text for _, text in dm._stream("train", 0, 1).selected()]
+    val_docs = [text for _, text in dm._stream("val", 0, 1).selected()]
+    assert len(train_docs) == 30 and len(val_docs) == 7
+    assert not set(train_docs) & set(val_docs)
