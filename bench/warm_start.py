@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> None:
         "source": args.source, "steps": args.steps, "affine_steps": args.affine_steps,
         "tokens_per_step": args.batch_size * args.seq_len, "val_docs": args.val_docs,
         "seconds": {"affine_fit": affine_s, "tuned_from_zero": cold_s, "tuned_from_affine": warm_s},
-        "kl_nats": {"logit": cold["logit"]["kl_nats"], "affine": affine_results["tuned"]["kl_nats"],
+        "kl_nats": {"logit": cold["logit"]["kl_nats"], "affine": affine_results["affine"]["kl_nats"],
                     "tuned_from_zero": cold["tuned"]["kl_nats"], "tuned_from_affine": warm["tuned"]["kl_nats"]},
     }
     print(f"\nheld-out KL(final ‖ lens), nats/token; tuned lenses after {args.steps} steps, "

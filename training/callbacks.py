@@ -24,15 +24,15 @@ def layer_name(index: int) -> str:
 
 
 def results_table(results: dict, unit: str = "bits") -> str:
-    """Markdown table: per layer, KL(final ‖ lens) for the logit and the tuned lens, and the
+    """Markdown table: per layer, KL(final ‖ lens) for the logit lens and the trained lens, and the
     cross-entropy against the real next token, all per token in ``unit``."""
+    trained = results.get("lens_type", "tuned")
     lines = [
-        f"| residual | layer | logit lens KL ({unit}) | tuned lens KL ({unit}) | logit lens CE ({unit}) | tuned lens CE ({unit}) |",
+        f"| residual | layer | logit lens KL ({unit}) | {trained} lens KL ({unit}) | logit lens CE ({unit}) | {trained} lens CE ({unit}) |",
         "|---:|---|---:|---:|---:|---:|",
     ]
     for i, layer in enumerate(results["layers"]):
-        row = [results[lens][f"{metric}_{unit}"][i] for metric in ("kl",) for lens in ("logit", "tuned")]
-        row += [results[lens][f"ce_{unit}"][i] for lens in ("logit", "tuned")]
+        row = [results[lens][f"{metric}_{unit}"][i] for metric in ("kl", "ce") for lens in ("logit", trained)]
         lines.append(f"| {layer} | {layer_name(layer)} | " + " | ".join(f"{v:.3f}" for v in row) + " |")
     return "\n".join(lines)
 
@@ -85,9 +85,10 @@ class LensArtifactWriter(L.Callback):
         print(f"\nHeld-out per-layer results (step {results['step']}), also in {self.dirpath / 'results.md'}:\n{table}\n")
         for logger in trainer.loggers:
             if isinstance(logger, WandbLogger):
-                columns = ["residual", "layer", "logit_kl_bits", "tuned_kl_bits", "logit_ce_bits", "tuned_ce_bits"]
-                data = [[layer, layer_name(layer), results["logit"]["kl_bits"][i], results["tuned"]["kl_bits"][i],
-                         results["logit"]["ce_bits"][i], results["tuned"]["ce_bits"][i]]
+                trained = results["lens_type"]
+                columns = ["residual", "layer", "logit_kl_bits", f"{trained}_kl_bits", "logit_ce_bits", f"{trained}_ce_bits"]
+                data = [[layer, layer_name(layer), results["logit"]["kl_bits"][i], results[trained]["kl_bits"][i],
+                         results["logit"]["ce_bits"][i], results[trained]["ce_bits"][i]]
                         for i, layer in enumerate(results["layers"])]
                 logger.log_table("val/per_layer", columns=columns, data=data)
 

@@ -29,11 +29,14 @@ from basemodel.residuals import ResidualReader
 from lenses.artifact import load_lens
 from lenses.errors import ConfigError, UserError
 from lenses.least_squares import NormalEquations
-from lenses.lens import LENS_TYPES, AffineLens, Lens, LogitLens, TunedLens
+from lenses.lens import AffineLens, Lens, LogitLens, TunedLens
 from lenses.unembed import Unembed, lens_kl, lens_metrics
 from training.metrics import PerLayerLensMetrics
 
 log = logging.getLogger(__name__)
+
+
+TRAINABLE = ("tuned", "affine")
 
 
 class HiddenStateError(UserError):
@@ -97,8 +100,11 @@ class LensTrainingModule(L.LightningModule):
         """
         super().__init__()
         self.save_hyperparameters()
-        if lens_type not in LENS_TYPES:
-            raise ConfigError(f"--model.lens_type {lens_type!r} is unknown; use one of {sorted(LENS_TYPES)}")
+        if lens_type not in TRAINABLE:
+            raise ConfigError(
+                f"--model.lens_type {lens_type!r} is unknown; use one of {sorted(TRAINABLE)} "
+                "(the logit lens has nothing to train and is always scored as the baseline)"
+            )
         if offset < 0:
             raise ConfigError(f"--model.offset must be >= 0, got {offset}")
         if warmup_steps < 0:
@@ -116,10 +122,8 @@ class LensTrainingModule(L.LightningModule):
         if lens_type == "affine":
             self.lens: Lens = AffineLens(layers, d_model, bias=True, offset=offset)
             self.normal_equations = NormalEquations(len(layers), d_model)
-        elif lens_type == "tuned":
-            self.lens = TunedLens(layers, d_model, bias=bias, offset=offset)
         else:
-            self.lens = LogitLens(layers, d_model)
+            self.lens = TunedLens(layers, d_model, bias=bias, offset=offset)
         if init_lens is not None:
             start = load_lens(init_lens, unembed_hash=self.unembed_hash, num_hidden_layers=self.adapter.num_layers)
             compatible = start.lens_type == lens_type or (start.lens_type, lens_type) == ("affine", "tuned")
@@ -128,9 +132,10 @@ class LensTrainingModule(L.LightningModule):
                                   f"this run trains a {lens_type} lens of layers {layers}")
             self.lens.load_state_dict(start.state_dict())
         self.logit_lens = LogitLens(layers, d_model)
+        # Results are keyed by lens type: "logit" (the baseline) and the trained lens's type.
         self.val_metrics = torch.nn.ModuleDict({
             "logit": PerLayerLensMetrics(len(layers)),
-            "tuned": PerLayerLensMetrics(len(layers)),
+            lens_type: PerLayerLensMetrics(len(layers)),
         })
         self.cache: HiddenStateCache | None = None
         self.last_results: dict | None = None
@@ -295,7 +300,7 @@ class LensTrainingModule(L.LightningModule):
         h, final, labels = self.lens_examples(batch)
         target = self._target_log_probs(final)
         dtype = resolve_dtype(self.hparams.eval_dtype)
-        for name, lens in (("logit", self.logit_lens), ("tuned", self.lens)):
+        for name, lens in (("logit", self.logit_lens), (self.hparams.lens_type, self.lens)):
             x = self._decode_inputs(lens, h, dtype)
             self.val_metrics[name].update(lens_metrics(self.unembed, x, target, labels, dtype))
 
@@ -307,7 +312,7 @@ class LensTrainingModule(L.LightningModule):
                 self.lens.bias.copy_(b)
 
     def on_validation_epoch_end(self) -> None:
-        results: dict = {"layers": self.lens.layers}
+        results: dict = {"layers": self.lens.layers, "lens_type": self.hparams.lens_type, "offset": self.hparams.offset}
         for name, metric in self.val_metrics.items():
             values = metric.compute()
             metric.reset()
@@ -315,7 +320,7 @@ class LensTrainingModule(L.LightningModule):
             for key, per_layer in values.items():
                 for i, layer in enumerate(self.lens.layers):
                     self.log(f"val/{name}/{key}/layer_{layer:02d}", per_layer[i].float(), sync_dist=False)
-                self.log(f"val/{name}/{key}_mean", per_layer.mean().float(), prog_bar=key == "kl_bits" and name == "tuned")
+                self.log(f"val/{name}/{key}_mean", per_layer.mean().float(), prog_bar=key == "kl_bits" and name != "logit")
         results["step"] = self.global_step
         self.last_results = results
 
