@@ -172,7 +172,7 @@ def assert_one_line_error(result: Result, expected: str) -> str:
 
 
 def nothing_written(tmp_path: Path) -> None:
-    assert not (tmp_path / "out" / "lens").exists(), "a lens artifact was written"
+    assert not (tmp_path / "out" / "tuned").exists(), "a lens artifact was written"
     assert not list(tmp_path.rglob("*.ckpt")), "a checkpoint was written"
 
 

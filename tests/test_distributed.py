@@ -32,7 +32,7 @@ def fit(tmp_path: Path, model_dir: Path, corpus: Path, devices: int, batch_size:
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path,
                             env={**os.environ, "LENSCOPE_COMPILE": "0"})
     assert result.returncode == 0, result.stderr[-3000:]
-    return out / "out" / "lens"
+    return out / "out" / "tuned"
 
 
 def test_two_process_ddp_trains_the_same_lens_as_one_process(tmp_path, tiny_model_dir, corpus):

@@ -67,7 +67,7 @@ def uninterrupted(tmp_path_factory, tiny_model_dir):
     base = tmp_path_factory.mktemp("uninterrupted")
     corpus = write_corpus(base / "corpus.jsonl", 120)
     run_to_end(command(base / "run", tiny_model_dir, corpus))
-    return corpus, load_lens(base / "run" / "out" / "lens")
+    return corpus, load_lens(base / "run" / "out" / "tuned")
 
 
 def assert_same_lens(a, b) -> None:
@@ -84,7 +84,7 @@ def test_sigkill_at_a_random_step_then_resume(tmp_path, tiny_model_dir, uninterr
     killed_at = saved_step(last)
     assert kill_at <= killed_at < STEPS, f"killed at step {killed_at}"
     run_to_end(command(out, tiny_model_dir, corpus, "--ckpt_path", "last"))
-    assert_same_lens(reference, load_lens(out / "out" / "lens"))
+    assert_same_lens(reference, load_lens(out / "out" / "tuned"))
     # The resumed run logs into the same W&B run.
     runs = sorted((out / "wb" / "wandb").glob("offline-run-*"))
     assert len(runs) == 2 and runs[0].name.split("-")[-1] == runs[1].name.split("-")[-1]
@@ -103,7 +103,7 @@ def test_sigkill_during_a_checkpoint_write_then_resume(tmp_path, tiny_model_dir,
     step_before = saved_step(ckpt_dir / "last.ckpt")
     assert 3 <= step_before < STEPS, "the previous checkpoint must be intact and loadable"
     run_to_end(command(out, tiny_model_dir, corpus, "--ckpt_path", "last"))
-    assert_same_lens(reference, load_lens(out / "out" / "lens"))
+    assert_same_lens(reference, load_lens(out / "out" / "tuned"))
 
 
 def test_full_disk_keeps_the_previous_checkpoint(tmp_path, monkeypatch):

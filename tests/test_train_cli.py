@@ -21,17 +21,34 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_fit_writes_artifact_results_and_lens_only_checkpoint(tmp_path, tiny_model_dir, corpus):
     train.main(fit_args(tmp_path, tiny_model_dir, corpus))
-    lens = load_lens(tmp_path / "out" / "lens")
+    lens = load_lens(tmp_path / "out" / "tuned")
     assert lens.num_layers == 3 and lens.weight.abs().sum() > 0  # trained away from zero
     results = json.loads((tmp_path / "out" / "results.json").read_text())
     for lens_name in ("logit", "tuned"):
         assert len(results[lens_name]["kl_bits"]) == 3
         assert all(v >= 0 and v == v for v in results[lens_name]["kl_nats"])
     ckpt = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=False)
-    assert set(ckpt["state_dict"]) == {"lens.weight", "lens.bias"}, "checkpoint must hold the lens only"
+    assert set(ckpt["state_dict"]) == {"lenses.tuned.weight", "lenses.tuned.bias"}, "checkpoint must hold the lens only"
     assert ckpt["global_step"] == 4
     loader_state = ckpt["loops"]["fit_loop"]["state_dict"]["combined_loader"][0]
     assert loader_state["dataset_state"]["docs"] > 0, "the data position must be checkpointed"
+
+
+def test_several_offsets_train_in_one_run_as_they_would_alone(tmp_path, tiny_model_dir, corpus):
+    together = tmp_path / "together"
+    train.main(fit_args(together, tiny_model_dir, corpus, "--model.offsets", "[0, 1, 3]"))
+    results = json.loads((together / "out" / "results.json").read_text())
+    assert results["lenses"] == ["logit", "tuned", "logit+1", "tuned+1", "logit+3", "tuned+3"]
+    for name in ("tuned", "tuned+1", "tuned+3"):
+        assert load_lens(together / "out" / name).offset == int(name.partition("+")[2] or 0)
+    # Lenses of different offsets share the model pass but not their parameters, gradients or
+    # clipping: offset 3 alone gives the same lens.
+    alone = tmp_path / "alone"
+    train.main(fit_args(alone, tiny_model_dir, corpus, "--model.offsets", "[3]"))
+    torch.testing.assert_close(load_lens(alone / "out" / "tuned+3").weight, load_lens(together / "out" / "tuned+3").weight,
+                               atol=1e-6, rtol=0)
+    assert load_lens(together / "out" / "tuned+3").weight.abs().max() > 0  # and it did train
+    assert results["tuned+3"]["kl_nats"] != results["tuned"]["kl_nats"]
 
 
 def test_validate_scores_a_checkpoint(tmp_path, tiny_model_dir, corpus):
@@ -56,12 +73,12 @@ def test_resume_from_last_matches_uninterrupted_run(tmp_path, tiny_model_dir, co
     shutil.copy(full / "ckpt" / "step=4.ckpt", part / "ckpt" / "last.ckpt")
     # Resuming must restore optimizer, schedule, step and data position to give the same lens.
     train.main(fit_args(part, tiny_model_dir, corpus, "--ckpt_path", "last", steps=6))
-    a = load_lens(full / "out" / "lens")
-    b = load_lens(part / "out" / "lens")
+    a = load_lens(full / "out" / "tuned")
+    b = load_lens(part / "out" / "tuned")
     torch.testing.assert_close(a.weight, b.weight, atol=1e-6, rtol=0)
     torch.testing.assert_close(a.bias, b.bias, atol=1e-6, rtol=0)
     # ... and not trivially: the last two steps changed the lens.
-    c = torch.load(full / "ckpt" / "step=4.ckpt", weights_only=False)["state_dict"]["lens.weight"]
+    c = torch.load(full / "ckpt" / "step=4.ckpt", weights_only=False)["state_dict"]["lenses.tuned.weight"]
     assert (c - a.weight).abs().max() > 1e-5
 
 
@@ -75,7 +92,7 @@ def test_wandb_offline_run_has_summary(tmp_path, tiny_model_dir, corpus, monkeyp
     summaries = list((tmp_path / "wb").rglob("wandb-summary.json"))
     assert summaries, "offline W&B run wrote no summary"
     summary = json.loads(summaries[0].read_text())
-    assert "val/tuned/kl_bits/layer_00" in summary and "train/kl_mean" in summary
+    assert "val/tuned/kl_bits/layer_00" in summary and "train/tuned/kl_mean" in summary
 
 
 def run_cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
@@ -90,7 +107,7 @@ def run_cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
         (["--data.seq_len", "100000"], "--data.seq_len is 100000 but the model's context is 256"),
         (["--model.lens_type", "quantum"], "--model.lens_type 'quantum' is unknown"),
         (["--trainer.max_steps", "0"], "--trainer.max_steps must be a positive number"),
-        (["--model.offset", "16"], "--model.offset is 16 but --data.seq_len is 16"),
+        (["--model.offsets", "[0, 16]"], "--model.offsets has 16 but --data.seq_len is 16"),
     ],
 )
 def test_bad_input_gives_one_line_error(tmp_path, tiny_model_dir, corpus, override, expected):
@@ -147,12 +164,12 @@ def test_write_corpus_helper_is_deterministic(tmp_path):
 def test_affine_lens_fits_in_closed_form_and_warm_starts_a_tuned_lens(tmp_path, tiny_model_dir, corpus):
     affine = tmp_path / "affine"
     train.main(fit_args(affine, tiny_model_dir, corpus, "--model.lens_type", "affine"))
-    fitted = load_lens(affine / "out" / "lens")
+    fitted = load_lens(affine / "out" / "affine")
     assert fitted.lens_type == "affine" and fitted.weight.abs().max() > 1e-3
     assert torch.isfinite(fitted.weight).all() and torch.isfinite(fitted.bias).all()
     warm = tmp_path / "warm"
-    train.main(fit_args(warm, tiny_model_dir, corpus, "--model.init_lens", str(affine / "out" / "lens"),
+    train.main(fit_args(warm, tiny_model_dir, corpus, "--model.init_lens", str(affine / "out" / "affine"),
                         "--model.lr", "0.0"))
-    started = load_lens(warm / "out" / "lens")
+    started = load_lens(warm / "out" / "tuned")
     assert started.lens_type == "tuned"
     torch.testing.assert_close(started.weight, fitted.weight, atol=1e-6, rtol=0)  # lr 0: still the fit

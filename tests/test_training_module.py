@@ -24,13 +24,13 @@ def make_batch(seed: int = 0, batch: int = 2, seq: int = 12) -> dict[str, torch.
 
 
 def test_lensed_layers_and_lens_only_state(module):
-    assert module.lens.layers == [0, 1, 2]  # embeddings + blocks 0..L-2 for a 3-block model
-    assert set(module.state_dict()) == {"lens.weight", "lens.bias"}
+    assert module.layers == [0, 1, 2] and module.lenses["tuned"].layers == [0, 1, 2]  # embeddings + blocks 0..L-2 for a 3-block model
+    assert set(module.state_dict()) == {"lenses.tuned.weight", "lenses.tuned.bias"}
 
 
 def test_base_model_stays_in_eval_mode(module):
     module.train()
-    assert module.lens.training and not module.base.training
+    assert module.lenses["tuned"].training and not module.base.training
     assert not any(m.training for m in module.base.modules())
 
 
@@ -98,14 +98,14 @@ def test_device_cache_respects_its_budget():
 
 def test_one_training_step_lowers_the_loss(module):
     batch = make_batch(seq=16)
-    optimizer = torch.optim.SGD(module.lens.parameters(), lr=0.5)
+    optimizer = torch.optim.SGD(module.lenses.parameters(), lr=0.5)
     losses = []
     for _ in range(3):
         states, _ = module.hidden_states(batch)
         target = module._target_log_probs(states[-1])
         from lenses.unembed import lens_kl
 
-        kl = lens_kl(module.unembed, module._decode_inputs(module.lens, states[module.lens.layers], torch.float32),
+        kl = lens_kl(module.unembed, module._decode_inputs(module.lenses["tuned"], states[module.layers], torch.float32),
                      target, torch.float32)
         optimizer.zero_grad()
         kl.sum().backward()
@@ -115,18 +115,18 @@ def test_one_training_step_lowers_the_loss(module):
 
 
 def test_offset_pairs_each_position_with_the_target_k_ahead(tiny_model_dir):
-    module = LensTrainingModule(name=str(tiny_model_dir), lens_dtype="float32", offset=2)
+    module = LensTrainingModule(name=str(tiny_model_dir), lens_dtype="float32", offsets=[0, 2])
     module.cache = HiddenStateCache("none")
     batch = make_batch(seq=8)
-    h, final, labels = module.lens_examples(batch)
     states, all_labels = module.hidden_states(batch)
+    h, final, labels = module.lens_examples(batch, states, all_labels, 2)
     # 2 rows × (8 - 2) positions have a target two tokens ahead.
     assert h.shape == (3, 12, 32) and final.shape == (12, 32)
     per_row = states.view(4, 2, 8, 32)
     torch.testing.assert_close(h.view(3, 2, 6, 32), per_row[:3, :, :6])
     torch.testing.assert_close(final.view(2, 6, 32), per_row[3, :, 2:])
     assert labels.view(2, 6).tolist() == all_labels.view(2, 8)[:, 2:].tolist()
-    assert module.lens.offset == 2
+    assert module.lenses["tuned+2"].offset == 2 and module.lenses["tuned"].offset == 0
 
 
 def test_a_later_run_reuses_the_disk_cache_without_the_model(tiny_model_dir, tmp_path, monkeypatch):
@@ -152,14 +152,15 @@ def test_affine_lens_is_the_least_squares_fit_of_the_last_block(tiny_model_dir):
     module.cache = HiddenStateCache("none")
     hs, finals = [], []
     for seed in range(6):
-        h, final, _ = module.lens_examples(make_batch(seed=seed, batch=4, seq=16))
-        module.normal_equations.update(h, final)
+        batch = make_batch(seed=seed, batch=4, seq=16)
+        h, final, _ = module.lens_examples(batch, *module.hidden_states(batch), 0)
+        module.normal_equations["affine"].update(h, final)
         hs.append(h)
         finals.append(final)
     module.on_validation_epoch_start()  # solves
     h, final = torch.cat(hs, 1).double(), torch.cat(finals).double()
     x = torch.cat([h, torch.ones(*h.shape[:2], 1, dtype=torch.float64)], -1)
-    predicted = module.lens(h.float()).double()
+    predicted = module.lenses["affine"](h.float()).double()
     for layer in range(3):
         solution = torch.linalg.lstsq(x[layer], final).solution  # (d+1, d)
         torch.testing.assert_close(predicted[layer], x[layer] @ solution, atol=2e-3, rtol=1e-3)

@@ -24,15 +24,14 @@ def layer_name(index: int) -> str:
 
 
 def results_table(results: dict, unit: str = "bits") -> str:
-    """Markdown table: per layer, KL(final ‖ lens) for the logit lens and the trained lens, and the
-    cross-entropy against the real next token, all per token in ``unit``."""
-    trained = results.get("lens_type", "tuned")
-    lines = [
-        f"| residual | layer | logit lens KL ({unit}) | {trained} lens KL ({unit}) | logit lens CE ({unit}) | {trained} lens CE ({unit}) |",
-        "|---:|---|---:|---:|---:|---:|",
-    ]
+    """Markdown table: per layer, KL(final ‖ lens) for every scored lens (the logit lens and the
+    trained lens, per offset: ``tuned+2`` targets the model's distribution 2 tokens ahead), then
+    the cross-entropy against the real token, all per token in ``unit``."""
+    lenses = results["lenses"]
+    columns = [f"{lens} KL ({unit})" for lens in lenses] + [f"{lens} CE ({unit})" for lens in lenses]
+    lines = ["| residual | layer | " + " | ".join(columns) + " |", "|---:|---|" + "---:|" * len(columns)]
     for i, layer in enumerate(results["layers"]):
-        row = [results[lens][f"{metric}_{unit}"][i] for metric in ("kl", "ce") for lens in ("logit", trained)]
+        row = [results[lens][f"{metric}_{unit}"][i] for metric in ("kl", "ce") for lens in lenses]
         lines.append(f"| {layer} | {layer_name(layer)} | " + " | ".join(f"{v:.3f}" for v in row) + " |")
     return "\n".join(lines)
 
@@ -46,24 +45,26 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 
 class LensArtifactWriter(L.Callback):
-    """At the end of ``fit``: the lens artifact, ``results.json`` and ``results.md``."""
+    """At the end of ``fit``: one lens artifact per trained lens, ``results.json`` and ``results.md``."""
 
     def __init__(self, dirpath: str = "artifacts/quickstart"):
         """
         Args:
-            dirpath: output folder; the lens goes to ``<dirpath>/lens``, the per-layer results next to it.
+            dirpath: output folder; each lens goes to ``<dirpath>/<name>`` (``tuned``, ``tuned+1``,
+                ... for offsets 0, 1, ...), the per-layer results next to them.
         """
         self.dirpath = Path(dirpath)
 
     @rank_zero_only
     def on_train_end(self, trainer: L.Trainer, pl_module) -> None:
-        lens_dir = save_lens(
-            pl_module.lens, self.dirpath / "lens", base_model=pl_module.hparams.name,
-            revision=pl_module.base_revision, unembed_hash=pl_module.unembed_hash,
-            num_hidden_layers=pl_module.adapter.num_layers,
-            extra={"trained_steps": trainer.global_step, "lenscope_lens_dtype": pl_module.hparams.lens_dtype},
-        )
-        log.info("lens artifact written to %s", lens_dir)
+        for key, lens in pl_module.lenses.items():
+            lens_dir = save_lens(
+                lens, self.dirpath / key, base_model=pl_module.hparams.name,
+                revision=pl_module.base_revision, unembed_hash=pl_module.unembed_hash,
+                num_hidden_layers=pl_module.adapter.num_layers,
+                extra={"trained_steps": trainer.global_step, "lenscope_lens_dtype": pl_module.hparams.lens_dtype},
+            )
+            log.info("lens artifact written to %s", lens_dir)
         self._write_results(trainer, pl_module)
 
     @rank_zero_only
@@ -85,10 +86,9 @@ class LensArtifactWriter(L.Callback):
         print(f"\nHeld-out per-layer results (step {results['step']}), also in {self.dirpath / 'results.md'}:\n{table}\n")
         for logger in trainer.loggers:
             if isinstance(logger, WandbLogger):
-                trained = results["lens_type"]
-                columns = ["residual", "layer", "logit_kl_bits", f"{trained}_kl_bits", "logit_ce_bits", f"{trained}_ce_bits"]
-                data = [[layer, layer_name(layer), results["logit"]["kl_bits"][i], results[trained]["kl_bits"][i],
-                         results["logit"]["ce_bits"][i], results[trained]["ce_bits"][i]]
+                lenses = results["lenses"]
+                columns = ["residual", "layer"] + [f"{lens}_{m}_bits" for m in ("kl", "ce") for lens in lenses]
+                data = [[layer, layer_name(layer)] + [results[lens][f"{m}_bits"][i] for m in ("kl", "ce") for lens in lenses]
                         for i, layer in enumerate(results["layers"])]
                 logger.log_table("val/per_layer", columns=columns, data=data)
 

@@ -39,6 +39,11 @@ log = logging.getLogger(__name__)
 TRAINABLE = ("tuned", "affine")
 
 
+def lens_key(lens_type: str, offset: int) -> str:
+    """Name of a lens within a run: its type, with ``+k`` for a future lens of offset k ≥ 1."""
+    return lens_type if offset == 0 else f"{lens_type}+{offset}"
+
+
 class HiddenStateError(UserError):
     """The frozen model produced NaN or inf: a lens trained on it would be garbage."""
 
@@ -51,7 +56,7 @@ class LensTrainingModule(L.LightningModule):
         dtype: str = "float32",
         lens_type: str = "tuned",
         bias: bool = True,
-        offset: int = 0,
+        offsets: list[int] = [0],  # noqa: B006 (jsonargparse needs a plain default; never mutated)
         lr: float = 1.0,
         momentum: float = 0.9,
         nesterov: bool = True,
@@ -75,10 +80,10 @@ class LensTrainingModule(L.LightningModule):
                 ``affine`` (the same map fitted in closed form by least squares to the last block's
                 output, Patchscopes' "tuned lens"; no optimizer). ``logit`` has nothing to train.
             bias: give each translator a bias vector.
-            offset: token offset of the target: 0 trains the tuned lens (the model's own next-token
-                distribution at the same position); k ≥ 1 trains a future lens of the affine kind
-                (layer ℓ at position t matches the model's final distribution at position t + k,
-                the reference's ``token_shift``).
+            offsets: token offsets of the targets, one lens per offset, all trained from the same
+                model pass: 0 is the tuned lens (the model's own next-token distribution at the same
+                position); k ≥ 1 a future lens of the affine kind (layer ℓ at position t matches the
+                model's final distribution at position t + k, the reference's ``token_shift``).
             lr: learning rate in the reference's units: PyTorch's SGD gets ``lr × (1 − momentum)``
                 (tuned-lens 0.2.0 default 1.0, i.e. 0.1).
             momentum: SGD momentum.
@@ -94,8 +99,9 @@ class LensTrainingModule(L.LightningModule):
             cache_dir: folder of the disk cache (default: a folder under the lenscope cache).
             cache_max_gb: memory budget of the device cache, in GiB.
             cache_dtype: dtype of cached states (default: the model's dtype).
-            init_lens: lens artifact folder to start from (continue training a lens, or warm-start
-                a tuned lens from an affine one); it must have been made for this model.
+            init_lens: lens artifact folder to start the lens of the same offset from (continue
+                training a lens, or warm-start a tuned lens from an affine one); it must have been
+                made for this model.
             ridge: relative ridge term of the least-squares fit (``lens_type: affine``).
         """
         super().__init__()
@@ -105,8 +111,9 @@ class LensTrainingModule(L.LightningModule):
                 f"--model.lens_type {lens_type!r} is unknown; use one of {sorted(TRAINABLE)} "
                 "(the logit lens has nothing to train and is always scored as the baseline)"
             )
-        if offset < 0:
-            raise ConfigError(f"--model.offset must be >= 0, got {offset}")
+        offsets = [int(k) for k in offsets]
+        if not offsets or min(offsets) < 0 or len(set(offsets)) != len(offsets):
+            raise ConfigError(f"--model.offsets must be distinct integers >= 0, got {offsets}")
         if warmup_steps < 0:
             raise ConfigError(f"--model.warmup_steps must be >= 0, got {warmup_steps}")
         loaded = load_base_model(name, revision, dtype)
@@ -119,23 +126,28 @@ class LensTrainingModule(L.LightningModule):
         self.unembed_hash = tensor_fingerprint(self.adapter.unembedding_weight)
         layers = list(range(self.adapter.num_layers))  # embeddings + blocks 0..L-2 (see lenses.lens)
         d_model = self.adapter.d_model
+        self.offsets = offsets
+        # One lens per offset, keyed "tuned", "tuned+1", ... (see lens_key).
         if lens_type == "affine":
-            self.lens: Lens = AffineLens(layers, d_model, bias=True, offset=offset)
-            self.normal_equations = NormalEquations(len(layers), d_model)
+            self.lenses = torch.nn.ModuleDict(
+                {lens_key(lens_type, k): AffineLens(layers, d_model, bias=True, offset=k) for k in offsets})
+            self.normal_equations = {lens_key(lens_type, k): NormalEquations(len(layers), d_model) for k in offsets}
         else:
-            self.lens = TunedLens(layers, d_model, bias=bias, offset=offset)
+            self.lenses = torch.nn.ModuleDict(
+                {lens_key(lens_type, k): TunedLens(layers, d_model, bias=bias, offset=k) for k in offsets})
         if init_lens is not None:
             start = load_lens(init_lens, unembed_hash=self.unembed_hash, num_hidden_layers=self.adapter.num_layers)
             compatible = start.lens_type == lens_type or (start.lens_type, lens_type) == ("affine", "tuned")
-            if not compatible or start.layers != layers:
-                raise ConfigError(f"--model.init_lens {init_lens} is a {start.lens_type} lens of layers {start.layers}; "
-                                  f"this run trains a {lens_type} lens of layers {layers}")
-            self.lens.load_state_dict(start.state_dict())
+            start_offset = getattr(start, "offset", 0)
+            if not compatible or start.layers != layers or start_offset not in offsets:
+                raise ConfigError(f"--model.init_lens {init_lens} is a {start.lens_type} lens of layers {start.layers} "
+                                  f"and offset {start_offset}; this run trains {lens_type} lenses of layers {layers} "
+                                  f"and offsets {offsets}")
+            self.lenses[lens_key(lens_type, start_offset)].load_state_dict(start.state_dict())
         self.logit_lens = LogitLens(layers, d_model)
-        # Results are keyed by lens type: "logit" (the baseline) and the trained lens's type.
+        # Scored in validation, per offset: the logit lens (the baseline) and the trained lens.
         self.val_metrics = torch.nn.ModuleDict({
-            "logit": PerLayerLensMetrics(len(layers)),
-            lens_type: PerLayerLensMetrics(len(layers)),
+            lens_key(name, k): PerLayerLensMetrics(len(layers)) for k in offsets for name in ("logit", lens_type)
         })
         self.cache: HiddenStateCache | None = None
         self.last_results: dict | None = None
@@ -152,21 +164,26 @@ class LensTrainingModule(L.LightningModule):
         self.base.eval()
         return self
 
-    # --- checkpoints hold the lens only --------------------------------------------------------------
+    @property
+    def layers(self) -> list[int]:
+        """Residual indices lensed (the same for every lens of the run)."""
+        return self.logit_lens.layers
+
+    # --- checkpoints hold the lenses only ------------------------------------------------------------
     def state_dict(self, destination=None, prefix="", keep_vars=False):
-        """Only the lens: the frozen base model is reloaded from its name, never checkpointed."""
-        return self.lens.state_dict(destination=destination, prefix=prefix + "lens.", keep_vars=keep_vars)
+        """Only the lenses: the frozen base model is reloaded from its name, never checkpointed."""
+        return self.lenses.state_dict(destination=destination, prefix=prefix + "lenses.", keep_vars=keep_vars)
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
-        lens_state = {k.removeprefix("lens."): v for k, v in state_dict.items()}
-        return self.lens.load_state_dict(lens_state, strict=strict, assign=assign)
+        lens_state = {k.removeprefix("lenses."): v for k, v in state_dict.items()}
+        return self.lenses.load_state_dict(lens_state, strict=strict, assign=assign)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["lenscope"] = {"base_model": self.hparams.name, "revision": self.base_revision,
                                   "unembed_hash": self.unembed_hash}
         if self.hparams.lens_type == "affine":  # the fit so far, so that a resumed fit goes on from it
-            eq = self.normal_equations
-            checkpoint["lenscope"]["normal_equations"] = {"xtx": eq.xtx, "xty": eq.xty, "count": eq.count}
+            checkpoint["lenscope"]["normal_equations"] = {
+                key: {"xtx": eq.xtx, "xty": eq.xty, "count": eq.count} for key, eq in self.normal_equations.items()}
         for logger in self.trainer.loggers:
             if isinstance(logger, WandbLogger):  # so that a resumed run logs into the same W&B run
                 checkpoint["lenscope"]["wandb_run_id"] = logger.version
@@ -174,10 +191,9 @@ class LensTrainingModule(L.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         saved = checkpoint.get("lenscope", {})
         if self.hparams.lens_type == "affine" and "normal_equations" in saved:
-            state = saved["normal_equations"]
-            self.normal_equations.xtx.copy_(state["xtx"])
-            self.normal_equations.xty.copy_(state["xty"])
-            self.normal_equations.count = state["count"]
+            for key, state in saved["normal_equations"].items():
+                eq = self.normal_equations[key]
+                eq.xtx, eq.xty, eq.count = state["xtx"].clone(), state["xty"].clone(), state["count"]
         if saved.get("unembed_hash") not in (None, self.unembed_hash):
             raise ConfigError(
                 f"checkpoint was made for {saved.get('base_model')!r}, not for {self.hparams.name!r} "
@@ -188,10 +204,10 @@ class LensTrainingModule(L.LightningModule):
     def setup(self, stage: str) -> None:
         datamodule = getattr(self.trainer, "datamodule", None)
         seq_len = getattr(getattr(datamodule, "hparams", {}), "get", lambda *_: None)("seq_len")
-        if seq_len is not None and self.hparams.offset >= seq_len:
+        if seq_len is not None and max(self.offsets) >= seq_len:
             raise ConfigError(
-                f"--model.offset is {self.hparams.offset} but --data.seq_len is {seq_len}: no position has a "
-                "target that far ahead; lower --model.offset or raise --data.seq_len"
+                f"--model.offsets has {max(self.offsets)} but --data.seq_len is {seq_len}: no position has a "
+                "target that far ahead; lower the offset or raise --data.seq_len"
             )
         describe = datamodule.describe() if datamodule is not None and hasattr(datamodule, "describe") else {}
         manifest = {
@@ -239,15 +255,14 @@ class LensTrainingModule(L.LightningModule):
                 self.cache.put(key, states)
         return states, labels
 
-    def lens_examples(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Lens inputs, target residuals and labels for the batch, with the target ``offset`` ahead.
+    def lens_examples(self, batch: dict[str, torch.Tensor], states: torch.Tensor, labels: torch.Tensor,
+                      k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Lens inputs, target residuals and labels for the batch, with the target ``k`` tokens ahead.
 
-        Returns h (num_lensed, M, d_model) at read positions t, the last block's raw output at
-        t + offset (M, d_model), and the real token after t + offset (M,), for the M read positions
-        whose target position was read too (with offset 0: all of them).
+        states, labels: from ``hidden_states(batch)``. Returns h (num_lensed, M, d_model) at read
+        positions t, the last block's raw output at t + k (M, d_model), and the real token after
+        t + k (M,), for the M read positions whose target position was read too (k = 0: all).
         """
-        states, labels = self.hidden_states(batch)
-        k = self.hparams.offset
         if k:
             positions = batch["positions"]
             rows, cols = (positions >= 0).nonzero(as_tuple=True)
@@ -256,8 +271,8 @@ class LensTrainingModule(L.LightningModule):
             entry[rows, pos] = torch.arange(len(pos), device=pos.device)
             target = entry[rows, pos + k]
             keep = target >= 0
-            return states[self.lens.layers][:, keep], states[-1][target[keep]], labels[target[keep]]
-        return states[self.lens.layers], states[-1], labels
+            return states[self.layers][:, keep], states[-1][target[keep]], labels[target[keep]]
+        return states[self.layers], states[-1], labels
 
     def _decode_inputs(self, lens: Lens, h: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """h: (num_lensed, N, d_model) → the head's input for each lensed layer."""
@@ -276,20 +291,27 @@ class LensTrainingModule(L.LightningModule):
         # trained, and a resumed run would skip that batch.
         batch, _batch_idx, _loader_idx = next(dataloader_iter)
         batch = self.transfer_batch_to_device(batch, self.device, 0)
-        h, final, _labels = self.lens_examples(batch)
+        states, labels = self.hidden_states(batch)  # one model pass (or cache hit) serves every offset
+        n = states.shape[1]
         if self.hparams.lens_type == "affine":
-            self.normal_equations.update(h, final)
-            self.log("train/positions", float(self.normal_equations.count), batch_size=h.shape[1])
+            for key, lens in self.lenses.items():
+                h, final, _ = self.lens_examples(batch, states, labels, lens.offset)
+                self.normal_equations[key].update(h, final)
+            self.log("train/positions", float(self.normal_equations[key].count), batch_size=n)
             # Nothing to descend: a zero loss keeps Lightning's step counting (max_steps, checkpoints).
-            return self.lens.weight.sum() * 0.0
-        target = self._target_log_probs(final)
+            return sum(lens.weight.sum() for lens in self.lenses.values()) * 0.0
         dtype = resolve_dtype(self.hparams.lens_dtype)
-        kl = lens_kl(self.unembed, self._decode_inputs(self.lens, h, dtype), target, dtype)
-        # Layers are independent; summing their losses gives each translator its own gradient.
-        loss = kl.sum()
-        n = h.shape[1]
-        self.log("train/kl_mean", kl.mean(), prog_bar=True, batch_size=n)
-        self.log_dict({f"train/kl/layer_{layer:02d}": kl[i] for i, layer in enumerate(self.lens.layers)}, batch_size=n)
+        loss = 0.0
+        for key, lens in self.lenses.items():
+            h, final, _ = self.lens_examples(batch, states, labels, lens.offset)
+            target = self._target_log_probs(final)
+            kl = lens_kl(self.unembed, self._decode_inputs(lens, h, dtype), target, dtype)
+            # Layers and lenses are independent; summing their losses gives each translator its own gradient.
+            loss = loss + kl.sum()
+            m = h.shape[1]
+            self.log(f"train/{key}/kl_mean", kl.mean(), prog_bar=True, batch_size=m)
+            self.log_dict({f"train/{key}/kl/layer_{layer:02d}": kl[i] for i, layer in enumerate(self.layers)},
+                          batch_size=m)
         self.log("train/tokens", float(n), reduce_fx="sum", batch_size=n)
         if self.cache is not None:
             self.log("cache/hit_rate", self.cache.hit_rate, batch_size=n)
@@ -297,41 +319,58 @@ class LensTrainingModule(L.LightningModule):
         return loss
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        h, final, labels = self.lens_examples(batch)
-        target = self._target_log_probs(final)
+        states, all_labels = self.hidden_states(batch)
         dtype = resolve_dtype(self.hparams.eval_dtype)
-        for name, lens in (("logit", self.logit_lens), (self.hparams.lens_type, self.lens)):
-            x = self._decode_inputs(lens, h, dtype)
-            self.val_metrics[name].update(lens_metrics(self.unembed, x, target, labels, dtype))
+        for k in self.offsets:
+            h, final, labels = self.lens_examples(batch, states, all_labels, k)
+            target = self._target_log_probs(final)
+            for name, lens in (("logit", self.logit_lens), (self.hparams.lens_type, self.lenses[lens_key(self.hparams.lens_type, k)])):
+                x = self._decode_inputs(lens, h, dtype)
+                self.val_metrics[lens_key(name, k)].update(lens_metrics(self.unembed, x, target, labels, dtype))
 
     def on_validation_epoch_start(self) -> None:
-        if self.hparams.lens_type == "affine" and self.normal_equations.count:
-            a, b = self.normal_equations.solve(self.hparams.ridge)
-            with torch.no_grad():
-                self.lens.weight.copy_(a - torch.eye(a.shape[-1], device=a.device))
-                self.lens.bias.copy_(b)
+        if self.hparams.lens_type != "affine":
+            return
+        for key, eq in self.normal_equations.items():
+            if eq.count:
+                a, b = eq.solve(self.hparams.ridge)
+                with torch.no_grad():
+                    self.lenses[key].weight.copy_(a - torch.eye(a.shape[-1], device=a.device))
+                    self.lenses[key].bias.copy_(b)
 
     def on_validation_epoch_end(self) -> None:
-        results: dict = {"layers": self.lens.layers, "lens_type": self.hparams.lens_type, "offset": self.hparams.offset}
+        results: dict = {"layers": self.layers, "lens_type": self.hparams.lens_type, "offsets": self.offsets,
+                         "lenses": list(self.val_metrics.keys())}
         for name, metric in self.val_metrics.items():
             values = metric.compute()
             metric.reset()
             results[name] = {k: v.tolist() for k, v in values.items()}
             for key, per_layer in values.items():
-                for i, layer in enumerate(self.lens.layers):
+                for i, layer in enumerate(self.layers):
                     self.log(f"val/{name}/{key}/layer_{layer:02d}", per_layer[i].float(), sync_dist=False)
                 self.log(f"val/{name}/{key}_mean", per_layer.mean().float(), prog_bar=key == "kl_bits" and name != "logit")
         results["step"] = self.global_step
         self.last_results = results
 
     # --- optimisation ---------------------------------------------------------------------------------
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        """Clip each lens on its own (the reference clips its one lens): a global norm over the
+        lenses of several offsets would let one offset's gradients shrink another's steps."""
+        if not gradient_clip_val:
+            return
+        for lens in self.lenses.values():
+            if gradient_clip_algorithm in (None, "norm"):
+                torch.nn.utils.clip_grad_norm_(lens.parameters(), gradient_clip_val)
+            else:
+                torch.nn.utils.clip_grad_value_(lens.parameters(), gradient_clip_val)
+
     def configure_optimizers(self):
         hp = self.hparams
         if hp.lens_type == "affine":
             # Fitted in closed form (on_validation_epoch_start); a zero learning rate leaves it be.
-            return torch.optim.SGD(self.lens.parameters(), lr=0.0)
+            return torch.optim.SGD(self.lenses.parameters(), lr=0.0)
         # The reference scales lr by (1 − momentum) so that lr=1.0 is a sensible SGD step size.
-        optimizer = torch.optim.SGD(self.lens.parameters(), lr=hp.lr * (1 - hp.momentum), momentum=hp.momentum,
+        optimizer = torch.optim.SGD(self.lenses.parameters(), lr=hp.lr * (1 - hp.momentum), momentum=hp.momentum,
                                     nesterov=hp.nesterov, weight_decay=hp.weight_decay)
         total = self.trainer.max_steps
         if total is None or total <= 0:
