@@ -1,20 +1,45 @@
-"""Evaluate lenses as patchscope mappings (logit lens, tuned lens, future lens, token identity).
+"""Score lenses as patchscope mappings on the Patchscopes next-token protocol.
 
-Not implemented yet: the Patchscopes evaluation is the next issue. Until then, training reports the
-held-out per-layer KL and cross-entropy of the logit and tuned lenses (``results.json`` next to the
-lens artifact, and W&B).
+    python evaluate.py --config configs/eval/patchscopes.yaml --lenses artifacts/future/tuned artifacts/future/tuned+1
+
+A ``LightningCLI`` over ``PatchscopeEvaluation`` (``--model.*``: the methods) and
+``PatchscopeDataModule`` (``--data.*``: the protocol), run with ``trainer.test`` so that it has a
+progress bar, W&B logging and multi-GPU for free. ``python evaluate.py --help`` lists every option.
+Results go to ``--model.output_dir``: results.json, results.csv and one PNG per metric.
 """
 
 from __future__ import annotations
 
-import sys
+import os
+
+from lightning.pytorch.cli import LightningCLI
+
+from cli_errors import run_with_clean_errors
+from datamodules.patchscope_data import PatchscopeDataModule
+from evaluation.patchscope_module import PatchscopeEvaluation
+from train import finish_loggers
 
 
-def main(argv: list[str] | None = None) -> int:
-    print("error: evaluate.py is not implemented yet; train.py writes held-out per-layer results "
-          "next to the lens artifact (results.json)", file=sys.stderr)
-    return 2
+class EvaluateCLI(LightningCLI):
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.add_argument("--lenses", type=str, nargs="+", default=[],
+                            help="lens artifact folders written by train.py (tuned and future lenses)")
+        parser.link_arguments("lenses", "model.lenses")
+        # Every document is given to exactly one rank by the data module itself.
+        parser.set_defaults({"trainer.enable_model_summary": False, "trainer.use_distributed_sampler": False})
+
+
+def main(argv: list[str] | None = None) -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+    def run() -> None:
+        cli = EvaluateCLI(PatchscopeEvaluation, PatchscopeDataModule, run=False, args=argv,
+                          save_config_callback=None)
+        cli.trainer.test(cli.model, datamodule=cli.datamodule)
+        finish_loggers(cli)
+
+    run_with_clean_errors(run)
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    main()

@@ -1,0 +1,205 @@
+"""Documents for the Patchscopes next-token protocol (Ghandeharioun et al. 2024, REFERENCE.md §4).
+
+Filter (< ``max_words`` space-separated words, < ``max_chars`` characters), shuffle with a seeded
+buffer (seed 42 by default), take the first ``n_fit`` documents to fit mappings and the next
+``n_eval`` to evaluate, and read ONE random position per document, chosen by an RNG seeded with the
+seed and the document's ordinal: a rerun gives the same positions and so the same numbers.
+
+With ``holdout_every`` n ≥ 2 the split follows ``train.py``'s instead: fitting documents come from
+the training share (ordinal mod n ≠ 0) and evaluation documents from the held-out share
+(ordinal mod n = 0), so lenses trained with ``--data.holdout_every n`` on the same source never saw
+an evaluation document.
+
+Each sample keeps the tokens up to ``position + max_offset + 1``: the model's own predictions at
+t, t+1, …, t+max_offset (teacher-forced on the real text) and the real tokens after them are what
+future lenses are scored against. The document is only cut there, so the choice of position is the
+paper's (uniform over the document), and an offset whose target lies past the end is not scored.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import random
+from collections.abc import Iterator
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader
+
+from datamodules.lens_data import seeded_shuffle
+from datamodules.preprocessing import IGNORE, TrimSettings, keep_for_trimming
+from datamodules.sources import DataSourceError, DocumentSource
+from lenses.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+
+def choose_position(n_tokens: int, seed: int, ordinal: int) -> int:
+    """The one read position of a document: uniform over positions that have a next token."""
+    return random.Random(f"{seed}/{ordinal}").randrange(n_tokens - 1)
+
+
+def make_sample(tokens: list[int], ordinal: int, position: int, max_offset: int) -> dict:
+    """input_ids cut after the last target token; targets[j] = real token at position + 1 + j."""
+    end = min(len(tokens), position + max_offset + 2)
+    targets = [tokens[position + 1 + j] if position + 1 + j < end else IGNORE for j in range(max_offset + 1)]
+    return {"doc": ordinal, "input_ids": tokens[:end], "position": position, "targets": targets}
+
+
+def collate_patchscope(samples: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
+    width = max(len(s["input_ids"]) for s in samples)
+    input_ids = torch.full((len(samples), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(samples), width), dtype=torch.long)
+    for i, s in enumerate(samples):
+        input_ids[i, : len(s["input_ids"])] = torch.tensor(s["input_ids"])
+        attention_mask[i, : len(s["input_ids"])] = 1
+    return {
+        "input_ids": input_ids, "attention_mask": attention_mask,
+        "position": torch.tensor([s["position"] for s in samples]),
+        "targets": torch.tensor([s["targets"] for s in samples]),
+        "doc": torch.tensor([s["doc"] for s in samples]),
+    }
+
+
+class PatchscopeDataModule(L.LightningDataModule):
+    """Fitting and evaluation documents of the Patchscopes protocol, one read position each.
+
+    ``test_dataloader`` gives this rank's share of the evaluation documents (each document on
+    exactly one rank); ``fit_dataloader`` gives this rank's share of the fitting documents.
+    ``fit_tokens`` holds the whole tokenised fitting documents (all ranks), for the bigram baseline.
+    """
+
+    def __init__(
+        self,
+        source: str = "demo",
+        text_field: str = "text",
+        split: str = "train",
+        seed: int = 42,
+        n_fit: int = 10_000,
+        n_eval: int = 2_000,
+        max_words: int = 250,
+        max_chars: int = 2000,
+        seq_len: int | None = None,
+        max_offset: int = 3,
+        holdout_every: int = 0,
+        batch_size: int = 16,
+        shuffle_buffer: int = 100_000,
+        on_bad_record: str = "error",
+    ):
+        """
+        Args:
+            source: ``.jsonl``/``.jsonl.zst`` file, folder or glob; ``demo``; or ``hub:<dataset id>``.
+            text_field: JSON field holding the document text.
+            split: split name for hub datasets.
+            seed: seeds the shuffle and every document's read position (the paper: 42).
+            n_fit: documents to fit mappings on (least-squares affine lens, bigram table).
+            n_eval: documents to evaluate on (one position each).
+            max_words: keep documents with fewer space-separated words.
+            max_chars: keep documents with fewer characters.
+            seq_len: longest prefix fed to the model, in tokens (positions are chosen within it);
+                default: the model's context (the filtered documents are shorter than that anyway).
+            max_offset: furthest future offset scored (tokens kept after the read position).
+            holdout_every: 0: the paper's split (first n_fit, next n_eval after the shuffle);
+                n ≥ 2: train.py's split (evaluate on the held-out share, ordinal mod n = 0).
+            batch_size: documents per model pass.
+            shuffle_buffer: documents in the shuffle buffer (≥ corpus size: a full shuffle).
+            on_bad_record: ``error`` or ``skip`` for records without a string text field.
+        """
+        super().__init__()
+        self.save_hyperparameters()
+        for flag in ("n_fit", "n_eval", "seq_len", "batch_size", "shuffle_buffer"):
+            if self.hparams[flag] is not None and self.hparams[flag] < 1:
+                raise ConfigError(f"--data.{flag} must be at least 1, got {self.hparams[flag]}")
+        if max_offset < 0:
+            raise ConfigError(f"--data.max_offset must be >= 0, got {max_offset}")
+        if holdout_every == 1 or holdout_every < 0:
+            raise ConfigError(f"--data.holdout_every must be 0 (the paper's split) or at least 2, got {holdout_every}")
+        self.trim = TrimSettings(max_words=max_words, max_chars=max_chars)
+        self.tokenizer = None
+        self.fit_samples: list[dict] = []
+        self.eval_samples: list[dict] = []
+        self.fit_tokens: list[list[int]] = []
+
+    def bind(self, tokenizer, max_context: int | None) -> None:
+        if max_context is not None and self.hparams.seq_len is not None and self.hparams.seq_len > max_context:
+            raise ConfigError(f"--data.seq_len is {self.hparams.seq_len} but the model's context is {max_context}; "
+                              "lower --data.seq_len")
+        self.tokenizer = tokenizer
+        self.seq_len = self.hparams.seq_len or max_context or 1024
+
+    # --- the protocol --------------------------------------------------------------------------------
+    def _selected(self, source: DocumentSource, share: str | None) -> Iterator[tuple[int, str]]:
+        n = self.hparams.holdout_every
+        for ordinal, text in enumerate(source):
+            if n and (ordinal % n == 0) != (share == "eval"):
+                continue
+            if keep_for_trimming(text, self.trim):
+                yield ordinal, text
+
+    def _shuffled(self, source: DocumentSource, share: str | None) -> Iterator[tuple[int, str]]:
+        return seeded_shuffle(self._selected(source, share), self.hparams.shuffle_buffer, self.hparams.seed)
+
+    def documents(self) -> tuple[list[tuple[int, str]], list[tuple[int, str]]]:
+        """(ordinal, text) of the fitting and the evaluation documents, in protocol order."""
+        hp = self.hparams
+        source = DocumentSource(hp.source, hp.text_field, hp.split, hp.on_bad_record)
+        source.check()
+        if hp.holdout_every:
+            fit = list(itertools.islice(self._shuffled(source, "fit"), hp.n_fit))
+            evaluation = list(itertools.islice(self._shuffled(source, "eval"), hp.n_eval))
+        else:
+            docs = list(itertools.islice(self._shuffled(source, None), hp.n_fit + hp.n_eval))
+            fit, evaluation = docs[: hp.n_fit], docs[hp.n_fit:]
+        if not evaluation:
+            raise DataSourceError(
+                f"{hp.source!r} has no evaluation documents after the filter (< {hp.max_words} words, "
+                f"< {hp.max_chars} characters) and the first {hp.n_fit} fitting documents; "
+                "add data, lower --data.n_fit or relax --data.max_words/max_chars"
+            )
+        if len(evaluation) < hp.n_eval or len(fit) < hp.n_fit:
+            log.warning("the source has fewer documents than asked for: %d fitting (asked %d), %d evaluation (asked %d)",
+                        len(fit), hp.n_fit, len(evaluation), hp.n_eval)
+        return fit, evaluation
+
+    def _samples(self, docs: list[tuple[int, str]]) -> tuple[list[dict], list[list[int]]]:
+        samples, token_lists = [], []
+        for ordinal, text in docs:
+            tokens = self.tokenizer(text)["input_ids"][: self.seq_len]
+            if len(tokens) < 2:
+                continue  # no position with a next token
+            position = choose_position(len(tokens), self.hparams.seed, ordinal)
+            samples.append(make_sample(tokens, ordinal, position, self.hparams.max_offset))
+            token_lists.append(tokens)
+        return samples, token_lists
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.tokenizer is None:
+            module = self.trainer.lightning_module if self.trainer else None
+            if module is None or not hasattr(module, "tokenizer"):
+                raise ConfigError("PatchscopeDataModule.bind(tokenizer, max_context) must be called before setup")
+            self.bind(module.tokenizer, getattr(module, "context_length", None))
+        if self.eval_samples:
+            return
+        fit, evaluation = self.documents()
+        self.fit_samples, self.fit_tokens = self._samples(fit)
+        self.eval_samples, _ = self._samples(evaluation)
+        log.info("Patchscopes protocol: %d fitting and %d evaluation documents from %s",
+                 len(self.fit_samples), len(self.eval_samples), self.hparams.source)
+
+    # --- loaders: each rank takes every world_size-th document ---------------------------------------
+    def _shard(self, samples: list[dict]) -> list[dict]:
+        rank = self.trainer.global_rank if self.trainer else 0
+        world = self.trainer.world_size if self.trainer else 1
+        return samples[rank::world]
+
+    def _loader(self, samples: list[dict]) -> DataLoader:
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        return DataLoader(samples, batch_size=self.hparams.batch_size, shuffle=False,
+                          collate_fn=lambda batch: collate_patchscope(batch, pad))
+
+    def fit_dataloader(self) -> DataLoader:
+        return self._loader(self._shard(self.fit_samples))
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self._shard(self.eval_samples))

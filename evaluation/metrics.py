@@ -1,0 +1,50 @@
+"""Per-layer patchscope metrics as one torchmetrics ``Metric``.
+
+Every (metric, method) series and every layer lives in two state tensors (sums and counts), so a
+distributed evaluation synchronises once, whatever the number of layers, methods and metrics.
+"""
+
+from __future__ import annotations
+
+import torch
+from torchmetrics import Metric
+
+
+class PatchscopeMetrics(Metric):
+    """Running per-layer means of named series, e.g. ``("precision@1", "tuned")``."""
+
+    full_state_update = False
+
+    def __init__(self, series: list[tuple[str, str]], num_layers: int, **kwargs):
+        super().__init__(**kwargs)
+        self.series = list(series)
+        self.index = {s: i for i, s in enumerate(self.series)}
+        shape = (len(self.series), num_layers)
+        self.add_state("total", torch.zeros(shape, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("count", torch.zeros(shape, dtype=torch.float64), dist_reduce_fx="sum")
+
+    def update(self, metric: str, method: str, values: torch.Tensor, mask: torch.Tensor | None = None) -> None:
+        """values: (num_layers, N) per-example values (or (N,), the same for every layer); mask: (N,)."""
+        i = self.index[(metric, method)]
+        values = values.to(self.total.dtype)
+        if values.dim() == 1:
+            values = values.expand(self.total.shape[1], -1)
+        if mask is not None:
+            values = values[:, mask]
+        self.total[i] += values.sum(-1)
+        self.count[i] += values.shape[-1]
+
+    def compute(self) -> dict[str, dict[str, list[float]]]:
+        """{metric: {method: per-layer means}} (NaN where nothing was counted)."""
+        means = self.total / self.count
+        out: dict[str, dict[str, list[float]]] = {}
+        for (metric, method), i in self.index.items():
+            out.setdefault(metric, {})[method] = means[i].tolist()
+        return out
+
+    def counts(self) -> dict[str, dict[str, int]]:
+        """{metric: {method: examples counted}} (the same at every layer)."""
+        out: dict[str, dict[str, int]] = {}
+        for (metric, method), i in self.index.items():
+            out.setdefault(metric, {})[method] = int(self.count[i, 0])
+        return out

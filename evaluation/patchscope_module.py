@@ -1,0 +1,273 @@
+"""The Patchscopes next-token evaluation as a ``LightningModule`` (run by ``trainer.test``).
+
+Methods, each a mapping from the source state h_ℓ(t) to a next-token distribution (REFERENCE.md §4):
+
+* ``logit``: h_ℓ decoded by the model's own final norm and head. As a patchscope this is h_ℓ
+  written into the last block's output at the same position; the patching engine's tests show the
+  two agree to < 1e-4, and decoding directly costs one head product instead of a forward pass.
+* ``affine`` (and ``affine+k`` for future offsets): the least-squares affine map from h_ℓ(t) to
+  the last block's output at t + k, fitted on the fitting documents before evaluation.
+* every lens artifact given (``tuned``, ``tuned+1``, ...: trained by ``train.py``), decoded the same way;
+* ``token_identity``: the token-identity patchscope (``evaluation.token_identity``);
+* ``bigram`` (future offsets only): the Future Lens bigram baseline (``evaluation.baselines``).
+
+Metrics per layer, averaged over evaluation documents (one position each):
+
+* offset 0, against the model's own output at t: ``precision@1`` (argmax agrees), ``precision@5``
+  (the model's argmax is among the method's top 5), ``surprisal_nats`` (−ln p_model(argmax of the
+  method), the paper's surprisal), ``kl_nats`` (KL(model ‖ method));
+* future offset k (``future+k/...``): ``precision@1_model``, against the model's own prediction at
+  t + k (teacher-forced on the real text), and ``precision@1_real``, against the real token at
+  t + k + 1. Methods whose output is a next-token guess (logit, token identity) are scored here
+  too, as the baselines a future lens must beat.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import lightning as L
+import torch
+from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.utilities import rank_zero_only
+from tqdm.auto import tqdm
+
+from basemodel.adapter import ArchitectureAdapter
+from basemodel.loading import EMBEDDED_MODEL, load_base_model, tensor_fingerprint
+from basemodel.patching import PatchingEngine
+from basemodel.residuals import ResidualReader
+from evaluation.baselines import bigram_successors
+from evaluation.metrics import PatchscopeMetrics
+from evaluation.report import write_report
+from evaluation.token_identity import IDENTITY_PROMPT, TokenIdentityPatchscope
+from lenses.artifact import load_lens
+from lenses.errors import ConfigError
+from lenses.least_squares import NormalEquations
+from lenses.lens import AffineLens, Lens
+from training.lens_module import lens_key
+
+log = logging.getLogger(__name__)
+
+BUILT_IN = ("logit", "affine", "token_identity", "bigram")
+
+
+class PatchscopeEvaluation(L.LightningModule):
+    def __init__(
+        self,
+        name: str = EMBEDDED_MODEL,
+        revision: str | None = None,
+        dtype: str = "float32",
+        lenses: list[str] = [],  # noqa: B006 (jsonargparse needs a plain default; never mutated)
+        methods: list[str] = ["logit", "affine", "token_identity", "bigram"],  # noqa: B006
+        future_offsets: list[int] = [1, 2, 3],  # noqa: B006
+        identity_prompt: str = IDENTITY_PROMPT,
+        ridge: float = 1e-3,
+        rows_per_pass: int = 256,
+        output_dir: str = "results/patchscopes",
+    ):
+        """
+        Args:
+            name: base model: hub id, local folder, or ``embedded:smollm2-135m``.
+            revision: hub revision of the base model.
+            dtype: dtype of the frozen model's weights.
+            lenses: lens artifact folders written by ``train.py`` (tuned lenses, future lenses,
+                affine lenses); each is scored at its own offset.
+            methods: built-in methods to score: ``logit``, ``affine`` (least squares, fitted here
+                on the fitting documents), ``token_identity``, ``bigram`` (future offsets only).
+            future_offsets: offsets k ≥ 1 scored against the model's prediction k tokens ahead
+                (and the real token); the lenses' own offsets are added.
+            identity_prompt: target prompt of the token-identity patchscope; h_ℓ goes at its last token.
+            ridge: relative ridge term of the least-squares fit.
+            rows_per_pass: (layer, example) pairs per batched token-identity forward pass.
+            output_dir: folder for results.json, results.csv and one PNG per metric.
+        """
+        super().__init__()
+        self.save_hyperparameters()
+        unknown = sorted(set(methods) - set(BUILT_IN))
+        if unknown:
+            raise ConfigError(f"--model.methods has unknown {unknown}; use some of {list(BUILT_IN)} "
+                              "(trained lenses are given with --lenses)")
+        if any(k < 1 for k in future_offsets):
+            raise ConfigError(f"--model.future_offsets must all be >= 1, got {future_offsets}")
+        loaded = load_base_model(name, revision, dtype)
+        self.base = loaded.model.eval()
+        self.tokenizer = loaded.tokenizer
+        self.base_revision = loaded.revision
+        self.adapter = ArchitectureAdapter.discover(self.base)
+        self.reader = ResidualReader(self.base, self.tokenizer, self.adapter)
+        self.engine = PatchingEngine(self.reader)
+        self.unembed_hash = tensor_fingerprint(self.adapter.unembedding_weight)
+        self.layers = list(range(self.adapter.num_layers))  # residual indices 0..L-1, as the lenses
+
+        # Lens artifacts, named by type and offset ("tuned", "tuned+2"); a name taken by a built-in
+        # method or another artifact gets the artifact's folder name appended.
+        self.lenses = torch.nn.ModuleDict()
+        self.artifacts: dict[str, str] = {}
+        loaded_lenses = [(path, load_lens(path, unembed_hash=self.unembed_hash, num_hidden_layers=self.adapter.num_layers))
+                         for path in lenses]
+        lens_offsets = {getattr(lens, "offset", 0) for _, lens in loaded_lenses}
+        self.future_offsets = sorted(set(future_offsets) | (lens_offsets - {0}))
+        self.fit_offsets = [0, *self.future_offsets] if "affine" in methods else []
+        reserved = set(BUILT_IN) | {lens_key("affine", k) for k in self.fit_offsets}
+        for path, lens in loaded_lenses:
+            if lens.layers != self.layers:
+                raise ConfigError(f"lens {path} covers residual indices {lens.layers}; the evaluation needs all of "
+                                  f"{self.layers[0]}..{self.layers[-1]}")
+            key = lens_key(lens.lens_type, getattr(lens, "offset", 0))
+            if key in self.lenses or key in reserved:
+                key = f"{key}:{Path(path).name}"
+            self.lenses[key] = lens
+            self.artifacts[key] = str(path)
+        self.fitted = torch.nn.ModuleDict()  # the least-squares affine lenses, fitted in on_test_start
+        self.token_identity = (TokenIdentityPatchscope(self.engine, self.tokenizer, identity_prompt, rows_per_pass)
+                               if "token_identity" in methods else None)
+        self.bigram: torch.Tensor | None = None
+        self.metrics = PatchscopeMetrics(self._series(), len(self.layers))
+        self.results: dict | None = None
+
+    # --- what the data module needs from the model ------------------------------------------------
+    @property
+    def context_length(self) -> int | None:
+        config = self.base.config
+        return getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+
+    def _next_token_methods(self) -> list[str]:
+        methods = [m for m in ("logit", "affine", "token_identity") if m in self.hparams.methods]
+        return methods + [key for key, lens in self.lenses.items() if getattr(lens, "offset", 0) == 0]
+
+    def _future_methods(self, k: int) -> list[str]:
+        methods = [m for m in ("logit", "token_identity") if m in self.hparams.methods]
+        if "affine" in self.hparams.methods:
+            methods.append(lens_key("affine", k))
+        methods += [key for key, lens in self.lenses.items() if getattr(lens, "offset", 0) == k]
+        if "bigram" in self.hparams.methods:
+            methods.append("bigram")
+        return methods
+
+    def _series(self) -> list[tuple[str, str]]:
+        series = [(m, method) for m in ("precision@1", "precision@5", "surprisal_nats", "kl_nats")
+                  for method in self._next_token_methods()]
+        for k in self.future_offsets:
+            series += [(f"future+{k}/precision@1_{against}", method)
+                       for against in ("model", "real") for method in self._future_methods(k)]
+        return series
+
+    # --- fitting: the least-squares affine lenses and the bigram table --------------------------------
+    def setup(self, stage: str) -> None:
+        datamodule = self.trainer.datamodule
+        max_offset = datamodule.hparams.max_offset
+        if self.future_offsets and max(self.future_offsets) > max_offset:
+            raise ConfigError(f"offsets up to {max(self.future_offsets)} are scored but --data.max_offset is {max_offset}; "
+                              f"raise --data.max_offset to {max(self.future_offsets)}")
+
+    def on_test_start(self) -> None:
+        datamodule = self.trainer.datamodule
+        if "bigram" in self.hparams.methods and self.future_offsets:
+            self.bigram = bigram_successors(datamodule.fit_tokens, self.adapter.vocab_size).to(self.device)
+        if not self.fit_offsets:
+            return
+        d = self.adapter.d_model
+        equations = {k: NormalEquations(len(self.layers), d, self.device) for k in self.fit_offsets}
+        loader = datamodule.fit_dataloader()
+        for batch in tqdm(loader, desc="Fitting the affine lens", disable=self.global_rank != 0, leave=False):
+            batch = self.transfer_batch_to_device(batch, self.device, 0)
+            residuals = self.reader.read(batch["input_ids"], batch["attention_mask"])
+            for k, eq in equations.items():
+                h, final, valid = self._at_offset(residuals, batch, k)
+                if valid.any():
+                    eq.update(h[:, valid], final[valid])
+        for k, eq in equations.items():
+            # Each rank fitted on its share of the documents: sum the normal equations once.
+            eq.xtx = self.trainer.strategy.reduce(eq.xtx, reduce_op="sum")
+            eq.xty = self.trainer.strategy.reduce(eq.xty, reduce_op="sum")
+            count = self.trainer.strategy.reduce(torch.tensor(float(eq.count), device=self.device), reduce_op="sum")
+            if float(count) == 0:
+                raise ConfigError("no fitting positions for the affine lens; raise --data.n_fit or drop 'affine' from --model.methods")
+            eq.count = int(count)
+            a, b = eq.solve(self.hparams.ridge)
+            lens = AffineLens(self.layers, d, bias=True, offset=k).to(self.device)
+            with torch.no_grad():
+                lens.weight.copy_(a - torch.eye(d, device=a.device))
+                lens.bias.copy_(b)
+            self.fitted[lens_key("affine", k)] = lens
+        log.info("affine lenses fitted on %d positions", equations[0].count if 0 in equations else 0)
+
+    def _at_offset(self, residuals: torch.Tensor, batch: dict, k: int):
+        """h (num_layers, B, d) at the read positions, the last block's output at position + k
+        (B, d), and which rows have that position (B,)."""
+        rows = torch.arange(batch["input_ids"].shape[0], device=residuals.device)
+        position = batch["position"]
+        valid = batch["targets"][:, k] >= 0
+        ahead = torch.where(valid, position + k, position)
+        return residuals[self.layers][:, rows, position], residuals[-1][rows, ahead], valid
+
+    # --- scoring --------------------------------------------------------------------------------------
+    def _decode(self, method: str, h: torch.Tensor) -> torch.Tensor:
+        """(num_layers, B, d) → (num_layers, B, V) fp32 logits of a lens method (``logit``: no lens)."""
+        if method != "logit":
+            lens: Lens = self.fitted[method] if method in self.fitted else self.lenses[method]
+            h = lens(h.float()).to(h.dtype)
+        return self.adapter.decode(h).float()
+
+    def test_step(self, batch: dict, batch_idx: int) -> None:
+        residuals = self.reader.read(batch["input_ids"], batch["attention_mask"])
+        h, final, _ = self._at_offset(residuals, batch, 0)
+        model_logp = torch.log_softmax(self.adapter.decode(final).float(), -1)  # (B, V)
+        model_top1 = model_logp.argmax(-1)
+        top1: dict[str, torch.Tensor] = {}  # method → (num_layers, B) argmax, reused for future offsets
+        for method in self._next_token_methods():
+            if method == "token_identity":
+                logits = self.token_identity.logits(h, self.layers)
+            else:
+                logits = self._decode(method, h)
+            top1[method] = self._score_next_token(method, logits, model_logp, model_top1)
+        for k in self.future_offsets:
+            _, final_k, valid = self._at_offset(residuals, batch, k)
+            if not valid.any():
+                continue
+            model_k = self.adapter.decode(final_k[valid]).argmax(-1)  # the model's own guess at t + k
+            real_k = batch["targets"][valid, k]
+            for method in self._future_methods(k):
+                if method == "bigram":
+                    guess = self.bigram[batch["targets"][valid, k - 1]].expand(len(self.layers), -1)
+                elif method in top1:
+                    guess = top1[method][:, valid]
+                else:
+                    guess = self._decode(method, h[:, valid]).argmax(-1)
+                self.metrics.update(f"future+{k}/precision@1_model", method, guess == model_k)
+                self.metrics.update(f"future+{k}/precision@1_real", method, guess == real_k)
+
+    def _score_next_token(self, method: str, logits: torch.Tensor, model_logp: torch.Tensor,
+                          model_top1: torch.Tensor) -> torch.Tensor:
+        """Update the offset-0 metrics of ``method``; logits (num_layers, B, V). Returns its argmax."""
+        logq = torch.log_softmax(logits, -1)
+        top5 = logq.topk(5, dim=-1).indices  # (num_layers, B, 5)
+        top1 = top5[..., 0]
+        p_model = model_logp.exp()
+        self.metrics.update("precision@1", method, top1 == model_top1)
+        self.metrics.update("precision@5", method, (top5 == model_top1.unsqueeze(-1)).any(-1))
+        self.metrics.update("surprisal_nats", method, -model_logp.gather(-1, top1.T).T)
+        self.metrics.update("kl_nats", method, (p_model * (model_logp - logq)).sum(-1))
+        return top1
+
+    def on_test_epoch_end(self) -> None:
+        values = self.metrics.compute()  # one synchronisation for every layer, method and metric
+        counts = self.metrics.counts()
+        self.metrics.reset()
+        datamodule = self.trainer.datamodule
+        self.results = {
+            "model": self.hparams.name, "revision": self.base_revision, "layers": self.layers,
+            "protocol": {k: datamodule.hparams[k] for k in ("source", "seed", "n_fit", "n_eval", "max_words",
+                                                             "max_chars", "holdout_every", "seq_len")},
+            "documents": {"fit": len(datamodule.fit_samples), "eval": len(datamodule.eval_samples)},
+            "lenses": self.artifacts,
+            "metrics": values, "counts": counts,
+            "units": "precision: fraction of positions; surprisal and KL: nats per position",
+        }
+        self._report()
+
+    @rank_zero_only
+    def _report(self) -> None:
+        wandb_runs = [lg.experiment for lg in self.trainer.loggers if isinstance(lg, WandbLogger)]
+        write_report(self.results, Path(self.hparams.output_dir), wandb_runs)

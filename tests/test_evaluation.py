@@ -1,0 +1,161 @@
+"""The Patchscopes evaluation: protocol, metrics, baselines, token identity and evaluate.py end to end."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+import evaluate
+import train
+from basemodel.adapter import ArchitectureAdapter
+from basemodel.loading import load_base_model, tensor_fingerprint
+from basemodel.patching import PatchingEngine
+from basemodel.residuals import ResidualReader
+from datamodules.patchscope_data import PatchscopeDataModule
+from evaluation.baselines import bigram_successors
+from evaluation.metrics import PatchscopeMetrics
+from evaluation.token_identity import TokenIdentityPatchscope
+from lenses.artifact import save_lens
+from lenses.lens import TunedLens
+from tests.conftest import fit_args, make_tokenizer, write_corpus
+
+
+def protocol(source, **kwargs) -> PatchscopeDataModule:
+    data = PatchscopeDataModule(source=str(source), **{"n_fit": 30, "n_eval": 20, **kwargs})
+    data.bind(make_tokenizer(), None)
+    data.setup()
+    return data
+
+
+def test_protocol_is_seeded_filtered_and_disjoint(tmp_path):
+    corpus = write_corpus(tmp_path / "c.jsonl", 80, words=(5, 40))
+    a, b = protocol(corpus, max_words=30), protocol(corpus, max_words=30)
+    assert [(s["doc"], s["position"]) for s in a.eval_samples] == [(s["doc"], s["position"]) for s in b.eval_samples]
+    fit_docs, eval_docs = {s["doc"] for s in a.fit_samples}, {s["doc"] for s in a.eval_samples}
+    assert len(fit_docs) == 30 and len(eval_docs) == 20 and not fit_docs & eval_docs
+    texts = [json.loads(line)["text"] for line in corpus.read_text().splitlines()]
+    assert all(len(texts[d].split(" ")) < 30 for d in fit_docs | eval_docs), "the word filter was not applied"
+    # Another seed: another order and other positions.
+    c = protocol(corpus, max_words=30, seed=7)
+    assert [s["doc"] for s in c.eval_samples] != [s["doc"] for s in a.eval_samples]
+
+
+def test_samples_keep_the_future_targets_and_mark_missing_ones(tmp_path):
+    corpus = write_corpus(tmp_path / "c.jsonl", 40)
+    data = protocol(corpus, n_fit=10, n_eval=30, max_offset=3)
+    texts = [json.loads(line)["text"] for line in corpus.read_text().splitlines()]
+    tokenizer = make_tokenizer()
+    for s in data.eval_samples:
+        tokens = tokenizer(texts[s["doc"]])["input_ids"]
+        t = s["position"]
+        assert 0 <= t <= len(tokens) - 2
+        assert s["input_ids"] == tokens[: t + 5]
+        assert s["targets"] == [tokens[t + 1 + j] if t + 1 + j < len(tokens) else -100 for j in range(4)]
+
+
+def test_holdout_split_evaluates_on_the_documents_train_py_held_out(tmp_path):
+    corpus = write_corpus(tmp_path / "c.jsonl", 60)
+    data = protocol(corpus, holdout_every=3, n_fit=100, n_eval=100)
+    assert {s["doc"] % 3 for s in data.eval_samples} == {0}
+    assert 0 not in {s["doc"] % 3 for s in data.fit_samples}
+    assert len(data.eval_samples) == 20 and len(data.fit_samples) == 40
+
+
+def test_bigram_successors_take_the_most_frequent_follower():
+    table = bigram_successors([[1, 2, 1, 3, 1, 2], [4, 0, 4, 5, 4, 5]], vocab_size=6)
+    # 1 → 2 twice, → 3 once; 4 → 5 twice, → 0 once; 2 → 1; 3 → 1; 0 → 4; 5 → 4; ties to the smaller id.
+    assert table.tolist() == [4, 2, 1, 1, 5, 4]
+    assert bigram_successors([[7]], vocab_size=8).tolist() == [-1] * 8
+
+
+def test_metrics_average_per_layer_and_respect_masks():
+    metric = PatchscopeMetrics([("p", "a"), ("p", "b")], num_layers=2)
+    metric.update("p", "a", torch.tensor([[1.0, 0.0, 1.0], [0.0, 0.0, 1.0]]))
+    metric.update("p", "b", torch.tensor([2.0, 4.0, 100.0]), mask=torch.tensor([True, True, False]))
+    values = metric.compute()
+    assert values["p"]["a"] == pytest.approx([2 / 3, 1 / 3]) and values["p"]["b"] == [3.0, 3.0]
+    assert metric.counts()["p"] == {"a": 3, "b": 2}
+    # Two state tensors hold everything: one synchronisation for all layers and series.
+    assert sorted(metric._defaults) == ["count", "total"]
+
+
+def test_batched_token_identity_equals_one_pass_per_pair(tiny_model_dir):
+    loaded = load_base_model(str(tiny_model_dir), None, "float32")
+    adapter = ArchitectureAdapter.discover(loaded.model)
+    engine = PatchingEngine(ResidualReader(loaded.model, loaded.tokenizer, adapter))
+    states = torch.randn(3, 5, adapter.d_model)
+    batched = TokenIdentityPatchscope(engine, loaded.tokenizer, rows_per_pass=7).logits(states, [0, 1, 2])
+    one_by_one = TokenIdentityPatchscope(engine, loaded.tokenizer, rows_per_pass=1).logits(states, [0, 1, 2])
+    torch.testing.assert_close(batched, one_by_one, atol=1e-4, rtol=0)
+    # ... and the state written matters: another state, another output.
+    assert (batched[:, 0] - batched[:, 1]).abs().max() > 1e-3
+
+
+def eval_args(out: Path, model_dir: Path, source: Path, *extra: str) -> list[str]:
+    return ["--config", str(Path(__file__).resolve().parents[1] / "configs/eval/patchscopes.yaml"),
+            "--trainer.logger", "false", "--trainer.enable_progress_bar", "false",
+            "--model.name", str(model_dir), "--model.output_dir", str(out),
+            "--data.source", str(source), "--data.n_fit", "40", "--data.n_eval", "24", "--data.batch_size", "8", *extra]
+
+
+def test_evaluate_scores_every_method_and_writes_json_csv_and_plots(tmp_path, tiny_model_dir, corpus):
+    train.main(fit_args(tmp_path / "train", tiny_model_dir, corpus, "--model.offsets", "[0, 1]"))
+    lenses = [str(tmp_path / "train" / "out" / name) for name in ("tuned", "tuned+1")]
+    # An untrained (zero) tuned lens is the logit lens: it must score exactly like it.
+    adapter = ArchitectureAdapter.discover(load_base_model(str(tiny_model_dir), None, "float32").model)
+    zero = save_lens(TunedLens([0, 1, 2], adapter.d_model), tmp_path / "zero", base_model="tiny", revision="",
+                     unembed_hash=tensor_fingerprint(adapter.unembedding_weight), num_hidden_layers=3)
+    evaluate.main(eval_args(tmp_path / "eval", tiny_model_dir, corpus, "--lenses", *lenses, str(zero)))
+    results = json.loads((tmp_path / "eval" / "results.json").read_text())
+    metrics = results["metrics"]
+    assert set(metrics["precision@1"]) == {"logit", "affine", "token_identity", "tuned", "tuned:zero"}
+    assert set(metrics["future+1/precision@1_model"]) == {"logit", "token_identity", "affine+1", "tuned+1", "bigram"}
+    assert set(metrics) >= {"precision@5", "surprisal_nats", "kl_nats", "future+3/precision@1_real"}
+    for metric in ("precision@1", "surprisal_nats", "kl_nats"):
+        assert metrics[metric]["tuned:zero"] == pytest.approx(metrics[metric]["logit"], abs=1e-6)
+    assert metrics["kl_nats"]["tuned"] != pytest.approx(metrics["kl_nats"]["logit"], abs=1e-6)
+    for by_method in metrics.values():
+        for values in by_method.values():
+            assert len(values) == 3 and all(v == v for v in values)
+    for method, values in metrics["precision@1"].items():
+        assert all(0 <= v <= 1 for v in values), method
+        assert all(a >= b for a, b in zip(metrics["precision@5"][method], values, strict=True))
+    assert results["counts"]["precision@1"]["logit"] == results["documents"]["eval"] == 24
+    rows = list(csv.DictReader((tmp_path / "eval" / "results.csv").open()))
+    assert len(rows) == sum(len(m) for m in metrics.values()) * 3
+    pngs = sorted(p.name for p in (tmp_path / "eval").glob("*.png"))
+    assert len(pngs) == len(metrics) and "precision_at_1.png" in pngs
+    assert all((tmp_path / "eval" / p).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in pngs)
+    # A rerun gives identical numbers (seeded shuffle and positions).
+    evaluate.main(eval_args(tmp_path / "again", tiny_model_dir, corpus, "--lenses", *lenses, str(zero)))
+    assert json.loads((tmp_path / "again" / "results.json").read_text())["metrics"] == metrics
+
+
+def test_evaluate_logs_to_wandb_offline(tmp_path, tiny_model_dir, corpus):
+    evaluate.main(eval_args(tmp_path / "eval", tiny_model_dir, corpus, "--trainer.logger",
+                            "lightning.pytorch.loggers.WandbLogger", "--trainer.logger.offline", "true",
+                            "--trainer.logger.save_dir", str(tmp_path / "wb"), "--trainer.logger.project", "lenscope-test",
+                            "--model.methods", "[logit, token_identity]", "--model.future_offsets", "[1]"))
+    summaries = list((tmp_path / "wb").glob("wandb/offline-run-*/files/wandb-summary.json"))
+    assert len(summaries) == 1
+    summary = json.loads(summaries[0].read_text())
+    assert "patchscopes/precision@1/logit/mean" in summary
+    assert "patchscopes/future+1/precision@1_model/token_identity/mean" in summary
+
+
+@pytest.mark.parametrize(("extra", "message"), [
+    (["--model.methods", "[logit, psychic]"], "--model.methods has unknown ['psychic']"),
+    (["--data.max_offset", "1"], "raise --data.max_offset to 3"),
+    (["--data.source", "/nonexistent/corpus.jsonl"], "/nonexistent/corpus.jsonl"),
+])
+def test_bad_evaluation_settings_give_one_line_errors(tmp_path, tiny_model_dir, corpus, capsys, extra, message):
+    with pytest.raises(SystemExit) as exit_info:
+        evaluate.main(eval_args(tmp_path / "eval", tiny_model_dir, corpus, *extra))
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert not (tmp_path / "eval" / "results.json").exists()
