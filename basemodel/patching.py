@@ -16,9 +16,17 @@ that is the logit lens as a patchscope.
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 
 from basemodel.residuals import ResidualReader
+
+
+def cache_argument(model) -> str:
+    """Name of the key/value cache argument of ``model.forward``: ``cache`` from transformers 5.x
+    on (``past_key_values`` is deprecated there), ``past_key_values`` before."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
 class PatchingEngine:
@@ -38,12 +46,15 @@ class PatchingEngine:
 
     @torch.no_grad()
     def run(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, layers: torch.Tensor,
-            write_positions: torch.Tensor, states: torch.Tensor, read_positions: torch.Tensor) -> torch.Tensor:
+            write_positions: torch.Tensor, states: torch.Tensor, read_positions: torch.Tensor,
+            past_key_values=None) -> torch.Tensor:
         """Patched next-token logits.
 
         input_ids, attention_mask: (N, T) target prompts; layers, write_positions, read_positions:
         (N,) per row; states: (N, d_model) written at (layers[n], write_positions[n]) of row n.
-        Returns (N, vocab) logits of row n at read_positions[n].
+        past_key_values: an optional cache of an unpatched prompt prefix (batch N) that input_ids
+        continue; positions then count from the first token after it, and attention_mask covers
+        prefix and input. Returns (N, vocab) logits of row n at read_positions[n].
         """
         n = input_ids.shape[0]
         if not (layers.shape == write_positions.shape == read_positions.shape == (n,)) or states.shape[0] != n:
@@ -54,7 +65,10 @@ class PatchingEngine:
             attention_mask = torch.ones_like(input_ids)
         rows_by_layer = {int(j): (layers == j).nonzero(as_tuple=True)[0] for j in layers.unique().tolist()}
         all_rows = torch.arange(n, device=input_ids.device)
-        with self.traced.trace({"input_ids": input_ids, "attention_mask": attention_mask}):
+        inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
+        if past_key_values is not None:
+            inputs.update({cache_argument(self.adapter.model): past_key_values, "use_cache": True})
+        with self.traced.trace(inputs):
             # Modules run in order, so the writes must be made in increasing layer order.
             for layer in sorted(rows_by_layer):
                 rows = rows_by_layer[layer]

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import transformers as T
 
 import evaluate
 import train
@@ -21,7 +22,7 @@ from evaluation.metrics import PatchscopeMetrics
 from evaluation.token_identity import TokenIdentityPatchscope
 from lenses.artifact import save_lens
 from lenses.lens import TunedLens
-from tests.conftest import fit_args, make_tokenizer, write_corpus
+from tests.conftest import TINY_DECODER, fit_args, make_tokenizer, tiny_llama, write_corpus
 
 
 def protocol(source, **kwargs) -> PatchscopeDataModule:
@@ -83,13 +84,21 @@ def test_metrics_average_per_layer_and_respect_masks():
     assert sorted(metric._defaults) == ["count", "total"]
 
 
-def test_batched_token_identity_equals_one_pass_per_pair(tiny_model_dir):
-    loaded = load_base_model(str(tiny_model_dir), None, "float32")
-    adapter = ArchitectureAdapter.discover(loaded.model)
-    engine = PatchingEngine(ResidualReader(loaded.model, loaded.tokenizer, adapter))
-    states = torch.randn(3, 5, adapter.d_model)
-    batched = TokenIdentityPatchscope(engine, loaded.tokenizer, rows_per_pass=7).logits(states, [0, 1, 2])
-    one_by_one = TokenIdentityPatchscope(engine, loaded.tokenizer, rows_per_pass=1).logits(states, [0, 1, 2])
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "gemma2"])
+def test_batched_token_identity_with_a_shared_prefix_equals_one_full_pass_per_pair(arch):
+    model = {"llama": lambda: tiny_llama(), "gpt2": lambda: T.AutoModelForCausalLM.from_config(
+        T.GPT2Config(n_embd=32, n_layer=3, n_head=4, n_positions=64, vocab_size=204)),
+        "gemma2": lambda: T.AutoModelForCausalLM.from_config(T.Gemma2Config(
+            **{**TINY_DECODER, "vocab_size": 204, "head_dim": 8}, final_logit_softcapping=5.0))}[arch]().eval()
+    tokenizer = make_tokenizer()
+    adapter = ArchitectureAdapter.discover(model)
+    engine = PatchingEngine(ResidualReader(model, tokenizer, adapter))
+    states = torch.randn(4, 5, adapter.d_model, generator=torch.Generator().manual_seed(0))
+    layers = [0, 1, 2, 3]  # 3 = the last block's output: only the final norm and head act on it
+    prompt = "w1 w2 w3 w1 w2 w3 w4"  # in the tiny vocabulary
+    batched = TokenIdentityPatchscope(engine, tokenizer, prompt, rows_per_pass=7).logits(states, layers)
+    assert batched.shape == (4, 5, 204)
+    one_by_one = TokenIdentityPatchscope(engine, tokenizer, prompt, rows_per_pass=1, reuse_prefix=False).logits(states, layers)
     torch.testing.assert_close(batched, one_by_one, atol=1e-4, rtol=0)
     # ... and the state written matters: another state, another output.
     assert (batched[:, 0] - batched[:, 1]).abs().max() > 1e-3
