@@ -83,6 +83,7 @@ class PatchscopeDataModule(L.LightningDataModule):
         seq_len: int | None = None,
         max_offset: int = 3,
         holdout_every: int = 0,
+        fit_positions: str = "one",
         batch_size: int = 16,
         shuffle_buffer: int = 100_000,
         on_bad_record: str = "error",
@@ -102,6 +103,10 @@ class PatchscopeDataModule(L.LightningDataModule):
             max_offset: furthest future offset scored (tokens kept after the read position).
             holdout_every: 0: the paper's split (first n_fit, next n_eval after the shuffle);
                 n ≥ 2: train.py's split (evaluate on the held-out share, ordinal mod n = 0).
+            fit_positions: ``one`` (the paper: the fitting document's one read position) or ``all``
+                (every position of the fitting documents: more positions from fewer documents, for
+                corpora much smaller than the paper's 10,000 fitting documents; d_model + 1
+                unknowns per output need far more than d_model positions).
             batch_size: documents per model pass.
             shuffle_buffer: documents in the shuffle buffer (≥ corpus size: a full shuffle).
             on_bad_record: ``error`` or ``skip`` for records without a string text field.
@@ -115,6 +120,8 @@ class PatchscopeDataModule(L.LightningDataModule):
             raise ConfigError(f"--data.max_offset must be >= 0, got {max_offset}")
         if holdout_every == 1 or holdout_every < 0:
             raise ConfigError(f"--data.holdout_every must be 0 (the paper's split) or at least 2, got {holdout_every}")
+        if fit_positions not in ("one", "all"):
+            raise ConfigError(f"--data.fit_positions must be 'one' or 'all', got {fit_positions!r}")
         self.trim = TrimSettings(max_words=max_words, max_chars=max_chars)
         self.tokenizer = None
         self.fit_samples: list[dict] = []
@@ -162,14 +169,19 @@ class PatchscopeDataModule(L.LightningDataModule):
                         len(fit), hp.n_fit, len(evaluation), hp.n_eval)
         return fit, evaluation
 
-    def _samples(self, docs: list[tuple[int, str]]) -> tuple[list[dict], list[list[int]]]:
+    def _samples(self, docs: list[tuple[int, str]], whole: bool = False) -> tuple[list[dict], list[list[int]]]:
+        """One sample per document; ``whole``: the whole document, every position read (position -1)."""
         samples, token_lists = [], []
         for ordinal, text in docs:
             tokens = self.tokenizer(text)["input_ids"][: self.seq_len]
             if len(tokens) < 2:
                 continue  # no position with a next token
-            position = choose_position(len(tokens), self.hparams.seed, ordinal)
-            samples.append(make_sample(tokens, ordinal, position, self.hparams.max_offset))
+            if whole:
+                samples.append({"doc": ordinal, "input_ids": tokens, "position": -1,
+                                "targets": [IGNORE] * (self.hparams.max_offset + 1)})
+            else:
+                position = choose_position(len(tokens), self.hparams.seed, ordinal)
+                samples.append(make_sample(tokens, ordinal, position, self.hparams.max_offset))
             token_lists.append(tokens)
         return samples, token_lists
 
@@ -182,7 +194,7 @@ class PatchscopeDataModule(L.LightningDataModule):
         if self.eval_samples:
             return
         fit, evaluation = self.documents()
-        self.fit_samples, self.fit_tokens = self._samples(fit)
+        self.fit_samples, self.fit_tokens = self._samples(fit, whole=self.hparams.fit_positions == "all")
         self.eval_samples, _ = self._samples(evaluation)
         log.info("Patchscopes protocol: %d fitting and %d evaluation documents from %s",
                  len(self.fit_samples), len(self.eval_samples), self.hparams.source)

@@ -123,6 +123,7 @@ class PatchscopeEvaluation(L.LightningModule):
         self.token_identity = (TokenIdentityPatchscope(self.engine, self.tokenizer, identity_prompt, rows_per_pass)
                                if "token_identity" in methods else None)
         self.bigram: torch.Tensor | None = None
+        self.fit_positions: dict[int, int] = {}
         self.metrics = PatchscopeMetrics(self._series(), len(self.layers))
         self.results: dict | None = None
 
@@ -191,11 +192,23 @@ class PatchscopeEvaluation(L.LightningModule):
                 lens.weight.copy_(a - torch.eye(d, device=a.device))
                 lens.bias.copy_(b)
             self.fitted[lens_key("affine", k)] = lens
-        log.info("affine lenses fitted on %d positions", equations[0].count if 0 in equations else 0)
+        self.fit_positions = {k: eq.count for k, eq in equations.items()}
+        log.info("affine lenses fitted on %s positions (by offset)", self.fit_positions)
 
     def _at_offset(self, residuals: torch.Tensor, batch: dict, k: int):
-        """h (num_layers, B, d) at the read positions, the last block's output at position + k
-        (B, d), and which rows have that position (B,)."""
+        """h (num_layers, N, d) at the read positions, the last block's output at position + k
+        (N, d), and which of the N have that position (N,).
+
+        A batch with read position -1 (``--data.fit_positions all``) reads every position t whose
+        t + k is in the document; otherwise N = B, one read position per document.
+        """
+        if bool((batch["position"] < 0).all()):
+            mask = batch["attention_mask"].bool()
+            ahead_ok = torch.zeros_like(mask)
+            ahead_ok[:, : mask.shape[1] - k] = mask[:, k:]
+            rows, cols = ahead_ok.nonzero(as_tuple=True)
+            valid = torch.ones_like(rows, dtype=torch.bool)
+            return residuals[self.layers][:, rows, cols], residuals[-1][rows, cols + k], valid
         rows = torch.arange(batch["input_ids"].shape[0], device=residuals.device)
         position = batch["position"]
         valid = batch["targets"][:, k] >= 0
@@ -258,9 +271,10 @@ class PatchscopeEvaluation(L.LightningModule):
         datamodule = self.trainer.datamodule
         self.results = {
             "model": self.hparams.name, "revision": self.base_revision, "layers": self.layers,
-            "protocol": {k: datamodule.hparams[k] for k in ("source", "seed", "n_fit", "n_eval", "max_words",
-                                                             "max_chars", "holdout_every", "seq_len")},
+            "protocol": {k: datamodule.hparams[k] for k in ("source", "seed", "n_fit", "n_eval", "max_words", "max_chars",
+                                                             "holdout_every", "fit_positions", "seq_len")},
             "documents": {"fit": len(datamodule.fit_samples), "eval": len(datamodule.eval_samples)},
+            "affine_fit_positions": {f"+{k}" if k else "0": n for k, n in self.fit_positions.items()},
             "lenses": self.artifacts,
             "metrics": values, "counts": counts,
             "units": "precision: fraction of positions; surprisal and KL: nats per position",

@@ -58,6 +58,21 @@ def test_samples_keep_the_future_targets_and_mark_missing_ones(tmp_path):
         assert s["targets"] == [tokens[t + 1 + j] if t + 1 + j < len(tokens) else -100 for j in range(4)]
 
 
+def test_fit_positions_all_fits_on_every_position_of_the_fitting_documents(tmp_path, tiny_model_dir, corpus):
+    evaluate.main(eval_args(tmp_path / "one", tiny_model_dir, corpus, "--model.methods", "[affine]",
+                            "--model.future_offsets", "[2]"))
+    evaluate.main(eval_args(tmp_path / "all", tiny_model_dir, corpus, "--model.methods", "[affine]",
+                            "--model.future_offsets", "[2]", "--data.fit_positions", "all"))
+    one, every = (json.loads((tmp_path / name / "results.json").read_text()) for name in ("one", "all"))
+    texts = [json.loads(line)["text"] for line in corpus.read_text().splitlines()]
+    assert one["affine_fit_positions"] == {"0": 40, "+2": one["affine_fit_positions"]["+2"]}
+    # every position t of each fitting document with t + k inside it: (length - k) per document
+    data = protocol(corpus, n_fit=40, n_eval=24)
+    lengths = [len(make_tokenizer()(texts[s["doc"]])["input_ids"]) for s in data.fit_samples]
+    assert every["affine_fit_positions"] == {"0": sum(lengths), "+2": sum(n - 2 for n in lengths)}
+    assert every["metrics"]["kl_nats"]["affine"] != one["metrics"]["kl_nats"]["affine"]
+
+
 def test_holdout_split_evaluates_on_the_documents_train_py_held_out(tmp_path):
     corpus = write_corpus(tmp_path / "c.jsonl", 60)
     data = protocol(corpus, holdout_every=3, n_fit=100, n_eval=100)
