@@ -44,31 +44,37 @@ class PatchingEngine:
         output = blocks[layer - 1].output
         return output[0] if self.adapter.block_output_is_tuple else output
 
-    @torch.no_grad()
-    def run(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, layers: torch.Tensor,
+    def run(self, input_ids: torch.Tensor | None, attention_mask: torch.Tensor | None, layers: torch.Tensor,
             write_positions: torch.Tensor, states: torch.Tensor, read_positions: torch.Tensor,
-            past_key_values=None) -> torch.Tensor:
+            past_key_values=None, inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
         """Patched next-token logits.
 
         input_ids, attention_mask: (N, T) target prompts; layers, write_positions, read_positions:
         (N,) per row; states: (N, d_model) written at (layers[n], write_positions[n]) of row n.
         past_key_values: an optional cache of an unpatched prompt prefix (batch N) that input_ids
         continue; positions then count from the first token after it, and attention_mask covers
-        prefix and input. Returns (N, vocab) logits of row n at read_positions[n].
+        prefix and input. inputs_embeds: (N, T, d_model) target prompts as embeddings instead of
+        input_ids (a learned soft prompt). Returns (N, vocab) logits of row n at read_positions[n].
+
+        Differentiable with respect to ``states`` and ``inputs_embeds`` when either requires grad
+        (training a learned prompt through the frozen model); otherwise runs without autograd.
         """
-        n = input_ids.shape[0]
+        prompt = input_ids if input_ids is not None else inputs_embeds
+        n = prompt.shape[0]
         if not (layers.shape == write_positions.shape == read_positions.shape == (n,)) or states.shape[0] != n:
             raise ValueError("layers, write_positions, read_positions need shape (N,) and states (N, d_model)")
         if int(layers.min()) < 0 or int(layers.max()) > self.adapter.num_layers:
             raise ValueError(f"patch layers must be residual indices 0..{self.adapter.num_layers}")
         if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
+            attention_mask = torch.ones(prompt.shape[:2], dtype=torch.long, device=prompt.device)
         rows_by_layer = {int(j): (layers == j).nonzero(as_tuple=True)[0] for j in layers.unique().tolist()}
-        all_rows = torch.arange(n, device=input_ids.device)
-        inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
+        all_rows = torch.arange(n, device=prompt.device)
+        inputs = {"input_ids": input_ids} if input_ids is not None else {"inputs_embeds": inputs_embeds}
+        inputs["attention_mask"] = attention_mask
         if past_key_values is not None:
             inputs.update({cache_argument(self.adapter.model): past_key_values, "use_cache": True})
-        with self.traced.trace(inputs):
+        differentiable = states.requires_grad or (inputs_embeds is not None and inputs_embeds.requires_grad)
+        with torch.set_grad_enabled(differentiable and torch.is_grad_enabled()), self.traced.trace(inputs):
             # Modules run in order, so the writes must be made in increasing layer order.
             for layer in sorted(rows_by_layer):
                 rows = rows_by_layer[layer]

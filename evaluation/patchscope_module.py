@@ -7,7 +7,8 @@ Methods, each a mapping from the source state h_ℓ(t) to a next-token distribut
   two agree to < 1e-4, and decoding directly costs one head product instead of a forward pass.
 * ``affine`` (and ``affine+k`` for future offsets): the least-squares affine map from h_ℓ(t) to
   the last block's output at t + k, fitted on the fitting documents before evaluation.
-* every lens artifact given (``tuned``, ``tuned+1``, ...: trained by ``train.py``), decoded the same way;
+* every lens artifact given (``tuned``, ``tuned+1``, ...: trained by ``train.py``), decoded the same
+  way, or, for a learned-prompt lens, run through the patching engine with its learned prompt;
 * ``token_identity``: the token-identity patchscope (``evaluation.token_identity``);
 * ``bigram`` (future offsets only): the Future Lens bigram baseline (``evaluation.baselines``).
 
@@ -43,6 +44,7 @@ from evaluation.report import write_report
 from evaluation.token_identity import IDENTITY_PROMPT, TokenIdentityPatchscope
 from lenses.artifact import load_lens
 from lenses.errors import ConfigError
+from lenses.learned_prompt import LearnedPromptLens
 from lenses.least_squares import NormalEquations
 from lenses.lens import AffineLens, Lens
 from training.lens_module import lens_key
@@ -72,7 +74,7 @@ class PatchscopeEvaluation(L.LightningModule):
             revision: hub revision of the base model.
             dtype: dtype of the frozen model's weights.
             lenses: lens artifact folders written by ``train.py`` (tuned lenses, future lenses,
-                affine lenses); each is scored at its own offset.
+                affine and learned-prompt lenses); each is scored at its own offset.
             methods: built-in methods to score: ``logit``, ``affine`` (least squares, fitted here
                 on the fitting documents), ``token_identity``, ``bigram`` (future offsets only).
             future_offsets: offsets k ≥ 1 scored against the model's prediction k tokens ahead
@@ -220,6 +222,8 @@ class PatchscopeEvaluation(L.LightningModule):
         """(num_layers, B, d) → (num_layers, B, V) fp32 logits of a lens method (``logit``: no lens)."""
         if method != "logit":
             lens: Lens = self.fitted[method] if method in self.fitted else self.lenses[method]
+            if isinstance(lens, LearnedPromptLens):  # a patchscope with a learned target prompt
+                return lens.logits(self.engine, h, self.hparams.rows_per_pass).float()
             h = lens(h.float()).to(h.dtype)
         return self.adapter.decode(h).float()
 

@@ -22,6 +22,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from lenses.errors import UserError
+from lenses.learned_prompt import LearnedPromptLens  # noqa: F401 (registers its lens type)
 from lenses.lens import LENS_TYPES, Lens
 
 WEIGHTS = "lens.safetensors"
@@ -112,7 +113,7 @@ def load_lens(path: str | Path, *, unembed_hash: str | None = None, num_hidden_l
             "use a lens trained on this model"
         )
     cls = LENS_TYPES[lens_type]
-    kwargs = {k: config[k] for k in ("bias", "offset") if k in config and lens_type != "logit"}
+    kwargs = {k: config[k] for k in ("bias", "offset", "prompt_length") if k in config and lens_type != "logit"}
     lens = cls(layers=config["layers"], d_model=config["d_model"], **kwargs)
     files = config.get("files", {})
     if WEIGHTS not in files and lens.state_dict():

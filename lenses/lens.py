@@ -90,3 +90,4 @@ class AffineLens(TunedLens):
 
 
 LENS_TYPES: dict[str, type[Lens]] = {cls.lens_type: cls for cls in (LogitLens, TunedLens, AffineLens)}
+"""Lens classes by ``lens_type``; ``lenses.learned_prompt`` adds the learned-prompt lens."""

@@ -187,3 +187,18 @@ def reference_kl(unembed: Unembed, x: torch.Tensor, target_logp: torch.Tensor) -
     """Unfused per-layer mean KL through autograd; the yardstick the fused version is tested against."""
     logq = torch.log_softmax(unembed.adapter.apply_softcap(F.linear(x, unembed.weight, unembed.bias)).float(), -1)
     return F.kl_div(logq, target_logp.expand_as(logq), log_target=True, reduction="none").sum(-1).mean(-1)
+
+
+@torch.no_grad()
+def logit_metrics(logits: torch.Tensor, target_logp: torch.Tensor, labels: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """``lens_metrics`` for lenses that produce logits themselves (the learned-prompt lens).
+
+    logits: (L, N, V); target_logp: (N, V) fp32; labels: (N,), -100 = none. Per-layer sums.
+    """
+    logq = torch.log_softmax(logits.float(), -1)
+    kl = (target_logp.exp() * (target_logp - logq)).sum(-1).double().sum(-1)
+    has_label = labels >= 0 if labels is not None else torch.zeros(logits.shape[1], dtype=torch.bool, device=logits.device)
+    ce = torch.zeros_like(kl)
+    if has_label.any():
+        ce = -logq[:, has_label].gather(-1, labels[has_label].view(1, -1, 1).expand(logits.shape[0], -1, 1)).double().sum((1, 2))
+    return {"kl": kl, "ce": ce, "n_tokens": torch.tensor(logits.shape[1]), "n_labels": torch.tensor(int(has_label.sum()))}

@@ -25,18 +25,21 @@ from basemodel.loading import (
     resolve_dtype,
     tensor_fingerprint,
 )
+from basemodel.patching import PatchingEngine
 from basemodel.residuals import ResidualReader
+from evaluation.token_identity import IDENTITY_PROMPT
 from lenses.artifact import load_lens
 from lenses.errors import ConfigError, UserError
+from lenses.learned_prompt import LearnedPromptLens
 from lenses.least_squares import NormalEquations
 from lenses.lens import AffineLens, Lens, LogitLens, TunedLens
-from lenses.unembed import Unembed, lens_kl, lens_metrics
+from lenses.unembed import Unembed, lens_kl, lens_metrics, logit_metrics
 from training.metrics import PerLayerLensMetrics
 
 log = logging.getLogger(__name__)
 
 
-TRAINABLE = ("tuned", "affine")
+TRAINABLE = ("tuned", "affine", "learned_prompt")
 
 
 def lens_key(lens_type: str, offset: int) -> str:
@@ -70,6 +73,9 @@ class LensTrainingModule(L.LightningModule):
         cache_dtype: str | None = None,
         init_lens: str | None = None,
         ridge: float = 1e-3,
+        prompt_length: int = 10,
+        prompt_lr: float = 1e-3,
+        prompt_positions: int = 16,
     ):
         """
         Args:
@@ -103,6 +109,12 @@ class LensTrainingModule(L.LightningModule):
                 training a lens, or warm-start a tuned lens from an affine one); it must have been
                 made for this model.
             ridge: relative ridge term of the least-squares fit (``lens_type: affine``).
+            prompt_length: soft-prompt vectors of a learned-prompt lens (Future Lens: 10).
+            prompt_lr: Adam learning rate of the learned prompt (its own optimizer: a soft prompt
+                is not an affine map near the identity, the SGD recipe above does not apply).
+            prompt_positions: positions per batch at which the learned prompt is trained and
+                validated; each costs one frozen-model pass per layer, so a batch is subsampled
+                (seeded by the step: a resumed run picks the same ones).
         """
         super().__init__()
         self.save_hyperparameters()
@@ -128,7 +140,16 @@ class LensTrainingModule(L.LightningModule):
         d_model = self.adapter.d_model
         self.offsets = offsets
         # One lens per offset, keyed "tuned", "tuned+1", ... (see lens_key).
-        if lens_type == "affine":
+        self.engine = PatchingEngine(self.reader)
+        if lens_type == "learned_prompt":
+            self.lenses = torch.nn.ModuleDict(
+                {lens_key(lens_type, k): LearnedPromptLens(layers, d_model, offset=k, prompt_length=prompt_length)
+                 for k in offsets})
+            # Start from the token-identity prompt: a patchscope that already decodes the next token.
+            start_ids = self.tokenizer(IDENTITY_PROMPT)["input_ids"]
+            for lens in self.lenses.values():
+                lens.init_from_tokens(self.base.get_input_embeddings(), start_ids)
+        elif lens_type == "affine":
             self.lenses = torch.nn.ModuleDict(
                 {lens_key(lens_type, k): AffineLens(layers, d_model, bias=True, offset=k) for k in offsets})
             self.normal_equations = {lens_key(lens_type, k): NormalEquations(len(layers), d_model) for k in offsets}
@@ -274,6 +295,13 @@ class LensTrainingModule(L.LightningModule):
             return states[self.layers][:, keep], states[-1][target[keep]], labels[target[keep]]
         return states[self.layers], states[-1], labels
 
+    def _prompt_subsample(self, n: int, seed: int | None) -> torch.Tensor:
+        """Indices of the positions a learned prompt is trained (seeded) or validated (evenly spread) on."""
+        m = min(n, self.hparams.prompt_positions)
+        if seed is None:
+            return torch.linspace(0, n - 1, m, device=self.device).round().long()
+        return torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:m].to(self.device)
+
     def _decode_inputs(self, lens: Lens, h: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """h: (num_lensed, N, d_model) → the head's input for each lensed layer."""
         h = h.float()
@@ -304,8 +332,14 @@ class LensTrainingModule(L.LightningModule):
         loss = 0.0
         for key, lens in self.lenses.items():
             h, final, _ = self.lens_examples(batch, states, labels, lens.offset)
-            target = self._target_log_probs(final)
-            kl = lens_kl(self.unembed, self._decode_inputs(lens, h, dtype), target, dtype)
+            if isinstance(lens, LearnedPromptLens):
+                keep = self._prompt_subsample(h.shape[1], seed=self.global_step)
+                h, target = h[:, keep], self._target_log_probs(final[keep])
+                logq = torch.log_softmax(lens.logits(self.engine, h), -1)
+                kl = (target.exp() * (target - logq)).sum(-1).mean(-1)
+            else:
+                target = self._target_log_probs(final)
+                kl = lens_kl(self.unembed, self._decode_inputs(lens, h, dtype), target, dtype)
             # Layers and lenses are independent; summing their losses gives each translator its own gradient.
             loss = loss + kl.sum()
             m = h.shape[1]
@@ -323,10 +357,16 @@ class LensTrainingModule(L.LightningModule):
         dtype = resolve_dtype(self.hparams.eval_dtype)
         for k in self.offsets:
             h, final, labels = self.lens_examples(batch, states, all_labels, k)
+            if self.hparams.lens_type == "learned_prompt":
+                keep = self._prompt_subsample(h.shape[1], seed=None)
+                h, final, labels = h[:, keep], final[keep], labels[keep]
             target = self._target_log_probs(final)
             for name, lens in (("logit", self.logit_lens), (self.hparams.lens_type, self.lenses[lens_key(self.hparams.lens_type, k)])):
-                x = self._decode_inputs(lens, h, dtype)
-                self.val_metrics[lens_key(name, k)].update(lens_metrics(self.unembed, x, target, labels, dtype))
+                if isinstance(lens, LearnedPromptLens):
+                    sums = logit_metrics(lens.logits(self.engine, h), target, labels)
+                else:
+                    sums = lens_metrics(self.unembed, self._decode_inputs(lens, h, dtype), target, labels, dtype)
+                self.val_metrics[lens_key(name, k)].update(sums)
 
     def on_validation_epoch_start(self) -> None:
         if self.hparams.lens_type != "affine":
@@ -369,9 +409,12 @@ class LensTrainingModule(L.LightningModule):
         if hp.lens_type == "affine":
             # Fitted in closed form (on_validation_epoch_start); a zero learning rate leaves it be.
             return torch.optim.SGD(self.lenses.parameters(), lr=0.0)
-        # The reference scales lr by (1 − momentum) so that lr=1.0 is a sensible SGD step size.
-        optimizer = torch.optim.SGD(self.lenses.parameters(), lr=hp.lr * (1 - hp.momentum), momentum=hp.momentum,
-                                    nesterov=hp.nesterov, weight_decay=hp.weight_decay)
+        if hp.lens_type == "learned_prompt":
+            optimizer = torch.optim.Adam(self.lenses.parameters(), lr=hp.prompt_lr)
+        else:
+            # The reference scales lr by (1 − momentum) so that lr=1.0 is a sensible SGD step size.
+            optimizer = torch.optim.SGD(self.lenses.parameters(), lr=hp.lr * (1 - hp.momentum), momentum=hp.momentum,
+                                        nesterov=hp.nesterov, weight_decay=hp.weight_decay)
         total = self.trainer.max_steps
         if total is None or total <= 0:
             raise ConfigError(f"--trainer.max_steps must be a positive number of steps, got {total}")

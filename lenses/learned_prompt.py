@@ -1,0 +1,65 @@
+"""The learned-prompt future lens (Future Lens, Pal et al. 2023, method (c)).
+
+A trainable soft prompt of ``prompt_length`` vectors per lensed layer is fed to the frozen model
+as input embeddings; the state h_ℓ(t) is written at the prompt's LAST position at the same layer
+ℓ, the model runs on, and its next-token distribution there is trained (KL) towards the model's
+real distribution at t + offset. Only the prompt is trained.
+
+It is a patchscope whose target prompt is learned, so it runs through the same batched
+``PatchingEngine`` as the token-identity patchscope: one target pass evaluates every (layer,
+example) pair of a batch. Unlike the affine lenses it needs the model to decode, so ``forward``
+(residual → residual) does not exist; ``logits(engine, h)`` does.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from lenses.lens import LENS_TYPES, Lens
+
+
+class LearnedPromptLens(Lens):
+    lens_type = "learned_prompt"
+
+    def __init__(self, layers: list[int], d_model: int, offset: int = 1, prompt_length: int = 10):
+        super().__init__(layers, d_model)
+        if offset < 0 or prompt_length < 1:
+            raise ValueError(f"need offset >= 0 and prompt_length >= 1, got {offset} and {prompt_length}")
+        self.offset = offset
+        self.prompt_length = prompt_length
+        self.prompt = nn.Parameter(torch.zeros(len(layers), prompt_length, d_model))
+
+    def extra_config(self) -> dict:
+        return {"offset": self.offset, "prompt_length": self.prompt_length}
+
+    @torch.no_grad()
+    def init_from_tokens(self, embedding: nn.Embedding, token_ids: list[int]) -> None:
+        """Start every layer's prompt from the embeddings of ``token_ids`` (cycled to the length)."""
+        ids = torch.tensor([token_ids[i % len(token_ids)] for i in range(self.prompt_length)],
+                           device=embedding.weight.device)
+        self.prompt.copy_(embedding(ids).to(self.prompt).expand_as(self.prompt))
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        raise TypeError("a learned-prompt lens decodes through the model: call lens.logits(engine, h)")
+
+    def logits(self, engine, h: torch.Tensor, rows_per_pass: int = 4096) -> torch.Tensor:
+        """h: (num_layers, N, d) source states at this lens's layers → (num_layers, N, V) logits at
+        the prompt's last position; differentiable with respect to the prompt."""
+        num_layers, n, d = h.shape
+        device = h.device
+        layer_index = torch.arange(num_layers, device=device).repeat_interleave(n)
+        residual_index = torch.tensor(self.layers, device=device)[layer_index]
+        flat = h.reshape(num_layers * n, d)
+        last = self.prompt_length - 1
+        out = []
+        for start in range(0, flat.shape[0], rows_per_pass):
+            rows = slice(start, min(start + rows_per_pass, flat.shape[0]))
+            count = rows.stop - rows.start
+            at = torch.full((count,), last, device=device)
+            embeds = self.prompt[layer_index[rows]].to(engine.adapter.unembedding_weight.dtype)
+            out.append(engine.run(None, None, residual_index[rows], at, flat[rows], at, inputs_embeds=embeds).float())
+        return torch.cat(out).view(num_layers, n, -1)
+
+
+LENS_TYPES[LearnedPromptLens.lens_type] = LearnedPromptLens

@@ -1,0 +1,95 @@
+"""The learned-prompt future lens (Future Lens method (c)): a patchscope with a trained target prompt."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import evaluate
+import train
+from basemodel.patching import PatchingEngine
+from datamodules.preprocessing import collate
+from evaluation.token_identity import IDENTITY_PROMPT
+from lenses.artifact import load_lens
+from lenses.learned_prompt import LearnedPromptLens
+from tests.conftest import fit_args
+from tests.test_evaluation import eval_args
+from training.lens_module import LensTrainingModule
+
+
+@pytest.fixture
+def module(tiny_model_dir) -> LensTrainingModule:
+    module = LensTrainingModule(name=str(tiny_model_dir), lens_type="learned_prompt", offsets=[1], prompt_length=4,
+                                prompt_positions=6, cache="none")
+    module.cache = None
+    return module
+
+
+def batch(seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    samples = [{"input_ids": ids, "positions": list(range(12)), "labels": ids[1:] + [-100]}
+               for ids in torch.randint(4, 200, (2, 12), generator=g).tolist()]
+    return collate(samples, pad_id=3)
+
+
+def test_a_prompt_of_token_embeddings_gives_the_patchscope_of_those_tokens(module):
+    lens = module.lenses["learned_prompt+1"]
+    ids = module.tokenizer("w5 w9 w11 w7")["input_ids"]
+    lens.init_from_tokens(module.base.get_input_embeddings(), ids)
+    h = torch.randn(3, 5, module.adapter.d_model)
+    got = lens.logits(module.engine, h)
+    n = len(ids)
+    for i, layer in enumerate(lens.layers):
+        rows = torch.full((5,), n - 1)
+        expected = module.engine.run(torch.tensor(ids).expand(5, -1), None, torch.full((5,), layer), rows, h[i], rows)
+        torch.testing.assert_close(got[i], expected, atol=1e-4, rtol=0)
+
+
+def test_training_moves_only_the_prompt_through_the_patching_engine_and_lowers_the_kl(module, monkeypatch):
+    calls = []
+    run = PatchingEngine.run
+    monkeypatch.setattr(PatchingEngine, "run", lambda self, *a, **k: calls.append(1) or run(self, *a, **k))
+    lens = module.lenses["learned_prompt+1"]
+    start = lens.prompt.detach().clone()
+    optimizer = torch.optim.Adam(lens.parameters(), lr=0.05)
+    b = batch()
+    states, labels = module.hidden_states(b)
+    h, final, _ = module.lens_examples(b, states, labels, 1)
+    target = module._target_log_probs(final)
+    losses = []
+    for _ in range(8):
+        logq = torch.log_softmax(lens.logits(module.engine, h), -1)
+        loss = (target.exp() * (target - logq)).sum(-1).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert calls, "the learned prompt must run through the patching engine"
+    assert losses[-1] < losses[0] * 0.9
+    assert (lens.prompt - start).abs().max() > 1e-3
+    assert all(p.grad is None for p in module.base.parameters()), "the frozen model must get no gradient"
+
+
+def test_train_py_trains_saves_and_evaluate_py_scores_a_learned_prompt_lens(tmp_path, tiny_model_dir, corpus):
+    train.main(fit_args(tmp_path / "train", tiny_model_dir, corpus, "--model.lens_type", "learned_prompt",
+                        "--model.offsets", "[1]", "--model.prompt_length", "4", "--model.prompt_positions", "4",
+                        "--model.prompt_lr", "0.01"))
+    lens = load_lens(tmp_path / "train" / "out" / "learned_prompt+1")
+    assert isinstance(lens, LearnedPromptLens) and lens.offset == 1 and lens.prompt.shape == (3, 4, 32)
+    ckpt = torch.load(tmp_path / "train" / "ckpt" / "last.ckpt", weights_only=False)
+    assert set(ckpt["state_dict"]) == {"lenses.learned_prompt+1.prompt"}
+    results = json.loads((tmp_path / "train" / "out" / "results.json").read_text())
+    assert results["lenses"] == ["logit+1", "learned_prompt+1"]
+    assert all(v == v and v >= 0 for v in results["learned_prompt+1"]["kl_nats"])
+    evaluate.main(eval_args(tmp_path / "eval", tiny_model_dir, corpus, "--model.methods", "[logit]",
+                            "--model.future_offsets", "[1]", "--lenses", str(tmp_path / "train" / "out" / "learned_prompt+1")))
+    scored = json.loads((tmp_path / "eval" / "results.json").read_text())["metrics"]
+    assert set(scored["future+1/precision@1_model"]) == {"logit", "learned_prompt+1"}
+
+
+def test_learned_prompt_starts_from_the_token_identity_prompt(module):
+    ids = module.tokenizer(IDENTITY_PROMPT)["input_ids"]
+    expected = module.base.get_input_embeddings()(torch.tensor([ids[i % len(ids)] for i in range(4)]))
+    torch.testing.assert_close(module.lenses["learned_prompt+1"].prompt[1], expected)
