@@ -172,9 +172,10 @@ def test_evaluate_logs_to_wandb_offline(tmp_path, tiny_model_dir, corpus):
 
 
 @pytest.mark.parametrize(("extra", "message"), [
-    (["--model.methods", "[logit, psychic]"], "--model.methods has unknown ['psychic']"),
-    (["--data.max_offset", "1"], "raise --data.max_offset to 3"),
-    (["--data.source", "/nonexistent/corpus.jsonl"], "/nonexistent/corpus.jsonl"),
+    pytest.param(["--model.methods", "[logit, psychic]"], "--model.methods has unknown ['psychic']", id="unknown-method"),
+    pytest.param(["--data.max_offset", "1"], "raise --data.max_offset to 3", id="offset-beyond-max-offset"),
+    pytest.param(["--data.source", "/nonexistent/corpus.jsonl"], "no data found at '/nonexistent/corpus.jsonl'",
+                 id="missing-data-path"),
 ])
 def test_bad_evaluation_settings_give_one_line_errors(tmp_path, tiny_model_dir, corpus, capsys, extra, message):
     with pytest.raises(SystemExit) as exit_info:
