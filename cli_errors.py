@@ -29,14 +29,15 @@ def is_user_error(err: BaseException) -> bool:
 
 
 def is_trainer_setting_error(err: BaseException) -> bool:
-    """Lightning's ``MisconfigurationException`` raised while the ``Trainer`` is built, i.e. a bad
-    ``--trainer.*`` value (e.g. ``--trainer.max_steps -5``). Raised anywhere else it may be a bug and
+    """Lightning's ``MisconfigurationException`` or ``ValueError`` raised while the ``Trainer`` is
+    built, i.e. a bad ``--trainer.*`` value (e.g. ``--trainer.max_steps -5``). Raised anywhere else it may be a bug and
     keeps its traceback."""
     try:
         from lightning.fabric.utilities.exceptions import MisconfigurationException
     except ImportError:  # pragma: no cover - Lightning is a dependency
         return False
-    if not isinstance(err, MisconfigurationException):
+    # Lightning raises ValueError too for some settings (e.g. FSDP with --trainer.accelerator cpu).
+    if not isinstance(err, (MisconfigurationException, ValueError)):
         return False
     tb = err.__traceback__
     while tb is not None:

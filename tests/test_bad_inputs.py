@@ -241,6 +241,8 @@ DATA_CASES = [
      "invalid --trainer setting: `max_steps` must be a non-negative integer or -1 (infinite steps). You passed in -5."),
     ("unknown-lens-type", None, ["--model.lens_type", "quantum"], "--model.lens_type 'quantum' is unknown"),
     ("unknown-model-dtype", None, ["--model.dtype", "float8"], "unknown dtype 'float8'"),
+    ("fsdp-on-cpu", None, ["--config", str(ROOT / "configs/trainer/fsdp.yaml"), "--trainer.accelerator", "cpu"],
+     "invalid --trainer setting: The strategy `fsdp` requires a GPU accelerator"),
 ]
 
 

@@ -48,3 +48,30 @@ def test_two_process_ddp_trains_the_same_lens_as_one_process(tmp_path, tiny_mode
     for lens in ("logit", "tuned"):
         for metric in ("kl_nats", "ce_nats"):
             assert b[lens][metric] == pytest.approx(a[lens][metric], rel=1e-3), (lens, metric)
+
+
+def test_fsdp_policy_shards_the_frozen_blocks_and_keeps_the_lenses_whole(tiny_model_dir):
+    from torch.distributed.fsdp import ShardingStrategy
+
+    from training.fsdp import LensShardingPolicy
+    from training.lens_module import LensTrainingModule
+
+    module = LensTrainingModule(name=str(tiny_model_dir), offsets=[0, 1])
+    units = LensShardingPolicy()._run_policy(module, set(), {"sharding_strategy": ShardingStrategy.FULL_SHARD})
+    blocks = list(module.adapter.blocks)
+    assert set(units) == {*blocks, module.lenses}
+    assert all(units[b]["sharding_strategy"] == ShardingStrategy.FULL_SHARD for b in blocks)
+    assert units[module.lenses]["sharding_strategy"] == ShardingStrategy.NO_SHARD
+    # The head and final norm are in no unit of their own: they stay in the root, gathered per step.
+    assert module.base.get_output_embeddings() not in units
+
+
+def test_fsdp_config_parses_and_names_the_policy(tmp_path, tiny_model_dir, corpus):
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), "fit", "--config", str(ROOT / "configs/debug/fast.yaml"),
+         "--config", str(ROOT / "configs/trainer/fsdp.yaml"), "--model.name", str(tiny_model_dir),
+         "--data.source", str(corpus), "--print_config"],
+        capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "lightning.pytorch.strategies.FSDPStrategy" in result.stdout
+    assert "training.fsdp.LensShardingPolicy" in result.stdout

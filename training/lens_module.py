@@ -34,6 +34,7 @@ from lenses.learned_prompt import LearnedPromptLens
 from lenses.least_squares import NormalEquations
 from lenses.lens import AffineLens, Lens, LogitLens, TunedLens
 from lenses.unembed import Unembed, lens_kl, lens_metrics, logit_metrics
+from training.fsdp import tag as fsdp_tag
 from training.metrics import PerLayerLensMetrics
 
 log = logging.getLogger(__name__)
@@ -166,6 +167,10 @@ class LensTrainingModule(L.LightningModule):
                                   f"and offsets {offsets}")
             self.lenses[lens_key(lens_type, start_offset)].load_state_dict(start.state_dict())
         self.logit_lens = LogitLens(layers, d_model)
+        # Roles for FSDP (configs/trainer/fsdp.yaml): shard the frozen blocks, keep the lenses whole.
+        for block in self.adapter.blocks:
+            fsdp_tag(block, "block")
+        fsdp_tag(self.lenses, "lens")
         # Scored in validation, per offset: the logit lens (the baseline) and the trained lens.
         self.val_metrics = torch.nn.ModuleDict({
             lens_key(name, k): PerLayerLensMetrics(len(layers)) for k in offsets for name in ("logit", lens_type)
