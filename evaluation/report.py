@@ -98,13 +98,47 @@ def plot_metric(results: dict, metric: str) -> bytes:
     return buffer.getvalue()
 
 
+def _table(header: list[str], rows: list[list]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---:|" * len(header)]
+    lines += ["| " + " | ".join(v if isinstance(v, str) else f"{v:.3f}" for v in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def markdown_tables(results: dict) -> str:
+    """The Patchscopes Fig. 2 table (precision@1 and surprisal per method and layer) and, per
+    future offset, the Future Lens table (precision@1 against the model and the real token)."""
+    layers, metrics = results["layers"], results["metrics"]
+    parts = [f"Model {results['model']}, {results['documents']['eval']} evaluation positions "
+             f"({results['documents']['fit']} fitting documents).", ""]
+    if "precision@1" in metrics:
+        methods = list(metrics["precision@1"])
+        header = ["layer"] + [f"P@1 {m}" for m in methods] + [f"surprisal {m}" for m in methods]
+        rows = [[str(layer)] + [metrics["precision@1"][m][i] for m in methods] + [metrics["surprisal_nats"][m][i] for m in methods]
+                for i, layer in enumerate(layers)]
+        parts += ["Next token (Patchscopes Fig. 2): precision@1 against the model's own next token; "
+                  "surprisal in nats.", "", _table(header, rows), ""]
+    for metric in metrics:
+        if metric.startswith("future+") and metric.endswith("_model"):
+            k = metric.split("/")[0].removeprefix("future+")
+            real = metric.replace("_model", "_real")
+            methods = list(metrics[metric])
+            header = ["layer"] + [f"{m} (model)" for m in methods] + [f"{m} (real)" for m in methods]
+            rows = [[str(layer)] + [metrics[metric][m][i] for m in methods] + [metrics[real][m][i] for m in methods]
+                    for i, layer in enumerate(layers)]
+            parts += [f"Offset {k} (Future Lens N = {k}): precision@1 of the token {k} after the next, against "
+                      "the model's own prediction there (model) and the real token (real).", "", _table(header, rows), ""]
+    return "\n".join(parts)
+
+
 def write_report(results: dict, out_dir: Path, wandb_runs: list = ()) -> list[Path]:
-    """Write results.json, results.csv and one PNG per metric; log them to the given W&B runs."""
+    """Write results.json, results.csv, results.md (tables) and one PNG per metric; log them to
+    the given W&B runs."""
     out_dir = Path(out_dir)
     written = []
     _atomic_write(out_dir / "results.json", (json.dumps(results, indent=2) + "\n").encode())
     _atomic_write(out_dir / "results.csv", csv_text(results).encode())
-    written += [out_dir / "results.json", out_dir / "results.csv"]
+    _atomic_write(out_dir / "results.md", markdown_tables(results).encode())
+    written += [out_dir / "results.json", out_dir / "results.csv", out_dir / "results.md"]
     for metric in results["metrics"]:
         path = out_dir / f"{file_stem(metric)}.png"
         _atomic_write(path, plot_metric(results, metric))

@@ -151,6 +151,9 @@ def test_evaluate_scores_every_method_and_writes_json_csv_and_plots(tmp_path, ti
     assert results["counts"]["precision@1"]["logit"] == results["documents"]["eval"] == 24
     rows = list(csv.DictReader((tmp_path / "eval" / "results.csv").open()))
     assert len(rows) == sum(len(m) for m in metrics.values()) * 3
+    tables = (tmp_path / "eval" / "results.md").read_text()
+    assert "| layer | P@1 logit | P@1 affine |" in tables and "Offset 3 (Future Lens N = 3)" in tables
+    assert tables.count("\n| 2 |") == 4  # the last layer's row in the next-token table and 3 offset tables
     pngs = sorted(p.name for p in (tmp_path / "eval").glob("*.png"))
     assert len(pngs) == len(metrics) and "precision_at_1.png" in pngs
     assert all((tmp_path / "eval" / p).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in pngs)

@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -96,8 +97,11 @@ def test_wandb_offline_run_has_summary(tmp_path, tiny_model_dir, corpus, monkeyp
 
 
 def run_cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(ROOT / "train.py"), *args], capture_output=True, text=True,
-                          cwd=ROOT, env={**os.environ, **(env or {})}, timeout=600)
+    """``train.py`` in a fresh process, from an empty working folder: paths a config gives
+    relative to the working folder (runs/, artifacts/) never touch the checkout's own outputs."""
+    with tempfile.TemporaryDirectory(prefix="lenscope-cli-") as cwd:
+        return subprocess.run([sys.executable, str(ROOT / "train.py"), *args], capture_output=True, text=True,
+                              cwd=cwd, env={**os.environ, **(env or {})}, timeout=600)
 
 
 @pytest.mark.parametrize(
@@ -131,7 +135,7 @@ def test_embedded_model_lens_beats_logit_lens(tmp_path):
     lens on held-out text at every layer (the logit lens of this model is poor at every layer)."""
     out = tmp_path / "out"
     result = run_cli(
-        "fit", "--config", "configs/quickstart.yaml", "--trainer.max_steps", "6",
+        "fit", "--config", str(ROOT / "configs/quickstart.yaml"), "--trainer.max_steps", "6",
         "--trainer.val_check_interval", "6", "--trainer.logger", "false", "--trainer.enable_progress_bar", "false",
         "--data.batch_size", "4", "--data.val_max_docs", "3", "--data.num_workers", "0",
         "--trainer.default_root_dir", str(tmp_path / "runs"),
