@@ -34,17 +34,15 @@ class PatchscopeMetrics(Metric):
         self.total[i] += values.sum(-1)
         self.count[i] += values.shape[-1]
 
-    def compute(self) -> dict[str, dict[str, list[float]]]:
-        """{metric: {method: per-layer means}} (NaN where nothing was counted)."""
-        means = self.total / self.count
-        out: dict[str, dict[str, list[float]]] = {}
-        for (metric, method), i in self.index.items():
-            out.setdefault(metric, {})[method] = means[i].tolist()
-        return out
+    def compute(self) -> dict[str, dict[str, dict[str, list[float] | int]]]:
+        """{"means": {metric: {method: per-layer means}}, "counts": {metric: {method: positions}}}.
 
-    def counts(self) -> dict[str, dict[str, int]]:
-        """{metric: {method: examples counted}} (the same at every layer)."""
-        out: dict[str, dict[str, int]] = {}
+        Both come from the synchronised states (torchmetrics syncs for the length of this call
+        only, so counts are read here, not from the states afterwards). NaN where nothing was counted.
+        """
+        means = self.total / self.count
+        out: dict[str, dict] = {"means": {}, "counts": {}}
         for (metric, method), i in self.index.items():
-            out.setdefault(metric, {})[method] = int(self.count[i, 0])
+            out["means"].setdefault(metric, {})[method] = means[i].tolist()
+            out["counts"].setdefault(metric, {})[method] = int(self.count[i, 0])
         return out

@@ -269,8 +269,8 @@ class PatchscopeEvaluation(L.LightningModule):
         return top1
 
     def on_test_epoch_end(self) -> None:
-        values = self.metrics.compute()  # one synchronisation for every layer, method and metric
-        counts = self.metrics.counts()
+        computed = self.metrics.compute()  # one synchronisation for every layer, method and metric
+        values, counts = computed["means"], computed["counts"]
         self.metrics.reset()
         datamodule = self.trainer.datamodule
         self.results = {

@@ -75,3 +75,29 @@ def test_fsdp_config_parses_and_names_the_policy(tmp_path, tiny_model_dir, corpu
     assert result.returncode == 0, result.stderr[-2000:]
     assert "lightning.pytorch.strategies.FSDPStrategy" in result.stdout
     assert "training.fsdp.LensShardingPolicy" in result.stdout
+
+
+def evaluate_run(tmp_path: Path, model_dir: Path, corpus: Path, devices: int) -> dict:
+    out = tmp_path / f"eval{devices}"
+    cmd = [
+        sys.executable, str(ROOT / "evaluate.py"), "--config", str(ROOT / "configs/eval/patchscopes.yaml"),
+        "--trainer.logger", "false", "--trainer.enable_progress_bar", "false", "--trainer.accelerator", "cpu",
+        "--trainer.devices", str(devices), *(["--trainer.strategy", "ddp"] if devices > 1 else []),
+        "--model.name", str(model_dir), "--model.output_dir", str(out), "--data.source", str(corpus),
+        "--data.n_fit", "40", "--data.n_eval", "25", "--data.batch_size", "4",
+    ]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path,
+                            env={**os.environ, "LENSCOPE_COMPILE": "0"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads((out / "results.json").read_text())
+
+
+def test_two_process_evaluation_gives_the_same_numbers_as_one(tmp_path, tiny_model_dir, corpus):
+    """Each rank evaluates its own documents and fits on its own share of the fitting documents;
+    the affine normal equations and the metric states are summed across ranks."""
+    one = evaluate_run(tmp_path, tiny_model_dir, corpus, devices=1)
+    two = evaluate_run(tmp_path, tiny_model_dir, corpus, devices=2)
+    assert two["counts"] == one["counts"] and one["counts"]["precision@1"]["logit"] == 25  # odd: uneven shards
+    for metric, by_method in one["metrics"].items():
+        for method, values in by_method.items():
+            assert two["metrics"][metric][method] == pytest.approx(values, abs=1e-6), (metric, method)

@@ -92,9 +92,10 @@ def test_metrics_average_per_layer_and_respect_masks():
     metric = PatchscopeMetrics([("p", "a"), ("p", "b")], num_layers=2)
     metric.update("p", "a", torch.tensor([[1.0, 0.0, 1.0], [0.0, 0.0, 1.0]]))
     metric.update("p", "b", torch.tensor([2.0, 4.0, 100.0]), mask=torch.tensor([True, True, False]))
-    values = metric.compute()
+    computed = metric.compute()
+    values = computed["means"]
     assert values["p"]["a"] == pytest.approx([2 / 3, 1 / 3]) and values["p"]["b"] == [3.0, 3.0]
-    assert metric.counts()["p"] == {"a": 3, "b": 2}
+    assert computed["counts"]["p"] == {"a": 3, "b": 2}
     # Two state tensors hold everything: one synchronisation for all layers and series.
     assert sorted(metric._defaults) == ["count", "total"]
 
