@@ -23,7 +23,7 @@ from train import finish_loggers
 class EvaluateCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_argument("--lenses", type=str, nargs="+", default=[],
-                            help="lens artifact folders written by train.py (tuned and future lenses)")
+                            help="lens artifact folders written by train.py (tuned, future, affine and learned-prompt lenses)")
         parser.link_arguments("lenses", "model.lenses")
         # Every document is given to exactly one rank by the data module itself.
         parser.set_defaults({"trainer.enable_model_summary": False, "trainer.use_distributed_sampler": False})
@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> None:
 
     def run() -> None:
         cli = EvaluateCLI(PatchscopeEvaluation, PatchscopeDataModule, run=False, args=argv,
-                          save_config_callback=None)
+                          save_config_callback=None, auto_configure_optimizers=False)
         cli.trainer.test(cli.model, datamodule=cli.datamodule)
         finish_loggers(cli)
 
