@@ -32,3 +32,4 @@ lint: install
 
 bench: install
 	$(PY) bench/train_throughput.py
+	$(PY) bench/patchscope_eval.py

@@ -69,10 +69,12 @@ def plot_metric(results: dict, metric: str) -> bytes:
     """PNG: one line per method over layers, each labelled at its right end (no legend to hunt)."""
     layers = results["layers"]
     by_method = results["metrics"][metric]
+    # One colour per method across every plot of a report, so a method is recognised at a glance.
+    every_method = list(dict.fromkeys(m for series in results["metrics"].values() for m in series))
     fig, ax = plt.subplots(figsize=(8, 4.8), dpi=120)
     ends = []
-    for i, (method, values) in enumerate(by_method.items()):
-        color = plt.cm.tab10(i % 10)
+    for method, values in by_method.items():
+        color = plt.cm.tab10(every_method.index(method) % 10)
         style = "--" if method == "bigram" else "-"
         ax.plot(layers, values, style, color=color, linewidth=2, marker="o", markersize=3)
         ends.append([values[-1], method, color])
@@ -85,7 +87,7 @@ def plot_metric(results: dict, metric: str) -> bytes:
     for y, method, color in ends:
         ax.annotate(method, xy=(layers[-1], y), xytext=(6, 0), textcoords="offset points", va="center",
                     color=color, fontsize=9, fontweight="bold")
-    ax.set_xlim(layers[0] - 0.5, layers[-1] + (layers[-1] - layers[0]) * 0.18 + 1)
+    ax.set_xlim(layers[0] - 0.5, layers[-1] + (layers[-1] - layers[0]) * 0.25 + 1)
     ax.set_xlabel("layer (residual index: 0 = embeddings, ℓ = output of block ℓ−1)")
     ax.set_ylabel(metric.split("/")[-1])
     n = results["documents"]["eval"]
