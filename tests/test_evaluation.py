@@ -188,3 +188,19 @@ def test_bad_evaluation_settings_give_one_line_errors(tmp_path, tiny_model_dir, 
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
     assert not (tmp_path / "eval" / "results.json").exists()
+
+
+@pytest.mark.slow
+def test_embedded_model_patchscopes_have_the_published_shape(tmp_path):
+    """The real 135M model on the demo corpus: token identity at the last lensed layer agrees with
+    the model's next token most of the time, and the least-squares affine lens is far closer to
+    the model than the logit lens (lower KL on average over layers)."""
+    root = Path(__file__).resolve().parents[1]
+    evaluate.main(["--config", str(root / "configs/eval/patchscopes.yaml"), "--trainer.logger", "false",
+                   "--trainer.enable_progress_bar", "false", "--model.output_dir", str(tmp_path / "eval"),
+                   "--model.methods", "[logit, affine, token_identity]", "--model.future_offsets", "[1]",
+                   "--data.n_fit", "16", "--data.n_eval", "16", "--data.fit_positions", "all"])
+    metrics = json.loads((tmp_path / "eval" / "results.json").read_text())["metrics"]
+    assert metrics["precision@1"]["token_identity"][-1] >= 0.5
+    mean = {m: sum(v) / len(v) for m, v in metrics["kl_nats"].items()}
+    assert mean["affine"] < 0.5 * mean["logit"], mean
