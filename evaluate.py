@@ -5,7 +5,8 @@
 A ``LightningCLI`` over ``PatchscopeEvaluation`` (``--model.*``: the methods) and
 ``PatchscopeDataModule`` (``--data.*``: the protocol), run with ``trainer.test`` so that it has a
 progress bar, W&B logging and multi-GPU for free. ``python evaluate.py --help`` lists every option.
-Results go to ``--model.output_dir``: results.json, results.csv and one PNG per metric.
+Results go to ``--model.output_dir``: results.json, results.csv, results.md (tables) and one PNG
+per metric.
 """
 
 from __future__ import annotations

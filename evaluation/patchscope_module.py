@@ -82,7 +82,7 @@ class PatchscopeEvaluation(L.LightningModule):
             identity_prompt: target prompt of the token-identity patchscope; h_ℓ goes at its last token.
             ridge: relative ridge term of the least-squares fit.
             rows_per_pass: (layer, example) pairs per batched token-identity forward pass.
-            output_dir: folder for results.json, results.csv and one PNG per metric.
+            output_dir: folder for results.json, results.csv, results.md and one PNG per metric.
         """
         super().__init__()
         self.save_hyperparameters()
