@@ -1,4 +1,5 @@
-"""The ``LightningModule`` that trains a tuned lens on every layer from one frozen-model pass.
+"""The ``LightningModule`` that trains lenses on every layer from one frozen-model pass per batch:
+tuned lenses, future lenses of any set of offsets, least-squares affine lenses, learned prompts.
 
 It is a thin wrapper: the science lives in ``lenses`` (the lens, the decoder, the fused KL) and
 ``basemodel`` (loading, the architecture adapter, nnsight reading, the hidden-state cache). This
