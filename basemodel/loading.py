@@ -176,6 +176,12 @@ def _looks_like_a_path(name: str) -> bool:
             or name.count("/") > 1 or "\\" in name)
 
 
+def context_length(model: PreTrainedModel) -> int | None:
+    """The longest input the model takes, from its config (None when the config does not say)."""
+    config = model.config
+    return getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+
+
 def tensor_fingerprint(t: torch.Tensor) -> str:
     """Short sha256 of a tensor's float32 bytes (used to tie a lens to its unembedding)."""
     data = t.detach().to("cpu", torch.float32).contiguous().numpy().tobytes()

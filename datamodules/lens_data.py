@@ -40,6 +40,22 @@ log = logging.getLogger(__name__)
 MODES = ("pack", "trim")
 
 
+def in_share(ordinal: int, holdout_every: int, held_out: bool) -> bool:
+    """Whether document ``ordinal`` belongs to the held-out share (every ``holdout_every``-th
+    document) or to the rest; ``holdout_every`` 0 keeps every document in both."""
+    return not holdout_every or (ordinal % holdout_every == 0) == held_out
+
+
+def bind_from_trainer(datamodule: L.LightningDataModule) -> None:
+    """Bind a data module to the model's tokenizer and context under a Trainer, unless bound already."""
+    if datamodule.tokenizer is not None:
+        return
+    module = datamodule.trainer.lightning_module if datamodule.trainer else None
+    if module is None or not hasattr(module, "tokenizer"):
+        raise ConfigError(f"{type(datamodule).__name__}.bind(tokenizer, max_context) must be called before setup")
+    datamodule.bind(module.tokenizer, getattr(module, "context_length", None))
+
+
 def seeded_shuffle(items: Iterator, buffer_size: int, seed: int) -> Iterator:
     """Buffered shuffle with its own RNG: the same input and seed give the same order."""
     rng = random.Random(seed)
@@ -90,7 +106,7 @@ class DocumentStream(IterableDataset):
         for ordinal, text in enumerate(self.source):
             # holdout_every 0: the source is used whole (training and validation come from
             # separate sources); otherwise every n-th document is validation, the rest training.
-            if self.holdout_every and (ordinal % self.holdout_every == 0) != (self.split == "val"):
+            if not in_share(ordinal, self.holdout_every, held_out=self.split == "val"):
                 continue
             if self.mode == "trim" and not keep_for_trimming(text, self.trim):
                 continue
@@ -241,11 +257,7 @@ class LensDataModule(L.LightningDataModule):
                 "val_source": self._source("val").describe()}
 
     def setup(self, stage: str | None = None) -> None:
-        if self.tokenizer is None:
-            module = self.trainer.lightning_module if self.trainer else None
-            if module is None or not hasattr(module, "tokenizer"):
-                raise ConfigError("LensDataModule.bind(tokenizer, max_context) must be called before setup")
-            self.bind(module.tokenizer, getattr(module, "context_length", None))
+        bind_from_trainer(self)
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
         rank = self.trainer.global_rank if self.trainer else 0
         world = self.trainer.world_size if self.trainer else 1

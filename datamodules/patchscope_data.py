@@ -27,7 +27,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
-from datamodules.lens_data import seeded_shuffle
+from datamodules.lens_data import bind_from_trainer, in_share, seeded_shuffle
 from datamodules.preprocessing import IGNORE, TrimSettings, keep_for_trimming
 from datamodules.sources import DataSourceError, DocumentSource
 from lenses.errors import ConfigError
@@ -137,11 +137,9 @@ class PatchscopeDataModule(L.LightningDataModule):
 
     # --- the protocol --------------------------------------------------------------------------------
     def _selected(self, source: DocumentSource, share: str | None) -> Iterator[tuple[int, str]]:
-        n = self.hparams.holdout_every
         for ordinal, text in enumerate(source):
-            if n and (ordinal % n == 0) != (share == "eval"):
-                continue
-            if keep_for_trimming(text, self.trim):
+            held_out = share == "eval"
+            if in_share(ordinal, self.hparams.holdout_every, held_out) and keep_for_trimming(text, self.trim):
                 yield ordinal, text
 
     def _shuffled(self, source: DocumentSource, share: str | None) -> Iterator[tuple[int, str]]:
@@ -186,11 +184,7 @@ class PatchscopeDataModule(L.LightningDataModule):
         return samples, token_lists
 
     def setup(self, stage: str | None = None) -> None:
-        if self.tokenizer is None:
-            module = self.trainer.lightning_module if self.trainer else None
-            if module is None or not hasattr(module, "tokenizer"):
-                raise ConfigError("PatchscopeDataModule.bind(tokenizer, max_context) must be called before setup")
-            self.bind(module.tokenizer, getattr(module, "context_length", None))
+        bind_from_trainer(self)
         if self.eval_samples:
             return
         fit, evaluation = self.documents()

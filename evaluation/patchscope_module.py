@@ -30,12 +30,13 @@ from pathlib import Path
 
 import lightning as L
 import torch
+import torch.nn.functional as F
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
 from tqdm.auto import tqdm
 
 from basemodel.adapter import ArchitectureAdapter
-from basemodel.loading import EMBEDDED_MODEL, load_base_model, tensor_fingerprint
+from basemodel.loading import EMBEDDED_MODEL, context_length, load_base_model, tensor_fingerprint
 from basemodel.patching import PatchingEngine
 from basemodel.residuals import ResidualReader
 from evaluation.baselines import bigram_successors
@@ -132,8 +133,7 @@ class PatchscopeEvaluation(L.LightningModule):
     # --- what the data module needs from the model ------------------------------------------------
     @property
     def context_length(self) -> int | None:
-        config = self.base.config
-        return getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+        return context_length(self.base)
 
     def _next_token_methods(self) -> list[str]:
         methods = [m for m in ("logit", "affine", "token_identity") if m in self.hparams.methods]
@@ -199,7 +199,8 @@ class PatchscopeEvaluation(L.LightningModule):
 
     def _at_offset(self, residuals: torch.Tensor, batch: dict, k: int):
         """h (num_layers, N, d) at the read positions, the last block's output at position + k
-        (N, d), and which of the N have that position (N,).
+        (N, d), and which of the N have that position (N,). Positions are picked before layers:
+        indexing the layers first would copy every residual of the batch once per offset.
 
         A batch with read position -1 (``--data.fit_positions all``) reads every position t whose
         t + k is in the document; otherwise N = B, one read position per document.
@@ -210,12 +211,12 @@ class PatchscopeEvaluation(L.LightningModule):
             ahead_ok[:, : mask.shape[1] - k] = mask[:, k:]
             rows, cols = ahead_ok.nonzero(as_tuple=True)
             valid = torch.ones_like(rows, dtype=torch.bool)
-            return residuals[self.layers][:, rows, cols], residuals[-1][rows, cols + k], valid
+            return residuals[:, rows, cols][self.layers], residuals[-1][rows, cols + k], valid
         rows = torch.arange(batch["input_ids"].shape[0], device=residuals.device)
         position = batch["position"]
         valid = batch["targets"][:, k] >= 0
         ahead = torch.where(valid, position + k, position)
-        return residuals[self.layers][:, rows, position], residuals[-1][rows, ahead], valid
+        return residuals[:, rows, position][self.layers], residuals[-1][rows, ahead], valid
 
     # --- scoring --------------------------------------------------------------------------------------
     def _decode(self, method: str, h: torch.Tensor) -> torch.Tensor:
@@ -261,11 +262,10 @@ class PatchscopeEvaluation(L.LightningModule):
         logq = torch.log_softmax(logits, -1)
         top5 = logq.topk(5, dim=-1).indices  # (num_layers, B, 5)
         top1 = top5[..., 0]
-        p_model = model_logp.exp()
         self.metrics.update("precision@1", method, top1 == model_top1)
         self.metrics.update("precision@5", method, (top5 == model_top1.unsqueeze(-1)).any(-1))
         self.metrics.update("surprisal_nats", method, -model_logp.gather(-1, top1.T).T)
-        self.metrics.update("kl_nats", method, (p_model * (model_logp - logq)).sum(-1))
+        self.metrics.update("kl_nats", method, F.kl_div(logq, model_logp, log_target=True, reduction="none").sum(-1))
         return top1
 
     def on_test_epoch_end(self) -> None:

@@ -196,7 +196,7 @@ def logit_metrics(logits: torch.Tensor, target_logp: torch.Tensor, labels: torch
     logits: (L, N, V); target_logp: (N, V) fp32; labels: (N,), -100 = none. Per-layer sums.
     """
     logq = torch.log_softmax(logits.float(), -1)
-    kl = (target_logp.exp() * (target_logp - logq)).sum(-1).double().sum(-1)
+    kl = F.kl_div(logq, target_logp, log_target=True, reduction="none").sum(-1).double().sum(-1)
     has_label = labels >= 0 if labels is not None else torch.zeros(logits.shape[1], dtype=torch.bool, device=logits.device)
     ce = torch.zeros_like(kl)
     if has_label.any():

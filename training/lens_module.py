@@ -15,6 +15,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
+import torch.nn.functional as F
 from lightning.pytorch.loggers import WandbLogger
 
 from basemodel.adapter import ArchitectureAdapter
@@ -22,6 +23,7 @@ from basemodel.hidden_cache import HiddenStateCache, batch_key
 from basemodel.loading import (
     EMBEDDED_MODEL,
     cache_root,
+    context_length,
     load_base_model,
     resolve_dtype,
     tensor_fingerprint,
@@ -182,8 +184,7 @@ class LensTrainingModule(L.LightningModule):
     # --- what the data module needs from the model -------------------------------------------------
     @property
     def context_length(self) -> int | None:
-        config = self.base.config
-        return getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+        return context_length(self.base)
 
     def train(self, mode: bool = True):
         """The frozen model stays in eval mode (no dropout) while the lens trains."""
@@ -342,7 +343,7 @@ class LensTrainingModule(L.LightningModule):
                 keep = self._prompt_subsample(h.shape[1], seed=self.global_step)
                 h, target = h[:, keep], self._target_log_probs(final[keep])
                 logq = torch.log_softmax(lens.logits(self.engine, h), -1)
-                kl = (target.exp() * (target - logq)).sum(-1).mean(-1)
+                kl = F.kl_div(logq, target, log_target=True, reduction="none").sum(-1).mean(-1)
             else:
                 target = self._target_log_probs(final)
                 kl = lens_kl(self.unembed, self._decode_inputs(lens, h, dtype), target, dtype)
