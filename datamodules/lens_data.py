@@ -157,6 +157,25 @@ class DocumentStream(IterableDataset):
                 )
             skip_docs, skip_within, carry = 0, 0, []
             self._state = {"pass": pass_index + 1, "docs": 0, "within": 0, "carry": []}
+        if not self.repeat:
+            # Every slot of a finite split hands out as many samples as the largest share, the
+            # rest padded with empty ones (no read positions: they count for nothing), so every
+            # rank runs as many validation steps. Under FSDP each step's forward is a collective
+            # (the blocks are gathered), and a rank that stopped early would leave the others waiting.
+            for _ in range(max(self.samples_per_slot(n_slots)) - produced):
+                yield self.empty_sample()
+
+    def samples_per_slot(self, n_slots: int) -> list[int]:
+        """How many samples each of ``n_slots`` slots gets from one pass over this split."""
+        counts = [0] * n_slots
+        packers = [Packer(self.seq_len, self.tokenizer.eos_token_id) for _ in range(n_slots)]
+        for n, (ordinal, text) in enumerate(self.documents()):
+            counts[n % n_slots] += len(self._samples(ordinal, text, packers[n % n_slots]))
+        return counts
+
+    def empty_sample(self) -> dict:
+        """A one-token sample with no read positions: the model runs on it, nothing is scored."""
+        return {"input_ids": [self.tokenizer.eos_token_id], "positions": [], "labels": []}
 
     def _samples(self, ordinal: int, text: str, packer: Packer) -> list[dict]:
         if self.mode == "pack":

@@ -180,14 +180,11 @@ class PatchscopeEvaluation(L.LightningModule):
                 h, final, valid = self._at_offset(residuals, batch, k)
                 if valid.any():
                     eq.update(h[:, valid], final[valid])
-        for k, eq in equations.items():
+        for k in equations:
             # Each rank fitted on its share of the documents: sum the normal equations once.
-            eq.xtx = self.trainer.strategy.reduce(eq.xtx, reduce_op="sum")
-            eq.xty = self.trainer.strategy.reduce(eq.xty, reduce_op="sum")
-            count = self.trainer.strategy.reduce(torch.tensor(float(eq.count), device=self.device), reduce_op="sum")
-            if float(count) == 0:
+            eq = equations[k] = equations[k].summed(lambda t: self.trainer.strategy.reduce(t, reduce_op="sum"))
+            if eq.count == 0:
                 raise ConfigError("no fitting positions for the affine lens; raise --data.n_fit or drop 'affine' from --model.methods")
-            eq.count = int(count)
             a, b = eq.solve(self.hparams.ridge)
             lens = AffineLens(self.layers, d, bias=True, offset=k).to(self.device)
             with torch.no_grad():

@@ -32,6 +32,17 @@ class NormalEquations:
         self.xty += x.transpose(1, 2) @ target.double().expand(h.shape[0], *target.shape)
         self.count += h.shape[1]
 
+    def summed(self, sum_over_processes) -> NormalEquations:
+        """New equations holding these summed over processes, each of which accumulated its own
+        share of the data; ``sum_over_processes`` all-reduces a tensor in place (Lightning's
+        ``strategy.reduce(t, reduce_op="sum")``). These stay as they are."""
+        total = NormalEquations.__new__(NormalEquations)
+        total.xtx = sum_over_processes(self.xtx.clone())
+        total.xty = sum_over_processes(self.xty.clone())
+        count = torch.tensor(float(self.count), dtype=torch.float64, device=self.xtx.device)
+        total.count = int(sum_over_processes(count))
+        return total
+
     def solve(self, ridge: float = 1e-3) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns A (num_layers, d, d) and b (num_layers, d) with prediction h Aᵀ + b.
 

@@ -452,6 +452,27 @@ def test_finite_split_is_read_whole_after_a_partial_read(tmp_path, tok):
     assert len(list(_loader(stream, 0, batch_size=2))) == n_batches
 
 
+@pytest.mark.parametrize("mode", ["pack", "trim"])
+def test_finite_split_gives_every_slot_as_many_samples(tmp_path, tok, mode):
+    """Uneven shares are padded with empty samples, so that every rank runs as many validation
+    steps (under FSDP each step gathers the blocks: a rank that stopped early would hang the rest)."""
+    path = write_corpus(tmp_path / "c.jsonl", 43, words=(5, 90))
+    shares = [list(make_stream(path, tok, split="val", holdout_every=2, mode=mode, seq_len=32,
+                               rank=r, world_size=3)) for r in range(3)]
+    real = [[x for x in share if x["positions"]] for share in shares]
+    assert len({len(share) for share in shares}) == 1, "every slot hands out as many samples"
+    assert len({len(r) for r in real}) > 1, "the test needs uneven shares"
+    for share, r in zip(shares, real, strict=True):
+        assert share[:len(r)] == r  # the real samples first, untouched
+        assert all(x["positions"] == [] and x["labels"] == [] and len(x["input_ids"]) == 1 for x in share[len(r):])
+    # One process alone has nothing to pad. Trimmed samples are one per document whichever rank
+    # reads it (packing packs each share on its own), so the shares add up to the whole.
+    whole = list(make_stream(path, tok, split="val", holdout_every=2, mode=mode, seq_len=32))
+    assert all(x["positions"] for x in whole)
+    if mode == "trim":
+        assert sum(len(r) for r in real) == len(whole)
+
+
 # --- data module settings -------------------------------------------------------------------------
 
 

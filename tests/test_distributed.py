@@ -4,23 +4,57 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from lenses.artifact import load_lens
+from tests.conftest import fit_args, write_corpus
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def fit(tmp_path: Path, model_dir: Path, corpus: Path, devices: int, batch_size: int) -> Path:
-    out = tmp_path / f"ddp{devices}"
-    cmd = [
-        sys.executable, str(ROOT / "train.py"), "fit", "--config", str(ROOT / "configs/debug/fast.yaml"),
-        "--config", str(ROOT / "configs/trainer/ddp.yaml"),
+def strategy_config(tmp_path: Path, strategy: str) -> Path:
+    """``configs/trainer/<strategy>.yaml``; for FSDP with Lightning's strategy class swapped for its
+    CPU-enabled subclass (tests/cpu_fsdp.py), everything else as shipped."""
+    shipped = ROOT / "configs" / "trainer" / f"{strategy}.yaml"
+    if strategy != "fsdp":
+        return shipped
+    config = yaml.safe_load(shipped.read_text())
+    assert config["trainer"]["strategy"]["class_path"] == "lightning.pytorch.strategies.FSDPStrategy"
+    config["trainer"]["strategy"]["class_path"] = "tests.cpu_fsdp.CPUFSDPStrategy"
+    path = tmp_path / "fsdp_on_cpu.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def run_train(args: list[str], cwd: Path, timeout: float = 300) -> None:
+    """``train.py`` in a process group of its own, so that a hang (ranks waiting on each other)
+    fails the test after ``timeout`` seconds and leaves no rank behind."""
+    process = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *args], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True, cwd=cwd, start_new_session=True,
+                               env={**os.environ, "LENSCOPE_COMPILE": "0", "PYTHONPATH": str(ROOT)})
+    try:
+        _, stderr = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        _, stderr = process.communicate()
+        pytest.fail(f"train.py {' '.join(args[:1])} hung for {timeout} s: {stderr[-2000:]}")
+    assert process.returncode == 0, stderr[-3000:]
+
+
+def fit(tmp_path: Path, model_dir: Path, corpus: Path, devices: int, batch_size: int, strategy: str = "ddp",
+        lens_type: str = "tuned") -> Path:
+    out = tmp_path / f"{strategy}{devices}"
+    run_train([
+        "fit", "--config", str(ROOT / "configs/debug/fast.yaml"),
+        *(["--config", str(strategy_config(tmp_path, strategy))] if devices > 1 else []),
         "--model.name", str(model_dir), "--data.source", str(corpus),
         # Trimming gives one sample (one read position) per document, so a global batch is the same
         # set of documents however it is split across ranks, and every rank has as many tokens.
@@ -28,16 +62,18 @@ def fit(tmp_path: Path, model_dir: Path, corpus: Path, devices: int, batch_size:
         "--trainer.devices", str(devices), "--trainer.max_steps", "3", "--trainer.val_check_interval", "3",
         "--trainer.enable_progress_bar", "false", "--trainer.default_root_dir", str(out),
         "--trainer.callbacks+=training.callbacks.LensArtifactWriter", f"--trainer.callbacks.dirpath={out / 'out'}",
-    ]
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path,
-                            env={**os.environ, "LENSCOPE_COMPILE": "0"})
-    assert result.returncode == 0, result.stderr[-3000:]
-    return out / "out" / "tuned"
+        "--model.lens_type", lens_type,
+    ], cwd=tmp_path)
+    return out / "out" / lens_type
 
 
-def test_two_process_ddp_trains_the_same_lens_as_one_process(tmp_path, tiny_model_dir, corpus):
-    one_dir = fit(tmp_path, tiny_model_dir, corpus, devices=1, batch_size=8)
-    two_dir = fit(tmp_path, tiny_model_dir, corpus, devices=2, batch_size=4)
+@pytest.mark.parametrize("strategy, lens_type", [("ddp", "tuned"), ("fsdp", "tuned"), ("ddp", "affine")])
+def test_two_processes_train_the_same_lens_as_one_process(tmp_path, tiny_model_dir, corpus, strategy, lens_type):
+    """DDP replicates the frozen model; FSDP shards its blocks (gathered as each runs, through the
+    nnsight hooks) and keeps the lenses whole with their gradients all-reduced: the same lens. The
+    least-squares lens sums every rank's normal equations before solving: the same fit."""
+    one_dir = fit(tmp_path, tiny_model_dir, corpus, devices=1, batch_size=8, lens_type=lens_type)
+    two_dir = fit(tmp_path, tiny_model_dir, corpus, devices=2, batch_size=4, strategy=strategy, lens_type=lens_type)
     one, two = load_lens(one_dir), load_lens(two_dir)
     assert one.weight.abs().max() > 1e-6, "the lens must have trained"
     torch.testing.assert_close(one.weight, two.weight, atol=1e-5, rtol=0)
@@ -45,9 +81,63 @@ def test_two_process_ddp_trains_the_same_lens_as_one_process(tmp_path, tiny_mode
     # Validation is split across the ranks and its metrics reduced: the same held-out numbers.
     a = json.loads((one_dir.parent / "results.json").read_text())
     b = json.loads((two_dir.parent / "results.json").read_text())
-    for lens in ("logit", "tuned"):
+    for lens in ("logit", lens_type):
         for metric in ("kl_nats", "ce_nats"):
             assert b[lens][metric] == pytest.approx(a[lens][metric], rel=1e-3), (lens, metric)
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_two_process_run_resumes_exactly(tmp_path, tiny_model_dir, corpus, strategy):
+    """A 2-process run resumed from its step-4 checkpoint ends with the lens of the uninterrupted
+    run: optimizer, schedule, and each rank's own place in its share of the data (Lightning keeps
+    rank 0's alone). Under FSDP the checkpoint is the lenses alone: no block is gathered for it."""
+    two = ("--config", str(strategy_config(tmp_path, strategy)), "--trainer.devices", "2")
+    full = tmp_path / "full"
+    run_train(fit_args(full, tiny_model_dir, corpus, *two, steps=6, checkpoint=(
+        "--trainer.callbacks.save_top_k=-1", "--trainer.callbacks.filename={step}")), cwd=tmp_path)
+    step4 = torch.load(full / "ckpt" / "step=4.ckpt", weights_only=False)
+    assert set(step4["state_dict"]) == {"lenses.tuned.weight", "lenses.tuned.bias"}
+    positions = [state[0]["dataset_state"] for state in step4["lenscope"]["loader_state_by_rank"]]
+    assert len(positions) == 2 and positions[0] != positions[1], "each rank is somewhere else in its share"
+    part = tmp_path / "part"
+    (part / "ckpt").mkdir(parents=True)
+    shutil.copy(full / "ckpt" / "step=4.ckpt", part / "ckpt" / "last.ckpt")
+    run_train(fit_args(part, tiny_model_dir, corpus, *two, "--ckpt_path", "last", steps=6), cwd=tmp_path)
+    a, b = load_lens(full / "out" / "tuned"), load_lens(part / "out" / "tuned")
+    torch.testing.assert_close(a.weight, b.weight, atol=1e-6, rtol=0)
+    torch.testing.assert_close(a.bias, b.bias, atol=1e-6, rtol=0)
+    assert (step4["state_dict"]["lenses.tuned.weight"] - a.weight).abs().max() > 1e-5, "the last steps must count"
+    if strategy == "ddp":  # resuming on another number of processes cannot put each share back
+        result = subprocess.run(
+            [sys.executable, str(ROOT / "train.py"), *fit_args(part, tiny_model_dir, corpus, "--ckpt_path", "last", steps=8)],
+            capture_output=True, text=True, timeout=300, cwd=tmp_path, env={**os.environ, "LENSCOPE_COMPILE": "0"})
+        assert result.returncode != 0 and "Traceback" not in result.stderr
+        assert "written by 2 processes and this run has 1" in result.stderr.strip().splitlines()[-1]
+
+
+def test_fsdp_ranks_run_the_model_together_when_their_cache_hits_differ(tmp_path, tiny_model_dir):
+    """A tiny corpus makes each rank's share repeat at its own pace, so one rank's batch is cached
+    while the other's is not. Under FSDP both must still run the model (its forward gathers the
+    blocks from both), and the cached states must train the same lens as no cache."""
+    small = write_corpus(tmp_path / "small.jsonl", 9, seed=3)
+    fsdp = ("--config", str(strategy_config(tmp_path, "fsdp")), "--trainer.devices", "2")
+    run_train(fit_args(tmp_path / "cached", tiny_model_dir, small, *fsdp, steps=12), cwd=tmp_path)
+    run_train(fit_args(tmp_path / "uncached", tiny_model_dir, small, *fsdp, "--model.cache", "none", steps=12),
+              cwd=tmp_path)
+    a, b = load_lens(tmp_path / "cached" / "out" / "tuned"), load_lens(tmp_path / "uncached" / "out" / "tuned")
+    torch.testing.assert_close(a.weight, b.weight, atol=0, rtol=0)
+
+
+def test_learned_prompt_under_fsdp_is_refused_with_one_line(tmp_path, tiny_model_dir, corpus):
+    """Its passes through the frozen model depend on each rank's batch: under FSDP ranks would hang."""
+    args = fit_args(tmp_path, tiny_model_dir, corpus, "--config", str(strategy_config(tmp_path, "fsdp")),
+                    "--trainer.devices", "2", "--model.lens_type", "learned_prompt", "--model.offsets", "[1]")
+    result = subprocess.run([sys.executable, str(ROOT / "train.py"), *args], capture_output=True, text=True,
+                            timeout=300, cwd=tmp_path, env={**os.environ, "LENSCOPE_COMPILE": "0", "PYTHONPATH": str(ROOT)})
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1] == (
+        "error: --model.lens_type learned_prompt cannot train under FSDP (configs/trainer/fsdp.yaml); "
+        "use configs/trainer/ddp.yaml")
 
 
 def test_fsdp_policy_shards_the_frozen_blocks_and_keeps_the_lenses_whole(tiny_model_dir):
@@ -59,11 +149,12 @@ def test_fsdp_policy_shards_the_frozen_blocks_and_keeps_the_lenses_whole(tiny_mo
     module = LensTrainingModule(name=str(tiny_model_dir), offsets=[0, 1])
     units = LensShardingPolicy()._run_policy(module, set(), {"sharding_strategy": ShardingStrategy.FULL_SHARD})
     blocks = list(module.adapter.blocks)
-    assert set(units) == {*blocks, module.lenses}
+    assert set(units) == {*blocks, module.base}
     assert all(units[b]["sharding_strategy"] == ShardingStrategy.FULL_SHARD for b in blocks)
-    assert units[module.lenses]["sharding_strategy"] == ShardingStrategy.NO_SHARD
-    # The head and final norm are in no unit of their own: they stay in the root, gathered per step.
-    assert module.base.get_output_embeddings() not in units
+    # The rest of the frozen model (embeddings, final norm, head) is one whole unit, so that the
+    # root unit, which the step runs in and whose gradients are all-reduced, holds the lenses alone.
+    assert units[module.base]["sharding_strategy"] == ShardingStrategy.NO_SHARD
+    assert not any(lens in units for lens in module.lenses.modules())
 
 
 def test_fsdp_config_parses_and_names_the_policy(tmp_path, tiny_model_dir, corpus):

@@ -1,11 +1,19 @@
 """FSDP for lens training: shard the frozen model's decoder blocks, keep the lenses whole.
 
 ``configs/trainer/fsdp.yaml`` hands ``LensShardingPolicy`` to Lightning's ``FSDPStrategy`` as its
-auto-wrap policy. The training module tags its modules (``ROLE``): each decoder block of the frozen
-model becomes its own fully sharded FSDP unit (gathered only while it runs, so a model that does
-not fit one device still runs), and the lenses become one unit with ``NO_SHARD`` (whole on every
-rank, gradients all-reduced as under DDP). What is left (embeddings, final norm, unembedding) is the
-root unit, gathered for each step, since every lens decodes through the unembedding.
+auto-wrap policy and makes the root unit ``NO_SHARD``. The training module tags its modules
+(``ROLE``), and the units are:
+
+* each decoder block of the frozen model (``block``): fully sharded, gathered only while it runs,
+  so a model that does not fit one device still runs;
+* the rest of the frozen model (``base``: embeddings, final norm, unembedding): one unit, whole on
+  every rank. Every lens decodes through the unembedding for the whole step, so sharding it would
+  add an all-gather per step and save no peak memory;
+* the root, the training module itself, which then holds the lenses alone: whole on every rank,
+  gradients all-reduced after each backward as under DDP (the step runs inside the root's forward).
+
+The root holding nothing but the lenses is what keeps checkpoints lens-only under FSDP: a full
+state dict of the root visits the lenses and never gathers a block.
 """
 
 from __future__ import annotations
@@ -15,7 +23,10 @@ from torch.distributed.fsdp import ShardingStrategy
 from torch.distributed.fsdp.wrap import CustomPolicy, ModuleWrapPolicy
 
 ROLE = "_lenscope_fsdp_role"
-"""Attribute naming a module's role: ``block`` (a frozen decoder block) or ``lens``."""
+"""Attribute naming a module's role: ``block`` (a frozen decoder block) or ``base`` (the frozen model)."""
+
+FSDP_PREFIX = "_fsdp_wrapped_module."
+"""What FSDP inserts in the parameter names of a wrapped module."""
 
 
 def tag(module: nn.Module, role: str) -> None:
@@ -25,14 +36,14 @@ def tag(module: nn.Module, role: str) -> None:
 def _unit(module: nn.Module) -> bool | dict:
     role = getattr(module, ROLE, None)
     if role == "block":
-        return True
-    if role == "lens":
+        return {"sharding_strategy": ShardingStrategy.FULL_SHARD}
+    if role == "base":
         return {"sharding_strategy": ShardingStrategy.NO_SHARD}
     return False
 
 
 class LensShardingPolicy(ModuleWrapPolicy):
-    """Frozen decoder blocks: fully sharded units; lenses: one unsharded unit.
+    """Frozen decoder blocks: fully sharded units; the rest of the frozen model: one whole unit.
 
     A ``ModuleWrapPolicy`` by type, so that ``FSDPStrategy``'s ``auto_wrap_policy`` accepts it from
     a YAML config; it picks modules by role rather than by class.

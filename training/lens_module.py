@@ -17,6 +17,7 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.strategies import FSDPStrategy
 
 from basemodel.adapter import ArchitectureAdapter
 from basemodel.hidden_cache import HiddenStateCache, batch_key
@@ -37,6 +38,7 @@ from lenses.learned_prompt import LearnedPromptLens
 from lenses.least_squares import NormalEquations
 from lenses.lens import AffineLens, Lens, LogitLens, TunedLens
 from lenses.unembed import Unembed, lens_kl, lens_metrics, logit_metrics
+from training.fsdp import FSDP_PREFIX
 from training.fsdp import tag as fsdp_tag
 from training.metrics import PerLayerLensMetrics
 
@@ -49,6 +51,14 @@ TRAINABLE = ("tuned", "affine", "learned_prompt")
 def lens_key(lens_type: str, offset: int) -> str:
     """Name of a lens within a run: its type, with ``+k`` for a future lens of offset k ≥ 1."""
     return lens_type if offset == 0 else f"{lens_type}+{offset}"
+
+
+def _frozen_model_is_not_checkpointed(module, incompatible_keys) -> None:
+    """Load-state-dict post-hook: the frozen model's weights are never in a checkpoint, so only a
+    missing lens weight counts as missing. A hook rather than a ``load_state_dict`` override
+    because under FSDP Lightning loads through the wrapper, which never calls the override."""
+    missing = incompatible_keys.missing_keys
+    missing[:] = [key for key in missing if key.replace(FSDP_PREFIX, "").startswith("lenses.")]
 
 
 class HiddenStateError(UserError):
@@ -170,10 +180,13 @@ class LensTrainingModule(L.LightningModule):
                                   f"and offsets {offsets}")
             self.lenses[lens_key(lens_type, start_offset)].load_state_dict(start.state_dict())
         self.logit_lens = LogitLens(layers, d_model)
-        # Roles for FSDP (configs/trainer/fsdp.yaml): shard the frozen blocks, keep the lenses whole.
+        # Roles for FSDP (configs/trainer/fsdp.yaml): shard the frozen blocks, keep the rest of the
+        # frozen model whole in a unit of its own, so that the root unit holds the lenses alone.
         for block in self.adapter.blocks:
             fsdp_tag(block, "block")
-        fsdp_tag(self.lenses, "lens")
+        fsdp_tag(self.base, "base")
+        # Checkpoints hold the lenses only (state_dict below); loading one leaves the frozen model be.
+        self.register_load_state_dict_post_hook(_frozen_model_is_not_checkpointed)
         # Scored in validation, per offset: the logit lens (the baseline) and the trained lens.
         self.val_metrics = torch.nn.ModuleDict({
             lens_key(name, k): PerLayerLensMetrics(len(layers)) for k in offsets for name in ("logit", lens_type)
@@ -199,37 +212,79 @@ class LensTrainingModule(L.LightningModule):
 
     # --- checkpoints hold the lenses only ------------------------------------------------------------
     def state_dict(self, destination=None, prefix="", keep_vars=False):
-        """Only the lenses: the frozen base model is reloaded from its name, never checkpointed."""
+        """Only the lenses: the frozen base model is reloaded from its name, never checkpointed.
+
+        The frozen model is not even visited, so that under FSDP saving gathers no block.
+        """
         return self.lenses.state_dict(destination=destination, prefix=prefix + "lenses.", keep_vars=keep_vars)
 
-    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
-        lens_state = {k.removeprefix("lenses."): v for k, v in state_dict.items()}
-        return self.lenses.load_state_dict(lens_state, strict=strict, assign=assign)
-
+    # Lightning calls on_save_checkpoint on every rank and writes rank 0's checkpoint: what differs
+    # between ranks (each one's data position and share of the least-squares fit) is gathered here.
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["lenscope"] = {"base_model": self.hparams.name, "revision": self.base_revision,
                                   "unembed_hash": self.unembed_hash}
         if self.hparams.lens_type == "affine":  # the fit so far, so that a resumed fit goes on from it
             checkpoint["lenscope"]["normal_equations"] = {
-                key: {"xtx": eq.xtx, "xty": eq.xty, "count": eq.count} for key, eq in self.normal_equations.items()}
+                key: {"xtx": eq.xtx, "xty": eq.xty, "count": eq.count}
+                for key, eq in self._summed_normal_equations().items()}
+        fit_loop = checkpoint.get("loops", {}).get("fit_loop", {}).get("state_dict", {})
+        if "combined_loader" in fit_loop:
+            # Each rank reads its own share of the stream: keep every rank's position, not rank 0's alone.
+            checkpoint["lenscope"]["loader_state_by_rank"] = self._gather_from_ranks(fit_loop["combined_loader"])
         for logger in self.trainer.loggers:
             if isinstance(logger, WandbLogger):  # so that a resumed run logs into the same W&B run
                 checkpoint["lenscope"]["wandb_run_id"] = logger.version
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         saved = checkpoint.get("lenscope", {})
-        if self.hparams.lens_type == "affine" and "normal_equations" in saved:
-            for key, state in saved["normal_equations"].items():
-                eq = self.normal_equations[key]
-                eq.xtx, eq.xty, eq.count = state["xtx"].clone(), state["xty"].clone(), state["count"]
         if saved.get("unembed_hash") not in (None, self.unembed_hash):
             raise ConfigError(
                 f"checkpoint was made for {saved.get('base_model')!r}, not for {self.hparams.name!r} "
                 "(different unembedding); resume with the same --model.name"
             )
+        if self.hparams.lens_type == "affine" and "normal_equations" in saved:
+            # The sums over all ranks go to rank 0, zeros elsewhere: summed again, they are the fit so far.
+            for key, state in saved["normal_equations"].items():
+                eq = self.normal_equations[key]
+                first = self.global_rank == 0
+                eq.xtx = state["xtx"].clone() if first else torch.zeros_like(state["xtx"])
+                eq.xty = state["xty"].clone() if first else torch.zeros_like(state["xty"])
+                eq.count = state["count"] if first else 0
+        by_rank = saved.get("loader_state_by_rank")
+        if by_rank is not None and self.trainer.state.fn == "fit":
+            world = self.trainer.world_size
+            if len(by_rank) != world:
+                raise ConfigError(
+                    f"the checkpoint was written by {len(by_rank)} processes and this run has {world}; each "
+                    f"process's place in its share of the data is in it, so resume with {len(by_rank)} "
+                    "processes (--trainer.devices × --trainer.num_nodes)"
+                )
+            checkpoint["loops"]["fit_loop"]["state_dict"]["combined_loader"] = by_rank[self.global_rank]
+
+    def _gather_from_ranks(self, obj) -> list:
+        """``obj`` of every rank, in rank order (a list of one in a single process)."""
+        if self.trainer.world_size == 1 or not torch.distributed.is_initialized():
+            return [obj]
+        gathered = [None] * self.trainer.world_size
+        torch.distributed.all_gather_object(gathered, obj)
+        return gathered
+
+    def _summed_normal_equations(self) -> dict[str, NormalEquations]:
+        """The least-squares fit so far over all ranks (each accumulates its own share)."""
+        def sum_over_ranks(t: torch.Tensor) -> torch.Tensor:
+            if self._trainer is None:  # used on its own (a notebook, a unit test): one process
+                return t
+            return self.trainer.strategy.reduce(t.to(self.device), reduce_op="sum")
+
+        return {key: eq.summed(sum_over_ranks) for key, eq in self.normal_equations.items()}
 
     # --- set-up --------------------------------------------------------------------------------------
     def setup(self, stage: str) -> None:
+        if self.hparams.lens_type == "learned_prompt" and isinstance(self.trainer.strategy, FSDPStrategy):
+            # Its passes through the frozen model depend on each rank's batch, and under FSDP every
+            # pass gathers the blocks from all ranks: ranks with different batches would hang.
+            raise ConfigError("--model.lens_type learned_prompt cannot train under FSDP (configs/trainer/fsdp.yaml); "
+                              "use configs/trainer/ddp.yaml")
         datamodule = getattr(self.trainer, "datamodule", None)
         seq_len = getattr(getattr(datamodule, "hparams", {}), "get", lambda *_: None)("seq_len")
         if seq_len is not None and max(self.offsets) >= seq_len:
@@ -267,8 +322,9 @@ class LensTrainingModule(L.LightningModule):
         labels = batch["labels"][valid]
         key = batch_key(batch["input_ids"], batch["attention_mask"], positions)
         states = self.cache.get(key, self.device) if self.cache is not None else None
-        if states is None:
+        if self._all_ranks_run_the_model(states is None):
             residuals = self.reader.read(batch["input_ids"], batch["attention_mask"])
+        if states is None:
             rows, cols = valid.nonzero(as_tuple=True)
             states = residuals[:, rows, positions[rows, cols]]
             finite = torch.isfinite(states).flatten(1).all(-1)
@@ -282,6 +338,16 @@ class LensTrainingModule(L.LightningModule):
             if self.cache is not None:
                 self.cache.put(key, states)
         return states, labels
+
+    def _all_ranks_run_the_model(self, this_rank_needs_it: bool) -> bool:
+        """Whether to run the frozen model on this batch. Under FSDP its forward gathers each block
+        from every rank, so either every rank runs it or none: a cache hit on one rank and a miss
+        on another would leave the first waiting forever. Elsewhere each rank decides alone."""
+        trainer = self._trainer
+        if trainer is None or trainer.world_size == 1 or not isinstance(trainer.strategy, FSDPStrategy):
+            return this_rank_needs_it
+        needed = torch.tensor(float(this_rank_needs_it), device=self.device)
+        return bool(trainer.strategy.reduce(needed, reduce_op="max") > 0)
 
     def lens_examples(self, batch: dict[str, torch.Tensor], states: torch.Tensor, labels: torch.Tensor,
                       k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -334,7 +400,8 @@ class LensTrainingModule(L.LightningModule):
                 self.normal_equations[key].update(h, final)
             self.log("train/positions", float(self.normal_equations[key].count), batch_size=n)
             # Nothing to descend: a zero loss keeps Lightning's step counting (max_steps, checkpoints).
-            return sum(lens.weight.sum() for lens in self.lenses.values()) * 0.0
+            # It touches every parameter, or DDP would stop on parameters that got no gradient.
+            return sum(p.sum() for p in self.lenses.parameters()) * 0.0
         dtype = resolve_dtype(self.hparams.lens_dtype)
         loss = 0.0
         for key, lens in self.lenses.items():
@@ -378,7 +445,7 @@ class LensTrainingModule(L.LightningModule):
     def on_validation_epoch_start(self) -> None:
         if self.hparams.lens_type != "affine":
             return
-        for key, eq in self.normal_equations.items():
+        for key, eq in self._summed_normal_equations().items():
             if eq.count:
                 a, b = eq.solve(self.hparams.ridge)
                 with torch.no_grad():
