@@ -36,6 +36,12 @@ class LensCLI(LightningCLI):
             logger.init_args.id = run_id
             logger.init_args.resume = "allow"
 
+    def before_fit(self) -> None:
+        self.model.check_strategy(self.trainer.strategy)  # here, before Lightning starts the other ranks
+
+    def before_validate(self) -> None:
+        self.model.check_strategy(self.trainer.strategy)
+
     def _instantiate_trainer(self, config: dict, callbacks: list):
         # The training stream is endless, so Lightning's bar would show no total: use one that
         # counts steps out of max_steps, unless the progress bar is switched off.

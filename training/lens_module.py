@@ -279,12 +279,17 @@ class LensTrainingModule(L.LightningModule):
         return {key: eq.summed(sum_over_ranks) for key, eq in self.normal_equations.items()}
 
     # --- set-up --------------------------------------------------------------------------------------
-    def setup(self, stage: str) -> None:
-        if self.hparams.lens_type == "learned_prompt" and isinstance(self.trainer.strategy, FSDPStrategy):
+    def check_strategy(self, strategy) -> None:
+        """Refuse what cannot run under ``strategy``: train.py calls this before the ranks start
+        (so the error is one line, not one per rank), ``setup`` again for use outside train.py."""
+        if self.hparams.lens_type == "learned_prompt" and isinstance(strategy, FSDPStrategy):
             # Its passes through the frozen model depend on each rank's batch, and under FSDP every
             # pass gathers the blocks from all ranks: ranks with different batches would hang.
             raise ConfigError("--model.lens_type learned_prompt cannot train under FSDP (configs/trainer/fsdp.yaml); "
                               "use configs/trainer/ddp.yaml")
+
+    def setup(self, stage: str) -> None:
+        self.check_strategy(self.trainer.strategy)
         datamodule = getattr(self.trainer, "datamodule", None)
         seq_len = getattr(getattr(datamodule, "hparams", {}), "get", lambda *_: None)("seq_len")
         if seq_len is not None and max(self.offsets) >= seq_len:
