@@ -91,6 +91,7 @@ class DocumentStream(IterableDataset):
         self.rank = rank
         self.world_size = world_size
         self._state = {"pass": 0, "docs": 0, "within": 0, "carry": []}
+        self.pad_to = 0  # samples every slot of a finite split hands out, padding included (pad_shares)
 
     # --- state: read and written inside the worker by StatefulDataLoader -------------------------
     def state_dict(self) -> dict:
@@ -158,24 +159,29 @@ class DocumentStream(IterableDataset):
             skip_docs, skip_within, carry = 0, 0, []
             self._state = {"pass": pass_index + 1, "docs": 0, "within": 0, "carry": []}
         if not self.repeat:
-            # Every slot of a finite split hands out as many samples as the largest share, the
-            # rest padded with empty ones (no read positions: they count for nothing), so every
-            # rank runs as many validation steps. Under FSDP each step's forward is a collective
-            # (the blocks are gathered), and a rank that stopped early would leave the others waiting.
-            for _ in range(max(self.samples_per_slot(n_slots)) - produced):
+            for _ in range(self.pad_to - produced):  # see pad_shares
                 yield self.empty_sample()
 
-    def samples_per_slot(self, n_slots: int) -> list[int]:
-        """How many samples each of ``n_slots`` slots gets from one pass over this split."""
+    def pad_shares(self, workers_per_rank: int) -> None:
+        """Make every slot of this finite split hand out as many samples as the largest share, the
+        rest padded with empty ones (no read positions: they count for nothing), so that every rank
+        runs as many validation steps. Under FSDP each step's forward is a collective (the blocks
+        are gathered), and a rank that stopped early would leave the others waiting. Counted once,
+        before the loader's workers start (they inherit it)."""
+        n_slots = self.world_size * max(1, workers_per_rank)
+        if n_slots == 1:
+            return
         counts = [0] * n_slots
         packers = [Packer(self.seq_len, self.tokenizer.eos_token_id) for _ in range(n_slots)]
         for n, (ordinal, text) in enumerate(self.documents()):
             counts[n % n_slots] += len(self._samples(ordinal, text, packers[n % n_slots]))
-        return counts
+        self.pad_to = max(counts)
 
     def empty_sample(self) -> dict:
         """A one-token sample with no read positions: the model runs on it, nothing is scored."""
-        return {"input_ids": [self.tokenizer.eos_token_id], "positions": [], "labels": []}
+        tok = self.tokenizer
+        token = next((t for t in (tok.eos_token_id, tok.pad_token_id, tok.bos_token_id) if t is not None), 0)
+        return {"input_ids": [token], "positions": [], "labels": []}
 
     def _samples(self, ordinal: int, text: str, packer: Packer) -> list[dict]:
         if self.mode == "pack":
@@ -282,6 +288,7 @@ class LensDataModule(L.LightningDataModule):
         world = self.trainer.world_size if self.trainer else 1
         self.train_stream = self._stream("train", rank, world)
         self.val_stream = self._stream("val", rank, world)
+        self.val_stream.pad_shares(self.hparams.num_workers)
         self._check_not_empty(self.train_stream)
 
     def _stream(self, split: str, rank: int, world: int) -> DocumentStream:

@@ -457,8 +457,11 @@ def test_finite_split_gives_every_slot_as_many_samples(tmp_path, tok, mode):
     """Uneven shares are padded with empty samples, so that every rank runs as many validation
     steps (under FSDP each step gathers the blocks: a rank that stopped early would hang the rest)."""
     path = write_corpus(tmp_path / "c.jsonl", 43, words=(5, 90))
-    shares = [list(make_stream(path, tok, split="val", holdout_every=2, mode=mode, seq_len=32,
-                               rank=r, world_size=3)) for r in range(3)]
+    streams = [make_stream(path, tok, split="val", holdout_every=2, mode=mode, seq_len=32, rank=r, world_size=3)
+               for r in range(3)]
+    for stream in streams:
+        stream.pad_shares(workers_per_rank=0)
+    shares = [list(stream) for stream in streams]
     real = [[x for x in share if x["positions"]] for share in shares]
     assert len({len(share) for share in shares}) == 1, "every slot hands out as many samples"
     assert len({len(r) for r in real}) > 1, "the test needs uneven shares"

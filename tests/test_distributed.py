@@ -86,27 +86,29 @@ def test_two_processes_train_the_same_lens_as_one_process(tmp_path, tiny_model_d
             assert b[lens][metric] == pytest.approx(a[lens][metric], rel=1e-3), (lens, metric)
 
 
-@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
-def test_two_process_run_resumes_exactly(tmp_path, tiny_model_dir, corpus, strategy):
+@pytest.mark.parametrize("strategy, lens_type", [("ddp", "tuned"), ("fsdp", "tuned"), ("fsdp", "affine")])
+def test_two_process_run_resumes_exactly(tmp_path, tiny_model_dir, corpus, strategy, lens_type):
     """A 2-process run resumed from its step-4 checkpoint ends with the lens of the uninterrupted
-    run: optimizer, schedule, and each rank's own place in its share of the data (Lightning keeps
-    rank 0's alone). Under FSDP the checkpoint is the lenses alone: no block is gathered for it."""
-    two = ("--config", str(strategy_config(tmp_path, strategy)), "--trainer.devices", "2")
+    run: optimizer, schedule, each rank's own place in its share of the data (Lightning keeps rank
+    0's alone), and for the least-squares lens the fit so far of all ranks. Under FSDP the
+    checkpoint is the lenses alone: no block is gathered for it."""
+    two = ("--config", str(strategy_config(tmp_path, strategy)), "--trainer.devices", "2",
+           "--model.lens_type", lens_type)
     full = tmp_path / "full"
     run_train(fit_args(full, tiny_model_dir, corpus, *two, steps=6, checkpoint=(
         "--trainer.callbacks.save_top_k=-1", "--trainer.callbacks.filename={step}")), cwd=tmp_path)
     step4 = torch.load(full / "ckpt" / "step=4.ckpt", weights_only=False)
-    assert set(step4["state_dict"]) == {"lenses.tuned.weight", "lenses.tuned.bias"}
+    assert set(step4["state_dict"]) == {f"lenses.{lens_type}.weight", f"lenses.{lens_type}.bias"}
     positions = [state[0]["dataset_state"] for state in step4["lenscope"]["loader_state_by_rank"]]
     assert len(positions) == 2 and positions[0] != positions[1], "each rank is somewhere else in its share"
     part = tmp_path / "part"
     (part / "ckpt").mkdir(parents=True)
     shutil.copy(full / "ckpt" / "step=4.ckpt", part / "ckpt" / "last.ckpt")
     run_train(fit_args(part, tiny_model_dir, corpus, *two, "--ckpt_path", "last", steps=6), cwd=tmp_path)
-    a, b = load_lens(full / "out" / "tuned"), load_lens(part / "out" / "tuned")
+    a, b = load_lens(full / "out" / lens_type), load_lens(part / "out" / lens_type)
     torch.testing.assert_close(a.weight, b.weight, atol=1e-6, rtol=0)
     torch.testing.assert_close(a.bias, b.bias, atol=1e-6, rtol=0)
-    assert (step4["state_dict"]["lenses.tuned.weight"] - a.weight).abs().max() > 1e-5, "the last steps must count"
+    assert (step4["state_dict"][f"lenses.{lens_type}.weight"] - a.weight).abs().max() > 1e-5, "the last steps must count"
     if strategy == "ddp":  # resuming on another number of processes cannot put each share back
         result = subprocess.run(
             [sys.executable, str(ROOT / "train.py"), *fit_args(part, tiny_model_dir, corpus, "--ckpt_path", "last", steps=8)],

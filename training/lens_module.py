@@ -251,7 +251,7 @@ class LensTrainingModule(L.LightningModule):
                 eq.xty = state["xty"].clone() if first else torch.zeros_like(state["xty"])
                 eq.count = state["count"] if first else 0
         by_rank = saved.get("loader_state_by_rank")
-        if by_rank is not None and self.trainer.state.fn == "fit":
+        if by_rank is not None and self._trainer is not None and self._trainer.state.fn == "fit":
             world = self.trainer.world_size
             if len(by_rank) != world:
                 raise ConfigError(
@@ -433,6 +433,8 @@ class LensTrainingModule(L.LightningModule):
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         states, all_labels = self.hidden_states(batch)
+        if states.shape[1] == 0:  # padding (see DocumentStream.pad_shares): the model ran, nothing to score
+            return
         dtype = resolve_dtype(self.hparams.eval_dtype)
         for k in self.offsets:
             h, final, labels = self.lens_examples(batch, states, all_labels, k)
@@ -487,7 +489,9 @@ class LensTrainingModule(L.LightningModule):
         hp = self.hparams
         if hp.lens_type == "affine":
             # Fitted in closed form (on_validation_epoch_start); a zero learning rate leaves it be.
-            return torch.optim.SGD(self.lenses.parameters(), lr=0.0)
+            # Momentum only so that its state is not empty: Lightning's FSDP checkpoint loading
+            # reads the first entry of the optimizer state.
+            return torch.optim.SGD(self.lenses.parameters(), lr=0.0, momentum=0.9)
         if hp.lens_type == "learned_prompt":
             optimizer = torch.optim.Adam(self.lenses.parameters(), lr=hp.prompt_lr)
         else:
