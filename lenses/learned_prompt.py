@@ -48,7 +48,7 @@ class LearnedPromptLens(Lens):
         the prompt's last position; differentiable with respect to the prompt."""
         num_layers, n, d = h.shape
         device = h.device
-        if n == 0:  # a batch with no read positions (validation pads the ranks' shares with such)
+        if n == 0:  # no read position in the batch has its target k tokens ahead read too
             return torch.zeros(num_layers, 0, engine.adapter.vocab_size, device=device)
         layer_index = torch.arange(num_layers, device=device).repeat_interleave(n)
         residual_index = torch.tensor(self.layers, device=device)[layer_index]

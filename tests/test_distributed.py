@@ -34,9 +34,10 @@ def strategy_config(tmp_path: Path, strategy: str) -> Path:
     return path
 
 
-def run_train(args: list[str], cwd: Path, timeout: float = 300) -> None:
+def run_train(args: list[str], cwd: Path, timeout: float = 300, succeed: bool = True) -> str:
     """``train.py`` in a process group of its own, so that a hang (ranks waiting on each other)
-    fails the test after ``timeout`` seconds and leaves no rank behind."""
+    fails the test after ``timeout`` seconds and leaves no rank behind. Asserts it exits with 0
+    (``succeed``) or with an error; returns its stderr."""
     process = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *args], stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, text=True, cwd=cwd, start_new_session=True,
                                env={**os.environ, "LENSCOPE_COMPILE": "0", "PYTHONPATH": str(ROOT)})
@@ -46,7 +47,8 @@ def run_train(args: list[str], cwd: Path, timeout: float = 300) -> None:
         os.killpg(process.pid, signal.SIGKILL)
         _, stderr = process.communicate()
         pytest.fail(f"train.py {' '.join(args[:1])} hung for {timeout} s: {stderr[-2000:]}")
-    assert process.returncode == 0, stderr[-3000:]
+    assert (process.returncode == 0) == succeed, stderr[-3000:]
+    return stderr
 
 
 def fit(tmp_path: Path, model_dir: Path, corpus: Path, devices: int, batch_size: int, strategy: str = "ddp",
@@ -110,11 +112,10 @@ def test_two_process_run_resumes_exactly(tmp_path, tiny_model_dir, corpus, strat
     torch.testing.assert_close(a.bias, b.bias, atol=1e-6, rtol=0)
     assert (step4["state_dict"][f"lenses.{lens_type}.weight"] - a.weight).abs().max() > 1e-5, "the last steps must count"
     if strategy == "ddp":  # resuming on another number of processes cannot put each share back
-        result = subprocess.run(
-            [sys.executable, str(ROOT / "train.py"), *fit_args(part, tiny_model_dir, corpus, "--ckpt_path", "last", steps=8)],
-            capture_output=True, text=True, timeout=300, cwd=tmp_path, env={**os.environ, "LENSCOPE_COMPILE": "0"})
-        assert result.returncode != 0 and "Traceback" not in result.stderr
-        assert "written by 2 processes and this run has 1" in result.stderr.strip().splitlines()[-1]
+        stderr = run_train(fit_args(part, tiny_model_dir, corpus, "--ckpt_path", "last", steps=8), cwd=tmp_path,
+                           succeed=False)
+        assert "Traceback" not in stderr
+        assert "written by 2 processes and this run has 1" in stderr.strip().splitlines()[-1]
 
 
 def test_fsdp_ranks_run_the_model_together_when_their_cache_hits_differ(tmp_path, tiny_model_dir):
@@ -134,11 +135,10 @@ def test_learned_prompt_under_fsdp_is_refused_with_one_line(tmp_path, tiny_model
     """Its passes through the frozen model depend on each rank's batch: under FSDP ranks would hang."""
     args = fit_args(tmp_path, tiny_model_dir, corpus, "--config", str(strategy_config(tmp_path, "fsdp")),
                     "--trainer.devices", "2", "--model.lens_type", "learned_prompt", "--model.offsets", "[1]")
-    result = subprocess.run([sys.executable, str(ROOT / "train.py"), *args], capture_output=True, text=True,
-                            timeout=300, cwd=tmp_path, env={**os.environ, "LENSCOPE_COMPILE": "0", "PYTHONPATH": str(ROOT)})
-    assert result.returncode != 0 and "Traceback" not in result.stderr
+    stderr = run_train(args, cwd=tmp_path, succeed=False)
+    assert "Traceback" not in stderr
     # One line, from before Lightning starts the second rank (not one per rank, racing each other).
-    assert [line for line in result.stderr.splitlines() if line.startswith("error:")] == [
+    assert [line for line in stderr.splitlines() if line.startswith("error:")] == [
         "error: --model.lens_type learned_prompt cannot train under FSDP (configs/trainer/fsdp.yaml); "
         "use configs/trainer/ddp.yaml"]
 
