@@ -21,8 +21,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import tempfile
 import warnings
 from pathlib import Path
 
@@ -31,6 +29,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from lenses.errors import ConfigError, UserError
+from lenses.files import atomic_path, atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -47,19 +46,6 @@ def batch_key(*tensors: torch.Tensor) -> str:
         digest.update(str(tuple(t.shape)).encode())
         digest.update(t.detach().to("cpu").contiguous().numpy().tobytes())
     return digest.hexdigest()[:32]
-
-
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 class HiddenStateCache:
@@ -89,7 +75,7 @@ class HiddenStateCache:
         wanted = json.loads(json.dumps(manifest, sort_keys=True, default=str))
         if not path.exists():
             try:
-                _atomic_write_bytes(path, (json.dumps(wanted, indent=2, sort_keys=True) + "\n").encode())
+                atomic_write(path, json.dumps(wanted, indent=2, sort_keys=True) + "\n")
             except OSError as err:
                 raise CacheMismatchError(f"cannot write the hidden-state cache at {self.directory} ({err.strerror}); pass another --model.cache_dir") from None
         try:
@@ -151,13 +137,10 @@ class HiddenStateCache:
         path = self.directory / f"{key}.safetensors"
         if path.exists():
             return
-        fd, tmp = tempfile.mkstemp(prefix=f".{key}.", suffix=".tmp", dir=self.directory)
-        os.close(fd)
         try:
-            save_file({"states": states.detach().to("cpu").contiguous()}, tmp)
-            os.replace(tmp, path)
+            with atomic_path(path) as tmp:
+                save_file({"states": states.detach().to("cpu").contiguous()}, tmp)
         except OSError as err:
-            Path(tmp).unlink(missing_ok=True)
             raise OSError(err.errno, f"could not write the hidden-state cache at {self.directory} ({err.strerror}); "
                           "free disk space or pass another --model.cache_dir") from None
 

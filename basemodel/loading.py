@@ -12,8 +12,6 @@ import hashlib
 import importlib.metadata
 import logging
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +24,7 @@ from transformers import (
 )
 
 from lenses.errors import UserError
+from lenses.files import atomic_dir
 
 log = logging.getLogger(__name__)
 
@@ -92,20 +91,11 @@ def embedded_model_dir() -> Path:
     model.hf_quantizer = None
     model.is_quantized = False
     model.config.name_or_path = EMBEDDED_MODEL
-    # Write to a temporary sibling and rename, so that a crash never leaves a half-written model
-    # that later loads would trust.
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=target.parent))
-    try:
+    # Written next to its place and renamed into it, so that a crash never leaves a half-written
+    # model that later loads would trust; if another process converted it meanwhile, keep theirs.
+    with atomic_dir(target, replace=False) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        try:
-            os.rename(tmp, target)
-        except OSError:  # another process converted it at the same time: use theirs
-            if not (target / "config.json").exists():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return target
 
 

@@ -9,15 +9,15 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
 import re
-import tempfile
 from pathlib import Path
 
 import matplotlib
 
 matplotlib.use("Agg")  # files only, no display needed
 import matplotlib.pyplot as plt  # noqa: E402
+
+from lenses.files import atomic_write  # noqa: E402
 
 DESCRIPTIONS = {
     "precision@1": "precision@1: argmax agrees with the model's own next token",
@@ -39,18 +39,6 @@ def describe(metric: str) -> str:
 def file_stem(metric: str) -> str:
     """``future+1/precision@1_model`` → ``future+1_precision_at_1_model``."""
     return re.sub(r"[^A-Za-z0-9+_.-]", "_", metric.replace("@", "_at_").replace("/", "_"))
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def csv_text(results: dict) -> str:
@@ -137,13 +125,13 @@ def write_report(results: dict, out_dir: Path, wandb_runs: list = ()) -> list[Pa
     the given W&B runs."""
     out_dir = Path(out_dir)
     written = []
-    _atomic_write(out_dir / "results.json", (json.dumps(results, indent=2) + "\n").encode())
-    _atomic_write(out_dir / "results.csv", csv_text(results).encode())
-    _atomic_write(out_dir / "results.md", markdown_tables(results).encode())
+    atomic_write(out_dir / "results.json", (json.dumps(results, indent=2) + "\n").encode())
+    atomic_write(out_dir / "results.csv", csv_text(results).encode())
+    atomic_write(out_dir / "results.md", markdown_tables(results).encode())
     written += [out_dir / "results.json", out_dir / "results.csv", out_dir / "results.md"]
     for metric in results["metrics"]:
         path = out_dir / f"{file_stem(metric)}.png"
-        _atomic_write(path, plot_metric(results, metric))
+        atomic_write(path, plot_metric(results, metric))
         written.append(path)
     for run in wandb_runs:
         log_to_wandb(run, results, out_dir)

@@ -13,15 +13,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
 from lenses.errors import UserError
+from lenses.files import atomic_dir
 from lenses.learned_prompt import LearnedPromptLens  # noqa: F401 (registers its lens type)
 from lenses.lens import LENS_TYPES, Lens
 
@@ -45,10 +43,7 @@ def _sha256(path: Path) -> str:
 def save_lens(lens: Lens, path: str | Path, *, base_model: str, revision: str, unembed_hash: str,
               num_hidden_layers: int, extra: dict | None = None) -> Path:
     """Write ``lens`` to the folder ``path`` atomically. Returns the path."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-    try:
+    with atomic_dir(path) as tmp:
         tensors = {k: v.detach().to("cpu").contiguous() for k, v in lens.state_dict().items()}
         if tensors:
             save_file(tensors, tmp / WEIGHTS)
@@ -67,16 +62,7 @@ def save_lens(lens: Lens, path: str | Path, *, base_model: str, revision: str, u
             if tensors else {},
         }
         (tmp / CONFIG).write_text(json.dumps(config, indent=2) + "\n")
-        if path.exists():
-            old = path.with_name(f".{path.name}.old-{os.getpid()}")
-            os.rename(path, old)
-            os.rename(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, path)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return path
+    return Path(path)
 
 
 def read_config(path: str | Path) -> dict:

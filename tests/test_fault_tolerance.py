@@ -16,7 +16,7 @@ import torch
 
 from lenses.artifact import load_lens
 from tests.conftest import fit_args
-from training.checkpoint_io import AtomicCheckpointIO, CheckpointWriteError
+from training.checkpoint_io import HOLD_ENV, AtomicCheckpointIO, CheckpointWriteError
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 24
@@ -94,14 +94,14 @@ def test_sigkill_during_a_checkpoint_write_then_resume(tmp_path, tiny_model_dir,
     corpus, reference = uninterrupted
     out = tmp_path / "run"
     ckpt_dir = out / "ckpt"
-    slow_writes = {**ENV, "LENSCOPE_TEST_CHECKPOINT_DELAY": "1.0"}
+    # The step-4 checkpoint is written to its temporary file, then the writer holds (HOLD_ENV) until killed.
+    held = {**ENV, HOLD_ENV: "4"}
 
-    def writing_after_step_3() -> bool:
-        return saved_step(ckpt_dir / "last.ckpt") >= 3 and any(ckpt_dir.glob(".last.ckpt.*.tmp"))
+    def writing_step_4() -> bool:
+        return any(ckpt_dir.glob(".last.ckpt.*.tmp.held"))
 
-    kill_when(command(out, tiny_model_dir, corpus), writing_after_step_3, slow_writes)
-    step_before = saved_step(ckpt_dir / "last.ckpt")
-    assert 3 <= step_before < STEPS, "the previous checkpoint must be intact and loadable"
+    kill_when(command(out, tiny_model_dir, corpus), writing_step_4, held)
+    assert saved_step(ckpt_dir / "last.ckpt") == 3, "the previous checkpoint must be intact and loadable"
     run_to_end(command(out, tiny_model_dir, corpus, "--ckpt_path", "last"))
     assert_same_lens(reference, load_lens(out / "out" / "tuned"))
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import stat
 import subprocess
 import sys
 import tempfile
@@ -15,6 +16,7 @@ import torch
 
 import train
 from lenses.artifact import load_lens
+from lenses.files import dir_mode, file_mode
 from tests.conftest import SHARED_PILE, fit_args, write_corpus
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -33,6 +35,11 @@ def test_fit_writes_artifact_results_and_lens_only_checkpoint(tmp_path, tiny_mod
     assert ckpt["global_step"] == 4
     loader_state = ckpt["loops"]["fit_loop"]["state_dict"]["combined_loader"][0]
     assert loader_state["dataset_state"]["docs"] > 0, "the data position must be checkpointed"
+    # Everything written gets the user's usual permissions (umask), not mkstemp's 0600.
+    for path in (tmp_path / "out" / "tuned" / "lens.safetensors", tmp_path / "out" / "tuned" / "config.json",
+                 tmp_path / "out" / "results.json", tmp_path / "out" / "results.md", tmp_path / "ckpt" / "last.ckpt"):
+        assert stat.S_IMODE(path.stat().st_mode) == file_mode(), path
+    assert stat.S_IMODE((tmp_path / "out" / "tuned").stat().st_mode) == dir_mode()
 
 
 def test_several_offsets_train_in_one_run_as_they_would_alone(tmp_path, tiny_model_dir, corpus):

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import tempfile
 from pathlib import Path
 
 import lightning as L
@@ -15,6 +13,7 @@ from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_only
 
 from lenses.artifact import save_lens
+from lenses.files import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -34,14 +33,6 @@ def results_table(results: dict, unit: str = "bits") -> str:
         row = [results[lens][f"{metric}_{unit}"][i] for metric in ("kl", "ce") for lens in lenses]
         lines.append(f"| {layer} | {layer_name(layer)} | " + " | ".join(f"{v:.3f}" for v in row) + " |")
     return "\n".join(lines)
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
 
 
 class LensArtifactWriter(L.Callback):
@@ -80,9 +71,9 @@ class LensArtifactWriter(L.Callback):
         cache = pl_module.cache
         results = {**results, "cache": {"hit_rate": cache.hit_rate, "bytes_per_token": cache.bytes_per_token}
                    if cache else None, "units": "per token; nats and bits (1 bit = ln 2 nats)"}
-        atomic_write_text(self.dirpath / "results.json", json.dumps(results, indent=2) + "\n")
+        atomic_write(self.dirpath / "results.json", json.dumps(results, indent=2) + "\n")
         table = results_table(results)
-        atomic_write_text(self.dirpath / "results.md", table + "\n")
+        atomic_write(self.dirpath / "results.md", table + "\n")
         print(f"\nHeld-out per-layer results (step {results['step']}), also in {self.dirpath / 'results.md'}:\n{table}\n")
         for logger in trainer.loggers:
             if isinstance(logger, WandbLogger):
