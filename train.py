@@ -20,7 +20,6 @@ from datamodules.lens_data import LensDataModule
 from training.callbacks import StepProgressBar
 from training.checkpoint_io import AtomicCheckpointIO, CheckpointWriteError
 from training.lens_module import LensTrainingModule
-from training.wandb_summary import write_summary_file
 
 
 class LensCLI(LightningCLI):
@@ -82,14 +81,11 @@ def wandb_run_id_of(path: Path | None) -> str | None:
 
 
 def finish_loggers(cli: LightningCLI) -> None:
-    """Close W&B runs now, so their summary is on disk when ``main`` returns (not at exit)."""
+    """Close W&B runs now, when ``main`` returns, not at interpreter exit. What a run logged is
+    also in the run's own results.json, which is the record lenscope reads back."""
     for logger in cli.trainer.loggers:
         if isinstance(logger, WandbLogger) and logger._experiment is not None:
-            run = logger.experiment
-            run_dir = Path(run.dir).parent
-            run.finish()
-            if list(run_dir.glob("run-*.wandb")):
-                write_summary_file(run_dir)
+            logger.experiment.finish()
 
 
 def main(argv: list[str] | None = None) -> None:

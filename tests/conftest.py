@@ -99,3 +99,45 @@ def fit_args(out: Path, model_dir: Path, source: Path | str, *extra: str, steps:
         "--trainer.callbacks+=training.callbacks.LensArtifactWriter", f"--trainer.callbacks.dirpath={out / 'out'}",
         *extra,
     ]
+
+
+class WandbSpy:
+    """What lenscope hands to W&B through its public API: every ``wandb.init`` call's arguments,
+    every ``run.log`` payload, and the runs themselves (``run.summary``). W&B runs disabled
+    (in-process, nothing written, no background service), so nothing depends on its files or timing."""
+
+    def __init__(self):
+        self.inits: list[dict] = []
+        self.logged: list[dict] = []
+        self.runs: list = []
+
+    def keys(self) -> set[str]:
+        return {key for payload in self.logged for key in payload}
+
+    def last(self, key: str):
+        return next(payload[key] for payload in reversed(self.logged) if key in payload)
+
+
+@pytest.fixture
+def wandb_spy(monkeypatch) -> WandbSpy:
+    import wandb
+
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    spy = WandbSpy()
+    real_init = wandb.init
+
+    def init(*args, **kwargs):
+        spy.inits.append(dict(kwargs))
+        run = real_init(*args, **{**kwargs, "mode": "disabled"})  # WandbLogger(offline=True) asks for "offline"
+        real_log = run.log
+
+        def log(data, *log_args, **log_kwargs):
+            spy.logged.append(dict(data))
+            return real_log(data, *log_args, **log_kwargs)
+
+        run.log = log
+        spy.runs.append(run)
+        return run
+
+    monkeypatch.setattr(wandb, "init", init)
+    return spy

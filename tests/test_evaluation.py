@@ -163,16 +163,21 @@ def test_evaluate_scores_every_method_and_writes_json_csv_and_plots(tmp_path, ti
     assert json.loads((tmp_path / "again" / "results.json").read_text())["metrics"] == metrics
 
 
-def test_evaluate_logs_to_wandb_offline(tmp_path, tiny_model_dir, corpus):
+def test_evaluate_logs_to_wandb(tmp_path, tiny_model_dir, corpus, wandb_spy):
     evaluate.main(eval_args(tmp_path / "eval", tiny_model_dir, corpus, "--trainer.logger",
                             "lightning.pytorch.loggers.WandbLogger", "--trainer.logger.offline", "true",
                             "--trainer.logger.save_dir", str(tmp_path / "wb"), "--trainer.logger.project", "lenscope-test",
                             "--model.methods", "[logit, token_identity]", "--model.future_offsets", "[1]"))
-    summaries = list((tmp_path / "wb").glob("wandb/offline-run-*/files/wandb-summary.json"))
-    assert len(summaries) == 1
-    summary = json.loads(summaries[0].read_text())
-    assert "patchscopes/precision@1/logit/mean" in summary
-    assert "patchscopes/future+1/precision@1_model/token_identity/mean" in summary
+    results = json.loads((tmp_path / "eval" / "results.json").read_text())
+    assert len(wandb_spy.runs) == 1
+    summary = dict(wandb_spy.runs[0].summary)
+    for metric, method in (("precision@1", "logit"), ("future+1/precision@1_model", "token_identity")):
+        values = results["metrics"][metric][method]
+        assert summary[f"patchscopes/{metric}/{method}/mean"] == pytest.approx(sum(values) / len(values))
+    table = wandb_spy.last("patchscopes/table")
+    assert table.columns == ["metric", "method", "layer", "value"]
+    assert len(table.data) == sum(len(v) for by_method in results["metrics"].values() for v in by_method.values())
+    assert {"patchscopes/precision@1", "patchscopes_png/precision@1"} <= wandb_spy.keys()
 
 
 @pytest.mark.parametrize(("extra", "message"), [

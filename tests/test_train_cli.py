@@ -90,17 +90,26 @@ def test_resume_from_last_matches_uninterrupted_run(tmp_path, tiny_model_dir, co
     assert (c - a.weight).abs().max() > 1e-5
 
 
-def test_wandb_offline_run_has_summary(tmp_path, tiny_model_dir, corpus, monkeypatch):
-    monkeypatch.setenv("WANDB_MODE", "offline")
-    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+def test_wandb_receives_per_layer_metrics_and_table(tmp_path, tiny_model_dir, corpus, wandb_spy):
     args = fit_args(tmp_path, tiny_model_dir, corpus)
     args += ["--trainer.logger=lightning.pytorch.loggers.WandbLogger", "--trainer.logger.offline=true",
              f"--trainer.logger.save_dir={tmp_path / 'wb'}", "--trainer.logger.project=lenscope-test"]
     train.main(args)
-    summaries = list((tmp_path / "wb").rglob("wandb-summary.json"))
-    assert summaries, "offline W&B run wrote no summary"
-    summary = json.loads(summaries[0].read_text())
-    assert "val/tuned/kl_bits/layer_00" in summary and "train/tuned/kl_mean" in summary
+    assert len(wandb_spy.inits) == 1 and wandb_spy.inits[0]["project"] == "lenscope-test"
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert "train/tuned/kl_mean" in wandb_spy.keys() and "train/tokens" in wandb_spy.keys()
+    # The per-layer validation numbers W&B receives are the ones results.json records.
+    for lens in ("logit", "tuned"):
+        for i, layer in enumerate(results["layers"]):
+            logged = float(wandb_spy.last(f"val/{lens}/kl_bits/layer_{layer:02d}"))
+            assert logged == pytest.approx(results[lens]["kl_bits"][i], rel=1e-6)
+    table = wandb_spy.last("val/per_layer")
+    assert table.columns == ["residual", "layer", "logit_kl_bits", "tuned_kl_bits", "logit_ce_bits", "tuned_ce_bits"]
+    assert [row[0] for row in table.data] == results["layers"]
+    assert [row[3] for row in table.data] == pytest.approx(results["tuned"]["kl_bits"])
+    # The run id is kept in the checkpoint, so that a resumed run logs into the same run.
+    ckpt = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=False)
+    assert ckpt["lenscope"]["wandb_run_id"] == wandb_spy.runs[0].id
 
 
 def run_cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
