@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -57,10 +58,24 @@ def _user_error_types() -> list[type]:
     return seen
 
 
-def run_with_clean_errors(fn: Callable[[], object]) -> object:
-    """Run ``fn``; print a known error as ``error: <one line>`` and exit with status 2."""
+def run_with_clean_errors(fn: Callable[[], object], where: str = "before training started; nothing was trained") -> object:
+    """Run ``fn``; print a known error as ``error: <one line>`` and exit with status 2; a stop by a
+    signal as ``error: stopped by SIGTERM <where>`` with status 128 + the signal's number.
+
+    ``where`` says what a stop outside training leaves behind (training says it itself, with the step)."""
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    from training.stops import StoppedBySignal, install_handlers
+
+    install_handlers(where)
     try:
         return fn()
+    except StoppedBySignal as stop:
+        print(f"error: {stop}", file=sys.stderr)
+        raise SystemExit(stop.exit_status) from None
+    except SIGTERMException:  # Lightning's own SIGTERM handling, where lenscope's was not in place
+        print(f"error: stopped by SIGTERM {where}", file=sys.stderr)
+        raise SystemExit(128 + signal.SIGTERM) from None
     except Exception as err:
         if is_trainer_setting_error(err):
             print(f"error: invalid --trainer setting: {one_line(err)}", file=sys.stderr)

@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> None:
         cli.trainer.test(cli.model, datamodule=cli.datamodule)
         finish_loggers(cli)
 
-    run_with_clean_errors(run)
+    run_with_clean_errors(run, where="during the evaluation; no results were written")
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ from datamodules.lens_data import LensDataModule
 from training.callbacks import StepProgressBar
 from training.checkpoint_io import AtomicCheckpointIO, CheckpointWriteError
 from training.lens_module import LensTrainingModule
+from training.stops import GracefulStop
 
 
 class LensCLI(LightningCLI):
@@ -46,6 +47,7 @@ class LensCLI(LightningCLI):
         # counts steps out of max_steps, unless the progress bar is switched off.
         if config.get("enable_progress_bar") is not False:
             callbacks = [*callbacks, StepProgressBar()]
+        callbacks = [*callbacks, GracefulStop()]  # SIGTERM / Ctrl-C: checkpoint at the step end, then stop
         # Checkpoints are written atomically (see training/checkpoint_io.py).
         if not config.get("plugins"):
             config = {**config, "plugins": [AtomicCheckpointIO()]}

@@ -24,6 +24,7 @@ import itertools
 import logging
 import os
 import random
+import signal
 from collections.abc import Iterator
 from functools import partial
 
@@ -54,6 +55,15 @@ def bind_from_trainer(datamodule: L.LightningDataModule) -> None:
     if module is None or not hasattr(module, "tokenizer"):
         raise ConfigError(f"{type(datamodule).__name__}.bind(tokenizer, max_context) must be called before setup")
     datamodule.bind(module.tokenizer, getattr(module, "context_length", None))
+
+
+def ignore_stop_signals(_worker_id: int = 0) -> None:
+    """``worker_init_fn``: a dataloader worker ignores the signals that stop or requeue a run.
+    Ctrl-C in a terminal, a scheduler's SIGTERM and SLURM's requeue signal (SIGUSR1 by default)
+    reach every process of the job; the main process handles them (training/stops.py), while a
+    worker dying of one, or running the main process's handler, would end the run with a traceback."""
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2):
+        signal.signal(signum, signal.SIG_IGN)
 
 
 def seeded_shuffle(items: Iterator, buffer_size: int, seed: int) -> Iterator:
@@ -319,6 +329,7 @@ class LensDataModule(L.LightningDataModule):
             stream, batch_size=batch_size, num_workers=workers,
             collate_fn=partial(collate, pad_id=self.tokenizer.pad_token_id or 0),
             persistent_workers=False, prefetch_factor=4 if workers else None,
+            worker_init_fn=ignore_stop_signals,  # Ctrl-C / SIGTERM to the process group: the main process stops the run
         )
 
     def train_dataloader(self) -> StatefulDataLoader:

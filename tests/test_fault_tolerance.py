@@ -22,14 +22,14 @@ ROOT = Path(__file__).resolve().parents[1]
 STEPS = 24
 
 
-def command(out: Path, model_dir: Path, corpus: Path, *extra: str) -> list[str]:
+def command(out: Path, model_dir: Path, corpus: Path, *extra: str, checkpoint_every: int = 1) -> list[str]:
     return [sys.executable, str(ROOT / "train.py"), *fit_args(
         out, model_dir, corpus,
         "--data.num_workers", "1",  # the data position lives in a worker process: the hard case
         # W&B runs disabled (WANDB_MODE in ENV): the run id still travels through the checkpoints.
         "--trainer.logger=lightning.pytorch.loggers.WandbLogger",
         f"--trainer.logger.save_dir={out / 'wb'}", "--trainer.logger.project=lenscope-test",
-        *extra, steps=STEPS, checkpoint_every=1,
+        *extra, steps=STEPS, checkpoint_every=checkpoint_every,
     )]
 
 
@@ -164,3 +164,76 @@ def test_two_processes_writing_one_disk_cache_do_not_corrupt_it(tmp_path):
         states = cache.get(batch_key(torch.tensor([j])), torch.device("cpu"))
         assert states is not None and torch.equal(states, torch.full((2, 64, 16), float(j)))
     assert not list((tmp_path / "cache").glob(".*")), "no temporary files left behind"
+
+
+# --- stops by signal ---------------------------------------------------------------------------------
+def hold_at(markers: Path, *steps: int) -> list[str]:
+    """Arguments adding ``tests.signal_helpers.HoldAtSteps``: training waits at these step ends
+    until the signal the test sends has arrived, so the stop step is known on any machine."""
+    return ["--trainer.callbacks+=tests.signal_helpers.HoldAtSteps", f"--trainer.callbacks.marker_dir={markers}",
+            f"--trainer.callbacks.steps=[{', '.join(map(str, steps))}]"]
+
+
+def start(cmd: list[str], env: dict) -> subprocess.Popen:
+    # Its own process group, as a terminal or a scheduler gives it: signals go to the whole group,
+    # data-loader workers included.
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            start_new_session=True)
+
+
+def signal_at_marker(process: subprocess.Popen, marker: Path, signum: int) -> None:
+    deadline = time.monotonic() + 300
+    while not marker.exists():
+        assert process.poll() is None, f"the run ended before {marker.name}: {process.stderr.read()[-3000:]}"
+        assert time.monotonic() < deadline, f"timed out waiting for {marker.name}"
+        time.sleep(0.02)
+    os.killpg(process.pid, signum)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_a_signal_to_the_process_group_stops_with_a_checkpoint_then_resumes_exactly(
+        tmp_path, tiny_model_dir, uninterrupted, signum):
+    corpus, reference = uninterrupted
+    out = tmp_path / "run"
+    # Scheduled checkpoints every 5 steps; the stop at step 7 must write its own.
+    process = start(command(out, tiny_model_dir, corpus, *hold_at(tmp_path / "markers", 7), checkpoint_every=5), ENV)
+    signal_at_marker(process, tmp_path / "markers" / "step-7", signum)
+    _, stderr = process.communicate(timeout=300)
+    name = signal.Signals(signum).name
+    assert process.returncode == 128 + signum, stderr[-3000:]
+    assert "Traceback" not in stderr, stderr[-3000:]
+    errors = [line for line in stderr.splitlines() if line.startswith("error:")]
+    assert errors == [f"error: stopped by {name} at step 7; resume with --ckpt_path last"], stderr[-3000:]
+    assert saved_step(out / "ckpt" / "last.ckpt") == 7
+    assert not (out / "out" / "tuned").exists(), "a stopped run writes no lens artifact"
+    run_to_end(command(out, tiny_model_dir, corpus, "--ckpt_path", "last", checkpoint_every=5))
+    assert_same_lens(reference, load_lens(out / "out" / "tuned"))
+
+
+def test_slurm_requeue_checkpoints_between_steps_and_the_requeued_job_resumes_exactly(
+        tmp_path, tiny_model_dir, uninterrupted):
+    """Lightning's own SLURM plugin (auto-requeue, on by default under SLURM), on a simulated SLURM
+    job: the requeue signal is handled at a step end, writes ``hpc_ckpt_1.ckpt`` and calls
+    ``scontrol requeue``; the job is then stopped by SIGTERM, and the same command, started again
+    by SLURM without --ckpt_path, resumes from the requeue checkpoint."""
+    corpus, reference = uninterrupted
+    out = tmp_path / "run"
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    scontrol = bin_dir / "scontrol"
+    scontrol.write_text(f"#!/bin/sh\necho \"$@\" >> {tmp_path / 'scontrol.log'}\n")
+    scontrol.chmod(0o755)
+    slurm = {**ENV, "PATH": f"{bin_dir}{os.pathsep}{ENV['PATH']}", "SLURM_NTASKS": "1", "SLURM_NTASKS_PER_NODE": "1",
+             "SLURM_JOB_NAME": "lenscope-test", "SLURM_JOB_ID": "4242", "SLURM_PROCID": "0", "SLURM_LOCALID": "0",
+             "SLURM_NODEID": "0", "SLURM_NNODES": "1"}
+    cmd = command(out, tiny_model_dir, corpus, "--trainer.default_root_dir", str(out / "root"), checkpoint_every=5)
+    process = start([*cmd, *hold_at(tmp_path / "markers", 9, 11)], slurm)
+    signal_at_marker(process, tmp_path / "markers" / "step-9", signal.SIGUSR1)
+    signal_at_marker(process, tmp_path / "markers" / "step-11", signal.SIGTERM)
+    _, stderr = process.communicate(timeout=300)
+    assert process.returncode == 128 + signal.SIGTERM, stderr[-3000:]
+    assert "Traceback" not in stderr, stderr[-3000:]
+    assert (tmp_path / "scontrol.log").read_text().split() == ["requeue", "4242"]
+    assert saved_step(out / "root" / "hpc_ckpt_1.ckpt") == 9
+    run_to_end(cmd, env=slurm)  # the requeued job: same command, no --ckpt_path
+    assert_same_lens(reference, load_lens(out / "out" / "tuned"))

@@ -1,0 +1,34 @@
+"""A callback for the stop tests, given to ``train.py`` on its command line: it holds training at
+chosen step ends until the process has received the signal the test sends, so that every stop
+happens at a known step, whatever the machine's speed (no timing in the tests)."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import lightning as L
+
+from training.stops import STATE
+
+
+class HoldAtSteps(L.Callback):
+    def __init__(self, marker_dir: str, steps: list[int], limit_s: float = 600.0):
+        """At the end of each step in ``steps``, touch ``<marker_dir>/step-<n>`` and wait until a
+        stop or requeue signal has arrived (at most ``limit_s``, then fail rather than hang)."""
+        self.marker_dir = Path(marker_dir)
+        self.steps = set(steps)
+        self.limit_s = limit_s
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        step = trainer.global_step
+        if step not in self.steps:
+            return
+        seen = (STATE.pending, len(STATE.requeue))
+        self.marker_dir.mkdir(parents=True, exist_ok=True)
+        (self.marker_dir / f"step-{step}").touch()
+        deadline = time.monotonic() + self.limit_s
+        while (STATE.pending, len(STATE.requeue)) == seen:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"no signal arrived at step {step} within {self.limit_s} s")
+            time.sleep(0.01)
