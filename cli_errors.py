@@ -1,13 +1,24 @@
-"""One-line errors for the command-line entry points (see ``lenses.errors``)."""
+"""What the two command lines (``train.py``, ``evaluate.py``) share: one-line errors (see
+``lenses.errors``), a LightningCLI whose parse errors are one line too, closing W&B runs."""
 
 from __future__ import annotations
 
+import os
+import re
 import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from lenses.errors import UserError
+from jsonargparse import ArgumentError
+from lightning.fabric.utilities.rank_zero import rank_zero_only
+from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+from lenses.errors import ConfigError, UserError
+from training.preflight import release_locks
+from training.stops import StoppedBySignal, install_handlers
 
 
 def one_line(err: BaseException) -> str:
@@ -23,10 +34,17 @@ def one_line(err: BaseException) -> str:
 
 def is_user_error(err: BaseException) -> bool:
     """UserErrors, also when a dataloader worker re-raised one under a generic type."""
-    return isinstance(err, (UserError, OSError)) or (
+    return isinstance(err, (UserError, OSError)) or is_wandb_error(err) or (
         "Original Traceback" in str(err) and "Error: " in str(err).strip().splitlines()[-1]
         and any(cls.__name__ in str(err).strip().splitlines()[-1] for cls in _user_error_types())
     )
+
+
+def is_wandb_error(err: BaseException) -> bool:
+    """W&B's own errors (no login for an online run, say): settings, not bugs."""
+    import wandb.errors
+
+    return isinstance(err, wandb.errors.Error)
 
 
 def is_trainer_setting_error(err: BaseException) -> bool:
@@ -63,10 +81,6 @@ def run_with_clean_errors(fn: Callable[[], object], where: str = "before trainin
     signal as ``error: stopped by SIGTERM <where>`` with status 128 + the signal's number.
 
     ``where`` says what a stop outside training leaves behind (training says it itself, with the step)."""
-    from lightning.pytorch.utilities.exceptions import SIGTERMException
-
-    from training.stops import StoppedBySignal, install_handlers
-
     install_handlers(where)
     try:
         return fn()
@@ -82,5 +96,49 @@ def run_with_clean_errors(fn: Callable[[], object], where: str = "before trainin
             raise SystemExit(2) from None
         if not is_user_error(err):
             raise
+        if is_wandb_error(err):
+            print(f"error: W&B: {one_line(err)} (or log offline: --trainer.logger.offline true)", file=sys.stderr)
+            raise SystemExit(2) from None
         print(f"error: {one_line(err)}", file=sys.stderr)
         raise SystemExit(2) from None
+    finally:
+        release_locks()
+
+
+SUBCOMMANDS = ("fit", "validate", "test", "predict")
+
+
+def plain(namespace) -> dict:
+    return namespace.as_dict() if hasattr(namespace, "as_dict") else dict(namespace or {})
+
+
+class LenscopeCLI(LightningCLI):
+    """What ``train.py`` and ``evaluate.py`` share: parse errors as one line, not an 86-line usage."""
+
+    def __init__(self, *args, **kwargs):
+        quiet = {"exit_on_error": False}
+        super().__init__(*args, parser_kwargs={**quiet, **{sub: dict(quiet) for sub in SUBCOMMANDS}}, **kwargs)
+
+    def parse_arguments(self, parser, args) -> None:
+        try:
+            super().parse_arguments(parser, args)
+        except ArgumentError as err:
+            words = list(sys.argv[1:] if args is None else args)
+            command = " ".join([Path(sys.argv[0]).name, *[w for w in words[:1] if w in SUBCOMMANDS]])
+            message = " ".join(line.strip() for line in str(err).splitlines() if line.strip())
+            message = re.sub(r'Parser key "([^"]+)":', r"--\1:", message)
+            message = re.sub(r"<class '([\w.]+)'>", r"\1", message)
+            raise ConfigError(f"{message} (see `python {command} --help`)") from None
+
+
+def is_first_process() -> bool:
+    """Rank 0 of the whole job (the others are started later, by it or by the launcher)."""
+    return rank_zero_only.rank == 0 and os.environ.get("NODE_RANK", "0") == "0"
+
+
+def finish_loggers(cli: LightningCLI) -> None:
+    """Close W&B runs now, when ``main`` returns, not at interpreter exit. What a run logged is
+    also in the run's own results.json, which is the record lenscope reads back."""
+    for logger in cli.trainer.loggers:
+        if isinstance(logger, WandbLogger) and logger._experiment is not None:
+            logger.experiment.finish()

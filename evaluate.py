@@ -12,20 +12,31 @@ per metric.
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
-from lightning.pytorch.cli import LightningCLI
-
-from cli_errors import run_with_clean_errors
+from cli_errors import LenscopeCLI, finish_loggers, is_first_process, run_with_clean_errors
 from datamodules.patchscope_data import PatchscopeDataModule
 from evaluation.patchscope_module import PatchscopeEvaluation
-from train import finish_loggers
+from training.preflight import check_not_replacing, check_writable, lock_folders
 
 
-class EvaluateCLI(LightningCLI):
+class EvaluateCLI(LenscopeCLI):
+    def before_instantiate_classes(self) -> None:
+        # Before the model is loaded: the results folder must be writable, not hold an earlier
+        # evaluation's results (unless --overwrite), and not be in use by another run.
+        folders = {Path(self.config.model.output_dir): "--model.output_dir"}
+        check_writable(*next(iter(folders.items())))
+        if is_first_process():
+            lock_folders(folders)
+        check_not_replacing(folders, self.config.get("overwrite", False), resume_hint=False)
+
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_argument("--lenses", type=str, nargs="+", default=[],
                             help="lens artifact folders written by train.py (tuned, future, affine and learned-prompt lenses)")
         parser.link_arguments("lenses", "model.lenses")
+        parser.add_argument("--overwrite", type=bool, default=False,
+                            help="replace the results of an earlier evaluation in --model.output_dir "
+                                 "(without it, the run refuses to write over them)")
         # Every document is given to exactly one rank by the data module itself.
         parser.set_defaults({"trainer.enable_model_summary": False, "trainer.use_distributed_sampler": False})
 

@@ -3,7 +3,13 @@
 A ``LightningCLI`` over ``LensTrainingModule`` (``--model.*``) and ``LensDataModule`` (``--data.*``);
 ``python train.py fit --help`` lists every option with its documentation. Known failures (bad data,
 a model that cannot be loaded, a wrong setting) end with one line naming the problem and the fix,
-and exit status 2.
+and exit status 2; a stop by SIGTERM or Ctrl-C ends with a checkpoint and one line (see
+``training/stops.py``).
+
+Before the model is loaded, the run checks where it will write (``training/preflight.py``): the
+folders must be writable, must not hold an earlier run's results (unless ``--overwrite true`` or
+``--ckpt_path`` continues that run) and must not be in use by another run; a checkpoint to resume
+from must be one that can be resumed exactly.
 """
 
 from __future__ import annotations
@@ -11,30 +17,66 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import torch
-from lightning.pytorch.cli import LightningCLI
-from lightning.pytorch.loggers import WandbLogger
+from lightning.fabric.plugins.environments import SLURMEnvironment
+from lightning.fabric.plugins.io.checkpoint_io import CheckpointIO
 
-from cli_errors import run_with_clean_errors
+from cli_errors import LenscopeCLI, finish_loggers, is_first_process, plain, run_with_clean_errors
 from datamodules.lens_data import LensDataModule
-from training.callbacks import StepProgressBar
-from training.checkpoint_io import AtomicCheckpointIO, CheckpointWriteError
+from lenses.errors import ConfigError
+from training.callbacks import LensArtifactWriter, StepProgressBar
+from training.checkpoint_io import AtomicCheckpointIO
 from training.lens_module import LensTrainingModule
+from training.preflight import (
+    check_not_replacing,
+    check_resume,
+    check_schedule,
+    check_writable,
+    load_checkpoint,
+    lock_folders,
+)
 from training.stops import GracefulStop
 
 
-class LensCLI(LightningCLI):
+class LensCLI(LenscopeCLI):
     def add_arguments_to_parser(self, parser) -> None:
         parser.set_defaults({"trainer.enable_model_summary": False})
+        parser.add_argument("--overwrite", type=bool, default=False,
+                            help="replace an earlier run's lens artifacts, results and checkpoints in the output "
+                                 "folders (without it, a run refuses to write over them)")
+
+    def _parse_ckpt_path(self) -> None:
+        """Lightning's version loads the checkpoint's hyperparameters over the command line's, so a
+        changed setting would be dropped silently; lenscope compares them instead (before_instantiate_classes)."""
 
     def before_instantiate_classes(self) -> None:
-        # Resuming continues the same W&B run: the run id travels in the checkpoint.
-        config = self.config[self.subcommand] if self.subcommand else self.config
-        run_id = wandb_run_id_of(resolve_ckpt_path(config))
-        logger = config.trainer.get("logger")
-        if run_id and logger and "WandbLogger" in str(logger.get("class_path", "")):
-            logger.init_args.id = run_id
-            logger.init_args.resume = "allow"
+        config = self.config[self.subcommand]
+        trainer = config.trainer
+        if self.subcommand == "fit":
+            check_schedule(plain(trainer))
+        writes = output_folders(config)
+        for folder, flag in writes.items():
+            check_writable(folder, flag)
+        if is_first_process():
+            # Taken before looking for earlier results: of two runs started at once, the second
+            # stops here, instead of both finding the folders empty and one overwriting the other.
+            lock_folders(result_folders(config))
+        path = resolve_ckpt_path(config)
+        checkpoint = load_checkpoint(path) if path is not None else None
+        if self.subcommand != "fit" and checkpoint is None:
+            raise ConfigError(f"train.py {self.subcommand} scores a trained lens: pass --ckpt_path (a checkpoint "
+                              "file, or last); without one it would score untrained lenses and replace the run's results")
+        if checkpoint is not None:
+            training = self.subcommand == "fit"
+            check_resume(path, checkpoint, plain(config.model), plain(config.data) if training else None,
+                         trainer.get("max_steps") if training else None)
+            # Resuming continues the same W&B run: the run id travels in the checkpoint.
+            run_id = checkpoint["lenscope"].get("wandb_run_id")
+            logger = trainer.get("logger")
+            if run_id and logger and "WandbLogger" in str(logger.get("class_path", "")):
+                logger.init_args.id = run_id
+                logger.init_args.resume = "allow"
+        elif self.subcommand == "fit":
+            check_not_replacing(result_folders(config), config.get("overwrite", False), resume_hint=True)
 
     def before_fit(self) -> None:
         self.model.check_strategy(self.trainer.strategy)  # here, before Lightning starts the other ranks
@@ -48,46 +90,56 @@ class LensCLI(LightningCLI):
         if config.get("enable_progress_bar") is not False:
             callbacks = [*callbacks, StepProgressBar()]
         callbacks = [*callbacks, GracefulStop()]  # SIGTERM / Ctrl-C: checkpoint at the step end, then stop
-        # Checkpoints are written atomically (see training/checkpoint_io.py).
-        if not config.get("plugins"):
-            config = {**config, "plugins": [AtomicCheckpointIO()]}
+        # Checkpoints are written atomically (training/checkpoint_io.py), beside any other plugin given.
+        plugins = list(config.get("plugins") or [])
+        if not any(isinstance(p, CheckpointIO) for p in plugins):
+            config = {**config, "plugins": [*plugins, AtomicCheckpointIO()]}
         return super()._instantiate_trainer(config, callbacks)
 
 
+def _callbacks(config, name: str) -> list:
+    """init_args of the configured callbacks whose class is ``name``."""
+    return [c.init_args for c in config.trainer.get("callbacks") or []
+            if str(c.get("class_path", "")).rsplit(".", 1)[-1] == name]
+
+
+def result_folders(config) -> dict[Path, str]:
+    """Folders that hold a run's results: lens artifacts and results tables, checkpoints."""
+    folders = {Path(args.get("dirpath") or LensArtifactWriter.DEFAULT_DIRPATH): "the LensArtifactWriter's dirpath"
+               for args in _callbacks(config, "LensArtifactWriter")}
+    folders.update({Path(args.dirpath): "the ModelCheckpoint's dirpath"
+                    for args in _callbacks(config, "ModelCheckpoint") if args.get("dirpath")})
+    return folders
+
+
+def output_folders(config) -> dict[Path, str]:
+    """Every folder the run writes into, with the flag that sets it."""
+    folders = {Path(config.trainer.get("default_root_dir") or os.getcwd()): "--trainer.default_root_dir"}
+    logger = config.trainer.get("logger")
+    if logger and not isinstance(logger, bool) and logger.get("init_args") and logger.init_args.get("save_dir"):
+        folders[Path(logger.init_args.save_dir)] = "--trainer.logger.save_dir"
+    folders.update(result_folders(config))
+    return folders
+
+
 def resolve_ckpt_path(config) -> Path | None:
-    """The checkpoint file ``--ckpt_path`` names (``last``: ``last.ckpt`` of the configured ModelCheckpoint)."""
+    """The checkpoint this run starts from: ``--ckpt_path`` (``last``: the configured ModelCheckpoint's
+    ``last.ckpt``, if there is one yet), or, in a job SLURM requeued, Lightning's requeue checkpoint."""
     ckpt = config.get("ckpt_path")
-    if not ckpt:
-        return None
-    if ckpt != "last":
+    if ckpt in ("best", "hpc"):
+        return None  # Lightning's own keywords, resolved by Lightning
+    if ckpt and ckpt != "last":
         return Path(ckpt)
-    for callback in config.trainer.get("callbacks") or []:
-        if str(callback.get("class_path", "")).endswith("ModelCheckpoint") and callback.init_args.get("dirpath"):
-            return Path(callback.init_args.dirpath) / "last.ckpt"
+    if ckpt == "last":
+        for args in _callbacks(config, "ModelCheckpoint"):
+            if args.get("dirpath") and (Path(args.dirpath) / "last.ckpt").is_file():
+                return Path(args.dirpath) / "last.ckpt"
+        return None  # Lightning starts afresh (with a warning): a job script's first run
+    root = Path(config.trainer.get("default_root_dir") or os.getcwd())
+    requeued = sorted(root.glob("hpc_ckpt_*.ckpt"), key=lambda p: int(p.stem.rsplit("_", 1)[-1]))
+    if requeued and SLURMEnvironment.detect():
+        return requeued[-1]  # what Lightning resumes from by itself
     return None
-
-
-def wandb_run_id_of(path: Path | None) -> str | None:
-    """The W&B run id stored in a checkpoint; a checkpoint that does not load is refused here,
-    with one line, rather than deep inside Lightning."""
-    if path is None or not path.is_file():
-        return None
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as err:  # torch raises several types for a damaged file
-        raise CheckpointWriteError(
-            f"checkpoint {path} does not load ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else 'damaged'}); "
-            "it was cut short or modified: pass an earlier --ckpt_path or delete it to start over"
-        ) from None
-    return checkpoint.get("lenscope", {}).get("wandb_run_id")
-
-
-def finish_loggers(cli: LightningCLI) -> None:
-    """Close W&B runs now, when ``main`` returns, not at interpreter exit. What a run logged is
-    also in the run's own results.json, which is the record lenscope reads back."""
-    for logger in cli.trainer.loggers:
-        if isinstance(logger, WandbLogger) and logger._experiment is not None:
-            logger.experiment.finish()
 
 
 def main(argv: list[str] | None = None) -> None:

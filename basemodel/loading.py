@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.metadata
+import json
 import logging
 import os
 from dataclasses import dataclass
@@ -17,6 +18,7 @@ from pathlib import Path
 
 import torch
 from transformers import (
+    AutoConfig,
     AutoModelForCausalLM,
     AutoTokenizer,
     PreTrainedModel,
@@ -107,12 +109,12 @@ def _has_package() -> bool:
         return False
 
 
-def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
+def resolve_dtype(dtype: str | torch.dtype, flag: str = "--model.dtype") -> torch.dtype:
     if isinstance(dtype, torch.dtype):
         return dtype
     table = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
     if dtype not in table:
-        raise ModelLoadError(f"unknown dtype {dtype!r}; use one of {sorted(table)}")
+        raise ModelLoadError(f"{flag}: unknown dtype {dtype!r}; use one of {sorted(table)}")
     return table[dtype]
 
 
@@ -143,12 +145,7 @@ def load_base_model(
         path = name
         resolved_revision = revision or "main"
         kwargs = {"revision": revision} if revision else {}
-    try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, **kwargs)
-        tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
-    except OSError as err:
-        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ModelLoadError(f"could not load model {name!r}: {first_line}") from None
+    model, tokenizer = _from_pretrained(name, path, torch_dtype, kwargs)
     commit = getattr(model.config, "_commit_hash", None)
     if commit and resolved_revision not in ("local",) and not resolved_revision.startswith(_EMBEDDED_PACKAGE):
         resolved_revision = commit
@@ -159,11 +156,63 @@ def load_base_model(
     return LoadedModel(model=model, tokenizer=tokenizer, name=str(name), revision=resolved_revision)
 
 
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return f"{type(err).__name__}: {text.splitlines()[0]}" if text else type(err).__name__
+
+
+def _from_pretrained(name: str, path: str | Path, dtype: torch.dtype, kwargs: dict):
+    """The model and tokenizer, or one line saying which part could not be loaded, and why."""
+    local = isinstance(path, Path)
+    if local:
+        try:
+            raw = json.loads((path / "config.json").read_text())
+        except (OSError, ValueError) as err:
+            raise ModelLoadError(f"{path / 'config.json'} does not read as JSON ({_first_line(err)}); "
+                                 "pass a Hugging Face model folder") from None
+        if isinstance(raw, dict) and "lens_type" in raw and "unembed_hash" in raw:
+            raise ModelLoadError(f"{path} is a lens artifact, not a model folder; pass its base model "
+                                 f"({raw.get('base_model_name_or_path')!r}) as --model.name")
+    try:
+        config = AutoConfig.from_pretrained(path, **kwargs)
+    except OSError as err:
+        if local:
+            raise ModelLoadError(f"could not read the config of model folder {path}: {_first_line(err)}") from None
+        raise ModelLoadError(
+            f"model {name!r} is not a folder here (no {Path.cwd() / name}) and could not be loaded from the hub "
+            f"({_first_line(err)}); pass an existing model folder or a reachable hub id"
+        ) from None
+    except (ValueError, KeyError) as err:
+        raise ModelLoadError(f"transformers does not recognise the config of model {name!r} ({_first_line(err)}); "
+                             "pass a Hugging Face causal language model") from None
+    if getattr(config, "is_encoder_decoder", False):
+        raise ModelLoadError(f"model {name!r} is an encoder-decoder ({config.model_type}); lenscope reads "
+                             "decoder-only causal language models (GPT-2, LLaMA, Pythia, ...)")
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, config=config, dtype=dtype, **kwargs)
+    except ValueError as err:
+        if "Unrecognized configuration class" in str(err):
+            raise ModelLoadError(f"model {name!r} ({config.model_type}) has no causal language model class in "
+                                 "transformers; lenscope reads decoder-only causal language models") from None
+        raise ModelLoadError(f"could not load the weights of model {name!r} ({_first_line(err)}); the files may be "
+                             "damaged or incomplete: re-download or re-save them") from None
+    except Exception as err:  # safetensors, torch and transformers raise many types for damaged files
+        raise ModelLoadError(f"could not load the weights of model {name!r} ({_first_line(err)}); the files may be "
+                             "damaged or incomplete: re-download or re-save them") from None
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
+    except Exception as err:  # tokenizers and transformers raise many types for a missing or damaged tokenizer
+        raise ModelLoadError(f"could not load the tokenizer of model {name!r} ({_first_line(err)}); the folder "
+                             "needs the model's tokenizer files next to its config.json") from None
+    return model, tokenizer
+
+
 def _looks_like_a_path(name: str) -> bool:
     """A name that cannot be a hub id (``owner/name``): absolute, ``./``/``../``/``~``-relative,
-    or with more than one ``/``."""
+    with more than one ``/``, or whose ``owner`` part is a folder here (a mistyped local path)."""
+    parent = Path(name).parent
     return (Path(name).is_absolute() or name.startswith(("./", "../", "~", ".\\", "..\\"))
-            or name.count("/") > 1 or "\\" in name)
+            or name.count("/") > 1 or "\\" in name or (str(parent) != "." and parent.is_dir()))
 
 
 def context_length(model: PreTrainedModel) -> int | None:

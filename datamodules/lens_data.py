@@ -242,7 +242,7 @@ class LensDataModule(L.LightningDataModule):
             seq_len: chunk length (pack) or maximum prefix length (trim), in tokens.
             batch_size: samples per training step, per device.
             val_batch_size: samples per validation step (default: ``batch_size``).
-            val_max_docs: documents in the validation set (None: the whole held-out share).
+            val_max_docs: documents in the validation set (null: the whole held-out share).
             holdout_every: every n-th document of ``source`` is held out for validation.
             seed: seeds the shuffle and the trimming positions.
             shuffle_buffer: documents in the shuffle buffer (≥ corpus size: a full shuffle).
@@ -257,10 +257,14 @@ class LensDataModule(L.LightningDataModule):
         self.save_hyperparameters()
         if mode not in MODES:
             raise ConfigError(f"--data.mode must be one of {MODES}, got {mode!r}")
-        for flag, value in (("seq_len", seq_len), ("batch_size", batch_size), ("holdout_every", holdout_every),
-                            ("shuffle_buffer", shuffle_buffer), ("positions_per_doc", positions_per_doc)):
-            if value < 1:
+        for flag, value in (("batch_size", batch_size), ("holdout_every", holdout_every),
+                            ("shuffle_buffer", shuffle_buffer), ("positions_per_doc", positions_per_doc),
+                            ("val_batch_size", val_batch_size), ("val_max_docs", val_max_docs)):
+            if value is not None and value < 1:
                 raise ConfigError(f"--data.{flag} must be at least 1, got {value}")
+        if seq_len < 2:
+            raise ConfigError(f"--data.seq_len must be at least 2 (a read position needs the next token as its "
+                              f"label), got {seq_len}")
         if holdout_every < 2 and val_source is None:
             raise ConfigError("--data.holdout_every must be at least 2 (or pass --data.val_source)")
         if num_workers < 0:
@@ -314,9 +318,18 @@ class LensDataModule(L.LightningDataModule):
         )
 
     def _check_not_empty(self, stream: DocumentStream) -> None:
-        """Fail in the main process, with a clear message, before any model work starts."""
+        """Fail in the main process, with a clear message, before any model work starts. Only
+        counts tokens (packing would build every chunk of a possibly huge document just to see one)."""
+        total = 0
         for ordinal, text in stream.selected():
-            if stream._samples(ordinal, text, Packer(1, 0)):
+            if stream.mode == "trim":
+                if stream._samples(ordinal, text, None):
+                    return
+                continue
+            # A token covers at least one character: a long document's prefix tells as much.
+            head = text[: 64 * stream.seq_len]
+            total += len(stream.tokenizer(head, add_special_tokens=False)["input_ids"]) + 1  # + EOS separator
+            if total >= stream.seq_len:
                 return
         raise DataSourceError(
             f"{stream.source.source!r} yields no {stream.split} samples (skipped: {dict(stream.source.skipped.counts) or 'none'}); "

@@ -49,7 +49,12 @@ def trim_sample(tokens: list[int], rng: random.Random, settings: TrimSettings, s
 
 class Packer:
     """Tuned-lens packing: documents joined with EOS, cut into fixed-length chunks (the reference
-    packs to 2048 tokens). The tokens left over after the last chunk are part of the resumable state."""
+    packs to 2048 tokens). The tokens left over after the last chunk are part of the resumable state.
+
+    Linear in the document's length: chunks are cut at increasing offsets of one buffer, which is
+    trimmed once per document (slicing the rest off after every chunk would copy a long document
+    once per chunk, quadratic in its length).
+    """
 
     def __init__(self, seq_len: int, eos_id: int, carry: list[int] | None = None):
         self.seq_len = seq_len
@@ -57,16 +62,14 @@ class Packer:
         self.buffer: list[int] = list(carry or [])
 
     def add(self, tokens: list[int]) -> list[dict]:
-        self.buffer.extend(tokens)
-        self.buffer.append(self.eos_id)
-        chunks = []
-        while len(self.buffer) >= self.seq_len:
-            chunk, self.buffer = self.buffer[: self.seq_len], self.buffer[self.seq_len:]
-            chunks.append({
-                "input_ids": chunk,
-                "positions": list(range(self.seq_len)),
-                "labels": chunk[1:] + [IGNORE],
-            })
+        buffer = self.buffer
+        buffer.extend(tokens)
+        buffer.append(self.eos_id)
+        n = self.seq_len
+        ends = range(n, len(buffer) + 1, n)
+        chunks = [{"input_ids": (chunk := buffer[end - n:end]), "positions": list(range(n)), "labels": chunk[1:] + [IGNORE]}
+                  for end in ends]
+        self.buffer = buffer[len(chunks) * n:]
         return chunks
 
 

@@ -16,6 +16,8 @@ reproducible. Bad records are handled as follows (documented in the README):
 from __future__ import annotations
 
 import glob
+import gzip
+import itertools
 import json
 import logging
 import os
@@ -76,26 +78,76 @@ def demo_documents() -> list[str]:
     return docs
 
 
+JSON_SUFFIXES = (".jsonl", ".json")
+COMPRESSED = (".zst", ".gz")
+READABLE = tuple(base + c for base in JSON_SUFFIXES for c in ("", *COMPRESSED))
+"""Files lenscope reads: JSON lines or a JSON array of records, plain, zstd- or gzip-compressed."""
+
+_OTHER_FORMATS = {
+    ".csv": "a CSV file", ".tsv": "a TSV file", ".parquet": "a Parquet file", ".arrow": "an Arrow file",
+    ".txt": "a plain-text file", ".md": "a Markdown file", ".tar": "a tar archive", ".zip": "a zip archive",
+}
+_CONVERT = ("lenscope reads JSON lines, one {\"text\": ...} object per document per line (plain, .zst or .gz), "
+            "or a JSON array of such objects")
+
+
+def _readable(path: Path) -> bool:
+    return path.name.endswith(READABLE)
+
+
+def _refuse_other_format(path: Path) -> None:
+    suffix = path.suffix.lower()
+    if suffix in _OTHER_FORMATS:
+        hint = ""
+        if suffix in (".csv", ".tsv", ".parquet"):
+            reader = "read_parquet" if suffix == ".parquet" else "read_csv"
+            sep = ", sep='\\t'" if suffix == ".tsv" else ""
+            hint = (f"; convert it, e.g. pandas.{reader}('{path.name}'{sep}).to_json('{path.stem}.jsonl', "
+                    "orient='records', lines=True), and set --data.text_field to its text column")
+        raise DataSourceError(f"{path} is {_OTHER_FORMATS[suffix]}; {_CONVERT}{hint}")
+
+
 def resolve_files(pattern: str) -> list[Path]:
-    """Files named by a path, a folder (its .jsonl / .jsonl.zst files) or a glob, sorted."""
+    """Files named by a path, a folder (its JSON files, see ``READABLE``) or a glob, sorted."""
     path = Path(pattern).expanduser()
     if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.name.endswith((".jsonl", ".jsonl.zst", ".json")))
-    elif any(ch in pattern for ch in "*?["):
-        files = sorted(Path(p) for p in glob.glob(os.path.expanduser(pattern), recursive=True))
+        every = [p for p in path.rglob("*") if p.is_file() and not p.name.startswith(".")]
+        files = sorted(p for p in every if _readable(p))
+        if not files:
+            kinds = Counter("".join(p.suffixes[-2:]) or "(no extension)" for p in every)
+            held = ", ".join(f"{n} {kind}" for kind, n in kinds.most_common(5)) or "nothing"
+            raise DataSourceError(f"folder {pattern!r} holds no JSON files (it has {held}); {_CONVERT}")
+        return files
+    if any(ch in pattern for ch in "*?["):
+        files = sorted(Path(p) for p in glob.glob(os.path.expanduser(pattern), recursive=True) if Path(p).is_file())
     else:
         files = [path] if path.exists() else []
     if not files:
         raise DataSourceError(f"no data found at {pattern!r}; pass an existing .jsonl/.jsonl.zst file, folder or glob as --data.source")
+    for file in files:
+        _refuse_other_format(file)
     return files
 
 
 def _open_lines(path: Path) -> Iterator[bytes]:
     if path.name.endswith(".zst"):
         yield from _zst_lines(path)
+    elif path.name.endswith(".gz"):
+        yield from _gzip_lines(path)
     else:
         with open(path, "rb") as f:
             yield from f
+
+
+def _gzip_lines(path: Path) -> Iterator[bytes]:
+    """Lines of a gzip file, refusing one that is cut short or not gzip."""
+    try:
+        with gzip.open(path, "rb") as f:
+            yield from f
+    except gzip.BadGzipFile:
+        raise DataSourceError(f"{path} is not a valid gzip file; re-download or re-compress it") from None
+    except EOFError:
+        raise DataSourceError(f"{path} is truncated (its gzip stream ends early); re-download or re-compress it") from None
 
 
 def _zst_lines(path: Path) -> Iterator[bytes]:
@@ -129,43 +181,73 @@ def _zst_lines(path: Path) -> Iterator[bytes]:
 
 
 def iter_jsonl(path: Path, text_field: str, skipped: SkipCounter, on_bad_record: str = "error") -> Iterator[str]:
-    """Texts of one JSON-lines file (plain or zstd-compressed)."""
+    """Texts of one JSON file: JSON lines, or a JSON array of records (plain or compressed)."""
 
-    def bad(lineno: int, what: str) -> None:
+    def bad(where: str, what: str) -> None:
         if on_bad_record == "skip":
             skipped.add(what)
             return
         raise DataSourceError(
-            f"{path}:{lineno}: {what}; fix the file, set --data.text_field, or pass --data.on_bad_record skip"
+            f"{path}:{where}: {what}; fix the file, set --data.text_field, or pass --data.on_bad_record skip"
         )
 
-    for lineno, raw in enumerate(_open_lines(path), start=1):
+    lines = _open_lines(path)
+    first = b""
+    for first in lines:
+        if first.strip():
+            break
+    if first.lstrip().startswith((b"[", b"\xef\xbb\xbf[")):
+        records = _array(path, b"".join([first, *lines]))
+        located = ((f"record {i}", record) for i, record in enumerate(records))
+    else:
+        located = _json_lines(itertools.chain([first], lines), bad)
+    for where, record in located:
+        text = _text_of(record, text_field, skipped, lambda what, where=where: bad(where, what))
+        if text is not None:
+            yield text
+
+
+def _json_lines(lines: Iterator[bytes], bad) -> Iterator[tuple[str, object]]:
+    """(line number, parsed record) of each non-blank line; undecodable lines reported through ``bad``."""
+    for lineno, raw in enumerate(lines, start=1):
         if not raw.strip():
             continue
         try:
             line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")  # tolerate a byte-order mark
         except UnicodeDecodeError:
-            bad(lineno, "line is not valid UTF-8")
+            bad(str(lineno), "line is not valid UTF-8")
             continue
         try:
-            record = json.loads(line)
+            yield str(lineno), json.loads(line)
         except json.JSONDecodeError:
-            bad(lineno, "line is not valid JSON")
-            continue
-        if not isinstance(record, dict):
-            bad(lineno, "record is not a JSON object")
-            continue
-        if text_field not in record:
-            bad(lineno, f"record has no {text_field!r} field")
-            continue
-        text = record[text_field]
-        if not isinstance(text, str):
-            bad(lineno, f"{text_field!r} is a {type(text).__name__}, not a string")
-            continue
-        if not text.strip():
-            skipped.add("empty text")
-            continue
-        yield text
+            bad(str(lineno), "line is not valid JSON")
+
+
+def _array(path: Path, data: bytes) -> list:
+    """The records of a file holding one JSON array (read whole: such a file cannot be streamed)."""
+    try:
+        records = json.loads(data.decode("utf-8-sig"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        reason = "not valid UTF-8" if isinstance(err, UnicodeDecodeError) else f"not valid JSON ({err.msg}, line {err.lineno})"
+        raise DataSourceError(f"{path} starts like a JSON array but is {reason}; fix the file") from None
+    if not isinstance(records, list):
+        raise DataSourceError(f"{path} holds a JSON {type(records).__name__}, not an array of records; {_CONVERT}")
+    return records
+
+
+def _text_of(record, text_field: str, skipped: SkipCounter, bad) -> str | None:
+    """The text of one record, or None: bad records are reported through ``bad``, empty texts counted."""
+    if not isinstance(record, dict):
+        bad("record is not a JSON object")
+    elif text_field not in record:
+        bad(f"record has no {text_field!r} field")
+    elif not isinstance(record[text_field], str):
+        bad(f"{text_field!r} is a {type(record[text_field]).__name__}, not a string")
+    elif not record[text_field].strip():
+        skipped.add("empty text")
+    else:
+        return record[text_field]
+    return None
 
 
 def iter_hub(name: str, split: str, text_field: str, skipped: SkipCounter) -> Iterator[str]:

@@ -49,6 +49,7 @@ from lenses.learned_prompt import LearnedPromptLens
 from lenses.least_squares import NormalEquations
 from lenses.lens import AffineLens, Lens
 from training.lens_module import lens_key
+from training.preflight import check_finite
 
 log = logging.getLogger(__name__)
 
@@ -93,6 +94,9 @@ class PatchscopeEvaluation(L.LightningModule):
                               "(trained lenses are given with --lenses)")
         if any(k < 1 for k in future_offsets):
             raise ConfigError(f"--model.future_offsets must all be >= 1, got {future_offsets}")
+        if rows_per_pass < 1:
+            raise ConfigError(f"--model.rows_per_pass must be at least 1, got {rows_per_pass}")
+        check_finite("--model.ridge", ridge)
         loaded = load_base_model(name, revision, dtype)
         self.base = loaded.model.eval()
         self.tokenizer = loaded.tokenizer

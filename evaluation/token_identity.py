@@ -15,6 +15,7 @@ import copy
 import torch
 
 from basemodel.patching import PatchingEngine
+from lenses.errors import ConfigError
 
 IDENTITY_PROMPT = "cat -> cat\n1135 -> 1135\nhello -> hello\n?"
 
@@ -29,8 +30,12 @@ class TokenIdentityPatchscope:
         """
         self.engine = engine
         self.prompt_ids = torch.tensor(tokenizer(prompt)["input_ids"])
-        if self.prompt_ids.numel() == 0:
-            raise ValueError("the token-identity prompt tokenises to nothing")
+        if self.prompt_ids.numel() == 0 or not prompt.strip():
+            raise ConfigError(f"the token-identity prompt {prompt!r} has no token to write the state at; pass a "
+                              "prompt ending in a placeholder token as --model.identity_prompt (default: "
+                              f"{IDENTITY_PROMPT!r})")
+        if rows_per_pass < 1:
+            raise ConfigError(f"--model.rows_per_pass must be at least 1, got {rows_per_pass}")
         self.rows_per_pass = rows_per_pass
         self.reuse_prefix = reuse_prefix and self.prompt_ids.numel() > 1
         self._prefix_cache = None

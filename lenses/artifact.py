@@ -16,6 +16,7 @@ import json
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from lenses.errors import UserError
@@ -43,8 +44,12 @@ def _sha256(path: Path) -> str:
 def save_lens(lens: Lens, path: str | Path, *, base_model: str, revision: str, unembed_hash: str,
               num_hidden_layers: int, extra: dict | None = None) -> Path:
     """Write ``lens`` to the folder ``path`` atomically. Returns the path."""
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in lens.state_dict().items()}
+    bad = [k for k, v in tensors.items() if not torch.isfinite(v).all()]
+    if bad:
+        raise LensArtifactError(f"refusing to write {path}: the lens's {', '.join(bad)} contain NaN or inf "
+                                "(training diverged); lower the learning rate and train again")
     with atomic_dir(path) as tmp:
-        tensors = {k: v.detach().to("cpu").contiguous() for k, v in lens.state_dict().items()}
         if tensors:
             save_file(tensors, tmp / WEIGHTS)
         config = {
@@ -67,12 +72,55 @@ def save_lens(lens: Lens, path: str | Path, *, base_model: str, revision: str, u
 
 def read_config(path: str | Path) -> dict:
     path = Path(path)
+    if path.is_file():
+        what = "a training checkpoint" if path.suffix == ".ckpt" else "a file"
+        raise LensArtifactError(f"{path} is {what}, not a lens artifact; pass the artifact folder train.py writes "
+                                "(e.g. artifacts/quickstart/tuned)")
     if not (path / CONFIG).is_file():
         raise LensArtifactError(f"{path} is not a lens artifact (no {CONFIG}); pass the folder written by train.py")
     try:
-        return json.loads((path / CONFIG).read_text())
-    except json.JSONDecodeError as err:
-        raise LensArtifactError(f"{path / CONFIG} is not valid JSON ({err.msg}); the artifact is damaged, retrain or re-copy it") from None
+        config = json.loads((path / CONFIG).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        reason = err.msg if isinstance(err, json.JSONDecodeError) else "not UTF-8"
+        raise LensArtifactError(f"{path / CONFIG} is not valid JSON ({reason}); the artifact is damaged, retrain or re-copy it") from None
+    if not isinstance(config, dict):
+        raise LensArtifactError(f"{path / CONFIG} holds a JSON {type(config).__name__}, not an object; the artifact is "
+                                "damaged, retrain or re-copy it")
+    return config
+
+
+def _is_int(value, low: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= low
+
+
+def _check_config(path: Path, config: dict) -> None:
+    """Every field the lens is built from has the right type and range, or one line says which does not."""
+    def damaged(what: str) -> LensArtifactError:
+        return LensArtifactError(f"{path / CONFIG}: {what}; the artifact is damaged, retrain or re-copy it")
+
+    for key in ("lens_type", "d_model", "num_hidden_layers", "layers"):
+        if key not in config:
+            raise damaged(f"no {key!r}")
+    if config["lens_type"] not in LENS_TYPES:
+        raise LensArtifactError(f"{path}: unknown lens type {config['lens_type']!r}; known types: {sorted(LENS_TYPES)}")
+    if not _is_int(config["d_model"], 1):
+        raise damaged(f"'d_model' must be a positive integer, not {config['d_model']!r}")
+    if not _is_int(config["num_hidden_layers"], 1):
+        raise damaged(f"'num_hidden_layers' must be a positive integer, not {config['num_hidden_layers']!r}")
+    layers = config["layers"]
+    if (not isinstance(layers, list) or not layers or not all(_is_int(x, 0) for x in layers)
+            or len(set(layers)) != len(layers) or max(layers) > config["num_hidden_layers"]):
+        raise damaged(f"'layers' must be distinct residual indices 0..{config['num_hidden_layers']}, not {layers!r}")
+    for key, low in (("offset", 0), ("prompt_length", 1)):
+        if key in config and not _is_int(config[key], low):
+            raise damaged(f"{key!r} must be an integer >= {low}, not {config[key]!r}")
+    if "bias" in config and not isinstance(config["bias"], bool):
+        raise damaged(f"'bias' must be true or false, not {config['bias']!r}")
+    files = config.get("files", {})
+    entry = files.get(WEIGHTS) if isinstance(files, dict) else None
+    if not isinstance(files, dict) or (entry is not None and not (
+            isinstance(entry, dict) and _is_int(entry.get("bytes"), 0) and isinstance(entry.get("sha256"), str))):
+        raise damaged(f"'files' must map {WEIGHTS} to its bytes and sha256")
 
 
 def load_lens(path: str | Path, *, unembed_hash: str | None = None, num_hidden_layers: int | None = None,
@@ -80,22 +128,22 @@ def load_lens(path: str | Path, *, unembed_hash: str | None = None, num_hidden_l
     """Load a lens artifact in one call.
 
     With ``unembed_hash`` / ``num_hidden_layers`` of the model at hand, a lens made for another
-    model is refused with a message that says which.
+    model is refused with a message that says which. A damaged artifact (config of the wrong shape,
+    weights that do not match their manifest or their config, NaN or inf weights) is refused too.
     """
     path = Path(path)
     config = read_config(path)
-    lens_type = config.get("lens_type")
-    if lens_type not in LENS_TYPES:
-        raise LensArtifactError(f"{path}: unknown lens type {lens_type!r}; known types: {sorted(LENS_TYPES)}")
+    _check_config(path, config)
+    lens_type = config["lens_type"]
     model = config.get("base_model_name_or_path")
     if unembed_hash is not None and config.get("unembed_hash") != unembed_hash:
         raise LensArtifactError(
             f"{path} was trained for {model!r} (unembedding {config.get('unembed_hash')}), not for this model "
             f"(unembedding {unembed_hash}); use a lens trained on this model"
         )
-    if num_hidden_layers is not None and config.get("num_hidden_layers") != num_hidden_layers:
+    if num_hidden_layers is not None and config["num_hidden_layers"] != num_hidden_layers:
         raise LensArtifactError(
-            f"{path} has {config.get('num_hidden_layers')} layers but this model has {num_hidden_layers}; "
+            f"{path} has {config['num_hidden_layers']} layers but this model has {num_hidden_layers}; "
             "use a lens trained on this model"
         )
     cls = LENS_TYPES[lens_type]
@@ -111,5 +159,17 @@ def load_lens(path: str | Path, *, unembed_hash: str | None = None, num_hidden_l
         expected = files[WEIGHTS]
         if weights.stat().st_size != expected["bytes"] or _sha256(weights) != expected["sha256"]:
             raise LensArtifactError(f"{weights} does not match its manifest (cut short or modified); retrain or re-copy it")
-        lens.load_state_dict(load_file(weights, device=str(map_location)))
+        try:
+            state = load_file(weights, device=str(map_location))
+        except (SafetensorError, OSError) as err:
+            raise LensArtifactError(f"{weights} is damaged ({str(err).splitlines()[0]}); retrain or re-copy it") from None
+        try:
+            lens.load_state_dict(state)
+        except RuntimeError as err:
+            detail = " ".join(line.strip() for line in str(err).splitlines()[1:3])
+            raise LensArtifactError(f"{weights} does not fit {path / CONFIG} (were 'layers' or 'd_model' edited?): "
+                                    f"{detail}; retrain or re-copy the artifact") from None
+        bad = [k for k, v in state.items() if not torch.isfinite(v).all()]
+        if bad:
+            raise LensArtifactError(f"{weights} holds NaN or inf in {', '.join(bad)} (training diverged); retrain it")
     return lens.to(map_location)

@@ -237,8 +237,9 @@ DATA_CASES = [
     # Lightning reads -1 as "no limit"; the training stream is endless, so that would never stop.
     ("max-steps-minus-one", None, ["--trainer.max_steps", "-1"],
      "--trainer.max_steps must be a positive number of steps, got -1"),
-    ("negative-max-steps", None, ["--trainer.max_steps", "-5"],
-     "invalid --trainer setting: `max_steps` must be a non-negative integer or -1 (infinite steps). You passed in -5."),
+    ("negative-max-steps", None, ["--trainer.max_steps", "-5"], "--trainer.max_steps must be a positive number of steps, got -5"),
+    ("zero-gradient-accumulation", None, ["--trainer.accumulate_grad_batches", "0"],
+     "--trainer.accumulate_grad_batches must be a whole number of batches >= 1, got 0"),
     ("unknown-lens-type", None, ["--model.lens_type", "quantum"], "--model.lens_type 'quantum' is unknown"),
     ("unknown-model-dtype", None, ["--model.dtype", "float8"], "unknown dtype 'float8'"),
     ("fsdp-on-cpu", None, ["--config", str(ROOT / "configs/trainer/fsdp.yaml"), "--trainer.accelerator", "cpu"],

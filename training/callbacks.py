@@ -31,14 +31,16 @@ def results_table(results: dict, unit: str = "bits") -> str:
     lines = ["| residual | layer | " + " | ".join(columns) + " |", "|---:|---|" + "---:|" * len(columns)]
     for i, layer in enumerate(results["layers"]):
         row = [results[lens][f"{metric}_{unit}"][i] for metric in ("kl", "ce") for lens in lenses]
-        lines.append(f"| {layer} | {layer_name(layer)} | " + " | ".join(f"{v:.3f}" for v in row) + " |")
+        lines.append(f"| {layer} | {layer_name(layer)} | " + " | ".join("n/a" if v is None else f"{v:.3f}" for v in row) + " |")
     return "\n".join(lines)
 
 
 class LensArtifactWriter(L.Callback):
     """At the end of ``fit``: one lens artifact per trained lens, ``results.json`` and ``results.md``."""
 
-    def __init__(self, dirpath: str = "artifacts/quickstart"):
+    DEFAULT_DIRPATH = "artifacts/quickstart"
+
+    def __init__(self, dirpath: str = DEFAULT_DIRPATH):
         """
         Args:
             dirpath: output folder; each lens goes to ``<dirpath>/<name>`` (``tuned``, ``tuned+1``,

@@ -31,6 +31,7 @@ from basemodel.loading import (
 )
 from basemodel.patching import PatchingEngine
 from basemodel.residuals import ResidualReader
+from datamodules.sources import DataSourceError
 from evaluation.token_identity import IDENTITY_PROMPT
 from lenses.artifact import load_lens
 from lenses.errors import ConfigError, UserError
@@ -41,6 +42,7 @@ from lenses.unembed import Unembed, lens_kl, lens_metrics, logit_metrics
 from training.fsdp import FSDP_PREFIX
 from training.fsdp import tag as fsdp_tag
 from training.metrics import PerLayerLensMetrics
+from training.preflight import check_finite
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +65,10 @@ def _frozen_model_is_not_checkpointed(module, incompatible_keys) -> None:
 
 class HiddenStateError(UserError):
     """The frozen model produced NaN or inf: a lens trained on it would be garbage."""
+
+
+class DivergedError(UserError):
+    """The lens's gradients became NaN or inf: training diverged, and a step would ruin the lens."""
 
 
 class LensTrainingModule(L.LightningModule):
@@ -142,6 +148,22 @@ class LensTrainingModule(L.LightningModule):
             raise ConfigError(f"--model.offsets must be distinct integers >= 0, got {offsets}")
         if warmup_steps < 0:
             raise ConfigError(f"--model.warmup_steps must be >= 0, got {warmup_steps}")
+        # NaN slips through YAML (``lr: .nan``) and would train a lens of NaNs: every number is checked.
+        check_finite("--model.lr", lr)
+        check_finite("--model.momentum", momentum, below=1.0)
+        if nesterov and momentum == 0:
+            raise ConfigError("--model.nesterov needs --model.momentum > 0 (Nesterov momentum without momentum is "
+                              "undefined); pass --model.nesterov false or a momentum such as 0.9")
+        check_finite("--model.weight_decay", weight_decay)
+        check_finite("--model.ridge", ridge)
+        check_finite("--model.prompt_lr", prompt_lr, low_open=True)
+        check_finite("--model.cache_max_gb", cache_max_gb)
+        for flag, value in (("prompt_length", prompt_length), ("prompt_positions", prompt_positions)):
+            if value < 1:
+                raise ConfigError(f"--model.{flag} must be at least 1, got {value}")
+        for flag, value in (("lens_dtype", lens_dtype), ("eval_dtype", eval_dtype), ("cache_dtype", cache_dtype)):
+            if value is not None:
+                resolve_dtype(value, f"--model.{flag}")
         loaded = load_base_model(name, revision, dtype)
         self.base = loaded.model
         self.tokenizer = loaded.tokenizer
@@ -464,9 +486,15 @@ class LensTrainingModule(L.LightningModule):
                          "lenses": list(self.val_metrics.keys())}
         for name, metric in self.val_metrics.items():
             values = metric.compute()
+            if name == "logit" and values["kl_nats"].isnan().all():
+                raise DataSourceError("validation scored no positions: the held-out documents give no samples; "
+                                      "raise --data.val_max_docs, lower --data.seq_len or pass --data.val_source")
             metric.reset()
-            results[name] = {k: v.tolist() for k, v in values.items()}
+            # NaN (nothing to score, e.g. no labelled position) is null in results.json, not logged.
+            results[name] = {k: [x if x == x else None for x in v.tolist()] for k, v in values.items()}
             for key, per_layer in values.items():
+                if per_layer.isnan().any():
+                    continue
                 for i, layer in enumerate(self.layers):
                     self.log(f"val/{name}/{key}/layer_{layer:02d}", per_layer[i].float(), sync_dist=False)
                 self.log(f"val/{name}/{key}_mean", per_layer.mean().float(), prog_bar=key == "kl_bits" and name != "logit")
@@ -474,6 +502,18 @@ class LensTrainingModule(L.LightningModule):
         self.last_results = results
 
     # --- optimisation ---------------------------------------------------------------------------------
+    def on_before_optimizer_step(self, optimizer) -> None:
+        """Stop at the first non-finite gradient, before the step writes it into the lens (and so
+        into the next checkpoint and the artifact). Gradients are all-reduced already, so every
+        process reaches the same verdict."""
+        grads = [p.grad for p in self.lenses.parameters() if p.grad is not None]
+        if grads and not bool(torch.stack([torch.isfinite(g).all() for g in grads]).all()):
+            lr = "--model.prompt_lr" if self.hparams.lens_type == "learned_prompt" else "--model.lr"
+            raise DivergedError(
+                f"training diverged at step {self.global_step + 1}: the lens gradients are NaN or inf; "
+                f"lower {lr} (the checkpoints and artifacts written so far are untouched)"
+            )
+
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
         """Clip each lens on its own (the reference clips its one lens): a global norm over the
         lenses of several offsets would let one offset's gradients shrink another's steps."""

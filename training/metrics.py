@@ -33,6 +33,8 @@ class PerLayerLensMetrics(Metric):
         self.n_labels += sums["n_labels"].to(self.n_labels)
 
     def compute(self) -> dict[str, torch.Tensor]:
-        kl = self.kl / self.n_tokens.clamp(min=1)
-        ce = self.ce / self.n_labels.clamp(min=1)
+        """Per-layer means; NaN where nothing was counted (no labelled position: no cross-entropy,
+        rather than a misleading 0)."""
+        kl = self.kl / self.n_tokens
+        ce = self.ce / self.n_labels
         return {"kl_nats": kl, "kl_bits": kl / NATS_PER_BIT, "ce_nats": ce, "ce_bits": ce / NATS_PER_BIT}

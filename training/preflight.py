@@ -1,0 +1,208 @@
+"""Checks a run makes before any work: that it can write where it will write, that it will not
+silently replace another run's results, that no other run is writing there now, and that a
+checkpoint it resumes from can be resumed exactly.
+
+``train.py`` and ``evaluate.py`` call these on the parsed command line, before the model is loaded,
+so a mistake costs a second, not a training run. Each failure is a ``UserError``: one line naming
+the problem and the fix.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import math
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+
+from lenses.errors import ConfigError, UserError
+
+LOCK_NAME = ".lenscope.lock"
+
+
+class OutputError(UserError):
+    """An output folder cannot be written, already holds results, or is in use by another run."""
+
+
+class ResumeError(UserError):
+    """A checkpoint cannot be resumed (or validated) as asked."""
+
+
+# --- output folders ----------------------------------------------------------------------------------
+def check_writable(folder: Path, flag: str) -> None:
+    """``folder`` (which may not exist yet) can be created and written: not a file, not under a
+    file, not read-only. Probed by writing, since permissions alone say nothing for root."""
+    folder = Path(folder)
+    existing = folder
+    while not existing.exists():
+        if existing.parent == existing:
+            break
+        existing = existing.parent
+    if existing.exists() and not existing.is_dir():
+        where = "is a file" if existing == folder else f"is under {existing}, which is a file"
+        raise OutputError(f"output folder {folder} {where}; pass another folder as {flag}")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".lenscope-write-test-", dir=existing)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as err:
+        reason = "read-only" if err.errno in (errno.EROFS, errno.EACCES, errno.EPERM) else err.strerror
+        raise OutputError(f"cannot write output folder {folder} ({existing} is {reason}); "
+                          f"pass a writable folder as {flag}") from None
+
+
+def previous_results(folder: Path) -> list[str]:
+    """What a finished or running lenscope run left in ``folder``: lens artifacts, results, checkpoints."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    found = [p.name + "/" for p in sorted(folder.iterdir()) if (p / "config.json").is_file() and (p / "lens.safetensors").exists()]
+    found += [p.name for p in sorted(folder.glob("results.*"))]
+    found += [p.name for p in sorted(folder.glob("*.ckpt"))]
+    return found
+
+
+def check_not_replacing(folders: dict[Path, str], overwrite: bool, resume_hint: bool) -> None:
+    """Refuse to write into folders that hold an earlier run's results, unless ``overwrite``."""
+    if overwrite:
+        return
+    for folder, flag in folders.items():
+        found = previous_results(folder)
+        if found:
+            shown = ", ".join(found[:4]) + (", …" if len(found) > 4 else "")
+            resume = "--ckpt_path last to continue that run, " if resume_hint else ""
+            raise OutputError(f"{folder} already holds an earlier run's results ({shown}); pass {resume}"
+                              f"--overwrite true to replace them, or another folder as {flag}")
+
+
+_held_locks: list = []
+
+
+def lock_folders(folders: dict[Path, str]) -> None:
+    """Take an exclusive lock on each output folder until ``release_locks`` (the entry points call
+    it when the run ends) or the process ends. ``flock``: the kernel releases it when the process
+    ends, however it ends, so a crash never leaves a stale lock behind."""
+    for folder, flag in folders.items():
+        folder.mkdir(parents=True, exist_ok=True)
+        handle = open(folder / LOCK_NAME, "a+")  # noqa: SIM115 (kept open: the lock lives as long as the file)
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            handle.close()
+            raise OutputError(f"another run ({holder}) is writing to {folder}; wait for it to finish, "
+                              f"or pass another folder as {flag}") from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"pid {os.getpid()}")
+        handle.flush()
+        _held_locks.append(handle)
+
+
+def release_locks() -> None:
+    while _held_locks:
+        with contextlib.suppress(OSError):
+            _held_locks.pop().close()
+
+
+# --- resuming ----------------------------------------------------------------------------------------
+def load_checkpoint(path: Path) -> dict:
+    """The training checkpoint at ``path``, or one line saying why it is not one."""
+    if not path.exists():
+        raise ResumeError(f"checkpoint {path} does not exist; pass an existing .ckpt file or --ckpt_path last")
+    if path.is_dir():
+        hint = (" (it is a lens artifact: to start from a lens, pass it as --model.init_lens)"
+                if (path / "lens.safetensors").exists() else "")
+        raise ResumeError(f"--ckpt_path {path} is a folder, not a checkpoint file{hint}; pass a .ckpt file")
+    with open(path, "rb") as f:
+        head = f.read(16)
+    if path.suffix == ".safetensors" or head[8:9] == b"{":
+        raise ResumeError(f"--ckpt_path {path} is a safetensors weights file, not a training checkpoint; pass a .ckpt "
+                          "from the run's checkpoint folder (to start from a lens artifact, use --model.init_lens)")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    except Exception as err:  # torch raises several types for a damaged file
+        first = str(err).splitlines()[0] if str(err) else "damaged"
+        raise ResumeError(
+            f"checkpoint {path} does not load ({type(err).__name__}: {first}); it was cut short or modified: "
+            "pass an earlier --ckpt_path or delete it to start over"
+        ) from None
+    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint or "lenscope" not in checkpoint:
+        raise ResumeError(f"{path} is not a lenscope training checkpoint; pass a .ckpt written by train.py")
+    return checkpoint
+
+
+STRUCTURE = ("name", "lens_type", "offsets", "bias", "prompt_length")
+"""Model settings a checkpoint's lenses are made of: they must match to load it at all."""
+
+DATA_ORDER = ("source", "val_source", "text_field", "split", "mode", "seq_len", "batch_size", "holdout_every",
+              "seed", "shuffle_buffer", "max_words", "max_chars", "positions_per_doc", "num_workers")
+"""Data settings that decide which samples come next: they must match for an exact resume."""
+
+
+def _differences(saved: dict, wanted: dict, keys: tuple[str, ...], section: str) -> list[str]:
+    return [f"--{section}.{k} {saved.get(k)!r} (this run: {wanted.get(k)!r})"
+            for k in keys if k in saved and saved.get(k) != wanted.get(k)]
+
+
+def check_resume(path: Path, checkpoint: dict, model: dict, data: dict | None, max_steps: int | None) -> None:
+    """``model`` / ``data``: this run's ``--model.*`` / ``--data.*`` settings (``data`` None: not
+    resuming training, only scoring the checkpoint, so the data may differ)."""
+    saved_model = checkpoint.get("hyper_parameters") or {}
+    differ = _differences(saved_model, model, STRUCTURE, "model")
+    if differ:
+        raise ResumeError(f"{path} holds lenses of other settings: the checkpoint has {'; '.join(differ)}; "
+                          "pass the checkpoint's settings, or start a new run in another folder")
+    if data is None:
+        return
+    differ = _differences(checkpoint.get("datamodule_hyper_parameters") or {}, data, DATA_ORDER, "data")
+    if differ:
+        raise ResumeError(f"{path} was trained with other data settings, so it cannot resume exactly: the checkpoint "
+                          f"has {'; '.join(differ)}; pass the checkpoint's settings, or start a new run in another folder")
+    step = checkpoint.get("global_step", 0)
+    if max_steps is not None and step >= max_steps:
+        raise ResumeError(f"{path} is at step {step} and --trainer.max_steps is {max_steps}: nothing is left to "
+                          f"train; raise --trainer.max_steps above {step} (the lens of step {step} is already in "
+                          "its run's artifact)")
+
+
+# --- the step schedule --------------------------------------------------------------------------------
+def check_schedule(trainer: dict) -> None:
+    """With an endless training stream, validation (and so the results table) is scheduled in steps:
+    it must happen, and its last one must score the final lens."""
+    max_steps = trainer.get("max_steps")
+    if not isinstance(max_steps, int) or max_steps <= 0:
+        raise ConfigError(f"--trainer.max_steps must be a positive number of steps, got {max_steps}")
+    accumulate = trainer.get("accumulate_grad_batches", 1)
+    if not isinstance(accumulate, int) or isinstance(accumulate, bool) or accumulate < 1:
+        raise ConfigError(f"--trainer.accumulate_grad_batches must be a whole number of batches >= 1, got {accumulate!r}")
+    if trainer.get("limit_val_batches") in (0, 0.0):
+        return  # no validation asked for: no results table, the artifact alone
+    interval = trainer.get("val_check_interval")
+    if not isinstance(interval, int) or isinstance(interval, bool) or interval < 1:
+        raise ConfigError(f"--trainer.val_check_interval must be a number of steps (the training stream is endless), "
+                          f"got {interval!r}; set it to --trainer.max_steps ({max_steps}) to validate once at the end")
+    if interval > max_steps:
+        raise ConfigError(f"--trainer.val_check_interval {interval} is beyond --trainer.max_steps {max_steps}: no "
+                          f"validation would run and no results would be written; set it to at most {max_steps}")
+    if max_steps % interval:
+        last = max_steps - max_steps % interval
+        raise ConfigError(f"--trainer.max_steps {max_steps} is not a multiple of --trainer.val_check_interval {interval}: "
+                          f"the last validation (step {last}) would not score the final lens; make max_steps a multiple of it")
+
+
+def check_finite(flag: str, value: float, low: float = 0.0, below: float | None = None, low_open: bool = False) -> None:
+    """``value`` is a finite number ≥ ``low`` (> ``low`` when ``low_open``) and < ``below``."""
+    ok = isinstance(value, (int, float)) and math.isfinite(value) and (value > low if low_open else value >= low)
+    if ok and below is not None:
+        ok = value < below
+    if not ok:
+        bound = f"> {low}" if low_open else f">= {low}"
+        if below is not None:
+            bound += f" and < {below}"
+        raise ConfigError(f"{flag} must be a finite number {bound}, got {value}")
