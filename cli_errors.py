@@ -3,10 +3,12 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import signal
 import sys
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -82,6 +84,7 @@ def run_with_clean_errors(fn: Callable[[], object], where: str = "before trainin
 
     ``where`` says what a stop outside training leaves behind (training says it itself, with the step)."""
     install_handlers(where)
+    quiet_expected_noise()
     try:
         return fn()
     except StoppedBySignal as stop:
@@ -105,6 +108,40 @@ def run_with_clean_errors(fn: Callable[[], object], where: str = "before trainin
         release_locks()
 
 
+# Warnings lenscope triggers on purpose, each matched by its message and the module raising it, so
+# that any other warning (from the same modules too) still shows:
+EXPECTED_WARNINGS = [
+    # The training step pulls its own batch (exact resume: the saved data position is the last batch
+    # trained, not one prefetched ahead). Lightning calls that signature experimental, twice.
+    (r"You are using the `dataloader_iter` step flavor", r"lightning\.pytorch\.trainer\.configuration_validator"),
+    (r"Found `dataloader_iter` argument in the `training_step`", r"lightning\.pytorch\.loops\.utilities"),
+    # The frozen model stays in eval mode while the lenses train (no dropout in the teacher).
+    (r"Found \d+ module\(s\) in eval mode at the start of training", r"lightning\.pytorch\.loops\.fit_loop"),
+    # Deprecations inside dependencies, raised by their own code, nothing lenscope calls.
+    (r"'set_vital' is deprecated", r"torchdata\.stateful_dataloader\.stateful_dataloader"),
+    (r"`isinstance\(treespec, LeafSpec\)` is deprecated", r"lightning\.pytorch\.utilities\._pytree"),
+]
+
+
+class _DropTips(logging.Filter):
+    """Lightning's advertisements for its cloud services ("💡 Tip: ... try installing ...")."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("💡 Tip:")
+
+
+def quiet_expected_noise() -> None:
+    """Filter what lenscope triggers on purpose (above), at the places it is raised; W&B's own chatter
+    goes too (WANDB_QUIET, set unless the user set it): lenscope says where the run went itself."""
+    for message, module in EXPECTED_WARNINGS:
+        warnings.filterwarnings("ignore", message=message, module=module)
+    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _DropTips) for f in logger.filters):
+            logger.addFilter(_DropTips())
+    os.environ.setdefault("WANDB_QUIET", "true")
+
+
 SUBCOMMANDS = ("fit", "validate", "test", "predict")
 
 
@@ -118,6 +155,11 @@ class LenscopeCLI(LightningCLI):
     def __init__(self, *args, **kwargs):
         quiet = {"exit_on_error": False}
         super().__init__(*args, parser_kwargs={**quiet, **{sub: dict(quiet) for sub in SUBCOMMANDS}}, **kwargs)
+
+    def _instantiate_trainer(self, config: dict, callbacks: list):
+        trainer = super()._instantiate_trainer(config, callbacks)
+        drop_unset_wandb_anonymous(trainer)
+        return trainer
 
     def parse_arguments(self, parser, args) -> None:
         try:
@@ -134,6 +176,23 @@ class LenscopeCLI(LightningCLI):
 def is_first_process() -> bool:
     """Rank 0 of the whole job (the others are started later, by it or by the launcher)."""
     return rank_zero_only.rank == 0 and os.environ.get("NODE_RANK", "0") == "0"
+
+
+def logger_save_dir(config) -> Path | None:
+    """``--trainer.logger.save_dir``, where a logger such as W&B writes its run."""
+    logger = config.trainer.get("logger")
+    if logger and not isinstance(logger, bool) and logger.get("init_args") and logger.init_args.get("save_dir"):
+        return Path(logger.init_args.save_dir)
+    return None
+
+
+def drop_unset_wandb_anonymous(trainer) -> None:
+    """Lightning's WandbLogger (2.6) always hands ``anonymous=None`` to ``wandb.init``, and W&B 0.31
+    warns that the setting is deprecated whenever it is passed at all: leave it out when unset."""
+    for logger in trainer.loggers:
+        init = getattr(logger, "_wandb_init", None) if isinstance(logger, WandbLogger) else None
+        if isinstance(init, dict) and init.get("anonymous", "set") is None:
+            del init["anonymous"]
 
 
 def finish_loggers(cli: LightningCLI) -> None:

@@ -14,7 +14,13 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from cli_errors import LenscopeCLI, finish_loggers, is_first_process, run_with_clean_errors
+from cli_errors import (
+    LenscopeCLI,
+    finish_loggers,
+    is_first_process,
+    logger_save_dir,
+    run_with_clean_errors,
+)
 from datamodules.patchscope_data import PatchscopeDataModule
 from evaluation.patchscope_module import PatchscopeEvaluation
 from training.preflight import check_not_replacing, check_writable, lock_folders
@@ -29,6 +35,9 @@ class EvaluateCLI(LenscopeCLI):
         if is_first_process():
             lock_folders(folders)
         check_not_replacing(folders, self.config.get("overwrite", False), resume_hint=False)
+        if (save_dir := logger_save_dir(self.config)) is not None:
+            # W&B looks for a git repository from its folder at start-up, and warns if it does not exist yet.
+            save_dir.mkdir(parents=True, exist_ok=True)
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_argument("--lenses", type=str, nargs="+", default=[],

@@ -20,7 +20,14 @@ from pathlib import Path
 from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.fabric.plugins.io.checkpoint_io import CheckpointIO
 
-from cli_errors import LenscopeCLI, finish_loggers, is_first_process, plain, run_with_clean_errors
+from cli_errors import (
+    LenscopeCLI,
+    finish_loggers,
+    is_first_process,
+    logger_save_dir,
+    plain,
+    run_with_clean_errors,
+)
 from datamodules.lens_data import LensDataModule
 from lenses.errors import ConfigError
 from training.callbacks import LensArtifactWriter, StepProgressBar
@@ -56,6 +63,9 @@ class LensCLI(LenscopeCLI):
         writes = output_folders(config)
         for folder, flag in writes.items():
             check_writable(folder, flag)
+        if (save_dir := logger_save_dir(config)) is not None:
+            # W&B looks for a git repository from its folder at start-up, and warns if it does not exist yet.
+            save_dir.mkdir(parents=True, exist_ok=True)
         if is_first_process():
             # Taken before looking for earlier results: of two runs started at once, the second
             # stops here, instead of both finding the folders empty and one overwriting the other.
@@ -115,9 +125,8 @@ def result_folders(config) -> dict[Path, str]:
 def output_folders(config) -> dict[Path, str]:
     """Every folder the run writes into, with the flag that sets it."""
     folders = {Path(config.trainer.get("default_root_dir") or os.getcwd()): "--trainer.default_root_dir"}
-    logger = config.trainer.get("logger")
-    if logger and not isinstance(logger, bool) and logger.get("init_args") and logger.init_args.get("save_dir"):
-        folders[Path(logger.init_args.save_dir)] = "--trainer.logger.save_dir"
+    if (save_dir := logger_save_dir(config)) is not None:
+        folders[save_dir] = "--trainer.logger.save_dir"
     folders.update(result_folders(config))
     return folders
 

@@ -41,13 +41,14 @@ from basemodel.patching import PatchingEngine
 from basemodel.residuals import ResidualReader
 from evaluation.baselines import bigram_successors
 from evaluation.metrics import PatchscopeMetrics
-from evaluation.report import write_report
+from evaluation.report import markdown_tables, write_report
 from evaluation.token_identity import IDENTITY_PROMPT, TokenIdentityPatchscope
 from lenses.artifact import load_lens
 from lenses.errors import ConfigError
 from lenses.learned_prompt import LearnedPromptLens
 from lenses.least_squares import NormalEquations
 from lenses.lens import AffineLens, Lens
+from training.callbacks import wandb_locations
 from training.lens_module import lens_key
 from training.preflight import check_finite
 
@@ -289,4 +290,9 @@ class PatchscopeEvaluation(L.LightningModule):
     @rank_zero_only
     def _report(self) -> None:
         wandb_runs = [lg.experiment for lg in self.trainer.loggers if isinstance(lg, WandbLogger)]
-        write_report(self.results, Path(self.hparams.output_dir), wandb_runs)
+        out = Path(self.hparams.output_dir)
+        written = write_report(self.results, out, wandb_runs)
+        pngs = [p for p in written if p.suffix == ".png"]
+        print(f"\n{markdown_tables(self.results)}")
+        print("\n".join([f"Results:         {out / 'results.md'}, {out / 'results.json'}, {out / 'results.csv'}",
+                         f"Plots:           {len(pngs)} PNGs in {out}", *wandb_locations(self.trainer)]))

@@ -3,19 +3,16 @@
 from __future__ import annotations
 
 import json
-import logging
 from pathlib import Path
 
 import lightning as L
-from lightning.pytorch.callbacks import TQDMProgressBar
+from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_only
 
 from lenses.artifact import save_lens
 from lenses.files import atomic_write
-
-log = logging.getLogger(__name__)
 
 
 def layer_name(index: int) -> str:
@@ -50,15 +47,14 @@ class LensArtifactWriter(L.Callback):
 
     @rank_zero_only
     def on_train_end(self, trainer: L.Trainer, pl_module) -> None:
-        for key, lens in pl_module.lenses.items():
-            lens_dir = save_lens(
-                lens, self.dirpath / key, base_model=pl_module.hparams.name,
-                revision=pl_module.base_revision, unembed_hash=pl_module.unembed_hash,
-                num_hidden_layers=pl_module.adapter.num_layers,
-                extra={"trained_steps": trainer.global_step, "lenscope_lens_dtype": pl_module.hparams.lens_dtype},
-            )
-            log.info("lens artifact written to %s", lens_dir)
+        written = [save_lens(
+            lens, self.dirpath / key, base_model=pl_module.hparams.name,
+            revision=pl_module.base_revision, unembed_hash=pl_module.unembed_hash,
+            num_hidden_layers=pl_module.adapter.num_layers,
+            extra={"trained_steps": trainer.global_step, "lenscope_lens_dtype": str(pl_module.lens_compute_dtype).removeprefix("torch.")},
+        ) for key, lens in pl_module.lenses.items()]
         self._write_results(trainer, pl_module)
+        print(where_files_went(trainer, written, self.dirpath))
 
     @rank_zero_only
     def on_validation_end(self, trainer: L.Trainer, pl_module) -> None:
@@ -84,6 +80,32 @@ class LensArtifactWriter(L.Callback):
                 data = [[layer, layer_name(layer)] + [results[lens][f"{m}_bits"][i] for m in ("kl", "ce") for lens in lenses]
                         for i, layer in enumerate(results["layers"])]
                 logger.log_table("val/per_layer", columns=columns, data=data)
+
+
+def where_files_went(trainer: L.Trainer, lenses: list[Path], results: Path) -> str:
+    """The end of a training run's output: every file a person may want next, and what to do with it."""
+    lines = [f"Lens artifacts:  {', '.join(str(p) for p in lenses)}  (load with lenses.artifact.load_lens)"]
+    if (results / "results.md").exists():
+        lines.append(f"Results:         {results / 'results.md'}, {results / 'results.json'}")
+    for callback in trainer.checkpoint_callbacks:
+        if isinstance(callback, ModelCheckpoint) and callback.last_model_path:
+            lines.append(f"Checkpoint:      {callback.last_model_path}  (continue with --ckpt_path last)")
+    lines += wandb_locations(trainer)
+    return "\n".join(lines)
+
+
+def wandb_locations(trainer: L.Trainer) -> list[str]:
+    """Where each W&B run of the trainer went: a folder to sync (offline) or its page."""
+    lines = []
+    for logger in trainer.loggers:
+        if isinstance(logger, WandbLogger):
+            run = logger.experiment
+            where = Path(run.dir).parent if getattr(run, "dir", None) else None
+            if where is not None and getattr(run, "offline", False):
+                lines.append(f"W&B run:         {where}  (offline; upload with `wandb sync {where}`)")
+            elif getattr(run, "url", None):
+                lines.append(f"W&B run:         {run.url}")
+    return lines
 
 
 class StepProgressBar(TQDMProgressBar):

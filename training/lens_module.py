@@ -18,12 +18,14 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.strategies import FSDPStrategy
+from lightning.pytorch.utilities import rank_zero_info
 
 from basemodel.adapter import ArchitectureAdapter
 from basemodel.hidden_cache import HiddenStateCache, batch_key
 from basemodel.loading import (
     EMBEDDED_MODEL,
     cache_root,
+    compute_dtype,
     context_length,
     load_base_model,
     resolve_dtype,
@@ -85,7 +87,7 @@ class LensTrainingModule(L.LightningModule):
         nesterov: bool = True,
         weight_decay: float = 1e-3,
         warmup_steps: int = 0,
-        lens_dtype: str = "bfloat16",
+        lens_dtype: str = "auto",
         eval_dtype: str = "float32",
         cache: str = "device",
         cache_dir: str | None = None,
@@ -117,9 +119,11 @@ class LensTrainingModule(L.LightningModule):
             weight_decay: SGD weight decay; with the residual parametrisation it pulls each
                 translator towards the identity.
             warmup_steps: linear warm-up steps before the linear decay to 0 (reference: 0).
-            lens_dtype: dtype of the lens's matrix products in training (bf16 on CPU with AVX512-BF16
-                and on GPU: ~4× faster than fp32; softmax and KL stay fp32).
-            eval_dtype: dtype of the matrix products in validation.
+            lens_dtype: dtype of the lens's matrix products in training: ``auto`` (bf16 where the
+                hardware multiplies it natively, GPUs and CPUs with AVX512-BF16 or AMX, ~4× faster than
+                fp32 there; fp32 elsewhere, where bf16 is emulated and ~30× slower), ``bfloat16`` or
+                ``float32``. Softmax and KL stay fp32.
+            eval_dtype: dtype of the matrix products in validation (``auto`` as above).
             cache: where cached hidden states live: ``device`` (memory of the device the model runs
                 on), ``disk`` (safetensors shards in ``cache_dir``) or ``none``.
             cache_dir: folder of the disk cache (default: a folder under the lenscope cache).
@@ -162,7 +166,7 @@ class LensTrainingModule(L.LightningModule):
             if value < 1:
                 raise ConfigError(f"--model.{flag} must be at least 1, got {value}")
         for flag, value in (("lens_dtype", lens_dtype), ("eval_dtype", eval_dtype), ("cache_dtype", cache_dtype)):
-            if value is not None:
+            if value is not None and not (value == "auto" and flag != "cache_dtype"):
                 resolve_dtype(value, f"--model.{flag}")
         loaded = load_base_model(name, revision, dtype)
         self.base = loaded.model
@@ -300,6 +304,11 @@ class LensTrainingModule(L.LightningModule):
 
         return {key: eq.summed(sum_over_ranks) for key, eq in self.normal_equations.items()}
 
+    @property
+    def lens_compute_dtype(self) -> torch.dtype:
+        """The dtype of the lens's matrix products in training (``--model.lens_dtype``, ``auto`` resolved)."""
+        return compute_dtype(self.hparams.lens_dtype, self.device, "--model.lens_dtype")
+
     # --- set-up --------------------------------------------------------------------------------------
     def check_strategy(self, strategy) -> None:
         """Refuse what cannot run under ``strategy``: train.py calls this before the ranks start
@@ -312,6 +321,10 @@ class LensTrainingModule(L.LightningModule):
 
     def setup(self, stage: str) -> None:
         self.check_strategy(self.trainer.strategy)
+        if stage == "fit" and self.hparams.lens_type != "affine" and self.hparams.lens_dtype == "auto":
+            dtype = str(self.lens_compute_dtype).removeprefix("torch.")
+            why = "native on this device" if dtype == "bfloat16" else f"bf16 is not native on this {self.device.type}"
+            rank_zero_info(f"Lens matrix products in {dtype} ({why}; --model.lens_dtype sets it)")
         datamodule = getattr(self.trainer, "datamodule", None)
         seq_len = getattr(getattr(datamodule, "hparams", {}), "get", lambda *_: None)("seq_len")
         if seq_len is not None and max(self.offsets) >= seq_len:
@@ -429,7 +442,7 @@ class LensTrainingModule(L.LightningModule):
             # Nothing to descend: a zero loss keeps Lightning's step counting (max_steps, checkpoints).
             # It touches every parameter, or DDP would stop on parameters that got no gradient.
             return sum(p.sum() for p in self.lenses.parameters()) * 0.0
-        dtype = resolve_dtype(self.hparams.lens_dtype)
+        dtype = self.lens_compute_dtype
         loss = 0.0
         for key, lens in self.lenses.items():
             h, final, _ = self.lens_examples(batch, states, labels, lens.offset)
@@ -457,7 +470,7 @@ class LensTrainingModule(L.LightningModule):
         states, all_labels = self.hidden_states(batch)
         if states.shape[1] == 0:  # padding (see DocumentStream.pad_shares): the model ran, nothing to score
             return
-        dtype = resolve_dtype(self.hparams.eval_dtype)
+        dtype = compute_dtype(self.hparams.eval_dtype, self.device, "--model.eval_dtype")
         for k in self.offsets:
             h, final, labels = self.lens_examples(batch, states, all_labels, k)
             if self.hparams.lens_type == "learned_prompt":

@@ -153,7 +153,7 @@ class GracefulStop(L.Callback):
             return  # the last step: the run finishes normally, results and artifact included
         path = self._last_checkpoint_path(trainer)
         if path is not None:
-            trainer.save_checkpoint(path)
+            trainer.save_checkpoint(path, weights_only=False)
             stop = f"stopped by {signal_name(signum)} at step {trainer.global_step}; resume with --ckpt_path last"
         else:
             stop = (f"stopped by {signal_name(signum)} at step {trainer.global_step}; the run has no checkpoint "
