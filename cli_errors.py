@@ -152,6 +152,9 @@ def plain(namespace) -> dict:
 class LenscopeCLI(LightningCLI):
     """What ``train.py`` and ``evaluate.py`` share: parse errors as one line, not an 86-line usage."""
 
+    command = "train.py"
+    """The script, as the user types it (``python <command> --help``)."""
+
     def __init__(self, *args, **kwargs):
         quiet = {"exit_on_error": False}
         super().__init__(*args, parser_kwargs={**quiet, **{sub: dict(quiet) for sub in SUBCOMMANDS}}, **kwargs)
@@ -166,7 +169,7 @@ class LenscopeCLI(LightningCLI):
             super().parse_arguments(parser, args)
         except ArgumentError as err:
             words = list(sys.argv[1:] if args is None else args)
-            command = " ".join([Path(sys.argv[0]).name, *[w for w in words[:1] if w in SUBCOMMANDS]])
+            command = " ".join([self.command, *[w for w in words[:1] if w in SUBCOMMANDS]])
             message = " ".join(line.strip() for line in str(err).splitlines() if line.strip())
             message = re.sub(r'Parser key "([^"]+)":', r"--\1:", message)
             message = re.sub(r"<class '([\w.]+)'>", r"\1", message)

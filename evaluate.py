@@ -27,6 +27,8 @@ from training.preflight import check_not_replacing, check_writable, lock_folders
 
 
 class EvaluateCLI(LenscopeCLI):
+    command = "evaluate.py"
+
     def before_instantiate_classes(self) -> None:
         # Before the model is loaded: the results folder must be writable, not hold an earlier
         # evaluation's results (unless --overwrite), and not be in use by another run.

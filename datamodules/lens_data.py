@@ -32,7 +32,14 @@ import lightning as L
 from torch.utils.data import IterableDataset, get_worker_info
 from torchdata.stateful_dataloader import StatefulDataLoader
 
-from datamodules.preprocessing import Packer, TrimSettings, collate, keep_for_trimming, trim_sample
+from datamodules.preprocessing import (
+    Packer,
+    TrimSettings,
+    collate,
+    keep_for_trimming,
+    token_ids,
+    trim_sample,
+)
 from datamodules.sources import DataSourceError, DocumentSource
 from lenses.errors import ConfigError
 
@@ -195,7 +202,7 @@ class DocumentStream(IterableDataset):
 
     def _samples(self, ordinal: int, text: str, packer: Packer) -> list[dict]:
         if self.mode == "pack":
-            return packer.add(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+            return packer.add(token_ids(self.tokenizer, text))
         tokens = self.tokenizer(text)["input_ids"]
         rng = random.Random(f"{self.seed}/{ordinal}")  # position choice is seeded per document
         sample = trim_sample(tokens, rng, self.trim, self.seq_len)

@@ -47,6 +47,33 @@ def trim_sample(tokens: list[int], rng: random.Random, settings: TrimSettings, s
     return {"input_ids": tokens[:end], "positions": positions, "labels": [tokens[i + 1] for i in positions]}
 
 
+LONG_TEXT = 1 << 20
+"""Characters from which a document is tokenised piece by piece (see ``token_ids``)."""
+
+
+def token_ids(tokenizer, text: str, piece_chars: int = LONG_TEXT) -> list[int]:
+    """Token ids of ``text`` without special tokens, for packing.
+
+    A document longer than ``piece_chars`` characters is tokenised in pieces cut just before a
+    whitespace character (so a word is never split; the whitespace starts the next piece, as
+    pre-tokenisers expect): a tokenizer holds offsets and token strings for its whole input, about
+    0.5 KB per token, which for one 50 MB document is several GB. Tokens at the cuts may differ from
+    tokenising the whole text at once, deterministically, which packing does not mind.
+    """
+    if len(text) <= piece_chars:
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+    ids: list[int] = []
+    start = 0
+    while start < len(text):
+        end = min(start + piece_chars, len(text))
+        if end < len(text):
+            cut = max(text.rfind(" ", start + 1, end), text.rfind("\n", start + 1, end))
+            end = cut if cut > start else end
+        ids += tokenizer(text[start:end], add_special_tokens=False)["input_ids"]
+        start = end
+    return ids
+
+
 class Packer:
     """Tuned-lens packing: documents joined with EOS, cut into fixed-length chunks (the reference
     packs to 2048 tokens). The tokens left over after the last chunk are part of the resumable state.

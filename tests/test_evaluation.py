@@ -185,6 +185,14 @@ def test_evaluate_logs_to_wandb(tmp_path, tiny_model_dir, corpus, wandb_spy):
     pytest.param(["--data.max_offset", "1"], "raise --data.max_offset to 3", id="offset-beyond-max-offset"),
     pytest.param(["--data.source", "/nonexistent/corpus.jsonl"], "no data found at '/nonexistent/corpus.jsonl'",
                  id="missing-data-path"),
+    pytest.param(["--model.rows_per_pass", "0"], "--model.rows_per_pass must be at least 1, got 0", id="zero-rows-per-pass"),
+    pytest.param(["--model.identity_prompt", ""], "has no token to write the state at; pass a prompt ending in a "
+                 "placeholder token as --model.identity_prompt", id="empty-identity-prompt"),
+    pytest.param(["--model.ridge", "-1"], "--model.ridge must be a finite number >= 0, got -1.0", id="negative-ridge"),
+    pytest.param(["--lenses", "/nonexistent/last.ckpt"], "is not a lens artifact", id="missing-lens"),
+    pytest.param(["--model.methods", "[logit]", "--model.rows_per_pass", "many"],
+                 "--model.rows_per_pass: Expected a int. Got value: many (see `python evaluate.py --help`)",
+                 id="value-of-the-wrong-type"),
 ])
 def test_bad_evaluation_settings_give_one_line_errors(tmp_path, tiny_model_dir, corpus, capsys, extra, message):
     with pytest.raises(SystemExit) as exit_info:
@@ -209,3 +217,26 @@ def test_embedded_model_patchscopes_have_the_published_shape(tmp_path):
     assert metrics["precision@1"]["token_identity"][-1] >= 0.5
     mean = {m: sum(v) / len(v) for m, v in metrics["kl_nats"].items()}
     assert mean["affine"] < 0.5 * mean["logit"], mean
+
+
+def test_a_training_checkpoint_given_as_a_lens(tmp_path, tiny_model_dir, corpus, capsys):
+    ckpt = tmp_path / "last.ckpt"
+    torch.save({"state_dict": {}}, ckpt)
+    with pytest.raises(SystemExit) as exit_info:
+        evaluate.main(eval_args(tmp_path / "eval", tiny_model_dir, corpus, "--lenses", str(ckpt)))
+    assert exit_info.value.code == 2
+    assert f"{ckpt} is a training checkpoint, not a lens artifact" in capsys.readouterr().err
+
+
+def test_an_earlier_evaluation_is_not_replaced_silently(tmp_path, tiny_model_dir, corpus, capsys):
+    fast = ["--model.methods", "[logit]", "--model.future_offsets", "[]", "--data.n_fit", "4", "--data.n_eval", "4"]
+    evaluate.main(eval_args(tmp_path / "eval", tiny_model_dir, corpus, *fast))
+    before = (tmp_path / "eval" / "results.json").read_text()
+    with pytest.raises(SystemExit) as exit_info:
+        evaluate.main(eval_args(tmp_path / "eval", tiny_model_dir, corpus, *fast, "--data.seed", "1"))
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "already holds an earlier run's results" in err and "--overwrite true" in err and "--model.output_dir" in err
+    assert (tmp_path / "eval" / "results.json").read_text() == before
+    evaluate.main(eval_args(tmp_path / "eval", tiny_model_dir, corpus, *fast, "--data.seed", "1", "--overwrite", "true"))
+    assert json.loads((tmp_path / "eval" / "results.json").read_text())["protocol"]["seed"] == 1

@@ -515,15 +515,16 @@ class LensTrainingModule(L.LightningModule):
         self.last_results = results
 
     # --- optimisation ---------------------------------------------------------------------------------
-    def on_before_optimizer_step(self, optimizer) -> None:
-        """Stop at the first non-finite gradient, before the step writes it into the lens (and so
-        into the next checkpoint and the artifact). Gradients are all-reduced already, so every
-        process reaches the same verdict."""
-        grads = [p.grad for p in self.lenses.parameters() if p.grad is not None]
-        if grads and not bool(torch.stack([torch.isfinite(g).all() for g in grads]).all()):
+    def optimizer_step(self, *args, **kwargs) -> None:
+        """Stop at the first update that leaves a lens weight NaN or inf (a NaN gradient, or a step
+        so large it overflows), before anything writes that lens: a checkpoint is saved after
+        this, the artifact at the end. Gradients are all-reduced, so every process stops alike."""
+        super().optimizer_step(*args, **kwargs)
+        weights = [p for p in self.lenses.parameters()]
+        if weights and not bool(torch.stack([torch.isfinite(p).all() for p in weights]).all()):
             lr = "--model.prompt_lr" if self.hparams.lens_type == "learned_prompt" else "--model.lr"
             raise DivergedError(
-                f"training diverged at step {self.global_step + 1}: the lens gradients are NaN or inf; "
+                f"training diverged at step {self.global_step}: the lens weights became NaN or inf; "
                 f"lower {lr} (the checkpoints and artifacts written so far are untouched)"
             )
 

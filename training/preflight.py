@@ -202,7 +202,7 @@ def check_finite(flag: str, value: float, low: float = 0.0, below: float | None 
     if ok and below is not None:
         ok = value < below
     if not ok:
-        bound = f"> {low}" if low_open else f">= {low}"
+        bound = f"> {low:g}" if low_open else f">= {low:g}"
         if below is not None:
-            bound += f" and < {below}"
+            bound += f" and < {below:g}"
         raise ConfigError(f"{flag} must be a finite number {bound}, got {value}")
