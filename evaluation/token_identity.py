@@ -6,6 +6,10 @@ prompt is the same for all rows, only the written state and its layer differ. An
 is written at the LAST token, under causal attention nothing before it depends on the patch: the
 prompt's prefix is run once, its key/value cache shared by every row, and each row's pass covers
 one token instead of the whole prompt (~20× less compute for the default prompt).
+
+Not every model's cache can be shared that way (a state-space model's recurrent state, say, is not
+a key/value cache that repeats along the batch). So before the prefix is trusted it is tried on two
+rows against full passes; if that fails or disagrees, every row runs the whole prompt instead.
 """
 
 from __future__ import annotations
@@ -41,15 +45,46 @@ class TokenIdentityPatchscope:
         self._prefix_cache = None
 
     def _prefix(self, device: torch.device):
-        """Key/value cache of the prompt without its last token (batch 1), or None."""
+        """Key/value cache of the prompt without its last token (batch 1), or None when this
+        model's cache cannot stand in for the prefix (then every row runs the whole prompt)."""
         if self._prefix_cache is None or self._prefix_cache[0] != device:
-            with torch.no_grad():
-                out = self.engine.adapter.model(input_ids=self.prompt_ids[:-1].to(device)[None], use_cache=True)
-            cache = getattr(out, "cache", None) or getattr(out, "past_key_values", None)
-            self._prefix_cache = (device, cache if hasattr(cache, "batch_repeat_interleave") else None)
-            if self._prefix_cache[1] is None:
+            cache = None
+            try:
+                with torch.no_grad():
+                    out = self.engine.adapter.model(input_ids=self.prompt_ids[:-1].to(device)[None], use_cache=True)
+                cache = getattr(out, "cache", None) or getattr(out, "past_key_values", None)
+                if cache is not None and not self._prefix_agrees(cache, device):
+                    cache = None
+            except Exception:  # noqa: BLE001 (any failure of a cache type means: do not use it)
+                cache = None
+            self._prefix_cache = (device, cache)
+            if cache is None:
                 self.reuse_prefix = False
         return self._prefix_cache[1]
+
+    def _prefix_agrees(self, cache, device: torch.device) -> bool:
+        """Two rows (different states, different layers) through the shared prefix equal full passes."""
+        adapter = self.engine.adapter
+        generator = torch.Generator().manual_seed(0)
+        states = torch.randn(2, adapter.d_model, generator=generator).to(device, adapter.unembedding_weight.dtype)
+        layers = torch.tensor([1, adapter.num_layers // 2 + 1], device=device).clamp(max=adapter.num_layers)
+        shared = self._rows(states, layers, cache)
+        full = self._rows(states, layers, None)
+        return bool(torch.allclose(shared.float(), full.float(), atol=1e-3, rtol=1e-3))
+
+    def _rows(self, states: torch.Tensor, layers: torch.Tensor, prefix) -> torch.Tensor:
+        """Next-token logits of the prompt with states[n] written at layer layers[n] of its last token."""
+        count, device = states.shape[0], states.device
+        prompt = self.prompt_ids.to(device)
+        if prefix is not None:  # one token per row after the shared prefix
+            cache = copy.deepcopy(prefix)
+            cache.batch_repeat_interleave(count)
+            ids, mask = prompt[-1:].expand(count, 1), torch.ones(count, prompt.numel(), dtype=torch.long, device=device)
+            at = torch.zeros(count, dtype=torch.long, device=device)
+        else:
+            cache, ids, mask = None, prompt.expand(count, -1), None
+            at = torch.full((count,), prompt.numel() - 1, device=device)
+        return self.engine.run(ids, mask, layers, at, states, at, past_key_values=cache)
 
     @torch.no_grad()
     def logits(self, states: torch.Tensor, layers: list[int]) -> torch.Tensor:
@@ -60,18 +95,8 @@ class TokenIdentityPatchscope:
         layer_of_row = torch.tensor(layers, device=device).repeat_interleave(n)
         flat = states.reshape(num_layers * n, d)
         prefix = self._prefix(device) if self.reuse_prefix else None
-        prompt = self.prompt_ids.to(device)
         out = []
         for start in range(0, flat.shape[0], self.rows_per_pass):
             rows = slice(start, min(start + self.rows_per_pass, flat.shape[0]))
-            count = rows.stop - rows.start
-            if prefix is not None:  # one token per row after the shared prefix
-                cache = copy.deepcopy(prefix)
-                cache.batch_repeat_interleave(count)
-                ids, mask = prompt[-1:].expand(count, 1), torch.ones(count, prompt.numel(), dtype=torch.long, device=device)
-                at = torch.zeros(count, dtype=torch.long, device=device)
-            else:
-                cache, ids, mask = None, prompt.expand(count, -1), None
-                at = torch.full((count,), prompt.numel() - 1, device=device)
-            out.append(self.engine.run(ids, mask, layer_of_row[rows], at, flat[rows], at, past_key_values=cache).float())
+            out.append(self._rows(flat[rows], layer_of_row[rows], prefix).float())
         return torch.cat(out).view(num_layers, n, -1)

@@ -43,6 +43,10 @@ class Unembed:
     def softcap(self) -> float | None:
         return self.adapter.softcap
 
+    @property
+    def logit_scale(self) -> float:
+        return self.adapter.logit_scale
+
     def normalize(self, h: torch.Tensor) -> torch.Tensor:
         """h: (..., d_model) → (..., d_head): the final norm and anything else before the head."""
         return self.adapter.normalize(h)
@@ -56,13 +60,15 @@ class Unembed:
         return torch.log_softmax(self.logits(h).float(), dim=-1)
 
 
-def _kl_terms(z: torch.Tensor, target_p: torch.Tensor, neg_entropy: torch.Tensor, softcap: float, want_grad: bool):
-    """From raw head outputs z (N, V) of one layer: KL(target ‖ softmax(z)) per token (N,), the
+def _kl_terms(z: torch.Tensor, target_p: torch.Tensor, neg_entropy: torch.Tensor, softcap: float, scale: float,
+              want_grad: bool):
+    """From raw head outputs z (N, V) of one layer: KL(target ‖ softmax(logits)) per token (N,), the
     log-normaliser (N, 1), and, if asked, d KL / d z (N, V) in z's dtype (not yet divided by N).
+    The logits are what the model makes of z: ``scale · z``, then soft-capped (``softcap`` 0: none).
 
-    Uses KL = Σ p log p − Σ p·z + logsumexp(z) (Σ p = 1), so log q is never materialised.
+    Uses KL = Σ p log p − Σ p·logits + logsumexp(logits) (Σ p = 1), so log q is never materialised.
     """
-    zf = z.float()
+    zf = z.float() * scale
     capped = None
     if softcap:
         capped = torch.tanh(zf / softcap)
@@ -74,13 +80,13 @@ def _kl_terms(z: torch.Tensor, target_p: torch.Tensor, neg_entropy: torch.Tensor
     grad = torch.exp(zf - lse) - target_p
     if capped is not None:
         grad = grad * (1 - capped * capped)
-    return kl, lse, grad.to(z.dtype)
+    return kl, lse, (grad * scale).to(z.dtype)
 
 
 _compiled_kl_terms = None
 
 
-def kl_terms(z, target_p, neg_entropy, softcap: float | None, want_grad: bool):
+def kl_terms(z, target_p, neg_entropy, softcap: float | None, scale: float, want_grad: bool):
     """``_kl_terms`` fused by ``torch.compile`` into two passes over the (N, V) logits.
 
     Eager PyTorch makes about a dozen memory passes over each (tokens × vocab) tensor; on a CPU
@@ -96,13 +102,13 @@ def kl_terms(z, target_p, neg_entropy, softcap: float | None, want_grad: bool):
         else:
             _compiled_kl_terms = torch.compile(_kl_terms, dynamic=True)
     try:
-        return _compiled_kl_terms(z, target_p, neg_entropy, float(softcap or 0.0), want_grad)
+        return _compiled_kl_terms(z, target_p, neg_entropy, float(softcap or 0.0), float(scale), want_grad)
     except Exception as err:  # inductor raises many types; all mean "could not compile here"
         if _compiled_kl_terms is _kl_terms:
             raise
         warnings.warn(f"torch.compile failed ({type(err).__name__}); lens losses run eagerly (slower)", stacklevel=2)
         _compiled_kl_terms = _kl_terms
-        return _kl_terms(z, target_p, neg_entropy, float(softcap or 0.0), want_grad)
+        return _kl_terms(z, target_p, neg_entropy, float(softcap or 0.0), float(scale), want_grad)
 
 
 def _head(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -114,7 +120,7 @@ class _FusedKL(torch.autograd.Function):
     """Per-layer mean KL(p_target ‖ softmax(decode(x))) with its gradient computed in forward."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, softcap, target_logp, compute_dtype):
+    def forward(ctx, x, weight, bias, softcap, scale, target_logp, compute_dtype):
         # x: (L, N, d) normalised inputs to the head; target_logp: (N, V) fp32.
         num_layers, n_tokens, _ = x.shape
         w = weight.to(compute_dtype)
@@ -127,7 +133,7 @@ class _FusedKL(torch.autograd.Function):
         grad_x = torch.empty(x.shape, dtype=torch.float32, device=x.device) if want_grad else None
         for layer in range(num_layers):
             z = _head(x[layer].to(compute_dtype), w, b)
-            kl, _lse, grad_z = kl_terms(z, target_p, neg_entropy, softcap, want_grad)
+            kl, _lse, grad_z = kl_terms(z, target_p, neg_entropy, softcap, scale, want_grad)
             losses[layer] = kl.mean()
             if want_grad:
                 grad_x[layer] = (grad_z @ w).float().div_(n_tokens)
@@ -138,7 +144,7 @@ class _FusedKL(torch.autograd.Function):
     def backward(ctx, grad_losses):
         (grad_x,) = ctx.saved_tensors
         grad = grad_x * grad_losses.view(-1, 1, 1)
-        return grad, None, None, None, None, None
+        return grad, None, None, None, None, None, None
 
 
 def lens_kl(
@@ -149,7 +155,7 @@ def lens_kl(
     x: (L, N, d_head), already through ``unembed.normalize``; target_logp: (N, V) fp32.
     Returns (L,) fp32.
     """
-    return _FusedKL.apply(x, unembed.weight, unembed.bias, unembed.softcap, target_logp, compute_dtype)
+    return _FusedKL.apply(x, unembed.weight, unembed.bias, unembed.softcap, unembed.logit_scale, target_logp, compute_dtype)
 
 
 @torch.no_grad()
@@ -175,7 +181,7 @@ def lens_metrics(
     has_label = labels >= 0 if labels is not None else torch.zeros(x.shape[1], dtype=torch.bool, device=x.device)
     for layer in range(x.shape[0]):
         z = _head(x[layer].to(compute_dtype), w, b)
-        kl_tokens, lse, capped_z = kl_terms(z, target_p, neg_entropy, unembed.softcap, False)
+        kl_tokens, lse, capped_z = kl_terms(z, target_p, neg_entropy, unembed.softcap, unembed.logit_scale, False)
         kl[layer] = kl_tokens.double().sum()
         if has_label.any():
             picked = capped_z[has_label].gather(-1, labels[has_label].unsqueeze(-1)) - lse[has_label]
@@ -185,7 +191,7 @@ def lens_metrics(
 
 def reference_kl(unembed: Unembed, x: torch.Tensor, target_logp: torch.Tensor) -> torch.Tensor:
     """Unfused per-layer mean KL through autograd; the yardstick the fused version is tested against."""
-    logq = torch.log_softmax(unembed.adapter.apply_softcap(F.linear(x, unembed.weight, unembed.bias)).float(), -1)
+    logq = torch.log_softmax(unembed.adapter.finish_logits(F.linear(x, unembed.weight, unembed.bias)).float(), -1)
     return F.kl_div(logq, target_logp.expand_as(logq), log_target=True, reduction="none").sum(-1).mean(-1)
 
 

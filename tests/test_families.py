@@ -1,0 +1,123 @@
+"""Every family of ``tests/test_adapter.py`` (29 of them: mixtures of experts, state-space and
+hybrid models, forward-time logit scaling and soft-caps, parallel attention, ALiBi, multi-query and
+latent attention, ...) through the rest of lenscope: writing a state back changes nothing, the
+token-identity patchscope equals full passes (whatever cache the model has), and one lens training
+step runs with the fused loss equal to the unfused one and lowers the loss."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+from basemodel.adapter import ArchitectureAdapter
+from basemodel.patching import PatchingEngine
+from basemodel.residuals import ResidualReader
+from datamodules.preprocessing import collate
+from evaluation.token_identity import TokenIdentityPatchscope
+from lenses.unembed import lens_kl, reference_kl
+from tests.conftest import make_tokenizer
+from tests.test_adapter import CONFIGS, LAYERS, VOCAB, build
+from training.lens_module import LensTrainingModule
+
+FAMILIES = sorted(CONFIGS)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return make_tokenizer()
+
+
+def engine_for(arch: str, tokenizer) -> PatchingEngine:
+    model = build(arch)
+    return PatchingEngine(ResidualReader(model, tokenizer, ArchitectureAdapter.discover(model)))
+
+
+def random_ids(n: int, t: int, seed: int) -> torch.Tensor:
+    return torch.randint(3, VOCAB, (n, t), generator=torch.Generator().manual_seed(seed))
+
+
+def test_there_are_enough_families():
+    assert len(FAMILIES) >= 20
+    moe = {"mixtral", "qwen2_moe", "deepseek_v3"} & set(FAMILIES)
+    assert len(moe) >= 2 and {"mamba", "cohere", "granite"} <= set(FAMILIES)
+
+
+@pytest.mark.parametrize("arch", FAMILIES)
+def test_writing_back_the_models_own_state_changes_nothing(arch, tokenizer):
+    engine = engine_for(arch, tokenizer)
+    x = random_ids(4, 7, seed=1)
+    residuals = engine.reader.read(x)
+    with torch.no_grad():
+        reference = engine.adapter.model(input_ids=x).logits
+    rows = torch.arange(4)
+    layers = torch.tensor([0, 1, 2, LAYERS])
+    write = torch.tensor([3, 6, 2, 5])
+    read = torch.tensor([6, 6, 4, 5])
+    patched = engine.run(x, None, layers, write, residuals[layers, rows, write], read)
+    torch.testing.assert_close(patched, reference[rows, read], atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("arch", FAMILIES)
+def test_token_identity_equals_full_passes(arch, tokenizer):
+    engine = engine_for(arch, tokenizer)
+    states = engine.reader.read(random_ids(3, 6, seed=2))[:LAYERS, :, -1]  # (layers, 3, d)
+    layers = list(range(LAYERS))
+    prompt = "w1 w2 w3 w4 w5 w6"
+    shared = TokenIdentityPatchscope(engine, tokenizer, prompt, rows_per_pass=4).logits(states, layers)
+    full = TokenIdentityPatchscope(engine, tokenizer, prompt, rows_per_pass=4, reuse_prefix=False).logits(states, layers)
+    torch.testing.assert_close(shared, full, atol=1e-4, rtol=1e-4)
+
+
+@pytest.fixture(scope="module")
+def model_dirs(tmp_path_factory, tokenizer):
+    """Each family saved as a Hugging Face folder, as ``--model.name`` takes it."""
+    def save(arch: str):
+        path = tmp_path_factory.mktemp(arch)
+        model = build(arch)
+        with torch.no_grad():  # peaked distributions, so that the lens loss is well above rounding
+            model.get_output_embeddings().weight.mul_(10.0)
+        model.save_pretrained(path)
+        tokenizer.save_pretrained(path)
+        return path
+
+    return save
+
+
+@pytest.mark.parametrize("arch", FAMILIES)
+def test_one_training_step(arch, model_dirs):
+    module = LensTrainingModule(name=str(model_dirs(arch)), lens_dtype="float32", cache="none")
+    samples = [{"input_ids": ids, "positions": list(range(len(ids) - 1)), "labels": ids[1:]}
+               for ids in random_ids(2, 8, seed=3).tolist()]
+    batch = collate(samples, pad_id=0)
+
+    def loss() -> torch.Tensor:
+        with warnings.catch_warnings():  # self.log outside a Trainer: nothing to log to, on purpose
+            warnings.filterwarnings("ignore", message=r".*self\.log.*")
+            return module.training_step(iter([(batch, 0, 0)]))
+
+    with torch.no_grad():  # start away from the logit lens, so the loss is well above rounding everywhere
+        generator = torch.Generator().manual_seed(4)
+        for p in module.lenses.parameters():
+            p.copy_(0.2 * torch.randn(p.shape, generator=generator) / p.shape[-1] ** 0.5)
+    before = loss()
+    before.backward()
+    grads = [p.grad for p in module.lenses.parameters()]
+    assert all(torch.isfinite(g).all() for g in grads) and any(g.abs().sum() > 0 for g in grads)
+    # A small enough step down the gradient lowers the loss (the gradient points the right way).
+    start = [p.detach().clone() for p in module.lenses.parameters()]
+    lowered = []
+    for lr in (1e-1, 1e-2, 1e-3):
+        with torch.no_grad():
+            for p, p0 in zip(module.lenses.parameters(), start, strict=True):
+                p.copy_(p0 - lr * p.grad)
+        lowered.append(loss().item() < before.item())
+    assert any(lowered), f"no step lowered the loss {before.item():.4g}"
+
+    # The fused loss (the model's scale and soft-cap applied inside it) equals plain autograd.
+    states, _ = module.hidden_states(batch)
+    h = module.unembed.normalize(module.lenses["tuned"](states[module.layers].float()))
+    target = module._target_log_probs(states[-1])
+    torch.testing.assert_close(lens_kl(module.unembed, h, target, torch.float32),
+                               reference_kl(module.unembed, h, target), atol=1e-4, rtol=1e-4)
