@@ -13,7 +13,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 from jsonargparse import ArgumentError
-from lightning.fabric.utilities.rank_zero import rank_zero_only
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
@@ -89,23 +88,23 @@ def run_with_clean_errors(fn: Callable[[], object], where: str = "before trainin
         return fn()
     except StoppedBySignal as stop:
         print(f"error: {stop}", file=sys.stderr)
-        raise SystemExit(stop.exit_status) from None
+        status = stop.exit_status
     except SIGTERMException:  # Lightning's own SIGTERM handling, where lenscope's was not in place
         print(f"error: stopped by SIGTERM {where}", file=sys.stderr)
-        raise SystemExit(128 + signal.SIGTERM) from None
+        status = 128 + signal.SIGTERM
     except Exception as err:
         if is_trainer_setting_error(err):
             print(f"error: invalid --trainer setting: {one_line(err)}", file=sys.stderr)
-            raise SystemExit(2) from None
-        if not is_user_error(err):
+        elif not is_user_error(err):
             raise
-        if is_wandb_error(err):
+        elif is_wandb_error(err):
             print(f"error: W&B: {one_line(err)} (or log offline: --trainer.logger.offline true)", file=sys.stderr)
-            raise SystemExit(2) from None
-        print(f"error: {one_line(err)}", file=sys.stderr)
-        raise SystemExit(2) from None
+        else:
+            print(f"error: {one_line(err)}", file=sys.stderr)
+        status = 2
     finally:
         release_locks()
+    raise SystemExit(status)
 
 
 # Warnings lenscope triggers on purpose, each matched by its message and the module raising it, so
@@ -176,17 +175,12 @@ class LenscopeCLI(LightningCLI):
             raise ConfigError(f"{message} (see `python {command} --help`)") from None
 
 
-def is_first_process() -> bool:
-    """Rank 0 of the whole job (the others are started later, by it or by the launcher)."""
-    return rank_zero_only.rank == 0 and os.environ.get("NODE_RANK", "0") == "0"
-
-
-def logger_save_dir(config) -> Path | None:
-    """``--trainer.logger.save_dir``, where a logger such as W&B writes its run."""
-    logger = config.trainer.get("logger")
-    if logger and not isinstance(logger, bool) and logger.get("init_args") and logger.init_args.get("save_dir"):
-        return Path(logger.init_args.save_dir)
-    return None
+def logger_save_dirs(config) -> list[Path]:
+    """Each ``--trainer.logger``'s ``save_dir`` (the trainer takes one logger or a list of them)."""
+    loggers = config.trainer.get("logger")
+    loggers = loggers if isinstance(loggers, list) else [loggers]
+    return [Path(lg.init_args.save_dir) for lg in loggers
+            if lg and not isinstance(lg, bool) and lg.get("init_args") and lg.init_args.get("save_dir")]
 
 
 def drop_unset_wandb_anonymous(trainer) -> None:

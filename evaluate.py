@@ -17,13 +17,12 @@ from pathlib import Path
 from cli_errors import (
     LenscopeCLI,
     finish_loggers,
-    is_first_process,
-    logger_save_dir,
+    logger_save_dirs,
     run_with_clean_errors,
 )
 from datamodules.patchscope_data import PatchscopeDataModule
 from evaluation.patchscope_module import PatchscopeEvaluation
-from training.preflight import check_not_replacing, check_writable, lock_folders
+from training.preflight import check_not_replacing, claim_outputs
 
 
 class EvaluateCLI(LenscopeCLI):
@@ -32,14 +31,9 @@ class EvaluateCLI(LenscopeCLI):
     def before_instantiate_classes(self) -> None:
         # Before the model is loaded: the results folder must be writable, not hold an earlier
         # evaluation's results (unless --overwrite), and not be in use by another run.
-        folders = {Path(self.config.model.output_dir): "--model.output_dir"}
-        check_writable(*next(iter(folders.items())))
-        if is_first_process():
-            lock_folders(folders)
-        check_not_replacing(folders, self.config.get("overwrite", False), resume_hint=False)
-        if (save_dir := logger_save_dir(self.config)) is not None:
-            # W&B looks for a git repository from its folder at start-up, and warns if it does not exist yet.
-            save_dir.mkdir(parents=True, exist_ok=True)
+        results = {Path(self.config.model.output_dir): "--model.output_dir"}
+        claim_outputs({}, results, logger_save_dirs(self.config))
+        check_not_replacing(results, self.config.get("overwrite", False), resume_hint=False)
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_argument("--lenses", type=str, nargs="+", default=[],
@@ -61,7 +55,7 @@ def main(argv: list[str] | None = None) -> None:
         cli.trainer.test(cli.model, datamodule=cli.datamodule)
         finish_loggers(cli)
 
-    run_with_clean_errors(run, where="during the evaluation; no results were written")
+    run_with_clean_errors(run, where="during the evaluation; its results are missing or incomplete")
 
 
 if __name__ == "__main__":

@@ -23,8 +23,7 @@ from lightning.fabric.plugins.io.checkpoint_io import CheckpointIO
 from cli_errors import (
     LenscopeCLI,
     finish_loggers,
-    is_first_process,
-    logger_save_dir,
+    logger_save_dirs,
     plain,
     run_with_clean_errors,
 )
@@ -37,9 +36,8 @@ from training.preflight import (
     check_not_replacing,
     check_resume,
     check_schedule,
-    check_writable,
+    claim_outputs,
     load_checkpoint,
-    lock_folders,
 )
 from training.stops import GracefulStop
 
@@ -60,16 +58,8 @@ class LensCLI(LenscopeCLI):
         trainer = config.trainer
         if self.subcommand == "fit":
             check_schedule(plain(trainer))
-        writes = output_folders(config)
-        for folder, flag in writes.items():
-            check_writable(folder, flag)
-        if (save_dir := logger_save_dir(config)) is not None:
-            # W&B looks for a git repository from its folder at start-up, and warns if it does not exist yet.
-            save_dir.mkdir(parents=True, exist_ok=True)
-        if is_first_process():
-            # Taken before looking for earlier results: of two runs started at once, the second
-            # stops here, instead of both finding the folders empty and one overwriting the other.
-            lock_folders(result_folders(config))
+        root = Path(trainer.get("default_root_dir") or os.getcwd())
+        claim_outputs({root: "--trainer.default_root_dir"}, result_folders(config), logger_save_dirs(config))
         path = resolve_ckpt_path(config)
         checkpoint = load_checkpoint(path) if path is not None else None
         if self.subcommand != "fit" and checkpoint is None:
@@ -81,10 +71,11 @@ class LensCLI(LenscopeCLI):
                          trainer.get("max_steps") if training else None)
             # Resuming continues the same W&B run: the run id travels in the checkpoint.
             run_id = checkpoint["lenscope"].get("wandb_run_id")
-            logger = trainer.get("logger")
-            if run_id and logger and "WandbLogger" in str(logger.get("class_path", "")):
-                logger.init_args.id = run_id
-                logger.init_args.resume = "allow"
+            loggers = trainer.get("logger")
+            for logger in loggers if isinstance(loggers, list) else [loggers]:
+                if run_id and logger and not isinstance(logger, bool) and "WandbLogger" in str(logger.get("class_path", "")):
+                    logger.init_args.id = run_id
+                    logger.init_args.resume = "allow"
         elif self.subcommand == "fit":
             check_not_replacing(result_folders(config), config.get("overwrite", False), resume_hint=True)
 
@@ -122,15 +113,6 @@ def result_folders(config) -> dict[Path, str]:
     return folders
 
 
-def output_folders(config) -> dict[Path, str]:
-    """Every folder the run writes into, with the flag that sets it."""
-    folders = {Path(config.trainer.get("default_root_dir") or os.getcwd()): "--trainer.default_root_dir"}
-    if (save_dir := logger_save_dir(config)) is not None:
-        folders[save_dir] = "--trainer.logger.save_dir"
-    folders.update(result_folders(config))
-    return folders
-
-
 def resolve_ckpt_path(config) -> Path | None:
     """The checkpoint this run starts from: ``--ckpt_path`` (``last``: the configured ModelCheckpoint's
     ``last.ckpt``, if there is one yet), or, in a job SLURM requeued, Lightning's requeue checkpoint."""
@@ -145,9 +127,10 @@ def resolve_ckpt_path(config) -> Path | None:
                 return Path(args.dirpath) / "last.ckpt"
         return None  # Lightning starts afresh (with a warning): a job script's first run
     root = Path(config.trainer.get("default_root_dir") or os.getcwd())
-    requeued = sorted(root.glob("hpc_ckpt_*.ckpt"), key=lambda p: int(p.stem.rsplit("_", 1)[-1]))
-    if requeued and SLURMEnvironment.detect():
-        return requeued[-1]  # what Lightning resumes from by itself
+    numbered = [(int(p.stem.rsplit("_", 1)[-1]), p) for p in root.glob("hpc_ckpt_*.ckpt")
+                if p.stem.rsplit("_", 1)[-1].isdigit()]
+    if numbered and SLURMEnvironment.detect():
+        return max(numbered)[1]  # what Lightning resumes from by itself: the highest number
     return None
 
 

@@ -138,7 +138,7 @@ class HiddenStateCache:
         if path.exists():
             return
         try:
-            with atomic_path(path) as tmp:
+            with atomic_path(path, durable=False) as tmp:  # a lost shard is rebuilt
                 save_file({"states": states.detach().to("cpu").contiguous()}, tmp)
         except OSError as err:
             raise OSError(err.errno, f"could not write the hidden-state cache at {self.directory} ({err.strerror}); "

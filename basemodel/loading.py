@@ -14,10 +14,12 @@ import importlib.metadata
 import json
 import logging
 import os
+import pickle
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
@@ -124,7 +126,7 @@ def native_bf16(device: torch.device) -> bool:
     """Whether ``device`` multiplies bf16 matrices natively (CUDA with bf16; a CPU with AVX512-BF16
     or AMX). Elsewhere bf16 is emulated: measured 34× slower than fp32 on an AVX2-only CPU."""
     if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
+        return torch.cuda.is_bf16_supported(including_emulation=False)
     if device.type == "cpu":
         probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
         return any(getattr(torch.cpu, probe, lambda: False)() for probe in probes)
@@ -161,7 +163,10 @@ def load_base_model(
         resolved_revision = "local"
         kwargs = {}
     elif _looks_like_a_path(name):
-        raise ModelLoadError(f"model folder {name} does not exist; pass an existing Hugging Face model folder or a hub id")
+        parent = Path(name).parent
+        why = (f" ({parent}/ is a folder here, so {name!r} is not taken as a hub id: for the hub, run from another folder)"
+               if not Path(name).is_absolute() and name.count("/") == 1 and parent.is_dir() else "")
+        raise ModelLoadError(f"model folder {name} does not exist{why}; pass an existing Hugging Face model folder or a hub id")
     else:
         path = name
         resolved_revision = revision or "main"
@@ -229,7 +234,11 @@ def _from_pretrained(name: str, path: str | Path, dtype: torch.dtype, kwargs: di
                                  "transformers; lenscope reads decoder-only causal language models") from None
         raise ModelLoadError(f"could not load the weights of model {name!r} ({_first_line(err)}); the files may be "
                              "damaged or incomplete: re-download or re-save them") from None
-    except Exception as err:  # safetensors, torch and transformers raise many types for damaged files
+    except ImportError as err:
+        raise ModelLoadError(f"model {name!r} needs a package that is not installed ({_first_line(err)}); "
+                             "install it, then run again") from None
+    except (SafetensorError, OSError, EOFError, pickle.UnpicklingError, RuntimeError) as err:
+        # Damaged or cut-short files; RuntimeError: torch's "size mismatch" / unreadable zip archives.
         raise ModelLoadError(f"could not load the weights of model {name!r} ({_first_line(err)}); the files may be "
                              "damaged or incomplete: re-download or re-save them") from None
     try:

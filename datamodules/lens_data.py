@@ -20,8 +20,10 @@ deterministic stream up to that point without tokenising anything.
 
 from __future__ import annotations
 
+import atexit
 import itertools
 import logging
+import multiprocessing
 import os
 import random
 import signal
@@ -64,13 +66,31 @@ def bind_from_trainer(datamodule: L.LightningDataModule) -> None:
     datamodule.bind(module.tokenizer, getattr(module, "context_length", None))
 
 
-def ignore_stop_signals(_worker_id: int = 0) -> None:
-    """``worker_init_fn``: a dataloader worker ignores the signals that stop or requeue a run.
+def _exit_if_main_is_exiting(main_exiting, signum, frame) -> None:
+    if main_exiting.is_set():
+        os._exit(0)
+
+
+class WorkerSignals:
+    """``worker_init_fn``: how a data-loader worker treats the signals that stop or requeue a run.
+
     Ctrl-C in a terminal, a scheduler's SIGTERM and SLURM's requeue signal (SIGUSR1 by default)
-    reach every process of the job; the main process handles them (training/stops.py), while a
-    worker dying of one, or running the main process's handler, would end the run with a traceback."""
-    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2):
-        signal.signal(signum, signal.SIG_IGN)
+    reach every process of the job. The main process handles them (training/stops.py): a worker
+    dying of one, or running the main process's handler, would end the run with a traceback. So a
+    worker ignores them, except for the SIGTERM with which the main process's own exit ends the
+    workers still running: that one it obeys, once the main process has said it is exiting.
+    """
+
+    def __init__(self) -> None:
+        self.main_exiting = multiprocessing.Event()
+        # atexit runs its handlers last-registered first: this one before multiprocessing's own,
+        # which terminates the remaining workers.
+        atexit.register(self.main_exiting.set)
+
+    def __call__(self, worker_id: int) -> None:
+        for signum in (signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2):
+            signal.signal(signum, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, partial(_exit_if_main_is_exiting, self.main_exiting))
 
 
 def seeded_shuffle(items: Iterator, buffer_size: int, seed: int) -> Iterator:
@@ -279,6 +299,7 @@ class LensDataModule(L.LightningDataModule):
         self.trim = TrimSettings(max_words=max_words, max_chars=max_chars, positions_per_doc=positions_per_doc)
         self.tokenizer = None
         self.max_context: int | None = None
+        self.worker_signals = WorkerSignals()
 
     # --- late binding ----------------------------------------------------------------------------
     def bind(self, tokenizer, max_context: int | None) -> None:
@@ -349,7 +370,7 @@ class LensDataModule(L.LightningDataModule):
             stream, batch_size=batch_size, num_workers=workers,
             collate_fn=partial(collate, pad_id=self.tokenizer.pad_token_id or 0),
             persistent_workers=False, prefetch_factor=4 if workers else None,
-            worker_init_fn=ignore_stop_signals,  # Ctrl-C / SIGTERM to the process group: the main process stops the run
+            worker_init_fn=self.worker_signals,  # Ctrl-C / SIGTERM to the process group: the main process stops the run
         )
 
     def train_dataloader(self) -> StatefulDataLoader:

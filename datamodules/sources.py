@@ -123,7 +123,7 @@ def resolve_files(pattern: str) -> list[Path]:
     else:
         files = [path] if path.exists() else []
     if not files:
-        raise DataSourceError(f"no data found at {pattern!r}; pass an existing .jsonl/.jsonl.zst file, folder or glob as --data.source")
+        raise DataSourceError(f"no data found at {pattern!r}; pass an existing JSON-lines file (.jsonl, .json; plain, .zst or .gz), folder or glob as --data.source")
     for file in files:
         _refuse_other_format(file)
     return files
@@ -192,28 +192,29 @@ def iter_jsonl(path: Path, text_field: str, skipped: SkipCounter, on_bad_record:
         )
 
     lines = _open_lines(path)
-    first = b""
+    first, blank = b"", 0
     for first in lines:
         if first.strip():
             break
+        blank += 1
     if first.lstrip().startswith((b"[", b"\xef\xbb\xbf[")):
         records = _array(path, b"".join([first, *lines]))
         located = ((f"record {i}", record) for i, record in enumerate(records))
     else:
-        located = _json_lines(itertools.chain([first], lines), bad)
+        located = _json_lines(itertools.chain([first], lines), bad, first_lineno=blank + 1)
     for where, record in located:
         text = _text_of(record, text_field, skipped, lambda what, where=where: bad(where, what))
         if text is not None:
             yield text
 
 
-def _json_lines(lines: Iterator[bytes], bad) -> Iterator[tuple[str, object]]:
+def _json_lines(lines: Iterator[bytes], bad, first_lineno: int = 1) -> Iterator[tuple[str, object]]:
     """(line number, parsed record) of each non-blank line; undecodable lines reported through ``bad``."""
-    for lineno, raw in enumerate(lines, start=1):
+    for lineno, raw in enumerate(lines, start=first_lineno):
         if not raw.strip():
             continue
         try:
-            line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")  # tolerate a byte-order mark
+            line = raw.decode("utf-8-sig" if lineno == first_lineno else "utf-8")  # tolerate a byte-order mark
         except UnicodeDecodeError:
             bad(str(lineno), "line is not valid UTF-8")
             continue

@@ -22,7 +22,15 @@ _umask_lock = threading.Lock()
 
 
 def _umask() -> int:
-    # The only portable way to read the umask is to set it; do it under a lock and restore it.
+    # Linux reports it without changing it; elsewhere it can only be read by setting it (under a
+    # lock, restored at once: another thread creating a file in between would get 022).
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
     with _umask_lock:
         mask = os.umask(0o022)
         os.umask(mask)
@@ -50,11 +58,12 @@ def _fsync_dir(path: Path) -> None:
 
 
 @contextlib.contextmanager
-def atomic_path(path: str | Path, suffix: str = ".tmp") -> Iterator[Path]:
+def atomic_path(path: str | Path, suffix: str = ".tmp", durable: bool = True) -> Iterator[Path]:
     """Yield a temporary path next to ``path``; once the block has written it, publish it as ``path``.
 
     For writers that want a file name (``safetensors.save_file``, ``torch.save``). If the block
-    raises, the temporary is removed and ``path`` is left as it was.
+    raises, the temporary is removed and ``path`` is left as it was. ``durable=False`` skips the
+    flush to disk, for files that are rebuilt if lost (cache shards): still never half-written.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -63,14 +72,16 @@ def atomic_path(path: str | Path, suffix: str = ".tmp") -> Iterator[Path]:
     tmp = Path(name)
     try:
         yield tmp
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
+        if durable:
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
         os.chmod(tmp, file_mode())
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    _fsync_dir(path.parent)
+    if durable:
+        _fsync_dir(path.parent)
 
 
 def atomic_write(path: str | Path, data: bytes | str) -> Path:
@@ -109,7 +120,11 @@ def atomic_dir(path: str | Path, replace: bool = True) -> Iterator[Path]:
             os.rename(tmp, path)
             shutil.rmtree(old, ignore_errors=True)
         else:
-            os.rename(tmp, path)
+            try:
+                os.rename(tmp, path)
+            except OSError:
+                if replace or not path.exists():
+                    raise  # (another process made the same folder meanwhile: keep theirs)
         _fsync_dir(path.parent)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -190,24 +190,57 @@ def signal_at_marker(process: subprocess.Popen, marker: Path, signum: int) -> No
     os.killpg(process.pid, signum)
 
 
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+STOP_CASES = {
+    "SIGTERM": (signal.SIGTERM, []),
+    "SIGINT": (signal.SIGINT, []),
+    # Step 8 validates (after the step's end hook): the stop waits for the validation to finish.
+    "SIGTERM-at-a-validating-step": (signal.SIGTERM, ["--trainer.val_check_interval", "8"]),
+}
+
+
+@pytest.mark.parametrize("case", list(STOP_CASES))
 def test_a_signal_to_the_process_group_stops_with_a_checkpoint_then_resumes_exactly(
-        tmp_path, tiny_model_dir, uninterrupted, signum):
+        tmp_path, tiny_model_dir, uninterrupted, case):
     corpus, reference = uninterrupted
+    signum, extra = STOP_CASES[case]
+    step = 8 if extra else 7
     out = tmp_path / "run"
-    # Scheduled checkpoints every 5 steps; the stop at step 7 must write its own.
-    process = start(command(out, tiny_model_dir, corpus, *hold_at(tmp_path / "markers", 7), checkpoint_every=5), ENV)
-    signal_at_marker(process, tmp_path / "markers" / "step-7", signum)
+    # Scheduled checkpoints every 5 steps; the stop must write its own.
+    process = start(command(out, tiny_model_dir, corpus, *extra, *hold_at(tmp_path / "markers", step),
+                            checkpoint_every=5), ENV)
+    signal_at_marker(process, tmp_path / "markers" / f"step-{step}", signum)
     _, stderr = process.communicate(timeout=300)
     name = signal.Signals(signum).name
     assert process.returncode == 128 + signum, stderr[-3000:]
     assert "Traceback" not in stderr, stderr[-3000:]
     errors = [line for line in stderr.splitlines() if line.startswith("error:")]
-    assert errors == [f"error: stopped by {name} at step 7; resume with --ckpt_path last"], stderr[-3000:]
-    assert saved_step(out / "ckpt" / "last.ckpt") == 7
+    assert errors == [f"error: stopped by {name} at step {step}; resume with --ckpt_path last"], stderr[-3000:]
+    assert saved_step(out / "ckpt" / "last.ckpt") == step
     assert not (out / "out" / "tuned").exists(), "a stopped run writes no lens artifact"
-    run_to_end(command(out, tiny_model_dir, corpus, "--ckpt_path", "last", checkpoint_every=5))
+    run_to_end(command(out, tiny_model_dir, corpus, *extra, "--ckpt_path", "last", checkpoint_every=5))
     assert_same_lens(reference, load_lens(out / "out" / "tuned"))
+
+
+def test_a_stop_during_gradient_accumulation_waits_for_the_optimizer_step(tmp_path, tiny_model_dir):
+    """Two batches per step: the signal arrives after a step's first batch, and the stop comes at the
+    end of that step, so the checkpoint holds no half-accumulated gradient and the resumed run is exact."""
+    from tests.conftest import write_corpus
+
+    corpus = write_corpus(tmp_path / "corpus.jsonl", 120)
+    accumulate = ["--trainer.accumulate_grad_batches", "2", "--trainer.val_check_interval", str(2 * STEPS)]
+    run_to_end(command(tmp_path / "full", tiny_model_dir, corpus, *accumulate))
+    out = tmp_path / "run"
+    # Batch 11 is the first of step 6's two: held there, the stop comes at the end of step 6.
+    hold = ["--trainer.callbacks+=tests.signal_helpers.HoldAtSteps", f"--trainer.callbacks.marker_dir={tmp_path / 'm'}",
+            "--trainer.callbacks.batches=[11]"]
+    process = start(command(out, tiny_model_dir, corpus, *accumulate, *hold, checkpoint_every=4), ENV)
+    signal_at_marker(process, tmp_path / "m" / "batch-11", signal.SIGTERM)
+    _, stderr = process.communicate(timeout=300)
+    assert process.returncode == 128 + signal.SIGTERM, stderr[-3000:]
+    assert "stopped by SIGTERM at step 6;" in stderr
+    assert saved_step(out / "ckpt" / "last.ckpt") == 6
+    run_to_end(command(out, tiny_model_dir, corpus, *accumulate, "--ckpt_path", "last", checkpoint_every=4))
+    assert_same_lens(load_lens(tmp_path / "full" / "out" / "tuned"), load_lens(out / "out" / "tuned"))
 
 
 def test_slurm_requeue_checkpoints_between_steps_and_the_requeued_job_resumes_exactly(

@@ -248,7 +248,8 @@ class LensTrainingModule(L.LightningModule):
     # between ranks (each one's data position and share of the least-squares fit) is gathered here.
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["lenscope"] = {"base_model": self.hparams.name, "revision": self.base_revision,
-                                  "unembed_hash": self.unembed_hash}
+                                  "unembed_hash": self.unembed_hash,
+                                  "lens_compute_dtype": str(self.lens_compute_dtype).removeprefix("torch.")}
         if self.hparams.lens_type == "affine":  # the fit so far, so that a resumed fit goes on from it
             checkpoint["lenscope"]["normal_equations"] = {
                 key: {"xtx": eq.xtx, "xty": eq.xty, "count": eq.count}
@@ -268,6 +269,15 @@ class LensTrainingModule(L.LightningModule):
                 f"checkpoint was made for {saved.get('base_model')!r}, not for {self.hparams.name!r} "
                 "(different unembedding); resume with the same --model.name"
             )
+        fitting = self._trainer is not None and self._trainer.state.fn == "fit"
+        before = saved.get("lens_compute_dtype")
+        here = str(self.lens_compute_dtype).removeprefix("torch.")
+        if fitting and before is not None and before != here and self.hparams.lens_type != "affine":
+            raise ConfigError(
+                f"the checkpoint trained with {before} lens matmuls and this run would use {here} "
+                f"(--model.lens_dtype {self.hparams.lens_dtype} on this machine), so it cannot resume exactly; "
+                f"pass --model.lens_dtype {before}"
+            )
         if self.hparams.lens_type == "affine" and "normal_equations" in saved:
             # The sums over all ranks go to rank 0, zeros elsewhere: summed again, they are the fit so far.
             for key, state in saved["normal_equations"].items():
@@ -277,7 +287,7 @@ class LensTrainingModule(L.LightningModule):
                 eq.xty = state["xty"].clone() if first else torch.zeros_like(state["xty"])
                 eq.count = state["count"] if first else 0
         by_rank = saved.get("loader_state_by_rank")
-        if by_rank is not None and self._trainer is not None and self._trainer.state.fn == "fit":
+        if by_rank is not None and fitting:
             world = self.trainer.world_size
             if len(by_rank) != world:
                 raise ConfigError(

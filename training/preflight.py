@@ -18,6 +18,7 @@ import tempfile
 from pathlib import Path
 
 import torch
+from lightning.fabric.utilities.rank_zero import rank_zero_only
 
 from lenses.errors import ConfigError, UserError
 
@@ -53,6 +54,25 @@ def check_writable(folder: Path, flag: str) -> None:
         reason = "read-only" if err.errno in (errno.EROFS, errno.EACCES, errno.EPERM) else err.strerror
         raise OutputError(f"cannot write output folder {folder} ({existing} is {reason}); "
                           f"pass a writable folder as {flag}") from None
+
+
+def is_first_process() -> bool:
+    """Rank 0 of the whole job (the others are started later, by it or by the launcher)."""
+    return rank_zero_only.rank == 0 and os.environ.get("NODE_RANK", "0") == "0"
+
+
+def claim_outputs(writes: dict[Path, str], results: dict[Path, str], logger_dirs: list[Path]) -> None:
+    """Before any work: every folder the run writes into (``writes``, ``results``, the loggers')
+    can be written; the results folders are locked for this run (by its first process). Taken
+    before anyone looks for earlier results there: of two runs started at once, the second stops
+    here, instead of both finding the folders empty and one overwriting the other."""
+    for folder, flag in {**writes, **{d: "--trainer.logger.save_dir" for d in logger_dirs}, **results}.items():
+        check_writable(folder, flag)
+    for folder in logger_dirs:
+        # W&B looks for a git repository from its folder at start-up, and warns if it does not exist yet.
+        folder.mkdir(parents=True, exist_ok=True)
+    if is_first_process():
+        lock_folders(results)
 
 
 def previous_results(folder: Path) -> list[str]:
@@ -137,17 +157,31 @@ def load_checkpoint(path: Path) -> dict:
     return checkpoint
 
 
-STRUCTURE = ("name", "lens_type", "offsets", "bias", "prompt_length")
-"""Model settings a checkpoint's lenses are made of: they must match to load it at all."""
+STRUCTURE = ("lens_type", "offsets", "bias", "prompt_length")
+"""Model settings a checkpoint's lenses are made of: they must match to load it at all. (The base
+model itself is checked by its unembedding when the checkpoint loads, whatever its name or path.)"""
+
+EXACT_MODEL = ("dtype", "cache_dtype", "lens_dtype")
+"""Model settings that change the numbers a resumed run computes (``lens_dtype: auto`` is compared
+again once resolved on this machine, when the checkpoint loads)."""
 
 DATA_ORDER = ("source", "val_source", "text_field", "split", "mode", "seq_len", "batch_size", "holdout_every",
               "seed", "shuffle_buffer", "max_words", "max_chars", "positions_per_doc", "num_workers")
 """Data settings that decide which samples come next: they must match for an exact resume."""
 
 
+def _same(saved, wanted) -> bool:
+    """Equal settings; a path given relative once and absolute once (or with ``..``) is the same path."""
+    if saved == wanted:
+        return True
+    if isinstance(saved, str) and isinstance(wanted, str) and Path(wanted).exists():
+        return Path(saved).resolve() == Path(wanted).resolve()
+    return False
+
+
 def _differences(saved: dict, wanted: dict, keys: tuple[str, ...], section: str) -> list[str]:
     return [f"--{section}.{k} {saved.get(k)!r} (this run: {wanted.get(k)!r})"
-            for k in keys if k in saved and saved.get(k) != wanted.get(k)]
+            for k in keys if k in saved and not _same(saved.get(k), wanted.get(k))]
 
 
 def check_resume(path: Path, checkpoint: dict, model: dict, data: dict | None, max_steps: int | None) -> None:
@@ -160,9 +194,10 @@ def check_resume(path: Path, checkpoint: dict, model: dict, data: dict | None, m
                           "pass the checkpoint's settings, or start a new run in another folder")
     if data is None:
         return
-    differ = _differences(checkpoint.get("datamodule_hyper_parameters") or {}, data, DATA_ORDER, "data")
+    differ = _differences(saved_model, model, EXACT_MODEL, "model")
+    differ += _differences(checkpoint.get("datamodule_hyper_parameters") or {}, data, DATA_ORDER, "data")
     if differ:
-        raise ResumeError(f"{path} was trained with other data settings, so it cannot resume exactly: the checkpoint "
+        raise ResumeError(f"{path} was trained with other settings, so it cannot resume exactly: the checkpoint "
                           f"has {'; '.join(differ)}; pass the checkpoint's settings, or start a new run in another folder")
     step = checkpoint.get("global_step", 0)
     if max_steps is not None and step >= max_steps:
@@ -183,17 +218,22 @@ def check_schedule(trainer: dict) -> None:
         raise ConfigError(f"--trainer.accumulate_grad_batches must be a whole number of batches >= 1, got {accumulate!r}")
     if trainer.get("limit_val_batches") in (0, 0.0):
         return  # no validation asked for: no results table, the artifact alone
+    # Lightning counts val_check_interval in batches: a step is accumulate_grad_batches of them.
+    batches = max_steps * accumulate
+    per_step = f" ({accumulate} per step)" if accumulate > 1 else ""
     interval = trainer.get("val_check_interval")
     if not isinstance(interval, int) or isinstance(interval, bool) or interval < 1:
-        raise ConfigError(f"--trainer.val_check_interval must be a number of steps (the training stream is endless), "
-                          f"got {interval!r}; set it to --trainer.max_steps ({max_steps}) to validate once at the end")
-    if interval > max_steps:
-        raise ConfigError(f"--trainer.val_check_interval {interval} is beyond --trainer.max_steps {max_steps}: no "
-                          f"validation would run and no results would be written; set it to at most {max_steps}")
-    if max_steps % interval:
-        last = max_steps - max_steps % interval
-        raise ConfigError(f"--trainer.max_steps {max_steps} is not a multiple of --trainer.val_check_interval {interval}: "
-                          f"the last validation (step {last}) would not score the final lens; make max_steps a multiple of it")
+        raise ConfigError(f"--trainer.val_check_interval must be a number of batches (the training stream is endless), "
+                          f"got {interval!r}; set it to {batches} to validate once at the end")
+    if interval > batches:
+        raise ConfigError(f"--trainer.val_check_interval {interval} is beyond the {batches} batches{per_step} of "
+                          f"--trainer.max_steps {max_steps}: no validation would run and no results would be written; "
+                          f"set it to at most {batches}")
+    if batches % interval:
+        last = batches - batches % interval
+        raise ConfigError(f"--trainer.max_steps {max_steps} ({batches} batches{per_step}) is not a multiple of "
+                          f"--trainer.val_check_interval {interval}: the last validation (batch {last}) would not score "
+                          f"the final lens; make them multiples")
 
 
 def check_finite(flag: str, value: float, low: float = 0.0, below: float | None = None, low_open: bool = False) -> None:

@@ -1,9 +1,10 @@
 """Stopping a run on a signal: SIGTERM (what SLURM and other schedulers send before pre-emption),
 Ctrl-C (SIGINT), and SLURM's requeue signal.
 
-Training stops at the end of the step in progress (a step that is validating first finishes the
-validation and the next step), writes ``last.ckpt`` into the run's checkpoint folder, and the
-command exits with status 128 + the signal's number and one line::
+Training stops at the end of the optimizer step in progress (with gradient accumulation: the end of
+the accumulation; at a step that validates: the end of the validation), writes ``last.ckpt`` into
+the run's checkpoint folder, and the command exits with status 128 + the signal's number and one
+line::
 
     error: stopped by SIGTERM at step 37; resume with --ckpt_path last
 
@@ -22,7 +23,7 @@ under SLURM): its handler for the requeue signal writes ``hpc_ckpt_<n>.ckpt`` in
 checkpoint by itself. lenscope only defers that handler to the end of the step in progress, so the
 checkpoint is taken between steps (exact resume), never in the middle of one.
 
-Data-loader workers ignore SIGINT and SIGTERM (``datamodules.lens_data.ignore_stop_signals``): a signal sent to the whole
+Data-loader workers ignore SIGINT and SIGTERM (``datamodules.lens_data.WorkerSignals``): a signal sent to the whole
 process group (Ctrl-C in a terminal, ``scancel``) is the main process's to handle; a worker that died
 of it would make the main process fail with a traceback instead of stopping cleanly.
 """
@@ -66,6 +67,7 @@ class _State:
         self.pending: int | None = None  # a stop signal received while training
         self.requeue: list[int] = []  # requeue signals received while training, handled at the step end
         self.graceful = False  # a training step is running: stop at its end
+        self.after_last_step = False  # training is done: its final validation and artifact are being written
         self.where = "before training started; nothing was trained"
 
 
@@ -80,15 +82,18 @@ def _say(text: str) -> None:
 def _on_stop_signal(signum, frame) -> None:
     if STATE.graceful and STATE.pending is None:
         STATE.pending = signum
-        again = " (Ctrl-C again to stop at once, without a checkpoint)" if signum == signal.SIGINT else ""
-        _say(f"{signal_name(signum)} received: stopping at the end of this step and writing a checkpoint{again}")
+        if STATE.after_last_step:
+            plan = "training is done: finishing its validation and writing its results"
+        else:
+            plan = "stopping at the end of this step and writing a checkpoint"
+        _say(f"{signal_name(signum)} received: {plan} (a second signal stops at once)")
         return
     raise StoppedBySignal(signum, f"stopped by {signal_name(signum)} {STATE.where}")
 
 
 def install_handlers(where: str) -> None:
     """Process-wide handlers for SIGTERM and SIGINT (entry points call this first); ``where`` ends
-    the line printed for a stop outside training ("during the evaluation; no results were written")."""
+    the line printed for a stop outside training ("during the evaluation; ...")."""
     STATE.where = where
     if threading.current_thread() is not threading.main_thread():
         return  # signal handlers can only be set from the main thread (e.g. a notebook's worker)
@@ -110,11 +115,14 @@ class GracefulStop(L.Callback):
 
     def __init__(self) -> None:
         self.saved_step: int | None = None
+        self._seen_step: int | None = None
+        self._after_validation: tuple[int, int] | None = None  # (stop, requeue) signals agreed at a validating step
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # Lightning has installed its own handlers by now (``_SignalConnector``): take over
         # SIGTERM and SIGINT, defer whatever it set for the requeue signals. Lightning restores
         # what was there before the run when it ends.
+        self._seen_step = trainer.global_step
         if threading.current_thread() is not threading.main_thread():
             return
         for signum in STOP_SIGNALS:
@@ -124,7 +132,7 @@ class GracefulStop(L.Callback):
             if callable(handler) and handler is not _defer_requeue:
                 _deferred[signum] = handler
                 signal.signal(signum, _defer_requeue)
-        STATE.pending, STATE.requeue, STATE.graceful = None, [], True
+        STATE.pending, STATE.requeue, STATE.graceful, STATE.after_last_step = None, [], True, False
         STATE.where = f"at step {trainer.global_step}"
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -138,19 +146,39 @@ class GracefulStop(L.Callback):
         self.saved_step = trainer.global_step
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx) -> None:
+        if trainer.global_step == self._seen_step:
+            return  # inside a gradient accumulation: no optimizer step yet, nothing a checkpoint could resume
+        self._seen_step = trainer.global_step
         STATE.where = f"at step {trainer.global_step}" + (
             f" (last checkpoint: step {self.saved_step})" if self.saved_step is not None else " (no checkpoint yet)")
-        signum, requeue = self._agreed(trainer, [STATE.pending or 0, STATE.requeue[0] if STATE.requeue else 0])
+        if trainer.global_step >= trainer.max_steps:
+            STATE.after_last_step = True  # the run finishes normally, results and artifact included
+            return
+        signals = self._agreed(trainer, [STATE.pending or 0, STATE.requeue[0] if STATE.requeue else 0])
+        if not any(signals):
+            return
+        if self._validates_now(trainer):
+            # Lightning validates after this hook; a checkpoint taken now would resume past that
+            # validation without running it. Act once it is done (on_validation_end).
+            self._after_validation = (signals[0], signals[1])
+            return
+        self._act(trainer, *signals)
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._after_validation is not None and not trainer.sanity_checking:
+            signals, self._after_validation = self._after_validation, None
+            self._act(trainer, *signals)
+
+    def _act(self, trainer: L.Trainer, signum: int, requeue: int) -> None:
+        """On every process alike: run SLURM's requeue handler, then stop with a checkpoint."""
         if requeue:
             STATE.requeue = []
             handler = _deferred.get(requeue)
             if callable(handler):
-                handler(requeue, None)  # on every rank: Lightning's handler saves collectively
+                handler(requeue, None)  # Lightning's handler saves collectively
         if not signum:
             return
         STATE.graceful = False
-        if trainer.global_step >= trainer.max_steps:
-            return  # the last step: the run finishes normally, results and artifact included
         path = self._last_checkpoint_path(trainer)
         if path is not None:
             trainer.save_checkpoint(path, weights_only=False)
@@ -159,6 +187,15 @@ class GracefulStop(L.Callback):
             stop = (f"stopped by {signal_name(signum)} at step {trainer.global_step}; the run has no checkpoint "
                     "folder (--trainer.enable_checkpointing false), so it cannot be resumed")
         raise StoppedBySignal(signum, stop)
+
+    @staticmethod
+    def _validates_now(trainer: L.Trainer) -> bool:
+        """Whether Lightning runs a validation right after this step (every ``val_check_batch``
+        batches; lenscope's training stream is one endless epoch)."""
+        every = trainer.val_check_batch
+        if not trainer.limit_val_batches or not isinstance(every, int):
+            return False
+        return (trainer.global_step * trainer.accumulate_grad_batches) % every == 0
 
     @staticmethod
     def _agreed(trainer: L.Trainer, values: list[int]) -> list[int]:
