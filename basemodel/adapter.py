@@ -144,6 +144,11 @@ class ArchitectureAdapter:
         block_path, blocks = max(matching, key=lambda nm: sum(p.numel() for p in nm[1].parameters()))
 
         probe = _probe(model, blocks, head, names)
+        if not (torch.isfinite(probe.logits).all() and torch.isfinite(probe.changed_logits).all()):
+            raise AdapterError(
+                f"{name} gives NaN or inf logits on a 5-token probe; with float16 weights this is overflow: "
+                "load it in float32 or bfloat16 (--model.dtype)"
+            )
         if not probe.post_paths:
             raise AdapterError(
                 f"could not find the final norm of {name}: no module runs between its last decoder "
@@ -260,7 +265,7 @@ def _probe(model: PreTrainedModel, blocks: nn.ModuleList, head: nn.Module, names
         for h in handles:
             h.remove()
     changed = ids.clone()
-    changed[0, -1] = (changed[0, -1] + vocab // 2).remainder(vocab)
+    changed[0, -1] = ids[0, 0]  # another of the probe's own tokens
     with torch.no_grad():
         changed_out = model(input_ids=changed, attention_mask=torch.ones_like(changed), use_cache=False)
     block_end = ends[names[id(last_block)]]
