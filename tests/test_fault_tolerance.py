@@ -55,10 +55,10 @@ def wandb_run_id(path: Path) -> str | None:
 def kill_when(cmd: list[str], ready, env: dict) -> None:
     process = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
     try:
-        deadline = time.time() + 300
+        deadline = time.monotonic() + 300  # a guard against a hang, not a timing assumption
         while not ready():
             assert process.poll() is None, "the run ended before it could be killed"
-            assert time.time() < deadline, "timed out waiting for the kill point"
+            assert time.monotonic() < deadline, "timed out waiting for the kill point"
             time.sleep(0.02)
         process.send_signal(signal.SIGKILL)
     finally:
@@ -85,9 +85,11 @@ def test_sigkill_at_a_random_step_then_resume(tmp_path, tiny_model_dir, uninterr
     kill_at = random.Random(7).randrange(3, STEPS - 6)
     out = tmp_path / "run"
     last = out / "ckpt" / "last.ckpt"
-    kill_when(command(out, tiny_model_dir, corpus), lambda: saved_step(last) >= kill_at, ENV)
-    killed_at = saved_step(last)
-    assert kill_at <= killed_at < STEPS, f"killed at step {killed_at}"
+    # Held at the end of step kill_at (tests/signal_helpers.py), before that step's checkpoint is written.
+    markers = tmp_path / "markers"
+    kill_when(command(out, tiny_model_dir, corpus, *hold_at(markers, kill_at)),
+              lambda: (markers / f"step-{kill_at}").exists(), ENV)
+    assert saved_step(last) == kill_at - 1
     run_id = wandb_run_id(last)
     run_to_end(command(out, tiny_model_dir, corpus, "--ckpt_path", "last"))
     assert_same_lens(reference, load_lens(out / "out" / "tuned"))
