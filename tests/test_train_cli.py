@@ -22,8 +22,11 @@ from tests.conftest import SHARED_PILE, fit_args, write_corpus
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_fit_writes_artifact_results_and_lens_only_checkpoint(tmp_path, tiny_model_dir, corpus):
-    train.main(fit_args(tmp_path, tiny_model_dir, corpus))
+def test_fit_writes_artifact_results_and_lens_only_checkpoint(tmp_path, tiny_model_dir, corpus, capsys):
+    train.main([*fit_args(tmp_path, tiny_model_dir, corpus), "--trainer.enable_progress_bar", "true"])
+    # The run's last words say where its files went (after the progress bar has closed).
+    tail = capsys.readouterr().out.replace("\r", "\n").rstrip().splitlines()[-3:]
+    assert [line.split(":")[0] for line in tail] == ["Lens artifacts", "Results", "Checkpoint"], tail
     lens = load_lens(tmp_path / "out" / "tuned")
     assert lens.num_layers == 3 and lens.weight.abs().sum() > 0  # trained away from zero
     results = json.loads((tmp_path / "out" / "results.json").read_text())

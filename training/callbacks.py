@@ -54,7 +54,13 @@ class LensArtifactWriter(L.Callback):
             extra={"trained_steps": trainer.global_step, "lenscope_lens_dtype": str(pl_module.lens_compute_dtype).removeprefix("torch.")},
         ) for key, lens in pl_module.lenses.items()]
         self._write_results(trainer, pl_module)
-        print(where_files_went(trainer, written, self.dirpath))
+        self._written = written
+
+    @rank_zero_only
+    def on_fit_end(self, trainer: L.Trainer, pl_module) -> None:
+        # After on_train_end, where the progress bar closes: the last lines of the run are these.
+        if getattr(self, "_written", None):
+            print(where_files_went(trainer, self._written, self.dirpath))
 
     @rank_zero_only
     def on_validation_end(self, trainer: L.Trainer, pl_module) -> None:
@@ -72,7 +78,9 @@ class LensArtifactWriter(L.Callback):
         atomic_write(self.dirpath / "results.json", json.dumps(results, indent=2) + "\n")
         table = results_table(results)
         atomic_write(self.dirpath / "results.md", table + "\n")
-        print(f"\nHeld-out per-layer results (step {results['step']}), also in {self.dirpath / 'results.md'}:\n{table}\n")
+        # Through the progress bar (when there is one) so that the table is not torn by its redraws.
+        say = trainer.progress_bar_callback.print if trainer.progress_bar_callback else print
+        say(f"\nHeld-out per-layer results (step {results['step']}), also in {self.dirpath / 'results.md'}:\n{table}\n")
         for logger in trainer.loggers:
             if isinstance(logger, WandbLogger):
                 lenses = results["lenses"]
