@@ -21,7 +21,7 @@ $(VENV)/.installed: pyproject.toml
 install: $(VENV)/.installed
 
 quickstart: install
-	WANDB_MODE=offline $(PY) train.py fit --config configs/quickstart.yaml
+	WANDB_MODE=offline $(VENV)/bin/lenscope train --config configs/quickstart.yaml
 
 test: install
 	$(VENV)/bin/ruff check .

@@ -23,22 +23,19 @@ import argparse
 import json
 import os
 import platform
-import sys
 import time
 from pathlib import Path
 
+import torch
+
+from lenscope.datamodules.patchscope_data import PatchscopeDataModule, collate_patchscope
+from lenscope.evaluation.token_identity import TokenIdentityPatchscope
+from lenscope.model.adapter import ArchitectureAdapter
+from lenscope.model.loading import EMBEDDED_MODEL, load_base_model
+from lenscope.model.patching import PatchingEngine
+from lenscope.model.residuals import ResidualReader
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-import torch  # noqa: E402
-
-from basemodel.adapter import ArchitectureAdapter  # noqa: E402
-from basemodel.loading import EMBEDDED_MODEL, load_base_model  # noqa: E402
-from basemodel.patching import PatchingEngine  # noqa: E402
-from basemodel.residuals import ResidualReader  # noqa: E402
-from datamodules.patchscope_data import PatchscopeDataModule, collate_patchscope  # noqa: E402
-from evaluation.token_identity import TokenIdentityPatchscope  # noqa: E402
-
 PILE = ROOT.parent / "shared" / "data" / "pile-sample.jsonl.zst"
 
 

@@ -29,17 +29,15 @@ import tempfile
 import time
 from pathlib import Path
 
+import lightning as L
+import numpy as np
+import torch
+
+from lenscope.datamodules.lens_data import LensDataModule
+from lenscope.model.loading import EMBEDDED_MODEL, embedded_model_dir, load_base_model
+from lenscope.training.lens_module import LensTrainingModule
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-import lightning as L  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-
-from basemodel.loading import EMBEDDED_MODEL, embedded_model_dir, load_base_model  # noqa: E402
-from datamodules.lens_data import LensDataModule  # noqa: E402
-from training.lens_module import LensTrainingModule  # noqa: E402
-
 PILE = ROOT.parent / "shared" / "data" / "pile-sample.jsonl.zst"
 
 

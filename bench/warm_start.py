@@ -13,21 +13,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import tempfile
 import time
 from pathlib import Path
 
+import lightning as L
+
+from lenscope.datamodules.lens_data import LensDataModule
+from lenscope.lenses.artifact import save_lens
+from lenscope.model.loading import EMBEDDED_MODEL
+from lenscope.training.lens_module import LensTrainingModule
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-import lightning as L  # noqa: E402
-
-from basemodel.loading import EMBEDDED_MODEL  # noqa: E402
-from datamodules.lens_data import LensDataModule  # noqa: E402
-from lenses.artifact import save_lens  # noqa: E402
-from training.lens_module import LensTrainingModule  # noqa: E402
-
 PILE = ROOT.parent / "shared" / "data" / "pile-sample.jsonl.zst"
 
 

@@ -34,7 +34,7 @@ import lightning as L
 from torch.utils.data import IterableDataset, get_worker_info
 from torchdata.stateful_dataloader import StatefulDataLoader
 
-from datamodules.preprocessing import (
+from lenscope.datamodules.preprocessing import (
     Packer,
     TrimSettings,
     collate,
@@ -42,8 +42,8 @@ from datamodules.preprocessing import (
     token_ids,
     trim_sample,
 )
-from datamodules.sources import DataSourceError, DocumentSource
-from lenses.errors import ConfigError
+from lenscope.datamodules.sources import DataSourceError, DocumentSource
+from lenscope.lenses.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +75,7 @@ class WorkerSignals:
     """``worker_init_fn``: how a data-loader worker treats the signals that stop or requeue a run.
 
     Ctrl-C in a terminal, a scheduler's SIGTERM and SLURM's requeue signal (SIGUSR1 by default)
-    reach every process of the job. The main process handles them (training/stops.py): a worker
+    reach every process of the job. The main process handles them (lenscope/training/stops.py): a worker
     dying of one, or running the main process's handler, would end the run with a traceback. So a
     worker ignores them, except for the SIGTERM with which the main process's own exit ends the
     workers still running: that one it obeys, once the main process has said it is exiting.

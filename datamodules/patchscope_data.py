@@ -27,10 +27,10 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
-from datamodules.lens_data import bind_from_trainer, in_share, seeded_shuffle
-from datamodules.preprocessing import IGNORE, TrimSettings, keep_for_trimming
-from datamodules.sources import DataSourceError, DocumentSource
-from lenses.errors import ConfigError
+from lenscope.datamodules.lens_data import bind_from_trainer, in_share, seeded_shuffle
+from lenscope.datamodules.preprocessing import IGNORE, TrimSettings, keep_for_trimming
+from lenscope.datamodules.sources import DataSourceError, DocumentSource
+from lenscope.lenses.errors import ConfigError
 
 log = logging.getLogger(__name__)
 

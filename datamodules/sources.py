@@ -28,7 +28,7 @@ from pathlib import Path
 
 import zstandard
 
-from lenses.errors import UserError
+from lenscope.lenses.errors import UserError
 
 log = logging.getLogger(__name__)
 

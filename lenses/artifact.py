@@ -19,10 +19,10 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from lenses.errors import UserError
-from lenses.files import atomic_dir
-from lenses.learned_prompt import LearnedPromptLens  # noqa: F401 (registers its lens type)
-from lenses.lens import LENS_TYPES, Lens
+from lenscope.lenses.errors import UserError
+from lenscope.lenses.files import atomic_dir
+from lenscope.lenses.learned_prompt import LearnedPromptLens  # noqa: F401 (registers its lens type)
+from lenscope.lenses.lens import LENS_TYPES, Lens
 
 WEIGHTS = "lens.safetensors"
 CONFIG = "config.json"
@@ -74,10 +74,10 @@ def read_config(path: str | Path) -> dict:
     path = Path(path)
     if path.is_file():
         what = "a training checkpoint" if path.suffix == ".ckpt" else "a file"
-        raise LensArtifactError(f"{path} is {what}, not a lens artifact; pass the artifact folder train.py writes "
+        raise LensArtifactError(f"{path} is {what}, not a lens artifact; pass the artifact folder `lenscope train` writes "
                                 "(e.g. artifacts/quickstart/tuned)")
     if not (path / CONFIG).is_file():
-        raise LensArtifactError(f"{path} is not a lens artifact (no {CONFIG}); pass the folder written by train.py")
+        raise LensArtifactError(f"{path} is not a lens artifact (no {CONFIG}); pass the folder `lenscope train` writes")
     try:
         config = json.loads((path / CONFIG).read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from lenses.lens import LENS_TYPES, Lens
+from lenscope.lenses.lens import LENS_TYPES, Lens
 
 
 class LearnedPromptLens(Lens):

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from lenses.lens import TunedLens
+from lenscope.lenses.lens import TunedLens
 
 
 class NormalEquations:

@@ -1,7 +1,7 @@
 """Lenses as plain ``nn.Module``s: no Lightning, usable in a notebook.
 
 A lens maps the residual stream at each lensed layer to a vector that the model's own decoder
-(final norm + unembedding, see ``lenses.unembed.Unembed``) turns into next-token logits. The lens
+(final norm + unembedding, see ``lenscope.lenses.unembed.Unembed``) turns into next-token logits. The lens
 holds only its own parameters; the frozen model's norm and head are never part of its state, so a
 lens checkpoint or artifact never contains base-model weights.
 
@@ -84,10 +84,10 @@ class TunedLens(Lens):
 class AffineLens(TunedLens):
     """The least-squares affine lens (the "tuned lens" of the Patchscopes paper): the same map
     ``h + W h + b`` = ``A h + b`` with A = I + W, but fitted in closed form to predict the last
-    block's raw output (``lenses.least_squares``) instead of trained with a KL loss."""
+    block's raw output (``lenscope.lenses.least_squares``) instead of trained with a KL loss."""
 
     lens_type = "affine"
 
 
 LENS_TYPES: dict[str, type[Lens]] = {cls.lens_type: cls for cls in (LogitLens, TunedLens, AffineLens)}
-"""Lens classes by ``lens_type``; ``lenses.learned_prompt`` adds the learned-prompt lens."""
+"""Lens classes by ``lens_type``; ``lenscope.lenses.learned_prompt`` adds the learned-prompt lens."""

@@ -19,7 +19,7 @@ import warnings
 import torch
 import torch.nn.functional as F
 
-from basemodel.adapter import ArchitectureAdapter
+from lenscope.model.adapter import ArchitectureAdapter
 
 
 class Unembed:

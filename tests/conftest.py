@@ -96,7 +96,7 @@ def fit_args(out: Path, model_dir: Path, source: Path | str, *extra: str, steps:
         f"--trainer.callbacks.dirpath={out / 'ckpt'}", "--trainer.callbacks.save_last=true",
         f"--trainer.callbacks.every_n_train_steps={checkpoint_every}", "--trainer.callbacks.save_top_k=0",
         *checkpoint,
-        "--trainer.callbacks+=training.callbacks.LensArtifactWriter", f"--trainer.callbacks.dirpath={out / 'out'}",
+        "--trainer.callbacks+=lenscope.training.callbacks.LensArtifactWriter", f"--trainer.callbacks.dirpath={out / 'out'}",
         *extra,
     ]
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import lightning as L
 
-from training.stops import STATE
+from lenscope.training.stops import STATE
 
 
 class HoldAtSteps(L.Callback):

@@ -16,9 +16,9 @@ import transformers as T
 from torch import nn
 from transformers import AutoModel, AutoModelForCausalLM
 
-from basemodel.adapter import AdapterError, ArchitectureAdapter
-from basemodel.loading import tensor_fingerprint
-from basemodel.residuals import ResidualReader
+from lenscope.model.adapter import AdapterError, ArchitectureAdapter
+from lenscope.model.loading import tensor_fingerprint
+from lenscope.model.residuals import ResidualReader
 from tests.conftest import TINY_DECODER, make_tokenizer, tiny_llama
 
 VOCAB = 128

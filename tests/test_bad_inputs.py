@@ -30,10 +30,10 @@ import torch
 import zstandard
 from transformers import AutoModelForCausalLM, LlamaConfig
 
-import train
-from basemodel.loading import tensor_fingerprint
-from lenses.artifact import LensArtifactError, save_lens
-from lenses.lens import TunedLens
+from lenscope.cli import train
+from lenscope.lenses.artifact import LensArtifactError, save_lens
+from lenscope.lenses.lens import TunedLens
+from lenscope.model.loading import tensor_fingerprint
 from tests.conftest import WORDS, make_tokenizer, tiny_llama, write_corpus
 from tests.conftest import fit_args as cli_fit_args
 
@@ -284,7 +284,7 @@ def test_final_norm_that_cannot_be_found(tmp_path, tiny_model_dir, corpus, monke
     """A model that applies its final norm as a plain function, not as a module: nothing runs between
     the last block and the head, so the adapter cannot find the norm. Runs in-process, because the
     model's structure is changed after loading."""
-    import training.lens_module as lens_module
+    import lenscope.training.lens_module as lens_module
 
     real_load = lens_module.load_base_model
 
@@ -319,7 +319,7 @@ def overflowing_llama_dir(path: Path) -> Path:
                          num_key_value_heads=2, vocab_size=len(WORDS) + 4, max_position_embeddings=256,
                          bos_token_id=1, eos_token_id=2, pad_token_id=3, tie_word_embeddings=False, mlp_bias=True)
     model = AutoModelForCausalLM.from_config(config).eval()
-    probe_ids = {(i * 7 + 3) % config.vocab_size for i in range(5)}  # see basemodel.adapter._probe
+    probe_ids = {(i * 7 + 3) % config.vocab_size for i in range(5)}  # see lenscope.model.adapter._probe
     with torch.no_grad():
         rows = [i for i in range(4, config.vocab_size) if i not in probe_ids]
         model.model.embed_tokens.weight[rows] = 6e4
@@ -640,7 +640,7 @@ def test_output_folder_that_cannot_be_written(cli, tmp_path, tiny_model_dir, cor
               "read-only": unwritable_folder(tmp_path)}[case]
     expected = {"a-file": f"output folder {folder} is a file", "under-a-file": "which is a file",
                 "read-only": f"cannot write output folder {folder}"}[case]
-    result = cli(*fit_args(tmp_path, tiny_model_dir, corpus, "--trainer.callbacks+=training.callbacks.LensArtifactWriter",
+    result = cli(*fit_args(tmp_path, tiny_model_dir, corpus, "--trainer.callbacks+=lenscope.training.callbacks.LensArtifactWriter",
                            f"--trainer.callbacks.dirpath={folder}"))
     assert_one_line_error(result, expected)
     assert "the LensArtifactWriter's dirpath" in result.stderr

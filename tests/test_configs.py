@@ -7,8 +7,7 @@ from pathlib import Path
 
 import pytest
 
-import evaluate
-import train
+from lenscope.cli import evaluate, train
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN = sorted(p for p in (ROOT / "configs").glob("*.yaml"))

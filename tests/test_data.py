@@ -14,9 +14,9 @@ import zstandard
 from torch.utils.data import DataLoader
 from torchdata.stateful_dataloader import StatefulDataLoader
 
-import datamodules.lens_data as lens_data
-from datamodules.lens_data import DocumentStream, LensDataModule, seeded_shuffle
-from datamodules.preprocessing import (
+import lenscope.datamodules.lens_data as lens_data
+from lenscope.datamodules.lens_data import DocumentStream, LensDataModule, seeded_shuffle
+from lenscope.datamodules.preprocessing import (
     IGNORE,
     Packer,
     TrimSettings,
@@ -24,8 +24,8 @@ from datamodules.preprocessing import (
     keep_for_trimming,
     trim_sample,
 )
-from datamodules.sources import DataSourceError, DocumentSource
-from lenses.errors import ConfigError
+from lenscope.datamodules.sources import DataSourceError, DocumentSource
+from lenscope.lenses.errors import ConfigError
 from tests.conftest import make_tokenizer, write_corpus
 
 pytestmark = pytest.mark.filterwarnings("ignore:'set_vital' is deprecated:UserWarning")

@@ -14,7 +14,7 @@ import pytest
 import torch
 import yaml
 
-from lenses.artifact import load_lens
+from lenscope.lenses.artifact import load_lens
 from tests.conftest import fit_args, write_corpus
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -63,7 +63,7 @@ def fit(tmp_path: Path, model_dir: Path, corpus: Path, devices: int, batch_size:
         "--data.mode", "trim", "--data.seq_len", "64", "--data.batch_size", str(batch_size),
         "--trainer.devices", str(devices), "--trainer.max_steps", "3", "--trainer.val_check_interval", "3",
         "--trainer.enable_progress_bar", "false", "--trainer.default_root_dir", str(out),
-        "--trainer.callbacks+=training.callbacks.LensArtifactWriter", f"--trainer.callbacks.dirpath={out / 'out'}",
+        "--trainer.callbacks+=lenscope.training.callbacks.LensArtifactWriter", f"--trainer.callbacks.dirpath={out / 'out'}",
         "--model.lens_type", lens_type,
     ], cwd=tmp_path)
     return out / "out" / lens_type
@@ -146,8 +146,8 @@ def test_learned_prompt_under_fsdp_is_refused_with_one_line(tmp_path, tiny_model
 def test_fsdp_policy_shards_the_frozen_blocks_and_keeps_the_lenses_whole(tiny_model_dir):
     from torch.distributed.fsdp import ShardingStrategy
 
-    from training.fsdp import LensShardingPolicy
-    from training.lens_module import LensTrainingModule
+    from lenscope.training.fsdp import LensShardingPolicy
+    from lenscope.training.lens_module import LensTrainingModule
 
     module = LensTrainingModule(name=str(tiny_model_dir), offsets=[0, 1])
     units = LensShardingPolicy()._run_policy(module, set(), {"sharding_strategy": ShardingStrategy.FULL_SHARD})
@@ -168,7 +168,7 @@ def test_fsdp_config_parses_and_names_the_policy(tmp_path, tiny_model_dir, corpu
         capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "lightning.pytorch.strategies.FSDPStrategy" in result.stdout
-    assert "training.fsdp.LensShardingPolicy" in result.stdout
+    assert "lenscope.training.fsdp.LensShardingPolicy" in result.stdout
 
 
 def evaluate_run(tmp_path: Path, model_dir: Path, corpus: Path, devices: int) -> dict:

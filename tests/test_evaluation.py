@@ -10,18 +10,17 @@ import pytest
 import torch
 import transformers as T
 
-import evaluate
-import train
-from basemodel.adapter import ArchitectureAdapter
-from basemodel.loading import load_base_model, tensor_fingerprint
-from basemodel.patching import PatchingEngine
-from basemodel.residuals import ResidualReader
-from datamodules.patchscope_data import PatchscopeDataModule
-from evaluation.baselines import bigram_successors
-from evaluation.metrics import PatchscopeMetrics
-from evaluation.token_identity import TokenIdentityPatchscope
-from lenses.artifact import save_lens
-from lenses.lens import TunedLens
+from lenscope.cli import evaluate, train
+from lenscope.datamodules.patchscope_data import PatchscopeDataModule
+from lenscope.evaluation.baselines import bigram_successors
+from lenscope.evaluation.metrics import PatchscopeMetrics
+from lenscope.evaluation.token_identity import TokenIdentityPatchscope
+from lenscope.lenses.artifact import save_lens
+from lenscope.lenses.lens import TunedLens
+from lenscope.model.adapter import ArchitectureAdapter
+from lenscope.model.loading import load_base_model, tensor_fingerprint
+from lenscope.model.patching import PatchingEngine
+from lenscope.model.residuals import ResidualReader
 from tests.conftest import TINY_DECODER, fit_args, make_tokenizer, tiny_llama, write_corpus
 
 

@@ -11,15 +11,15 @@ import warnings
 import pytest
 import torch
 
-from basemodel.adapter import ArchitectureAdapter
-from basemodel.patching import PatchingEngine
-from basemodel.residuals import ResidualReader
-from datamodules.preprocessing import collate
-from evaluation.token_identity import TokenIdentityPatchscope
-from lenses.unembed import lens_kl, reference_kl
+from lenscope.datamodules.preprocessing import collate
+from lenscope.evaluation.token_identity import TokenIdentityPatchscope
+from lenscope.lenses.unembed import lens_kl, reference_kl
+from lenscope.model.adapter import ArchitectureAdapter
+from lenscope.model.patching import PatchingEngine
+from lenscope.model.residuals import ResidualReader
+from lenscope.training.lens_module import LensTrainingModule
 from tests.conftest import make_tokenizer
 from tests.test_adapter import CONFIGS, LAYERS, VOCAB, build
-from training.lens_module import LensTrainingModule
 
 FAMILIES = sorted(CONFIGS)
 

@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from lenses.artifact import load_lens
+from lenscope.lenses.artifact import load_lens
+from lenscope.training.checkpoint_io import HOLD_ENV, AtomicCheckpointIO, CheckpointWriteError
 from tests.conftest import fit_args
-from training.checkpoint_io import HOLD_ENV, AtomicCheckpointIO, CheckpointWriteError
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 24
@@ -141,7 +141,7 @@ def test_a_damaged_checkpoint_is_refused_with_one_line(tmp_path, tiny_model_dir,
 
 
 def _write_shards(directory: str, seed: int) -> None:
-    from basemodel.hidden_cache import HiddenStateCache, batch_key
+    from lenscope.model.hidden_cache import HiddenStateCache, batch_key
 
     cache = HiddenStateCache("disk", directory, manifest={"same": "settings"})
     for i in range(40):  # both writers write the same keys, in different orders
@@ -152,7 +152,7 @@ def _write_shards(directory: str, seed: int) -> None:
 def test_two_processes_writing_one_disk_cache_do_not_corrupt_it(tmp_path):
     import multiprocessing
 
-    from basemodel.hidden_cache import HiddenStateCache, batch_key
+    from lenscope.model.hidden_cache import HiddenStateCache, batch_key
 
     context = multiprocessing.get_context("spawn")
     writers = [context.Process(target=_write_shards, args=(str(tmp_path / "cache"), seed)) for seed in (0, 1)]

@@ -7,7 +7,7 @@ import stat
 
 import pytest
 
-from lenses.files import atomic_dir, atomic_path, atomic_write
+from lenscope.lenses.files import atomic_dir, atomic_path, atomic_write
 
 
 @pytest.fixture

@@ -7,16 +7,15 @@ import json
 import pytest
 import torch
 
-import evaluate
-import train
-from basemodel.patching import PatchingEngine
-from datamodules.preprocessing import collate
-from evaluation.token_identity import IDENTITY_PROMPT
-from lenses.artifact import load_lens
-from lenses.learned_prompt import LearnedPromptLens
+from lenscope.cli import evaluate, train
+from lenscope.datamodules.preprocessing import collate
+from lenscope.evaluation.token_identity import IDENTITY_PROMPT
+from lenscope.lenses.artifact import load_lens
+from lenscope.lenses.learned_prompt import LearnedPromptLens
+from lenscope.model.patching import PatchingEngine
+from lenscope.training.lens_module import LensTrainingModule
 from tests.conftest import fit_args
 from tests.test_evaluation import eval_args
-from training.lens_module import LensTrainingModule
 
 
 @pytest.fixture

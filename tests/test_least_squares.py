@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lenses.least_squares import NormalEquations, tuned_lens_from_affine
+from lenscope.lenses.least_squares import NormalEquations, tuned_lens_from_affine
 
 
 def test_recovers_an_exact_affine_map_batch_by_batch():

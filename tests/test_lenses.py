@@ -11,11 +11,18 @@ import torch.nn.functional as F
 import transformers as T
 from transformers import AutoModelForCausalLM
 
-from basemodel.adapter import ArchitectureAdapter
-from basemodel.loading import tensor_fingerprint
-from lenses.artifact import CONFIG, WEIGHTS, LensArtifactError, load_lens, read_config, save_lens
-from lenses.lens import LogitLens, TunedLens
-from lenses.unembed import Unembed, lens_kl, lens_metrics, reference_kl
+from lenscope.lenses.artifact import (
+    CONFIG,
+    WEIGHTS,
+    LensArtifactError,
+    load_lens,
+    read_config,
+    save_lens,
+)
+from lenscope.lenses.lens import LogitLens, TunedLens
+from lenscope.lenses.unembed import Unembed, lens_kl, lens_metrics, reference_kl
+from lenscope.model.adapter import ArchitectureAdapter
+from lenscope.model.loading import tensor_fingerprint
 from tests.conftest import TINY_DECODER, tiny_llama
 
 D = 32

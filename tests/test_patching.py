@@ -6,9 +6,9 @@ import pytest
 import torch
 import transformers as T
 
-from basemodel.adapter import ArchitectureAdapter
-from basemodel.patching import PatchingEngine
-from basemodel.residuals import ResidualReader
+from lenscope.model.adapter import ArchitectureAdapter
+from lenscope.model.patching import PatchingEngine
+from lenscope.model.residuals import ResidualReader
 from tests.conftest import TINY_DECODER, make_tokenizer
 
 VOCAB = 128

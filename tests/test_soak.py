@@ -10,9 +10,9 @@ import os
 import lightning as L
 import pytest
 
-from datamodules.lens_data import LensDataModule
+from lenscope.datamodules.lens_data import LensDataModule
+from lenscope.training.lens_module import LensTrainingModule
 from tests.conftest import write_corpus
-from training.lens_module import LensTrainingModule
 
 pytestmark = pytest.mark.soak
 STEPS = int(os.environ.get("LENSCOPE_SOAK_STEPS", "600"))

@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 import torch
 
-import train
-from lenses.artifact import load_lens
-from lenses.files import dir_mode, file_mode
+from lenscope.cli import train
+from lenscope.lenses.artifact import load_lens
+from lenscope.lenses.files import dir_mode, file_mode
 from tests.conftest import SHARED_PILE, fit_args, write_corpus
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -160,7 +160,7 @@ def test_embedded_model_lens_beats_logit_lens(tmp_path):
         # without native bf16 (fp32 lens matmuls there).
         "--data.batch_size", "2", "--data.seq_len", "64", "--data.val_max_docs", "3", "--data.num_workers", "0",
         "--trainer.default_root_dir", str(tmp_path / "runs"),
-        "--trainer.callbacks+=training.callbacks.LensArtifactWriter", f"--trainer.callbacks.dirpath={out}",
+        "--trainer.callbacks+=lenscope.training.callbacks.LensArtifactWriter", f"--trainer.callbacks.dirpath={out}",
         env={"LENSCOPE_COMPILE": "1"},
     )
     assert result.returncode == 0, result.stderr[-3000:]
@@ -174,7 +174,7 @@ def test_embedded_model_lens_beats_logit_lens(tmp_path):
 @pytest.mark.slow
 @pytest.mark.skipif(not SHARED_PILE.exists(), reason="shared Pile sample not present (only on the project's machines)")
 def test_pile_sample_streams(tmp_path):
-    from datamodules.sources import DocumentSource
+    from lenscope.datamodules.sources import DocumentSource
 
     docs = list(DocumentSource(str(SHARED_PILE)))
     assert len(docs) > 600 and all(isinstance(d, str) and d.strip() for d in docs)

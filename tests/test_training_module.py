@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from basemodel.hidden_cache import CacheMismatchError, HiddenStateCache, batch_key
-from training.lens_module import HiddenStateError, LensTrainingModule
+from lenscope.model.hidden_cache import CacheMismatchError, HiddenStateCache, batch_key
+from lenscope.training.lens_module import HiddenStateError, LensTrainingModule
 
 
 @pytest.fixture
@@ -103,7 +103,7 @@ def test_one_training_step_lowers_the_loss(module):
     for _ in range(3):
         states, _ = module.hidden_states(batch)
         target = module._target_log_probs(states[-1])
-        from lenses.unembed import lens_kl
+        from lenscope.lenses.unembed import lens_kl
 
         kl = lens_kl(module.unembed, module._decode_inputs(module.lenses["tuned"], states[module.layers], torch.float32),
                      target, torch.float32)

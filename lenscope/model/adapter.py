@@ -34,7 +34,7 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 
-from lenses.errors import UserError
+from lenscope.lenses.errors import UserError
 
 
 class AdapterError(UserError):

@@ -9,8 +9,8 @@ Methods, each a mapping from the source state h_ℓ(t) to a next-token distribut
   the last block's output at t + k, fitted on the fitting documents before evaluation.
 * every lens artifact given (``tuned``, ``tuned+1``, ...: trained by ``train.py``), decoded the same
   way, or, for a learned-prompt lens, run through the patching engine with its learned prompt;
-* ``token_identity``: the token-identity patchscope (``evaluation.token_identity``);
-* ``bigram`` (future offsets only): the Future Lens bigram baseline (``evaluation.baselines``).
+* ``token_identity``: the token-identity patchscope (``lenscope.evaluation.token_identity``);
+* ``bigram`` (future offsets only): the Future Lens bigram baseline (``lenscope.evaluation.baselines``).
 
 Metrics per layer, averaged over evaluation documents (one position each):
 
@@ -35,22 +35,27 @@ from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
 from tqdm.auto import tqdm
 
-from basemodel.adapter import ArchitectureAdapter
-from basemodel.loading import EMBEDDED_MODEL, context_length, load_base_model, tensor_fingerprint
-from basemodel.patching import PatchingEngine
-from basemodel.residuals import ResidualReader
-from evaluation.baselines import bigram_successors
-from evaluation.metrics import PatchscopeMetrics
-from evaluation.report import markdown_tables, write_report
-from evaluation.token_identity import IDENTITY_PROMPT, TokenIdentityPatchscope
-from lenses.artifact import load_lens
-from lenses.errors import ConfigError
-from lenses.learned_prompt import LearnedPromptLens
-from lenses.least_squares import NormalEquations
-from lenses.lens import AffineLens, Lens
-from training.callbacks import wandb_locations
-from training.lens_module import lens_key
-from training.preflight import check_finite
+from lenscope.evaluation.baselines import bigram_successors
+from lenscope.evaluation.metrics import PatchscopeMetrics
+from lenscope.evaluation.report import markdown_tables, write_report
+from lenscope.evaluation.token_identity import IDENTITY_PROMPT, TokenIdentityPatchscope
+from lenscope.lenses.artifact import load_lens
+from lenscope.lenses.errors import ConfigError
+from lenscope.lenses.learned_prompt import LearnedPromptLens
+from lenscope.lenses.least_squares import NormalEquations
+from lenscope.lenses.lens import AffineLens, Lens
+from lenscope.model.adapter import ArchitectureAdapter
+from lenscope.model.loading import (
+    EMBEDDED_MODEL,
+    context_length,
+    load_base_model,
+    tensor_fingerprint,
+)
+from lenscope.model.patching import PatchingEngine
+from lenscope.model.residuals import ResidualReader
+from lenscope.training.callbacks import wandb_locations
+from lenscope.training.lens_module import lens_key
+from lenscope.training.preflight import check_finite
 
 log = logging.getLogger(__name__)
 

@@ -11,8 +11,8 @@ from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_only
 
-from lenses.artifact import save_lens
-from lenses.files import atomic_write
+from lenscope.lenses.artifact import save_lens
+from lenscope.lenses.files import atomic_write
 
 
 def layer_name(index: int) -> str:
@@ -92,7 +92,7 @@ class LensArtifactWriter(L.Callback):
 
 def where_files_went(trainer: L.Trainer, lenses: list[Path], results: Path) -> str:
     """The end of a training run's output: every file a person may want next, and what to do with it."""
-    lines = [f"Lens artifacts:  {', '.join(str(p) for p in lenses)}  (load with lenses.artifact.load_lens)"]
+    lines = [f"Lens artifacts:  {', '.join(str(p) for p in lenses)}  (load with lenscope.lenses.artifact.load_lens)"]
     if (results / "results.md").exists():
         lines.append(f"Results:         {results / 'results.md'}, {results / 'results.json'}")
     for callback in trainer.checkpoint_callbacks:

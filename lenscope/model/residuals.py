@@ -13,7 +13,7 @@ import torch
 from nnsight.modeling.transformers import TransformersModel
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from basemodel.adapter import ArchitectureAdapter, _first_tensor
+from lenscope.model.adapter import ArchitectureAdapter, _first_tensor
 
 
 def envoy_at(root, path: str):

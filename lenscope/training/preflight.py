@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from lightning.fabric.utilities.rank_zero import rank_zero_only
 
-from lenses.errors import ConfigError, UserError
+from lenscope.lenses.errors import ConfigError, UserError
 
 LOCK_NAME = ".lenscope.lock"
 
@@ -153,7 +153,7 @@ def load_checkpoint(path: Path) -> dict:
             "pass an earlier --ckpt_path or delete it to start over"
         ) from None
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint or "lenscope" not in checkpoint:
-        raise ResumeError(f"{path} is not a lenscope training checkpoint; pass a .ckpt written by train.py")
+        raise ResumeError(f"{path} is not a lenscope training checkpoint; pass a .ckpt written by `lenscope train`")
     return checkpoint
 
 

@@ -2,7 +2,7 @@
 tuned lenses, future lenses of any set of offsets, least-squares affine lenses, learned prompts.
 
 It is a thin wrapper: the science lives in ``lenses`` (the lens, the decoder, the fused KL) and
-``basemodel`` (loading, the architecture adapter, nnsight reading, the hidden-state cache). This
+``lenscope.model`` (loading, the architecture adapter, nnsight reading, the hidden-state cache). This
 module wires them to Lightning: optimizer and schedule, logging, validation, checkpoints.
 """
 
@@ -20,9 +20,17 @@ from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.strategies import FSDPStrategy
 from lightning.pytorch.utilities import rank_zero_info
 
-from basemodel.adapter import ArchitectureAdapter
-from basemodel.hidden_cache import HiddenStateCache, batch_key
-from basemodel.loading import (
+from lenscope.datamodules.sources import DataSourceError
+from lenscope.evaluation.token_identity import IDENTITY_PROMPT
+from lenscope.lenses.artifact import load_lens
+from lenscope.lenses.errors import ConfigError, UserError
+from lenscope.lenses.learned_prompt import LearnedPromptLens
+from lenscope.lenses.least_squares import NormalEquations
+from lenscope.lenses.lens import AffineLens, Lens, LogitLens, TunedLens
+from lenscope.lenses.unembed import Unembed, lens_kl, lens_metrics, logit_metrics
+from lenscope.model.adapter import ArchitectureAdapter
+from lenscope.model.hidden_cache import HiddenStateCache, batch_key
+from lenscope.model.loading import (
     EMBEDDED_MODEL,
     cache_root,
     compute_dtype,
@@ -31,20 +39,12 @@ from basemodel.loading import (
     resolve_dtype,
     tensor_fingerprint,
 )
-from basemodel.patching import PatchingEngine
-from basemodel.residuals import ResidualReader
-from datamodules.sources import DataSourceError
-from evaluation.token_identity import IDENTITY_PROMPT
-from lenses.artifact import load_lens
-from lenses.errors import ConfigError, UserError
-from lenses.learned_prompt import LearnedPromptLens
-from lenses.least_squares import NormalEquations
-from lenses.lens import AffineLens, Lens, LogitLens, TunedLens
-from lenses.unembed import Unembed, lens_kl, lens_metrics, logit_metrics
-from training.fsdp import FSDP_PREFIX
-from training.fsdp import tag as fsdp_tag
-from training.metrics import PerLayerLensMetrics
-from training.preflight import check_finite
+from lenscope.model.patching import PatchingEngine
+from lenscope.model.residuals import ResidualReader
+from lenscope.training.fsdp import FSDP_PREFIX
+from lenscope.training.fsdp import tag as fsdp_tag
+from lenscope.training.metrics import PerLayerLensMetrics
+from lenscope.training.preflight import check_finite
 
 log = logging.getLogger(__name__)
 
@@ -176,7 +176,7 @@ class LensTrainingModule(L.LightningModule):
         self.reader = ResidualReader(self.base, self.tokenizer, self.adapter)
         self.unembed = Unembed(self.adapter)
         self.unembed_hash = tensor_fingerprint(self.adapter.unembedding_weight)
-        layers = list(range(self.adapter.num_layers))  # embeddings + blocks 0..L-2 (see lenses.lens)
+        layers = list(range(self.adapter.num_layers))  # embeddings + blocks 0..L-2 (see lenscope.lenses.lens)
         d_model = self.adapter.d_model
         self.offsets = offsets
         # One lens per offset, keyed "tuned", "tuned+1", ... (see lens_key).

@@ -1,5 +1,5 @@
 """What the two command lines (``train.py``, ``evaluate.py``) share: one-line errors (see
-``lenses.errors``), a LightningCLI whose parse errors are one line too, closing W&B runs."""
+``lenscope.lenses.errors``), a LightningCLI whose parse errors are one line too, closing W&B runs."""
 
 from __future__ import annotations
 
@@ -17,9 +17,9 @@ from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from lenses.errors import ConfigError, UserError
-from training.preflight import release_locks
-from training.stops import StoppedBySignal, install_handlers
+from lenscope.lenses.errors import ConfigError, UserError
+from lenscope.training.preflight import release_locks
+from lenscope.training.stops import StoppedBySignal, install_handlers
 
 
 def one_line(err: BaseException) -> str:
@@ -151,10 +151,10 @@ def plain(namespace) -> dict:
 class LenscopeCLI(LightningCLI):
     """What ``train.py`` and ``evaluate.py`` share: parse errors as one line, not an 86-line usage."""
 
-    command = "train.py"
-    """The script, as the user types it (``python <command> --help``)."""
-
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, prog: str, **kwargs):
+        """``prog``: the command as the user typed it (``python train.py``, ``lenscope train``), for
+        the ``--help`` hint of a parse error."""
+        self.prog = prog
         quiet = {"exit_on_error": False}
         super().__init__(*args, parser_kwargs={**quiet, **{sub: dict(quiet) for sub in SUBCOMMANDS}}, **kwargs)
 
@@ -168,11 +168,11 @@ class LenscopeCLI(LightningCLI):
             super().parse_arguments(parser, args)
         except ArgumentError as err:
             words = list(sys.argv[1:] if args is None else args)
-            command = " ".join([self.command, *[w for w in words[:1] if w in SUBCOMMANDS]])
+            command = " ".join([self.prog, *[w for w in words[:1] if w in SUBCOMMANDS]])
             message = " ".join(line.strip() for line in str(err).splitlines() if line.strip())
             message = re.sub(r'Parser key "([^"]+)":', r"--\1:", message)
             message = re.sub(r"<class '([\w.]+)'>", r"\1", message)
-            raise ConfigError(f"{message} (see `python {command} --help`)") from None
+            raise ConfigError(f"{message} (see `{command} --help`)") from None
 
 
 def logger_save_dirs(config) -> list[Path]:

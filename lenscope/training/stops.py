@@ -23,7 +23,7 @@ under SLURM): its handler for the requeue signal writes ``hpc_ckpt_<n>.ckpt`` in
 checkpoint by itself. lenscope only defers that handler to the end of the step in progress, so the
 checkpoint is taken between steps (exact resume), never in the middle of one.
 
-Data-loader workers ignore SIGINT and SIGTERM (``datamodules.lens_data.WorkerSignals``): a signal sent to the whole
+Data-loader workers ignore SIGINT and SIGTERM (``lenscope.datamodules.lens_data.WorkerSignals``): a signal sent to the whole
 process group (Ctrl-C in a terminal, ``scancel``) is the main process's to handle; a worker that died
 of it would make the main process fail with a traceback instead of stopping cleanly.
 """

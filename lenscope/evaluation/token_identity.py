@@ -18,8 +18,8 @@ import copy
 
 import torch
 
-from basemodel.patching import PatchingEngine
-from lenses.errors import ConfigError
+from lenscope.lenses.errors import ConfigError
+from lenscope.model.patching import PatchingEngine
 
 IDENTITY_PROMPT = "cat -> cat\n1135 -> 1135\nhello -> hello\n?"
 

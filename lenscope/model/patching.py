@@ -20,7 +20,7 @@ import inspect
 
 import torch
 
-from basemodel.residuals import ResidualReader
+from lenscope.model.residuals import ResidualReader
 
 
 def cache_argument(model) -> str:

@@ -1,0 +1,5 @@
+"""``python -m lenscope …`` is the ``lenscope`` command."""
+
+from lenscope.cli import main
+
+main()

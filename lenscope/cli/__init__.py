@@ -1,0 +1,54 @@
+"""The ``lenscope`` command: one entry point, one subcommand per job.
+
+    lenscope train --config configs/quickstart.yaml          # = python train.py fit --config ...
+    lenscope train validate --config ... --ckpt_path last     # = python train.py validate ...
+    lenscope evaluate --config configs/eval/patchscopes.yaml  # = python evaluate.py --config ...
+"""
+
+from __future__ import annotations
+
+import sys
+
+USAGE = """usage: lenscope <command> [options]
+
+commands:
+  train      train lenses (`lenscope train --help`; `lenscope train validate ...` scores a checkpoint)
+  evaluate   score lenses as patchscope mappings (`lenscope evaluate --help`)
+
+start with: lenscope train --config configs/quickstart.yaml"""
+
+TRAIN_SUBCOMMANDS = ("fit", "validate")
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command, rest = (argv[0], argv[1:]) if argv else (None, [])
+    if command in (None, "-h", "--help", "help"):
+        print(USAGE)
+        return
+    if command == "--version":
+        from lenscope import __version__
+
+        print(f"lenscope {__version__}")
+        return
+    # The command modules import torch and Lightning: only the one asked for is imported.
+    if command == "train":
+        from lenscope.cli import train
+
+        if not rest:
+            _usage_error("lenscope train needs a configuration: lenscope train --config "
+                         "configs/quickstart.yaml (see `lenscope train --help`)")
+        # `lenscope train …` fits; `lenscope train validate …` (or `fit …`) names the step itself.
+        train.main(rest if rest[0] in TRAIN_SUBCOMMANDS else ["fit", *rest], prog="lenscope train")
+    elif command == "evaluate":
+        from lenscope.cli import evaluate
+
+        evaluate.main(rest, prog="lenscope evaluate")
+    else:
+        _usage_error(f"lenscope has no command {command!r}: use one of train, evaluate (see `lenscope --help`)")
+
+
+def _usage_error(message: str) -> None:
+    # Exit status 2, like every other error of a command line (argparse's convention).
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(2)

@@ -1,0 +1,146 @@
+"""Train lenses: ``python train.py fit --config configs/quickstart.yaml``.
+
+A ``LightningCLI`` over ``LensTrainingModule`` (``--model.*``) and ``LensDataModule`` (``--data.*``);
+``python train.py fit --help`` lists every option with its documentation. Known failures (bad data,
+a model that cannot be loaded, a wrong setting) end with one line naming the problem and the fix,
+and exit status 2; a stop by SIGTERM or Ctrl-C ends with a checkpoint and one line (see
+``lenscope/training/stops.py``).
+
+Before the model is loaded, the run checks where it will write (``lenscope/training/preflight.py``): the
+folders must be writable, must not hold an earlier run's results (unless ``--overwrite true`` or
+``--ckpt_path`` continues that run) and must not be in use by another run; a checkpoint to resume
+from must be one that can be resumed exactly.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from lightning.fabric.plugins.environments import SLURMEnvironment
+from lightning.fabric.plugins.io.checkpoint_io import CheckpointIO
+
+from lenscope.cli.errors import (
+    LenscopeCLI,
+    finish_loggers,
+    logger_save_dirs,
+    plain,
+    run_with_clean_errors,
+)
+from lenscope.datamodules.lens_data import LensDataModule
+from lenscope.lenses.errors import ConfigError
+from lenscope.training.callbacks import LensArtifactWriter, StepProgressBar
+from lenscope.training.checkpoint_io import AtomicCheckpointIO
+from lenscope.training.lens_module import LensTrainingModule
+from lenscope.training.preflight import (
+    check_not_replacing,
+    check_resume,
+    check_schedule,
+    claim_outputs,
+    load_checkpoint,
+)
+from lenscope.training.stops import GracefulStop
+
+
+class LensCLI(LenscopeCLI):
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.set_defaults({"trainer.enable_model_summary": False})
+        parser.add_argument("--overwrite", type=bool, default=False,
+                            help="replace an earlier run's lens artifacts, results and checkpoints in the output "
+                                 "folders (without it, a run refuses to write over them)")
+
+    def _parse_ckpt_path(self) -> None:
+        """Lightning's version loads the checkpoint's hyperparameters over the command line's, so a
+        changed setting would be dropped silently; lenscope compares them instead (before_instantiate_classes)."""
+
+    def before_instantiate_classes(self) -> None:
+        config = self.config[self.subcommand]
+        trainer = config.trainer
+        if self.subcommand == "fit":
+            check_schedule(plain(trainer))
+        root = Path(trainer.get("default_root_dir") or os.getcwd())
+        claim_outputs({root: "--trainer.default_root_dir"}, result_folders(config), logger_save_dirs(config))
+        path = resolve_ckpt_path(config)
+        checkpoint = load_checkpoint(path) if path is not None else None
+        if self.subcommand != "fit" and checkpoint is None:
+            raise ConfigError(f"{self.prog} {self.subcommand} scores a trained lens: pass --ckpt_path (a checkpoint "
+                              "file, or last); without one it would score untrained lenses and replace the run's results")
+        if checkpoint is not None:
+            training = self.subcommand == "fit"
+            check_resume(path, checkpoint, plain(config.model), plain(config.data) if training else None,
+                         trainer.get("max_steps") if training else None)
+            # Resuming continues the same W&B run: the run id travels in the checkpoint.
+            run_id = checkpoint["lenscope"].get("wandb_run_id")
+            loggers = trainer.get("logger")
+            for logger in loggers if isinstance(loggers, list) else [loggers]:
+                if run_id and logger and not isinstance(logger, bool) and "WandbLogger" in str(logger.get("class_path", "")):
+                    logger.init_args.id = run_id
+                    logger.init_args.resume = "allow"
+        elif self.subcommand == "fit":
+            check_not_replacing(result_folders(config), config.get("overwrite", False), resume_hint=True)
+
+    def before_fit(self) -> None:
+        self.model.check_strategy(self.trainer.strategy)  # here, before Lightning starts the other ranks
+
+    def before_validate(self) -> None:
+        self.model.check_strategy(self.trainer.strategy)
+
+    def _instantiate_trainer(self, config: dict, callbacks: list):
+        # The training stream is endless, so Lightning's bar would show no total: use one that
+        # counts steps out of max_steps, unless the progress bar is switched off.
+        if config.get("enable_progress_bar") is not False:
+            callbacks = [*callbacks, StepProgressBar()]
+        callbacks = [*callbacks, GracefulStop()]  # SIGTERM / Ctrl-C: checkpoint at the step end, then stop
+        # Checkpoints are written atomically (lenscope/training/checkpoint_io.py), beside any other plugin given.
+        plugins = list(config.get("plugins") or [])
+        if not any(isinstance(p, CheckpointIO) for p in plugins):
+            config = {**config, "plugins": [*plugins, AtomicCheckpointIO()]}
+        return super()._instantiate_trainer(config, callbacks)
+
+
+def _callbacks(config, name: str) -> list:
+    """init_args of the configured callbacks whose class is ``name``."""
+    return [c.init_args for c in config.trainer.get("callbacks") or []
+            if str(c.get("class_path", "")).rsplit(".", 1)[-1] == name]
+
+
+def result_folders(config) -> dict[Path, str]:
+    """Folders that hold a run's results: lens artifacts and results tables, checkpoints."""
+    folders = {Path(args.get("dirpath") or LensArtifactWriter.DEFAULT_DIRPATH): "the LensArtifactWriter's dirpath"
+               for args in _callbacks(config, "LensArtifactWriter")}
+    folders.update({Path(args.dirpath): "the ModelCheckpoint's dirpath"
+                    for args in _callbacks(config, "ModelCheckpoint") if args.get("dirpath")})
+    return folders
+
+
+def resolve_ckpt_path(config) -> Path | None:
+    """The checkpoint this run starts from: ``--ckpt_path`` (``last``: the configured ModelCheckpoint's
+    ``last.ckpt``, if there is one yet), or, in a job SLURM requeued, Lightning's requeue checkpoint."""
+    ckpt = config.get("ckpt_path")
+    if ckpt in ("best", "hpc"):
+        return None  # Lightning's own keywords, resolved by Lightning
+    if ckpt and ckpt != "last":
+        return Path(ckpt)
+    if ckpt == "last":
+        for args in _callbacks(config, "ModelCheckpoint"):
+            if args.get("dirpath") and (Path(args.dirpath) / "last.ckpt").is_file():
+                return Path(args.dirpath) / "last.ckpt"
+        return None  # Lightning starts afresh (with a warning): a job script's first run
+    root = Path(config.trainer.get("default_root_dir") or os.getcwd())
+    numbered = [(int(p.stem.rsplit("_", 1)[-1]), p) for p in root.glob("hpc_ckpt_*.ckpt")
+                if p.stem.rsplit("_", 1)[-1].isdigit()]
+    if numbered and SLURMEnvironment.detect():
+        return max(numbered)[1]  # what Lightning resumes from by itself: the highest number
+    return None
+
+
+def main(argv: list[str] | None = None, prog: str = "python train.py") -> None:
+    """``prog``: how the user started it (named in the hint of an error)."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+    def run() -> None:
+        cli = LensCLI(LensTrainingModule, LensDataModule, args=argv, prog=prog, save_config_kwargs={"overwrite": True})
+        finish_loggers(cli)
+
+    run_with_clean_errors(run)
+

@@ -1,0 +1,108 @@
+"""lenscope is one import package with one command: built as a wheel, installed into a fresh
+environment, used from a folder outside the checkout."""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import lenscope
+from lenscope import cli
+from tests.conftest import fit_args
+
+ROOT = Path(__file__).resolve().parents[1]
+OLD_TOP_LEVEL = {"lenses", "datamodules", "basemodel", "training", "evaluation", "train", "evaluate", "cli_errors"}
+
+
+def test_every_module_imports_inside_the_one_package():
+    # The repository's own folders are also importable from the checkout under their bare names;
+    # a module importing one that way would load a second copy of it (two classes of one name).
+    for module in pkgutil.walk_packages(lenscope.__path__, "lenscope."):
+        if not module.name.endswith("__main__"):  # that one runs the command
+            importlib.import_module(module.name)
+    for name in ("lenscope.lenses", "lenscope.datamodules"):
+        package = importlib.import_module(name)
+        for module in pkgutil.walk_packages(package.__path__, name + "."):
+            importlib.import_module(module.name)
+    assert not OLD_TOP_LEVEL & {name.split(".")[0] for name in sys.modules}
+
+
+def test_the_command_dispatches_and_refuses_in_one_line(capsys):
+    cli.main(["--help"])
+    assert "lenscope train" in capsys.readouterr().out
+    for argv, expected in ((["frobnicate"], "has no command 'frobnicate'"),
+                           (["train"], "lenscope train needs a configuration")):
+        with pytest.raises(SystemExit) as stop:
+            cli.main(argv)
+        assert stop.value.code == 2
+        err = capsys.readouterr().err.strip()
+        assert expected in err and len(err.splitlines()) == 1
+
+
+def test_a_parse_error_names_the_command_as_typed(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["train", "--model.lr", "fast"])
+    assert "(see `lenscope train fit --help`)" in capsys.readouterr().err
+
+
+def _fresh_venv(where: Path) -> Path:
+    """A new virtual environment that sees this one's dependencies (torch, Lightning, ...) but not
+    its lenscope: a ``.pth`` line adds the dependencies' folder to ``sys.path`` without running the
+    ``.pth`` files in it (where the editable install hooks itself in)."""
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(where)], check=True)
+    python = where / "bin" / "python"
+    site = _site_packages(python)
+    ours = [p for p in sys.path if Path(p).name in ("site-packages", "dist-packages")]
+    (site / "_lenscope_test_deps.pth").write_text("\n".join(ours) + "\n")
+    return python
+
+
+def _site_packages(python: Path) -> Path:
+    return Path(subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                               check=True, capture_output=True, text=True).stdout.strip())
+
+
+def test_the_wheel_installs_one_package_and_trains_from_outside_the_checkout(tmp_path, tiny_model_dir, corpus):
+    # Build from a copy of the tracked files, so that the build leaves nothing in the checkout.
+    source = tmp_path / "source"
+    files = subprocess.run(["git", "ls-files"], cwd=ROOT, check=True, capture_output=True, text=True).stdout.split()
+    for name in files:
+        if (ROOT / name).is_file():
+            (source / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / name, source / name)
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "--no-index",
+                    "-w", str(tmp_path / "dist"), str(source)], check=True)
+    wheel, = (tmp_path / "dist").glob("lenscope-*.whl")
+
+    python = _fresh_venv(tmp_path / "venv")
+    site = _site_packages(python)
+    before = set(p.name for p in site.iterdir())
+    subprocess.run([sys.executable, "-m", "pip", "--python", str(python), "install", "-q", "--no-deps", "--no-index",
+                    str(wheel)], check=True)
+    added = set(p.name for p in site.iterdir()) - before
+    assert {name.split("-")[0] for name in added} == {"lenscope"} and len(added) == 2, added  # package + dist-info
+
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    lenscope_command = python.parent / "lenscope"
+    where = subprocess.run([str(python), "-c", "import lenscope.lenses.lens as m; print(m.__file__)"], cwd=outside,
+                           check=True, capture_output=True, text=True).stdout
+    assert Path(where).is_relative_to(site), where  # the installed copy, not the checkout
+
+    shown = subprocess.run([str(lenscope_command), "train", "--help"], cwd=outside, capture_output=True, text=True)
+    assert shown.returncode == 0 and "--model.lens_type" in shown.stdout, shown.stderr[-2000:]
+
+    config = outside / "fast.yaml"
+    shutil.copy(ROOT / "configs" / "debug" / "fast.yaml", config)
+    args = fit_args(outside / "run", tiny_model_dir, corpus, steps=2)
+    args[args.index("--config") + 1] = str(config)
+    trained = subprocess.run([str(lenscope_command), "train", *args[1:]], cwd=outside, capture_output=True, text=True)
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    assert (outside / "run" / "out" / "tuned" / "lens.safetensors").is_file()
+    assert (outside / "run" / "ckpt" / "last.ckpt").is_file()
