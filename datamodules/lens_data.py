@@ -43,7 +43,7 @@ from lenscope.datamodules.preprocessing import (
     trim_sample,
 )
 from lenscope.datamodules.sources import DataSourceError, DocumentSource
-from lenscope.lenses.errors import ConfigError
+from lenscope.errors import ConfigError
 
 log = logging.getLogger(__name__)
 

@@ -30,7 +30,7 @@ from torch.utils.data import DataLoader
 from lenscope.datamodules.lens_data import bind_from_trainer, in_share, seeded_shuffle
 from lenscope.datamodules.preprocessing import IGNORE, TrimSettings, keep_for_trimming
 from lenscope.datamodules.sources import DataSourceError, DocumentSource
-from lenscope.lenses.errors import ConfigError
+from lenscope.errors import ConfigError
 
 log = logging.getLogger(__name__)
 

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import zstandard
 
-from lenscope.lenses.errors import UserError
+from lenscope.errors import UserError
 
 log = logging.getLogger(__name__)
 

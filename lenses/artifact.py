@@ -19,8 +19,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from lenscope.lenses.errors import UserError
-from lenscope.lenses.files import atomic_dir
+from lenscope.errors import UserError
+from lenscope.files import atomic_dir
 from lenscope.lenses.learned_prompt import LearnedPromptLens  # noqa: F401 (registers its lens type)
 from lenscope.lenses.lens import LENS_TYPES, Lens
 

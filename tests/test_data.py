@@ -25,7 +25,7 @@ from lenscope.datamodules.preprocessing import (
     trim_sample,
 )
 from lenscope.datamodules.sources import DataSourceError, DocumentSource
-from lenscope.lenses.errors import ConfigError
+from lenscope.errors import ConfigError
 from tests.conftest import make_tokenizer, write_corpus
 
 pytestmark = pytest.mark.filterwarnings("ignore:'set_vital' is deprecated:UserWarning")

@@ -7,7 +7,7 @@ import stat
 
 import pytest
 
-from lenscope.lenses.files import atomic_dir, atomic_path, atomic_write
+from lenscope.files import atomic_dir, atomic_path, atomic_write
 
 
 @pytest.fixture

@@ -15,8 +15,8 @@ import pytest
 import torch
 
 from lenscope.cli import train
+from lenscope.files import dir_mode, file_mode
 from lenscope.lenses.artifact import load_lens
-from lenscope.lenses.files import dir_mode, file_mode
 from tests.conftest import SHARED_PILE, fit_args, write_corpus
 
 ROOT = Path(__file__).resolve().parents[1]

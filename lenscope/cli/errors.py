@@ -1,5 +1,5 @@
 """What the two command lines (``train.py``, ``evaluate.py``) share: one-line errors (see
-``lenscope.lenses.errors``), a LightningCLI whose parse errors are one line too, closing W&B runs."""
+``lenscope.errors``), a LightningCLI whose parse errors are one line too, closing W&B runs."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from lenscope.lenses.errors import ConfigError, UserError
+from lenscope.errors import ConfigError, UserError
 from lenscope.training.preflight import release_locks
 from lenscope.training.stops import StoppedBySignal, install_handlers
 

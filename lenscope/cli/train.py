@@ -28,7 +28,7 @@ from lenscope.cli.errors import (
     run_with_clean_errors,
 )
 from lenscope.datamodules.lens_data import LensDataModule
-from lenscope.lenses.errors import ConfigError
+from lenscope.errors import ConfigError
 from lenscope.training.callbacks import LensArtifactWriter, StepProgressBar
 from lenscope.training.checkpoint_io import AtomicCheckpointIO
 from lenscope.training.lens_module import LensTrainingModule

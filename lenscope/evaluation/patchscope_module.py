@@ -35,12 +35,12 @@ from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
 from tqdm.auto import tqdm
 
+from lenscope.errors import ConfigError
 from lenscope.evaluation.baselines import bigram_successors
 from lenscope.evaluation.metrics import PatchscopeMetrics
 from lenscope.evaluation.report import markdown_tables, write_report
 from lenscope.evaluation.token_identity import IDENTITY_PROMPT, TokenIdentityPatchscope
 from lenscope.lenses.artifact import load_lens
-from lenscope.lenses.errors import ConfigError
 from lenscope.lenses.learned_prompt import LearnedPromptLens
 from lenscope.lenses.least_squares import NormalEquations
 from lenscope.lenses.lens import AffineLens, Lens

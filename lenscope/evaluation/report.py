@@ -17,7 +17,7 @@ import matplotlib
 matplotlib.use("Agg")  # files only, no display needed
 import matplotlib.pyplot as plt  # noqa: E402
 
-from lenscope.lenses.files import atomic_write  # noqa: E402
+from lenscope.files import atomic_write  # noqa: E402
 
 DESCRIPTIONS = {
     "precision@1": "precision@1: argmax agrees with the model's own next token",

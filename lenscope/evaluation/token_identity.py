@@ -18,7 +18,7 @@ import copy
 
 import torch
 
-from lenscope.lenses.errors import ConfigError
+from lenscope.errors import ConfigError
 from lenscope.model.patching import PatchingEngine
 
 IDENTITY_PROMPT = "cat -> cat\n1135 -> 1135\nhello -> hello\n?"

@@ -34,7 +34,7 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 
-from lenscope.lenses.errors import UserError
+from lenscope.errors import UserError
 
 
 class AdapterError(UserError):

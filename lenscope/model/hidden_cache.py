@@ -28,8 +28,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from lenscope.lenses.errors import ConfigError, UserError
-from lenscope.lenses.files import atomic_path, atomic_write
+from lenscope.errors import ConfigError, UserError
+from lenscope.files import atomic_path, atomic_write
 
 log = logging.getLogger(__name__)
 

@@ -29,8 +29,8 @@ from transformers import (
 )
 from transformers.utils import logging as hf_logging
 
-from lenscope.lenses.errors import UserError
-from lenscope.lenses.files import atomic_dir
+from lenscope.errors import UserError
+from lenscope.files import atomic_dir
 
 log = logging.getLogger(__name__)
 

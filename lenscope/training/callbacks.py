@@ -11,8 +11,8 @@ from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_only
 
+from lenscope.files import atomic_write
 from lenscope.lenses.artifact import save_lens
-from lenscope.lenses.files import atomic_write
 
 
 def layer_name(index: int) -> str:

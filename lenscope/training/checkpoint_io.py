@@ -2,7 +2,7 @@
 
 Lightning's own writer goes through a temporary file in the system temp folder and then *moves*
 it, which is a copy (not atomic) when that folder is on another filesystem, and does not fsync.
-Here the checkpoint goes through ``lenscope.lenses.files.atomic_path``: a temporary file next to its target,
+Here the checkpoint goes through ``lenscope.files.atomic_path``: a temporary file next to its target,
 flushed to disk, then one ``os.replace``, so readers see the old checkpoint or the new one, never
 half of one. A failed write (full disk, say) removes the temporary file and stops the run with a
 one-line message; the previous checkpoint stays intact.
@@ -19,8 +19,8 @@ from typing import Any
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
-from lenscope.lenses.errors import UserError
-from lenscope.lenses.files import atomic_path
+from lenscope.errors import UserError
+from lenscope.files import atomic_path
 
 HOLD_ENV = "LENSCOPE_TEST_HOLD_CHECKPOINT_AT_STEP"
 """Test hook: when the checkpoint of this step has been written to its temporary file, but before

@@ -21,9 +21,9 @@ from lightning.pytorch.strategies import FSDPStrategy
 from lightning.pytorch.utilities import rank_zero_info
 
 from lenscope.datamodules.sources import DataSourceError
+from lenscope.errors import ConfigError, UserError
 from lenscope.evaluation.token_identity import IDENTITY_PROMPT
 from lenscope.lenses.artifact import load_lens
-from lenscope.lenses.errors import ConfigError, UserError
 from lenscope.lenses.learned_prompt import LearnedPromptLens
 from lenscope.lenses.least_squares import NormalEquations
 from lenscope.lenses.lens import AffineLens, Lens, LogitLens, TunedLens

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from lightning.fabric.utilities.rank_zero import rank_zero_only
 
-from lenscope.lenses.errors import ConfigError, UserError
+from lenscope.errors import ConfigError, UserError
 
 LOCK_NAME = ".lenscope.lock"
 
