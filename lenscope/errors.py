@@ -5,6 +5,10 @@ line prints such errors as one line naming the problem and the fix (exit status 
 a bug and keeps its traceback.
 """
 
+from __future__ import annotations
+
+import math
+
 
 class UserError(Exception):
     """Bad input or a bad setting; the message names the problem and the fix in one line."""
@@ -12,3 +16,15 @@ class UserError(Exception):
 
 class ConfigError(UserError, ValueError):
     """A setting is invalid; the message names the flag to change."""
+
+
+def check_finite(flag: str, value: float, low: float = 0.0, below: float | None = None, low_open: bool = False) -> None:
+    """``value`` is a finite number ≥ ``low`` (> ``low`` when ``low_open``) and < ``below``."""
+    ok = isinstance(value, (int, float)) and math.isfinite(value) and (value > low if low_open else value >= low)
+    if ok and below is not None:
+        ok = value < below
+    if not ok:
+        bound = f"> {low:g}" if low_open else f">= {low:g}"
+        if below is not None:
+            bound += f" and < {below:g}"
+        raise ConfigError(f"{flag} must be a finite number {bound}, got {value}")

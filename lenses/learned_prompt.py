@@ -18,6 +18,10 @@ from torch import nn
 
 from lenscope.lenses.lens import LENS_TYPES, Lens
 
+IDENTITY_PROMPT = "cat -> cat\n1135 -> 1135\nhello -> hello\n?"
+"""The few-shot identity prompt of Patchscopes: the token-identity patchscope's target prompt, and
+where a learned prompt starts."""
+
 
 class LearnedPromptLens(Lens):
     lens_type = "learned_prompt"

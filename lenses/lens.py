@@ -16,6 +16,11 @@ import torch
 from torch import nn
 
 
+def lens_key(lens_type: str, offset: int) -> str:
+    """Name of a lens within a run: its type, with ``+k`` for a future lens of offset k ≥ 1."""
+    return lens_type if offset == 0 else f"{lens_type}+{offset}"
+
+
 class Lens(nn.Module):
     """Base class: ``forward(h)`` maps residuals of the lensed layers to decodable residuals."""
 

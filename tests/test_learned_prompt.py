@@ -9,9 +9,8 @@ import torch
 
 from lenscope.cli import evaluate, train
 from lenscope.datamodules.preprocessing import collate
-from lenscope.evaluation.token_identity import IDENTITY_PROMPT
 from lenscope.lenses.artifact import load_lens
-from lenscope.lenses.learned_prompt import LearnedPromptLens
+from lenscope.lenses.learned_prompt import IDENTITY_PROMPT, LearnedPromptLens
 from lenscope.model.patching import PatchingEngine
 from lenscope.training.lens_module import LensTrainingModule
 from tests.conftest import fit_args

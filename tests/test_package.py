@@ -106,3 +106,25 @@ def test_the_wheel_installs_one_package_and_trains_from_outside_the_checkout(tmp
     assert trained.returncode == 0, trained.stderr[-3000:]
     assert (outside / "run" / "out" / "tuned" / "lens.safetensors").is_file()
     assert (outside / "run" / "ckpt" / "last.ckpt").is_file()
+
+
+# Each part may import only from the parts below it (and from itself): data flows one way.
+LAYERS = [{"errors", "files", "loggers"}, {"model"}, {"lenses", "datamodules"}, {"training", "evaluation"}, {"cli"}]
+
+
+def test_imports_only_run_downwards():
+    import ast
+
+    level = {part: i for i, parts in enumerate(LAYERS) for part in parts}
+    sources = {"lenses": ROOT / "lenses", "datamodules": ROOT / "datamodules"}
+    sources.update({part: ROOT / "lenscope" / part for part in ("model", "training", "evaluation", "cli")})
+    sources.update({part: ROOT / "lenscope" / f"{part}.py" for part in ("errors", "files", "loggers")})
+    upward = []
+    for part, where in sources.items():
+        for path in ([where] if where.is_file() else sorted(where.glob("*.py"))):
+            for node in ast.walk(ast.parse(path.read_text())):
+                if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("lenscope."):
+                    other = node.module.split(".")[1]
+                    if other != part and level[other] >= level[part]:
+                        upward.append(f"{path.relative_to(ROOT)} imports {node.module}")
+    assert not upward, upward

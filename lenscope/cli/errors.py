@@ -1,5 +1,5 @@
 """What the two command lines (``train.py``, ``evaluate.py``) share: one-line errors (see
-``lenscope.errors``), a LightningCLI whose parse errors are one line too, closing W&B runs."""
+``lenscope.errors``) and a LightningCLI whose parse errors are one line too."""
 
 from __future__ import annotations
 
@@ -14,10 +14,10 @@ from pathlib import Path
 
 from jsonargparse import ArgumentError
 from lightning.pytorch.cli import LightningCLI
-from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from lenscope.errors import ConfigError, UserError
+from lenscope.loggers import drop_unset_wandb_anonymous
 from lenscope.training.preflight import release_locks
 from lenscope.training.stops import StoppedBySignal, install_handlers
 
@@ -175,26 +175,3 @@ class LenscopeCLI(LightningCLI):
             raise ConfigError(f"{message} (see `{command} --help`)") from None
 
 
-def logger_save_dirs(config) -> list[Path]:
-    """Each ``--trainer.logger``'s ``save_dir`` (the trainer takes one logger or a list of them)."""
-    loggers = config.trainer.get("logger")
-    loggers = loggers if isinstance(loggers, list) else [loggers]
-    return [Path(lg.init_args.save_dir) for lg in loggers
-            if lg and not isinstance(lg, bool) and lg.get("init_args") and lg.init_args.get("save_dir")]
-
-
-def drop_unset_wandb_anonymous(trainer) -> None:
-    """Lightning's WandbLogger (2.6) always hands ``anonymous=None`` to ``wandb.init``, and W&B 0.31
-    warns that the setting is deprecated whenever it is passed at all: leave it out when unset."""
-    for logger in trainer.loggers:
-        init = getattr(logger, "_wandb_init", None) if isinstance(logger, WandbLogger) else None
-        if isinstance(init, dict) and init.get("anonymous", "set") is None:
-            del init["anonymous"]
-
-
-def finish_loggers(cli: LightningCLI) -> None:
-    """Close W&B runs now, when ``main`` returns, not at interpreter exit. What a run logged is
-    also in the run's own results.json, which is the record lenscope reads back."""
-    for logger in cli.trainer.loggers:
-        if isinstance(logger, WandbLogger) and logger._experiment is not None:
-            logger.experiment.finish()

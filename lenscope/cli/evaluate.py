@@ -16,12 +16,11 @@ from pathlib import Path
 
 from lenscope.cli.errors import (
     LenscopeCLI,
-    finish_loggers,
-    logger_save_dirs,
     run_with_clean_errors,
 )
 from lenscope.datamodules.patchscope_data import PatchscopeDataModule
 from lenscope.evaluation.patchscope_module import PatchscopeEvaluation
+from lenscope.loggers import finish_loggers, logger_save_dirs
 from lenscope.training.preflight import check_not_replacing, claim_outputs
 
 

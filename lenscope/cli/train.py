@@ -22,13 +22,12 @@ from lightning.fabric.plugins.io.checkpoint_io import CheckpointIO
 
 from lenscope.cli.errors import (
     LenscopeCLI,
-    finish_loggers,
-    logger_save_dirs,
     plain,
     run_with_clean_errors,
 )
 from lenscope.datamodules.lens_data import LensDataModule
 from lenscope.errors import ConfigError
+from lenscope.loggers import finish_loggers, logger_save_dirs
 from lenscope.training.callbacks import LensArtifactWriter, StepProgressBar
 from lenscope.training.checkpoint_io import AtomicCheckpointIO
 from lenscope.training.lens_module import LensTrainingModule

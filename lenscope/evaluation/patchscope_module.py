@@ -35,15 +35,16 @@ from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
 from tqdm.auto import tqdm
 
-from lenscope.errors import ConfigError
+from lenscope.errors import ConfigError, check_finite
 from lenscope.evaluation.baselines import bigram_successors
 from lenscope.evaluation.metrics import PatchscopeMetrics
 from lenscope.evaluation.report import markdown_tables, write_report
-from lenscope.evaluation.token_identity import IDENTITY_PROMPT, TokenIdentityPatchscope
+from lenscope.evaluation.token_identity import TokenIdentityPatchscope
 from lenscope.lenses.artifact import load_lens
-from lenscope.lenses.learned_prompt import LearnedPromptLens
+from lenscope.lenses.learned_prompt import IDENTITY_PROMPT, LearnedPromptLens
 from lenscope.lenses.least_squares import NormalEquations
-from lenscope.lenses.lens import AffineLens, Lens
+from lenscope.lenses.lens import AffineLens, Lens, lens_key
+from lenscope.loggers import wandb_locations
 from lenscope.model.adapter import ArchitectureAdapter
 from lenscope.model.loading import (
     EMBEDDED_MODEL,
@@ -53,9 +54,6 @@ from lenscope.model.loading import (
 )
 from lenscope.model.patching import PatchingEngine
 from lenscope.model.residuals import ResidualReader
-from lenscope.training.callbacks import wandb_locations
-from lenscope.training.lens_module import lens_key
-from lenscope.training.preflight import check_finite
 
 log = logging.getLogger(__name__)
 

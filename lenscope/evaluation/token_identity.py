@@ -19,9 +19,8 @@ import copy
 import torch
 
 from lenscope.errors import ConfigError
+from lenscope.lenses.learned_prompt import IDENTITY_PROMPT
 from lenscope.model.patching import PatchingEngine
-
-IDENTITY_PROMPT = "cat -> cat\n1135 -> 1135\nhello -> hello\n?"
 
 
 class TokenIdentityPatchscope:

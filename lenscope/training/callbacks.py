@@ -13,6 +13,7 @@ from lightning.pytorch.utilities import rank_zero_only
 
 from lenscope.files import atomic_write
 from lenscope.lenses.artifact import save_lens
+from lenscope.loggers import wandb_locations
 
 
 def layer_name(index: int) -> str:
@@ -100,20 +101,6 @@ def where_files_went(trainer: L.Trainer, lenses: list[Path], results: Path) -> s
             lines.append(f"Checkpoint:      {callback.last_model_path}  (continue with --ckpt_path last)")
     lines += wandb_locations(trainer)
     return "\n".join(lines)
-
-
-def wandb_locations(trainer: L.Trainer) -> list[str]:
-    """Where each W&B run of the trainer went: a folder to sync (offline) or its page."""
-    lines = []
-    for logger in trainer.loggers:
-        if isinstance(logger, WandbLogger):
-            run = logger.experiment
-            where = Path(run.dir).parent if getattr(run, "dir", None) else None
-            if where is not None and getattr(run, "offline", False):
-                lines.append(f"W&B run:         {where}  (offline; upload with `wandb sync {where}`)")
-            elif getattr(run, "url", None):
-                lines.append(f"W&B run:         {run.url}")
-    return lines
 
 
 class StepProgressBar(TQDMProgressBar):

@@ -21,12 +21,11 @@ from lightning.pytorch.strategies import FSDPStrategy
 from lightning.pytorch.utilities import rank_zero_info
 
 from lenscope.datamodules.sources import DataSourceError
-from lenscope.errors import ConfigError, UserError
-from lenscope.evaluation.token_identity import IDENTITY_PROMPT
+from lenscope.errors import ConfigError, UserError, check_finite
 from lenscope.lenses.artifact import load_lens
-from lenscope.lenses.learned_prompt import LearnedPromptLens
+from lenscope.lenses.learned_prompt import IDENTITY_PROMPT, LearnedPromptLens
 from lenscope.lenses.least_squares import NormalEquations
-from lenscope.lenses.lens import AffineLens, Lens, LogitLens, TunedLens
+from lenscope.lenses.lens import AffineLens, Lens, LogitLens, TunedLens, lens_key
 from lenscope.lenses.unembed import Unembed, lens_kl, lens_metrics, logit_metrics
 from lenscope.model.adapter import ArchitectureAdapter
 from lenscope.model.hidden_cache import HiddenStateCache, batch_key
@@ -44,17 +43,11 @@ from lenscope.model.residuals import ResidualReader
 from lenscope.training.fsdp import FSDP_PREFIX
 from lenscope.training.fsdp import tag as fsdp_tag
 from lenscope.training.metrics import PerLayerLensMetrics
-from lenscope.training.preflight import check_finite
 
 log = logging.getLogger(__name__)
 
 
 TRAINABLE = ("tuned", "affine", "learned_prompt")
-
-
-def lens_key(lens_type: str, offset: int) -> str:
-    """Name of a lens within a run: its type, with ``+k`` for a future lens of offset k ≥ 1."""
-    return lens_type if offset == 0 else f"{lens_type}+{offset}"
 
 
 def _frozen_model_is_not_checkpointed(module, incompatible_keys) -> None:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
-import math
 import os
 import tempfile
 from pathlib import Path
@@ -236,13 +235,3 @@ def check_schedule(trainer: dict) -> None:
                           f"the final lens; make them multiples")
 
 
-def check_finite(flag: str, value: float, low: float = 0.0, below: float | None = None, low_open: bool = False) -> None:
-    """``value`` is a finite number ≥ ``low`` (> ``low`` when ``low_open``) and < ``below``."""
-    ok = isinstance(value, (int, float)) and math.isfinite(value) and (value > low if low_open else value >= low)
-    if ok and below is not None:
-        ok = value < below
-    if not ok:
-        bound = f"> {low:g}" if low_open else f">= {low:g}"
-        if below is not None:
-            bound += f" and < {below:g}"
-        raise ConfigError(f"{flag} must be a finite number {bound}, got {value}")
