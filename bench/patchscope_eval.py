@@ -30,9 +30,8 @@ import torch
 
 from lenscope.datamodules.patchscope_data import PatchscopeDataModule, collate_patchscope
 from lenscope.evaluation.token_identity import TokenIdentityPatchscope
-from lenscope.model.adapter import ArchitectureAdapter
-from lenscope.model.loading import EMBEDDED_MODEL, load_base_model
-from lenscope.model.patching import PatchingEngine
+from lenscope.model.frozen import FrozenModel
+from lenscope.model.loading import EMBEDDED_MODEL
 from lenscope.model.residuals import ResidualReader
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -62,21 +61,19 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     torch.set_grad_enabled(False)
 
-    loaded = load_base_model(args.model, None, "float32")
-    adapter = ArchitectureAdapter.discover(loaded.model)
-    reader = ResidualReader(loaded.model, loaded.tokenizer, adapter)
-    engine = PatchingEngine(reader)
+    model = FrozenModel.load(args.model)
+    adapter, reader, engine = model.adapter, model.reader, model.engine
     data = PatchscopeDataModule(source=args.source, n_fit=1, n_eval=args.docs)
-    data.bind(loaded.tokenizer, None)
+    data.bind(model.tokenizer, None)
     data.setup()
     layers = list(range(adapter.num_layers))
     states = source_states(reader, data, layers)
     m = states.shape[1]
     pairs = len(layers) * m
 
-    prefix = TokenIdentityPatchscope(engine, loaded.tokenizer, rows_per_pass=args.rows_per_pass)
-    full = TokenIdentityPatchscope(engine, loaded.tokenizer, rows_per_pass=args.rows_per_pass, reuse_prefix=False)
-    loop = TokenIdentityPatchscope(engine, loaded.tokenizer, rows_per_pass=1, reuse_prefix=False)
+    prefix = TokenIdentityPatchscope(engine, model.tokenizer, rows_per_pass=args.rows_per_pass)
+    full = TokenIdentityPatchscope(engine, model.tokenizer, rows_per_pass=args.rows_per_pass, reuse_prefix=False)
+    loop = TokenIdentityPatchscope(engine, model.tokenizer, rows_per_pass=1, reuse_prefix=False)
     prefix.logits(states[:1, :1], layers[:1])  # warm-up (first-call allocations, prefix cache)
 
     results = {}

@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from safetensors import SafetensorError
@@ -23,6 +24,9 @@ from lenscope.errors import UserError
 from lenscope.files import atomic_dir
 from lenscope.lenses.learned_prompt import LearnedPromptLens  # noqa: F401 (registers its lens type)
 from lenscope.lenses.lens import LENS_TYPES, Lens
+
+if TYPE_CHECKING:
+    from lenscope.model.frozen import FrozenModel
 
 WEIGHTS = "lens.safetensors"
 CONFIG = "config.json"
@@ -123,14 +127,17 @@ def _check_config(path: Path, config: dict) -> None:
         raise damaged(f"'files' must map {WEIGHTS} to its bytes and sha256")
 
 
-def load_lens(path: str | Path, *, unembed_hash: str | None = None, num_hidden_layers: int | None = None,
-              map_location: str | torch.device = "cpu") -> Lens:
-    """Load a lens artifact in one call.
+def load_lens(path: str | Path, model: FrozenModel | None = None, *, unembed_hash: str | None = None,
+              num_hidden_layers: int | None = None, map_location: str | torch.device = "cpu") -> Lens:
+    """Load a lens artifact in one call: ``load_lens("artifacts/quickstart/tuned", model)``.
 
-    With ``unembed_hash`` / ``num_hidden_layers`` of the model at hand, a lens made for another
-    model is refused with a message that says which. A damaged artifact (config of the wrong shape,
-    weights that do not match their manifest or their config, NaN or inf weights) is refused too.
+    Given the model it will be used with (or that model's ``unembed_hash`` / ``num_hidden_layers``),
+    a lens made for another model is refused with a message that says which, and the lens is put on
+    the model's device. A damaged artifact (config of the wrong shape, weights that do not match
+    their manifest or their config, NaN or inf weights) is refused too.
     """
+    if model is not None:
+        unembed_hash, num_hidden_layers, map_location = model.unembed_hash, model.num_layers, model.device
     path = Path(path)
     config = read_config(path)
     _check_config(path, config)

@@ -284,9 +284,9 @@ def test_final_norm_that_cannot_be_found(tmp_path, tiny_model_dir, corpus, monke
     """A model that applies its final norm as a plain function, not as a module: nothing runs between
     the last block and the head, so the adapter cannot find the norm. Runs in-process, because the
     model's structure is changed after loading."""
-    import lenscope.training.lens_module as lens_module
+    import lenscope.model.frozen as frozen
 
-    real_load = lens_module.load_base_model
+    real_load = frozen.load_base_model
 
     def load_with_functional_norm(*args, **kwargs):
         loaded = real_load(*args, **kwargs)
@@ -295,7 +295,7 @@ def test_final_norm_that_cannot_be_found(tmp_path, tiny_model_dir, corpus, monke
         inner.__dict__["norm"] = norm.forward  # still applied, but no module call the hooks can see
         return loaded
 
-    monkeypatch.setattr(lens_module, "load_base_model", load_with_functional_norm)
+    monkeypatch.setattr(frozen, "load_base_model", load_with_functional_norm)
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(sys, "argv", [str(TRAIN)])  # as if run from the command line
     with pytest.raises(SystemExit) as exit_:

@@ -45,15 +45,11 @@ from lenscope.lenses.learned_prompt import IDENTITY_PROMPT, LearnedPromptLens
 from lenscope.lenses.least_squares import NormalEquations
 from lenscope.lenses.lens import AffineLens, Lens, lens_key
 from lenscope.loggers import wandb_locations
-from lenscope.model.adapter import ArchitectureAdapter
+from lenscope.model.frozen import FrozenModel
 from lenscope.model.loading import (
     EMBEDDED_MODEL,
     context_length,
-    load_base_model,
-    tensor_fingerprint,
 )
-from lenscope.model.patching import PatchingEngine
-from lenscope.model.residuals import ResidualReader
 
 log = logging.getLogger(__name__)
 
@@ -101,15 +97,15 @@ class PatchscopeEvaluation(L.LightningModule):
         if rows_per_pass < 1:
             raise ConfigError(f"--model.rows_per_pass must be at least 1, got {rows_per_pass}")
         check_finite("--model.ridge", ridge)
-        loaded = load_base_model(name, revision, dtype)
-        self.base = loaded.model.eval()
-        self.tokenizer = loaded.tokenizer
-        self.base_revision = loaded.revision
-        self.adapter = ArchitectureAdapter.discover(self.base)
-        self.reader = ResidualReader(self.base, self.tokenizer, self.adapter)
-        self.engine = PatchingEngine(self.reader)
-        self.unembed_hash = tensor_fingerprint(self.adapter.unembedding_weight)
-        self.layers = list(range(self.adapter.num_layers))  # residual indices 0..L-1, as the lenses
+        self.frozen = FrozenModel.load(name, revision, dtype)
+        self.base = self.frozen.hf  # registered as a submodule: Lightning places it on the device
+        self.tokenizer = self.frozen.tokenizer
+        self.base_revision = self.frozen.revision
+        self.adapter = self.frozen.adapter
+        self.reader = self.frozen.reader
+        self.engine = self.frozen.engine
+        self.unembed_hash = self.frozen.unembed_hash
+        self.layers = self.frozen.layers  # residual indices 0..L-1, as the lenses
 
         # Lens artifacts, named by type and offset ("tuned", "tuned+2"); a name taken by a built-in
         # method or another artifact gets the artifact's folder name appended.

@@ -27,19 +27,15 @@ from lenscope.lenses.learned_prompt import IDENTITY_PROMPT, LearnedPromptLens
 from lenscope.lenses.least_squares import NormalEquations
 from lenscope.lenses.lens import AffineLens, Lens, LogitLens, TunedLens, lens_key
 from lenscope.lenses.unembed import Unembed, lens_kl, lens_metrics, logit_metrics
-from lenscope.model.adapter import ArchitectureAdapter
+from lenscope.model.frozen import FrozenModel
 from lenscope.model.hidden_cache import HiddenStateCache, batch_key
 from lenscope.model.loading import (
     EMBEDDED_MODEL,
     cache_root,
     compute_dtype,
     context_length,
-    load_base_model,
     resolve_dtype,
-    tensor_fingerprint,
 )
-from lenscope.model.patching import PatchingEngine
-from lenscope.model.residuals import ResidualReader
 from lenscope.training.fsdp import FSDP_PREFIX
 from lenscope.training.fsdp import tag as fsdp_tag
 from lenscope.training.metrics import PerLayerLensMetrics
@@ -161,19 +157,19 @@ class LensTrainingModule(L.LightningModule):
         for flag, value in (("lens_dtype", lens_dtype), ("eval_dtype", eval_dtype), ("cache_dtype", cache_dtype)):
             if value is not None and not (value == "auto" and flag != "cache_dtype"):
                 resolve_dtype(value, f"--model.{flag}")
-        loaded = load_base_model(name, revision, dtype)
-        self.base = loaded.model
-        self.tokenizer = loaded.tokenizer
-        self.base_revision = loaded.revision
-        self.adapter = ArchitectureAdapter.discover(self.base)
-        self.reader = ResidualReader(self.base, self.tokenizer, self.adapter)
+        self.frozen = FrozenModel.load(name, revision, dtype)
+        self.base = self.frozen.hf  # registered as a submodule: Lightning places it, FSDP shards its blocks
+        self.tokenizer = self.frozen.tokenizer
+        self.base_revision = self.frozen.revision
+        self.adapter = self.frozen.adapter
+        self.reader = self.frozen.reader
         self.unembed = Unembed(self.adapter)
-        self.unembed_hash = tensor_fingerprint(self.adapter.unembedding_weight)
+        self.unembed_hash = self.frozen.unembed_hash
         layers = list(range(self.adapter.num_layers))  # embeddings + blocks 0..L-2 (see lenscope.lenses.lens)
         d_model = self.adapter.d_model
         self.offsets = offsets
         # One lens per offset, keyed "tuned", "tuned+1", ... (see lens_key).
-        self.engine = PatchingEngine(self.reader)
+        self.engine = self.frozen.engine
         if lens_type == "learned_prompt":
             self.lenses = torch.nn.ModuleDict(
                 {lens_key(lens_type, k): LearnedPromptLens(layers, d_model, offset=k, prompt_length=prompt_length)

@@ -1,0 +1,108 @@
+"""The frozen base model, as every part of lenscope sees it: one object that loads the model and
+answers what lenses need from it.
+
+    model = FrozenModel.load("embedded:smollm2-135m")      # lenscope.load_model(...)
+    h = model.residuals(model.tokenize("The capital of France is"))   # (L+1, 1, T, d_model)
+    logits = model.decode(h[-1])                             # the model's own decoding of a state
+
+Training, evaluation and the benchmarks all build their model this way, so the architecture
+adapter, the nnsight reader, the patching engine and the unembedding fingerprint are made once,
+the same way, for every use.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from lenscope.model.adapter import ArchitectureAdapter
+from lenscope.model.loading import (
+    EMBEDDED_MODEL,
+    LoadedModel,
+    context_length,
+    load_base_model,
+    tensor_fingerprint,
+)
+from lenscope.model.patching import PatchingEngine
+from lenscope.model.residuals import ResidualReader
+
+
+class FrozenModel:
+    """A causal LM with frozen weights in eval mode, and what lenses read from and decode with.
+
+    Residual indices: 0 is the embeddings (the input to block 0), i + 1 the output of block i; lenses
+    cover ``0 .. num_layers - 1`` (the last block's output is the model's own).
+    """
+
+    def __init__(self, loaded: LoadedModel):
+        self.hf: PreTrainedModel = loaded.model
+        """The Hugging Face model itself."""
+        self.tokenizer: PreTrainedTokenizerBase = loaded.tokenizer
+        self.name = loaded.name
+        """What was asked for: a hub id, a folder, or ``embedded:smollm2-135m``."""
+        self.revision = loaded.revision
+        """Hub commit, the embedded model's package version, or ``local``."""
+        self.adapter = ArchitectureAdapter.discover(self.hf)
+        self.reader = ResidualReader(self.hf, self.tokenizer, self.adapter)
+        self.engine = PatchingEngine(self.reader)
+        self.unembed_hash = tensor_fingerprint(self.adapter.unembedding_weight)
+        """Fingerprint of the unembedding: a lens records it and is refused by another model."""
+
+    @classmethod
+    def load(cls, name: str = EMBEDDED_MODEL, revision: str | None = None, dtype: str | torch.dtype = "float32") -> FrozenModel:
+        """Load a causal LM by hub id (``EleutherAI/pythia-160m``), folder, or ``embedded:smollm2-135m``;
+        anything lenscope cannot decode exactly is refused in one line (``ModelLoadError``, ``AdapterError``)."""
+        return cls(load_base_model(name, revision, dtype))
+
+    @property
+    def num_layers(self) -> int:
+        """Number of lensed residuals (= decoder blocks): indices ``0 .. num_layers - 1``."""
+        return self.adapter.num_layers
+
+    @property
+    def layers(self) -> list[int]:
+        """The residual indices a lens covers."""
+        return list(range(self.num_layers))
+
+    @property
+    def d_model(self) -> int:
+        return self.adapter.d_model
+
+    @property
+    def vocab_size(self) -> int:
+        return self.adapter.vocab_size
+
+    @property
+    def context_length(self) -> int | None:
+        """The longest input the model takes (None when its config does not say)."""
+        return context_length(self.hf)
+
+    @property
+    def device(self) -> torch.device:
+        return self.adapter.unembedding_weight.device
+
+    def tokenize(self, text: str) -> torch.Tensor:
+        """``text`` → input ids of shape (1, T) on the model's device."""
+        return self.tokenizer(text, return_tensors="pt").input_ids.to(self.device)
+
+    def residuals(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """The residual stream at every block boundary: (num_layers + 1, batch, seq, d_model)."""
+        return self.reader.read(input_ids, attention_mask)
+
+    def decode(self, h: torch.Tensor) -> torch.Tensor:
+        """(..., d_model) → (..., vocab) logits, exactly as the model decodes its last residual
+        (final norm, unembedding, and any soft-cap or scale the family applies)."""
+        return self.adapter.decode(h)
+
+    def log_probs(self, h: torch.Tensor) -> torch.Tensor:
+        """(..., d_model) → (..., vocab) fp32 log-probabilities of :meth:`decode`."""
+        return torch.log_softmax(self.decode(h).float(), dim=-1)
+
+    def patch(self, *args, **kwargs) -> torch.Tensor:
+        """Patched next-token logits: states written at (layer, position) of target prompts, many
+        per forward pass (see :meth:`lenscope.model.patching.PatchingEngine.run`)."""
+        return self.engine.run(*args, **kwargs)
+
+    def __repr__(self) -> str:
+        return (f"FrozenModel({self.name!r}, revision={self.revision!r}, layers={self.num_layers}, "
+                f"d_model={self.d_model}, vocab={self.vocab_size})")
