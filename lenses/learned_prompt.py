@@ -13,10 +13,15 @@ example) pair of a batch. Unlike the affine lenses it needs the model to decode,
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import nn
 
 from lenscope.lenses.lens import LENS_TYPES, Lens
+
+if TYPE_CHECKING:
+    from lenscope.model.frozen import FrozenModel
 
 IDENTITY_PROMPT = "cat -> cat\n1135 -> 1135\nhello -> hello\n?"
 """The few-shot identity prompt of Patchscopes: the token-identity patchscope's target prompt, and
@@ -45,15 +50,19 @@ class LearnedPromptLens(Lens):
         self.prompt.copy_(embedding(ids).to(self.prompt).expand_as(self.prompt))
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        raise TypeError("a learned-prompt lens decodes through the model: call lens.logits(engine, h)")
+        raise TypeError("a learned-prompt lens decodes through the model: call lens.logits(model, h)")
 
-    def logits(self, engine, h: torch.Tensor, rows_per_pass: int = 4096) -> torch.Tensor:
-        """h: (num_layers, N, d) source states at this lens's layers → (num_layers, N, V) logits at
-        the prompt's last position; differentiable with respect to the prompt."""
+    def logits(self, model: FrozenModel, h: torch.Tensor, rows_per_pass: int = 4096) -> torch.Tensor:
+        """h: (num_layers, ..., d) source states at this lens's layers → (num_layers, ..., V) logits
+        at the prompt's last position, each state patched into the model running on the prompt;
+        differentiable with respect to the prompt."""
+        shape = h.shape
+        h = h.reshape(shape[0], -1, shape[-1])
         num_layers, n, d = h.shape
         device = h.device
+        engine = model.engine
         if n == 0:  # no read position in the batch has its target k tokens ahead read too
-            return torch.zeros(num_layers, 0, engine.adapter.vocab_size, device=device)
+            return torch.zeros(*shape[:-1], engine.adapter.vocab_size, device=device)
         layer_index = torch.arange(num_layers, device=device).repeat_interleave(n)
         residual_index = torch.tensor(self.layers, device=device)[layer_index]
         flat = h.reshape(num_layers * n, d)
@@ -65,7 +74,7 @@ class LearnedPromptLens(Lens):
             at = torch.full((count,), last, device=device)
             embeds = self.prompt[layer_index[rows]].to(engine.adapter.unembedding_weight.dtype)
             out.append(engine.run(None, None, residual_index[rows], at, flat[rows], at, inputs_embeds=embeds).float())
-        return torch.cat(out).view(num_layers, n, -1)
+        return torch.cat(out).view(*shape[:-1], -1)
 
 
 LENS_TYPES[LearnedPromptLens.lens_type] = LearnedPromptLens

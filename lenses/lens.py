@@ -12,8 +12,13 @@ block's output is the model's own output and needs no translator.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from lenscope.model.frozen import FrozenModel
 
 
 def lens_key(lens_type: str, offset: int) -> str:
@@ -22,9 +27,12 @@ def lens_key(lens_type: str, offset: int) -> str:
 
 
 class Lens(nn.Module):
-    """Base class: ``forward(h)`` maps residuals of the lensed layers to decodable residuals."""
+    """Base class: ``logits(model, h)`` decodes the residuals of the lensed layers, whatever the
+    kind of lens; for the affine kinds ``forward(h)`` maps them to decodable residuals first."""
 
     lens_type: str = "abstract"
+    offset: int = 0
+    """How many tokens ahead the lens predicts: 0 for the next token, k for the token k + 1 ahead."""
 
     def __init__(self, layers: list[int], d_model: int):
         super().__init__()
@@ -34,6 +42,16 @@ class Lens(nn.Module):
     @property
     def num_layers(self) -> int:
         return len(self.layers)
+
+    @property
+    def key(self) -> str:
+        """The lens's name within a run or a results table: ``tuned``, ``tuned+2``, ..."""
+        return lens_key(self.lens_type, self.offset)
+
+    def logits(self, model: FrozenModel, h: torch.Tensor) -> torch.Tensor:
+        """h: (num_layers, ..., d_model), the residuals at ``self.layers`` → (num_layers, ..., vocab)
+        logits, decoded by ``model`` exactly as it decodes its own last residual."""
+        return model.decode(self(h))
 
     def extra_config(self) -> dict:
         """Lens-specific settings stored in the artifact's ``config.json``."""

@@ -48,3 +48,24 @@ def test_load_lens_takes_the_model_and_refuses_another(model, tmp_path):
     save_lens(lens, tmp_path / "theirs", unembed_hash="0" * 16, **kwargs)
     with pytest.raises(LensArtifactError, match="use a lens trained on this model"):
         lenscope.load_lens(tmp_path / "theirs", model)
+
+
+def test_every_kind_of_lens_decodes_itself(model):
+    from lenscope.lenses.learned_prompt import LearnedPromptLens
+    from lenscope.lenses.lens import AffineLens, LogitLens
+
+    ids = model.tokenizer("w1 w2 w3 w4 w5", return_tensors="pt").input_ids
+    h = model.residuals(ids)[model.layers]  # (L, 1, T, d), as a notebook has it
+    torch.manual_seed(0)
+    tuned = TunedLens(model.layers, model.d_model, offset=2)
+    torch.nn.init.normal_(tuned.weight, std=0.05)
+    prompt = LearnedPromptLens(model.layers, model.d_model, offset=1, prompt_length=3)
+    torch.nn.init.normal_(prompt.prompt, std=0.05)
+    with torch.no_grad():
+        torch.testing.assert_close(LogitLens(model.layers, model.d_model).logits(model, h), model.decode(h))
+        torch.testing.assert_close(tuned.logits(model, h), model.decode(tuned(h)))
+        got = prompt.logits(model, h)
+        assert got.shape == (*h.shape[:-1], model.vocab_size) and torch.isfinite(got).all()
+        # Each state decodes on its own: the same state gives the same logits in any batch.
+        torch.testing.assert_close(prompt.logits(model, h[:, :, 2:3]), got[:, :, 2:3], rtol=1e-4, atol=1e-5)
+    assert [lens.key for lens in (tuned, prompt, AffineLens(model.layers, model.d_model))] == ["tuned+2", "learned_prompt+1", "affine"]

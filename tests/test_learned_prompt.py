@@ -37,7 +37,7 @@ def test_a_prompt_of_token_embeddings_gives_the_patchscope_of_those_tokens(modul
     ids = module.tokenizer("w5 w9 w11 w7")["input_ids"]
     lens.init_from_tokens(module.base.get_input_embeddings(), ids)
     h = torch.randn(3, 5, module.adapter.d_model)
-    got = lens.logits(module.engine, h)
+    got = lens.logits(module.frozen, h)
     n = len(ids)
     for i, layer in enumerate(lens.layers):
         rows = torch.full((5,), n - 1)
@@ -58,7 +58,7 @@ def test_training_moves_only_the_prompt_through_the_patching_engine_and_lowers_t
     target = module._target_log_probs(final)
     losses = []
     for _ in range(8):
-        logq = torch.log_softmax(lens.logits(module.engine, h), -1)
+        logq = torch.log_softmax(lens.logits(module.frozen, h), -1)
         loss = (target.exp() * (target - logq)).sum(-1).mean()
         optimizer.zero_grad()
         loss.backward()

@@ -113,7 +113,7 @@ class PatchscopeEvaluation(L.LightningModule):
         self.artifacts: dict[str, str] = {}
         loaded_lenses = [(path, load_lens(path, unembed_hash=self.unembed_hash, num_hidden_layers=self.adapter.num_layers))
                          for path in lenses]
-        lens_offsets = {getattr(lens, "offset", 0) for _, lens in loaded_lenses}
+        lens_offsets = {lens.offset for _, lens in loaded_lenses}
         self.future_offsets = sorted(set(future_offsets) | (lens_offsets - {0}))
         self.fit_offsets = [0, *self.future_offsets] if "affine" in methods else []
         reserved = set(BUILT_IN) | {lens_key("affine", k) for k in self.fit_offsets}
@@ -121,7 +121,7 @@ class PatchscopeEvaluation(L.LightningModule):
             if lens.layers != self.layers:
                 raise ConfigError(f"lens {path} covers residual indices {lens.layers}; the evaluation needs all of "
                                   f"{self.layers[0]}..{self.layers[-1]}")
-            key = lens_key(lens.lens_type, getattr(lens, "offset", 0))
+            key = lens.key
             if key in self.lenses or key in reserved:
                 key = f"{key}:{Path(path).name}"
             self.lenses[key] = lens
@@ -141,13 +141,13 @@ class PatchscopeEvaluation(L.LightningModule):
 
     def _next_token_methods(self) -> list[str]:
         methods = [m for m in ("logit", "affine", "token_identity") if m in self.hparams.methods]
-        return methods + [key for key, lens in self.lenses.items() if getattr(lens, "offset", 0) == 0]
+        return methods + [key for key, lens in self.lenses.items() if lens.offset == 0]
 
     def _future_methods(self, k: int) -> list[str]:
         methods = [m for m in ("logit", "token_identity") if m in self.hparams.methods]
         if "affine" in self.hparams.methods:
             methods.append(lens_key("affine", k))
-        methods += [key for key, lens in self.lenses.items() if getattr(lens, "offset", 0) == k]
+        methods += [key for key, lens in self.lenses.items() if lens.offset == k]
         if "bigram" in self.hparams.methods:
             methods.append("bigram")
         return methods
@@ -225,7 +225,7 @@ class PatchscopeEvaluation(L.LightningModule):
         if method != "logit":
             lens: Lens = self.fitted[method] if method in self.fitted else self.lenses[method]
             if isinstance(lens, LearnedPromptLens):  # a patchscope with a learned target prompt
-                return lens.logits(self.engine, h, self.hparams.rows_per_pass).float()
+                return lens.logits(self.frozen, h, self.hparams.rows_per_pass).float()
             h = lens(h.float()).to(h.dtype)
         return self.adapter.decode(h).float()
 

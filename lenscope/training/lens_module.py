@@ -188,7 +188,7 @@ class LensTrainingModule(L.LightningModule):
         if init_lens is not None:
             start = load_lens(init_lens, unembed_hash=self.unembed_hash, num_hidden_layers=self.adapter.num_layers)
             compatible = start.lens_type == lens_type or (start.lens_type, lens_type) == ("affine", "tuned")
-            start_offset = getattr(start, "offset", 0)
+            start_offset = start.offset
             if not compatible or start.layers != layers or start_offset not in offsets:
                 raise ConfigError(f"--model.init_lens {init_lens} is a {start.lens_type} lens of layers {start.layers} "
                                   f"and offset {start_offset}; this run trains {lens_type} lenses of layers {layers} "
@@ -448,7 +448,7 @@ class LensTrainingModule(L.LightningModule):
             if isinstance(lens, LearnedPromptLens):
                 keep = self._prompt_subsample(h.shape[1], seed=self.global_step)
                 h, target = h[:, keep], self._target_log_probs(final[keep])
-                logq = torch.log_softmax(lens.logits(self.engine, h), -1)
+                logq = torch.log_softmax(lens.logits(self.frozen, h), -1)
                 kl = F.kl_div(logq, target, log_target=True, reduction="none").sum(-1).mean(-1)
             else:
                 target = self._target_log_probs(final)
@@ -478,7 +478,7 @@ class LensTrainingModule(L.LightningModule):
             target = self._target_log_probs(final)
             for name, lens in (("logit", self.logit_lens), (self.hparams.lens_type, self.lenses[lens_key(self.hparams.lens_type, k)])):
                 if isinstance(lens, LearnedPromptLens):
-                    sums = logit_metrics(lens.logits(self.engine, h), target, labels)
+                    sums = logit_metrics(lens.logits(self.frozen, h), target, labels)
                 else:
                     sums = lens_metrics(self.unembed, self._decode_inputs(lens, h, dtype), target, labels, dtype)
                 self.val_metrics[lens_key(name, k)].update(sums)
