@@ -3,7 +3,13 @@
 The command line lives in ``lenscope/cli/train.py``; this file keeps the checkout's usual entry point.
 """
 
-from lenscope.cli.train import main
+try:
+    from lenscope.cli.train import main
+except ModuleNotFoundError as err:  # a checkout used without installing it
+    if not (err.name or "").startswith("lenscope"):
+        raise
+    raise SystemExit(f"error: {err.name} cannot be imported: install this checkout first, "
+                     "`pip install -e .` (or `make install`)") from None
 
 if __name__ == "__main__":
     main()

@@ -8,7 +8,7 @@ real distribution at t + offset. Only the prompt is trained.
 It is a patchscope whose target prompt is learned, so it runs through the same batched
 ``PatchingEngine`` as the token-identity patchscope: one target pass evaluates every (layer,
 example) pair of a batch. Unlike the affine lenses it needs the model to decode, so ``forward``
-(residual → residual) does not exist; ``logits(engine, h)`` does.
+(residual → residual) does not exist; ``logits(model, h)`` does.
 """
 
 from __future__ import annotations

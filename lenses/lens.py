@@ -50,8 +50,10 @@ class Lens(nn.Module):
 
     def logits(self, model: FrozenModel, h: torch.Tensor) -> torch.Tensor:
         """h: (num_layers, ..., d_model), the residuals at ``self.layers`` → (num_layers, ..., vocab)
-        logits, decoded by ``model`` exactly as it decodes its own last residual."""
-        return model.decode(self(h))
+        fp32 logits, decoded by ``model`` exactly as it decodes its own last residual. The lens runs in
+        fp32, the decoder in the model's dtype (as ``lenscope evaluate`` scores it)."""
+        decoder_dtype = model.adapter.unembedding_weight.dtype
+        return model.decode(self(h.float()).to(decoder_dtype)).float()
 
     def extra_config(self) -> dict:
         """Lens-specific settings stored in the artifact's ``config.json``."""

@@ -62,7 +62,7 @@ def test_every_kind_of_lens_decodes_itself(model):
     prompt = LearnedPromptLens(model.layers, model.d_model, offset=1, prompt_length=3)
     torch.nn.init.normal_(prompt.prompt, std=0.05)
     with torch.no_grad():
-        torch.testing.assert_close(LogitLens(model.layers, model.d_model).logits(model, h), model.decode(h))
+        torch.testing.assert_close(LogitLens(model.layers, model.d_model).logits(model, h), model.decode(h).float())
         torch.testing.assert_close(tuned.logits(model, h), model.decode(tuned(h)))
         got = prompt.logits(model, h)
         assert got.shape == (*h.shape[:-1], model.vocab_size) and torch.isfinite(got).all()

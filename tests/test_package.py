@@ -97,6 +97,7 @@ def test_the_wheel_installs_one_package_and_trains_from_outside_the_checkout(tmp
 
     shown = subprocess.run([str(lenscope_command), "train", "--help"], cwd=outside, capture_output=True, text=True)
     assert shown.returncode == 0 and "--model.lens_type" in shown.stdout, shown.stderr[-2000:]
+    assert shown.stdout.startswith("usage: lenscope train") and not shown.stderr, shown.stderr[-2000:]
 
     config = outside / "fast.yaml"
     shutil.copy(ROOT / "configs" / "debug" / "fast.yaml", config)
@@ -123,8 +124,16 @@ def test_imports_only_run_downwards():
     for part, where in sources.items():
         for path in ([where] if where.is_file() else sorted(where.glob("*.py"))):
             for node in ast.walk(ast.parse(path.read_text())):
-                if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("lenscope."):
-                    other = node.module.split(".")[1]
-                    if other != part and level[other] >= level[part]:
-                        upward.append(f"{path.relative_to(ROOT)} imports {node.module}")
+                if isinstance(node, ast.ImportFrom) and node.module == "lenscope":  # from lenscope import x
+                    imported = [f"lenscope.{alias.name}" for alias in node.names]
+                elif isinstance(node, ast.ImportFrom) and node.module:
+                    imported = [node.module]
+                elif isinstance(node, ast.Import):
+                    imported = [alias.name for alias in node.names]
+                else:
+                    continue
+                for module in imported:
+                    other = module.split(".")[1] if module.startswith("lenscope.") else None
+                    if other in level and other != part and level[other] >= level[part]:
+                        upward.append(f"{path.relative_to(ROOT)} imports {module}")
     assert not upward, upward

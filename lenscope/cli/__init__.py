@@ -3,6 +3,7 @@
     lenscope train --config configs/quickstart.yaml          # = python train.py fit --config ...
     lenscope train validate --config ... --ckpt_path last     # = python train.py validate ...
     lenscope evaluate --config configs/eval/patchscopes.yaml  # = python evaluate.py --config ...
+    torchrun --nproc_per_node 8 -m lenscope train ...         # a launcher that wants a module
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ commands:
 
 start with: lenscope train --config configs/quickstart.yaml"""
 
-TRAIN_SUBCOMMANDS = ("fit", "validate")
+TRAIN_SUBCOMMANDS = ("fit", "validate", "test", "predict")  # LightningCLI's own
 
 
 def main(argv: list[str] | None = None) -> None:

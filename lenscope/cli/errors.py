@@ -116,6 +116,9 @@ EXPECTED_WARNINGS = [
     (r"Found `dataloader_iter` argument in the `training_step`", r"lightning\.pytorch\.loops\.utilities"),
     # The frozen model stays in eval mode while the lenses train (no dropout in the teacher).
     (r"Found \d+ module\(s\) in eval mode at the start of training", r"lightning\.pytorch\.loops\.fit_loop"),
+    # `lenscope train …` hands LightningCLI its arguments while sys.argv keeps them as typed (a DDP
+    # launcher re-runs sys.argv, which must stay `lenscope train …`).
+    (r"LightningCLI's args parameter is intended to run from within Python", r"lightning\.pytorch\.cli"),
     # Deprecations inside dependencies, raised by their own code, nothing lenscope calls.
     (r"'set_vital' is deprecated", r"torchdata\.stateful_dataloader\.stateful_dataloader"),
     (r"`isinstance\(treespec, LeafSpec\)` is deprecated", r"lightning\.pytorch\.utilities\._pytree"),
@@ -156,7 +159,8 @@ class LenscopeCLI(LightningCLI):
         the ``--help`` hint of a parse error."""
         self.prog = prog
         quiet = {"exit_on_error": False}
-        super().__init__(*args, parser_kwargs={**quiet, **{sub: dict(quiet) for sub in SUBCOMMANDS}}, **kwargs)
+        super().__init__(*args, parser_kwargs={**quiet, "prog": prog, **{sub: dict(quiet) for sub in SUBCOMMANDS}},
+                         **kwargs)
 
     def _instantiate_trainer(self, config: dict, callbacks: list):
         trainer = super()._instantiate_trainer(config, callbacks)

@@ -34,7 +34,7 @@ class EvaluateCLI(LenscopeCLI):
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_argument("--lenses", type=str, nargs="+", default=[],
-                            help="lens artifact folders written by train.py (tuned, future, affine and learned-prompt lenses)")
+                            help="lens artifact folders written by `lenscope train` (tuned, future, affine and learned-prompt lenses)")
         parser.link_arguments("lenses", "model.lenses")
         parser.add_argument("--overwrite", type=bool, default=False,
                             help="replace the results of an earlier evaluation in --model.output_dir "

@@ -7,7 +7,7 @@ Methods, each a mapping from the source state h_ℓ(t) to a next-token distribut
   two agree to < 1e-4, and decoding directly costs one head product instead of a forward pass.
 * ``affine`` (and ``affine+k`` for future offsets): the least-squares affine map from h_ℓ(t) to
   the last block's output at t + k, fitted on the fitting documents before evaluation.
-* every lens artifact given (``tuned``, ``tuned+1``, ...: trained by ``train.py``), decoded the same
+* every lens artifact given (``tuned``, ``tuned+1``, ...: trained by ``lenscope train``), decoded the same
   way, or, for a learned-prompt lens, run through the patching engine with its learned prompt;
 * ``token_identity``: the token-identity patchscope (``lenscope.evaluation.token_identity``);
 * ``bigram`` (future offsets only): the Future Lens bigram baseline (``lenscope.evaluation.baselines``).
@@ -75,7 +75,7 @@ class PatchscopeEvaluation(L.LightningModule):
             name: base model: hub id, local folder, or ``embedded:smollm2-135m``.
             revision: hub revision of the base model.
             dtype: dtype of the frozen model's weights.
-            lenses: lens artifact folders written by ``train.py`` (tuned lenses, future lenses,
+            lenses: lens artifact folders written by ``lenscope train`` (tuned lenses, future lenses,
                 affine and learned-prompt lenses); each is scored at its own offset.
             methods: built-in methods to score: ``logit``, ``affine`` (least squares, fitted here
                 on the fitting documents), ``token_identity``, ``bigram`` (future offsets only).

