@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 if TYPE_CHECKING:
+    from lenscope.lenses.trajectory import Trajectory
     from lenscope.model.frozen import FrozenModel
 
 
@@ -47,6 +48,14 @@ class Lens(nn.Module):
     def key(self) -> str:
         """The lens's name within a run or a results table: ``tuned``, ``tuned+2``, ..."""
         return lens_key(self.lens_type, self.offset)
+
+    def trajectory(self, model: FrozenModel, text: str, k: int = 5, baseline: bool = True) -> Trajectory:
+        """What every layer predicts at every token of ``text`` under this lens (beside the logit
+        lens unless ``baseline`` is False): ``.to_html(path)``, ``.to_png(path)``, ``print(...)``."""
+        from lenscope.lenses.trajectory import Trajectory
+
+        lenses = [self] if self.lens_type == "logit" or not baseline else [LogitLens(self.layers, self.d_model), self]
+        return Trajectory.of(model, text, lenses, k)
 
     def logits(self, model: FrozenModel, h: torch.Tensor) -> torch.Tensor:
         """h: (num_layers, ..., d_model), the residuals at ``self.layers`` → (num_layers, ..., vocab)

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import lenscope
+from lenscope.errors import ConfigError
 from lenscope.lenses.artifact import LensArtifactError, save_lens
 from lenscope.lenses.lens import TunedLens
 
@@ -69,3 +70,62 @@ def test_every_kind_of_lens_decodes_itself(model):
         # Each state decodes on its own: the same state gives the same logits in any batch.
         torch.testing.assert_close(prompt.logits(model, h[:, :, 2:3]), got[:, :, 2:3], rtol=1e-4, atol=1e-5)
     assert [lens.key for lens in (tuned, prompt, AffineLens(model.layers, model.d_model))] == ["tuned+2", "learned_prompt+1", "affine"]
+
+
+def test_a_trajectory_holds_each_layers_prediction(model):
+
+    text = "w1 w2 w3 w4 w5 w6"
+    torch.manual_seed(1)
+    future = TunedLens(model.layers, model.d_model, offset=1)
+    torch.nn.init.normal_(future.weight, std=0.05)
+    traj = future.trajectory(model, text, k=3)
+    logit, tuned = traj.panels
+    assert [p.name for p in traj.panels] == ["logit", "tuned+1"] and len(traj.tokens) == 6
+    ids = model.tokenize(text)[0]
+    h = model.residuals(ids[None])[:, 0]  # (L+1, T, d)
+    own = model.log_probs(h[-1])  # (T, V)
+    # Drawing order: the model's output, then the last lensed layer down to the embeddings.
+    assert traj.row_names[:2] == ["output", f"block {model.num_layers - 2}"] and traj.row_names[-1] == "embeddings"
+    kl = traj.grid(logit, "kl")
+    assert torch.all(kl[0] == 0)
+    for row, layer in ((1, model.num_layers - 1), (len(traj.row_names) - 1, 0)):
+        lens_lp = model.log_probs(h[layer])
+        expected = (own.exp() * (own - lens_lp)).sum(-1) / torch.log(torch.tensor(2.0))
+        torch.testing.assert_close(kl[row], expected, rtol=1e-4, atol=1e-4)
+        prob = traj.grid(logit, "target_prob")[row]
+        torch.testing.assert_close(prob[:-1], lens_lp[torch.arange(5), ids[1:]].exp(), rtol=1e-4, atol=1e-6)
+        assert torch.isnan(prob[-1])
+    # A lens of offset 1 predicts two tokens ahead: nothing to compare with at the last two positions.
+    rank = traj.grid(tuned, "target_rank")
+    assert torch.isnan(rank[1:, -2:]).all() and (rank[1:, :-2] >= 1).all()
+    assert torch.isnan(traj.grid(tuned, "kl")[1:, -1]).all() and not torch.isnan(traj.grid(tuned, "kl")[1:, :-1]).any()
+    top = traj.top_tokens(tuned)
+    assert len(top) == model.num_layers + 1 and len(top[0][0]) == 3
+    assert [p for _, p in top[0][0]] == sorted((p for _, p in top[0][0]), reverse=True)
+
+
+def test_a_trajectory_renders_as_table_page_and_picture(model, tmp_path):
+    traj = TunedLens(model.layers, model.d_model).trajectory(model, "w1 w2 w3")
+    table = str(traj)
+    assert "logit: top token" in table and "embeddings" in table and "w2" in table
+    page = traj.to_html(tmp_path / "t.html", stat="kl").read_text()
+    assert "plotly" in page and "tuned lens" in page and "KL(model" in page
+    assert traj.to_png(tmp_path / "t.png", stat="target_rank").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(ConfigError, match="unknown statistic"):
+        traj.to_png(tmp_path / "u.png", stat="mood")
+    assert not (tmp_path / "u.png").exists()
+
+
+def test_lenscope_show_writes_the_page_and_picture(model, tmp_path, capsys, monkeypatch):
+    from lenscope import cli
+
+    lens = TunedLens(model.layers, model.d_model)
+    save_lens(lens, tmp_path / "lens", base_model=model.name, revision=model.revision,
+              unembed_hash=model.unembed_hash, num_hidden_layers=model.num_layers)
+    monkeypatch.chdir(tmp_path)
+    cli.main(["show", "w3 w4 w5", "--lens", str(tmp_path / "lens"), "--out", "view"])
+    out = capsys.readouterr().out
+    assert "tuned: top token" in out and (tmp_path / "view.html").is_file() and (tmp_path / "view.png").is_file()
+    with pytest.raises(SystemExit) as stop:
+        cli.main(["show", "w3", "--lens", str(tmp_path / "nowhere")])
+    assert stop.value.code == 2 and "is not a lens artifact" in capsys.readouterr().err

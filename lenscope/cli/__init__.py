@@ -3,6 +3,7 @@
     lenscope train --config configs/quickstart.yaml          # = python train.py fit --config ...
     lenscope train validate --config ... --ckpt_path last     # = python train.py validate ...
     lenscope evaluate --config configs/eval/patchscopes.yaml  # = python evaluate.py --config ...
+    lenscope show "The capital of France is" --lens artifacts/quickstart/tuned
     torchrun --nproc_per_node 8 -m lenscope train ...         # a launcher that wants a module
 """
 
@@ -15,6 +16,7 @@ USAGE = """usage: lenscope <command> [options]
 commands:
   train      train lenses (`lenscope train --help`; `lenscope train validate ...` scores a checkpoint)
   evaluate   score lenses as patchscope mappings (`lenscope evaluate --help`)
+  show       what every layer predicts for a prompt: table, HTML, PNG (`lenscope show --help`)
 
 start with: lenscope train --config configs/quickstart.yaml"""
 
@@ -45,8 +47,12 @@ def main(argv: list[str] | None = None) -> None:
         from lenscope.cli import evaluate
 
         evaluate.main(rest, prog="lenscope evaluate")
+    elif command == "show":
+        from lenscope.cli import show
+
+        show.main(rest)
     else:
-        _usage_error(f"lenscope has no command {command!r}: use one of train, evaluate (see `lenscope --help`)")
+        _usage_error(f"lenscope has no command {command!r}: use one of train, evaluate, show (see `lenscope --help`)")
 
 
 def _usage_error(message: str) -> None:

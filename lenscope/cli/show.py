@@ -1,0 +1,56 @@
+"""``lenscope show "The capital of France is" --lens artifacts/quickstart/tuned``: what every layer
+predicts at every token, beside the logit lens, as a terminal table, an interactive HTML page and a
+PNG (see ``lenscope.lenses.trajectory``)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from lenscope.cli.errors import run_with_clean_errors
+from lenscope.errors import ConfigError
+from lenscope.lenses.trajectory import STATISTICS
+
+
+def parser(prog: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0].replace("``", "`"))
+    p.add_argument("text", help="the prompt")
+    p.add_argument("--lens", action="append", default=[], metavar="FOLDER",
+                   help="a lens artifact folder (repeat for several, side by side); without one, the logit lens alone")
+    p.add_argument("--model", default=None,
+                   help="hub id, folder or embedded:smollm2-135m (default: the model the first lens was trained on)")
+    p.add_argument("--stat", default="entropy", choices=list(STATISTICS), help="what the colour shows")
+    p.add_argument("--k", type=int, default=5, help="top tokens kept per cell (shown on hover)")
+    p.add_argument("--out", default="trajectory", help="writes OUT.html and OUT.png")
+    p.add_argument("--no-logit", action="store_true", help="leave out the logit lens baseline")
+    return p
+
+
+def main(argv: list[str] | None = None, prog: str = "lenscope show") -> None:
+    p = parser(prog)
+    try:
+        args = p.parse_args(argv)
+    except SystemExit as stop:  # argparse has printed its usage and one line
+        raise SystemExit(2 if stop.code else 0) from None
+    run_with_clean_errors(lambda: show(args), where="before anything was written")
+
+
+def show(args: argparse.Namespace) -> None:
+    from lenscope.lenses.artifact import load_lens, read_config
+    from lenscope.lenses.lens import LogitLens
+    from lenscope.lenses.trajectory import Trajectory
+    from lenscope.model.frozen import FrozenModel
+
+    name = args.model or (read_config(args.lens[0]).get("base_model_name_or_path") if args.lens else None)
+    if not name:
+        raise ConfigError("no model to run: pass --model (a hub id, a folder or embedded:smollm2-135m) or a --lens")
+    model = FrozenModel.load(name)
+    lenses = [load_lens(path, model) for path in args.lens]
+    if not args.no_logit or not lenses:
+        lenses.insert(0, LogitLens(model.layers, model.d_model))
+    trajectory = Trajectory.of(model, args.text, lenses, args.k)
+    out = Path(args.out)
+    page = trajectory.to_html(out.with_name(out.name + ".html"), args.stat)
+    picture = trajectory.to_png(out.with_name(out.name + ".png"), args.stat)
+    print(trajectory)
+    print(f"Interactive: {page}\nPicture:     {picture}  (colour: {STATISTICS[args.stat]})")

@@ -1,0 +1,266 @@
+"""Prediction trajectories: what every layer predicts at every token of one prompt, under one or
+several lenses side by side.
+
+    traj = lens.trajectory(model, "The capital of France is")       # this lens (and the logit lens)
+    traj = Trajectory.of(model, "The capital of France is", [logit, tuned, tuned_plus_1])
+    traj.to_html("traj.html"); traj.to_png("traj.png"); print(traj)
+
+For each lens, layer and position: the top-k tokens with their probabilities, the entropy of the
+lens's distribution, its KL divergence from the model's own output distribution (for a future lens
+of offset k: from the model's distribution at position t + k, the one it predicts), and the rank
+and probability of the real token it should predict (at t + 1 + k). The model's own output is the
+top row of every panel.
+"""
+
+from __future__ import annotations
+
+import html
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+from lenscope.errors import ConfigError
+from lenscope.files import atomic_path
+
+if TYPE_CHECKING:
+    from lenscope.lenses.lens import Lens
+    from lenscope.model.frozen import FrozenModel
+
+STATISTICS = {
+    "entropy": "entropy of the prediction (bits)",
+    "kl": "KL(model ‖ lens) (bits)",
+    "target_prob": "probability of the real token",
+    "target_rank": "rank of the real token (1 = top)",
+    "top_prob": "probability of the top token",
+}
+"""What a heatmap's colour can show (``stat``), with its legend."""
+
+_LN2 = math.log(2.0)
+
+
+@dataclass
+class Panel:
+    """One lens's view of the prompt. Arrays are (rows, positions); row 0 is the model's own
+    output, row i + 1 the lens at ``layers[i]``; NaN where a statistic does not exist (no real
+    token that far ahead)."""
+
+    name: str
+    offset: int
+    layers: list[int]
+    top_ids: torch.Tensor
+    """(rows, positions, k) token ids, most probable first."""
+    top_probs: torch.Tensor
+    """(rows, positions, k)."""
+    stats: dict[str, torch.Tensor]
+    """``STATISTICS`` key → (rows, positions)."""
+
+
+class Trajectory:
+    """Per-layer, per-position predictions of one prompt under one or several lenses."""
+
+    def __init__(self, tokens: list[str], panels: list[Panel], decode, row_names: list[str]):
+        self.tokens = tokens
+        """The prompt's tokens as text."""
+        self.panels = panels
+        self._decode = decode
+        self.row_names = row_names
+        """``output`` then the lensed residuals, top to bottom as drawn (last layer first)."""
+
+    # --- computing -----------------------------------------------------------------------------
+    @classmethod
+    @torch.no_grad()
+    def of(cls, model: FrozenModel, text: str, lenses: list[Lens], k: int = 5) -> Trajectory:
+        """Run ``model`` once on ``text`` and decode every layer with each lens."""
+        if not text:
+            raise ConfigError("the prompt is empty; give the text whose predictions to show")
+        if k < 1:
+            raise ConfigError(f"k (top tokens kept) must be at least 1, got {k}")
+        ids = model.tokenize(text)
+        h = model.residuals(ids)
+        model_logp = model.log_probs(h[-1])[0]  # (T, V)
+        token_ids = ids[0].tolist()
+        panels = []
+        layers = None
+        for lens in lenses:
+            if layers is not None and lens.layers != layers:
+                raise ConfigError(f"the lenses cover different layers ({layers} and {lens.layers}); show lenses of one model")
+            layers = lens.layers
+            logp = torch.log_softmax(lens.logits(model, h[lens.layers])[:, 0], dim=-1)  # (L, T, V)
+            panels.append(_panel(lens.key, lens.offset, lens.layers, logp, model_logp, token_ids, k))
+        # Drawn top to bottom: the model's output, then the last lensed layer down to the embeddings.
+        names = ["output"] + [_layer_name(i) for i in reversed(layers or [])]
+        return cls([model.tokenizer.decode([t]) for t in token_ids], panels, model.tokenizer.decode, names)
+
+    # --- what it shows --------------------------------------------------------------------------
+    def grid(self, panel: Panel, stat: str) -> torch.Tensor:
+        """(rows, positions) of ``stat``, in drawing order (output first, then last layer first)."""
+        if stat not in STATISTICS:
+            raise ConfigError(f"unknown statistic {stat!r}; use one of {', '.join(STATISTICS)}")
+        return _drawing_order(panel.stats[stat])
+
+    def top_tokens(self, panel: Panel) -> list[list[list[tuple[str, float]]]]:
+        """[row][position] → [(token, probability), ...] in drawing order."""
+        ids, probs = _drawing_order(panel.top_ids), _drawing_order(panel.top_probs)
+        return [[[(self._decode([int(i)]), float(p)) for i, p in zip(ids[r, t], probs[r, t], strict=True)]
+                 for t in range(ids.shape[1])] for r in range(ids.shape[0])]
+
+    def __str__(self) -> str:
+        """A terminal table per lens: the top token at every layer (rows) and position (columns)."""
+        width = 10
+        out = []
+        for panel in self.panels:
+            tops = self.top_tokens(panel)
+            out.append(f"{panel.name}: top token per layer (rows) and position (columns)")
+            header = " " * 12 + "".join(_cell(tok, width) for tok in self.tokens)
+            out.append(header)
+            for name, row in zip(self.row_names, tops, strict=True):
+                out.append(f"{name:>11} " + "".join(_cell(cells[0][0], width) for cells in row))
+            out.append("")
+        return "\n".join(out).rstrip() + "\n"
+
+    def to_html(self, path: str | Path, stat: str = "entropy") -> Path:
+        """An interactive heatmap per lens, side by side on one colour scale: the top token written
+        in every cell, the top-k with probabilities on hover."""
+        figure = self._figure(stat)
+        path = Path(path)
+        with atomic_path(path, suffix=".html") as tmp:
+            # The plotting library is embedded in the page, so it opens offline.
+            figure.write_html(tmp, include_plotlyjs=True, full_html=True)
+        return path
+
+    def to_png(self, path: str | Path, stat: str = "entropy") -> Path:
+        """The same heatmaps as a picture (matplotlib: no browser needed)."""
+        import matplotlib
+
+        matplotlib.use("Agg", force=False)
+        import matplotlib.pyplot as plt
+
+        values = [self.grid(panel, stat).numpy() for panel in self.panels]
+        vmin, vmax = _colour_range(values, stat)
+        rows, cols = values[0].shape
+        fig, axes = plt.subplots(1, len(self.panels), squeeze=False, sharey=True,
+                                 figsize=(1.0 + 0.95 * cols * len(self.panels) + 1.2, 1.2 + 0.28 * rows),
+                                 constrained_layout=True)
+        cmap = plt.get_cmap(_colour_map(stat)).with_extremes(bad="#eeeeee")  # grey: nothing to show
+        for ax, panel, grid in zip(axes[0], self.panels, values, strict=True):
+            image = ax.imshow(grid, aspect="auto", cmap=cmap, vmin=vmin, vmax=vmax, interpolation="nearest")
+            for r, row in enumerate(self.top_tokens(panel)):
+                for c, cells in enumerate(row):
+                    value = grid[r, c]
+                    high = (value - vmin) / max(vmax - vmin, 1e-9) > 0.55
+                    # Blues are dark at the top of the scale, viridis at the bottom.
+                    white = not math.isnan(value) and (high if stat in ("target_prob", "top_prob") else not high)
+                    ax.text(c, r, _short(cells[0][0], 8), ha="center", va="center", fontsize=7,
+                            color="white" if white else "black")
+            ax.set_xticks(range(cols), [_short(t, 10) for t in self.tokens], rotation=45, ha="right", fontsize=8)
+            ax.set_yticks(range(rows), self.row_names, fontsize=7)
+            ax.set_title(f"{panel.name} lens" if panel.name != "logit" else "logit lens", fontsize=10)
+            ax.axhline(0.5, color="black", linewidth=1.0)  # the model's own output above the line
+        fig.colorbar(image, ax=axes[0].tolist(), shrink=0.8, label=STATISTICS[stat])
+        path = Path(path)
+        with atomic_path(path, suffix=".png") as tmp:
+            fig.savefig(tmp, dpi=130, format="png")
+        plt.close(fig)
+        return path
+
+    def _figure(self, stat: str):
+        import plotly.graph_objects as go
+        from plotly.subplots import make_subplots
+
+        values = [self.grid(panel, stat) for panel in self.panels]
+        vmin, vmax = _colour_range([v.numpy() for v in values], stat)
+        fig = make_subplots(rows=1, cols=len(self.panels), shared_yaxes=True, horizontal_spacing=0.02,
+                            subplot_titles=[f"{p.name} lens" for p in self.panels])
+        columns = [f"{i}: {t}" for i, t in enumerate(self.tokens)]  # unique labels for repeated tokens
+        for i, (panel, grid) in enumerate(zip(self.panels, values, strict=True)):
+            tops = self.top_tokens(panel)
+            text = [[html.escape(_short(cells[0][0], 8)) for cells in row] for row in tops]
+            hover = [[f"<b>{html.escape(self.row_names[r])}</b>, after {html.escape(repr(self.tokens[c]))}<br>"
+                      f"{STATISTICS[stat]}: {_fmt(grid[r, c])}<br>"
+                      + "<br>".join(f"{html.escape(repr(tok))}: {p:.3f}" for tok, p in cells)
+                      for c, cells in enumerate(row)] for r, row in enumerate(tops)]
+            fig.add_trace(go.Heatmap(
+                z=grid.tolist(), x=columns, y=self.row_names, text=text, texttemplate="%{text}",
+                textfont={"size": 10}, hovertext=hover, hovertemplate="%{hovertext}<extra></extra>",
+                coloraxis="coloraxis"), row=1, col=i + 1)
+        fig.update_yaxes(autorange="reversed")
+        fig.update_layout(
+            coloraxis={"colorscale": _colour_map(stat, plotly=True), "cmin": vmin, "cmax": vmax,
+                       "colorbar": {"title": {"text": STATISTICS[stat]}}},
+            height=160 + 22 * len(self.row_names), width=220 + 70 * len(self.tokens) * len(self.panels),
+            title={"text": "Prediction trajectory: the top token of every layer at every position"},
+            margin={"l": 90, "r": 30, "t": 80, "b": 90})
+        return fig
+
+
+def _panel(name: str, offset: int, layers: list[int], logp: torch.Tensor, model_logp: torch.Tensor,
+           token_ids: list[int], k: int) -> Panel:
+    """Statistics of one lens (``logp``: (L, T, V)) with the model's output as row 0."""
+    all_logp = torch.cat([model_logp[None], logp])  # (1 + L, T, V)
+    n = len(token_ids)
+    probs = all_logp.exp()
+    entropy = -(probs * all_logp).nan_to_num().sum(-1) / _LN2
+    # What the lens predicts at t is the model's distribution at t + offset (row 0: the model at t).
+    kl = torch.full(entropy.shape, float("nan"))
+    kl[0] = 0.0
+    if n > offset:
+        target = model_logp[offset:]
+        p = target.exp()
+        kl[1:, : n - offset] = (p * (target - all_logp[1:, : n - offset])).nan_to_num().sum(-1) / _LN2
+    # The real token: at t + 1 for the model's own row, at t + 1 + offset for the lens.
+    target_prob = torch.full(entropy.shape, float("nan"))
+    target_rank = torch.full(entropy.shape, float("nan"))
+    for row, ahead in ((slice(0, 1), 1), (slice(1, None), 1 + offset)):
+        if n > ahead:
+            real = torch.tensor(token_ids[ahead:])  # (n - ahead,)
+            lp = all_logp[row, : n - ahead]  # (rows, n - ahead, V)
+            real_lp = lp.gather(-1, real.view(1, -1, 1).expand(lp.shape[0], -1, 1))
+            target_prob[row, : n - ahead] = real_lp[..., 0].exp()
+            target_rank[row, : n - ahead] = (lp > real_lp).sum(-1).float() + 1
+    top_probs, top_ids = probs.topk(k, dim=-1)
+    return Panel(name=name, offset=offset, layers=list(layers), top_ids=top_ids, top_probs=top_probs,
+                 stats={"entropy": entropy, "kl": kl, "target_prob": target_prob, "target_rank": target_rank,
+                        "top_prob": top_probs[..., 0]})
+
+
+def _drawing_order(x: torch.Tensor) -> torch.Tensor:
+    """Row 0 (the output) stays first; the lensed layers go last layer first."""
+    return torch.cat([x[:1], x[1:].flip(0)])
+
+
+def _layer_name(i: int) -> str:
+    return "embeddings" if i == 0 else f"block {i - 1}"
+
+
+def _colour_range(values, stat: str) -> tuple[float, float]:
+    if stat in ("target_prob", "top_prob"):
+        return 0.0, 1.0
+    finite = [float(v) for grid in values for v in grid.ravel() if not math.isnan(float(v))]
+    high = max(finite) if finite else 1.0
+    if stat == "target_rank":
+        return 1.0, max(high, 2.0)
+    return 0.0, max(high, 1e-6)
+
+
+def _colour_map(stat: str, plotly: bool = False) -> str:
+    # High probability reads as "sure" (dark); high entropy/KL/rank as "lost" (bright).
+    if stat in ("target_prob", "top_prob"):
+        return "Blues"
+    return "Viridis" if plotly else "viridis"
+
+
+def _short(token: str, width: int) -> str:
+    shown = token.replace("\n", "\\n").replace("\t", "\\t")
+    return shown if len(shown) <= width else shown[: width - 1] + "…"
+
+
+def _cell(token: str, width: int) -> str:
+    return _short(token, width - 1).ljust(width)
+
+
+def _fmt(value) -> str:
+    value = float(value)
+    return "n/a" if math.isnan(value) else f"{value:.3g}"
