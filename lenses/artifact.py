@@ -24,6 +24,7 @@ from lenscope.errors import UserError
 from lenscope.files import atomic_dir
 from lenscope.lenses.learned_prompt import LearnedPromptLens  # noqa: F401 (registers its lens type)
 from lenscope.lenses.lens import LENS_TYPES, Lens
+from lenscope.lenses.tuned_lens_format import is_tuned_lens_folder, read_tuned_lens
 
 if TYPE_CHECKING:
     from lenscope.model.frozen import FrozenModel
@@ -129,7 +130,8 @@ def _check_config(path: Path, config: dict) -> None:
 
 def load_lens(path: str | Path, model: FrozenModel | None = None, *, unembed_hash: str | None = None,
               num_hidden_layers: int | None = None, map_location: str | torch.device = "cpu") -> Lens:
-    """Load a lens artifact in one call: ``load_lens("artifacts/quickstart/tuned", model)``.
+    """Load a lens artifact in one call: ``load_lens("artifacts/quickstart/tuned", model)``. A folder
+    in the tuned-lens format (``config.json`` + ``params.pt``) is read too.
 
     Given the model it will be used with (or that model's ``unembed_hash`` / ``num_hidden_layers``),
     a lens made for another model is refused with a message that says which, and the lens is put on
@@ -139,6 +141,16 @@ def load_lens(path: str | Path, model: FrozenModel | None = None, *, unembed_has
     if model is not None:
         unembed_hash, num_hidden_layers, map_location = model.unembed_hash, model.num_layers, model.device
     path = Path(path)
+    if is_tuned_lens_folder(path):  # the reference's format (config.json + params.pt)
+        lens, info = read_tuned_lens(path, LensArtifactError)
+        trained_for = info["base_model_name_or_path"]
+        if num_hidden_layers is not None and lens.num_layers != num_hidden_layers:
+            raise LensArtifactError(f"{path} (tuned-lens format, for {trained_for!r}) has {lens.num_layers} translators "
+                                    f"but this model has {num_hidden_layers} layers; use a lens trained on this model")
+        if model is not None and lens.d_model != model.d_model:
+            raise LensArtifactError(f"{path} (tuned-lens format, for {trained_for!r}) has width {lens.d_model} but this "
+                                    f"model's residual stream has {model.d_model}; use a lens trained on this model")
+        return lens.to(map_location)
     config = read_config(path)
     _check_config(path, config)
     lens_type = config["lens_type"]
