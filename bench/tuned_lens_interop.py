@@ -24,6 +24,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -40,11 +41,14 @@ PROMPTS = ["The capital of France is", "def fibonacci(n):\n    if n < 2:\n      
 
 # Runs in the reference environment: tuned-lens decodes the given hidden states with the given lens.
 REFERENCE_DECODE = r"""
-import sys, torch
+import json, sys, torch
 from transformers import AutoModelForCausalLM
 from tuned_lens.nn.lenses import TunedLens
+from tuned_lens.nn.unembed import Unembed
 model_dir, lens_dir, states_path, out_path = sys.argv[1:5]
-model = AutoModelForCausalLM.from_pretrained(model_dir, torch_dtype=torch.float32).eval()
+model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+recorded = json.load(open(f"{lens_dir}/config.json")).get("unembed_hash")
+print("HASH_AGREES", recorded == Unembed(model).unembedding_hash())
 lens = TunedLens.from_model_and_pretrained(model, lens_dir, map_location="cpu", weights_only=True)
 states = torch.load(states_path, weights_only=True)  # list of (L, T, d), one per prompt
 with torch.no_grad():
@@ -53,11 +57,13 @@ torch.save(out, out_path)
 """
 
 
-def reference_decode(python: str, model_dir: Path, lens_dir: Path, states: list[torch.Tensor], work: Path) -> list[torch.Tensor]:
+def reference_decode(python: str, model_dir: Path, lens_dir: Path, states: list[torch.Tensor],
+                     work: Path) -> tuple[list[torch.Tensor], bool]:
+    """tuned-lens's logits for ``states``, and whether the lens's recorded hash is the model's."""
     torch.save(states, work / "states.pt")
-    subprocess.run([python, "-c", REFERENCE_DECODE, str(model_dir), str(lens_dir), str(work / "states.pt"),
-                    str(work / "ref_logits.pt")], check=True)
-    return torch.load(work / "ref_logits.pt", weights_only=True)
+    run = subprocess.run([python, "-c", REFERENCE_DECODE, str(model_dir), str(lens_dir), str(work / "states.pt"),
+                          str(work / "ref_logits.pt")], check=True, capture_output=True, text=True)
+    return torch.load(work / "ref_logits.pt", weights_only=True), "HASH_AGREES True" in run.stdout
 
 
 def reference_train(python: str, model_dir: Path, model, steps: int, work: Path) -> Path:
@@ -99,8 +105,11 @@ def main(argv: list[str] | None = None) -> None:
         work = Path(tmp)
         start = time.perf_counter()
         reference_lens = reference_train(args.reference_python, model_dir, model, args.steps, work)
-        ours = lenscope.load_lens(reference_lens, model)
-        theirs = reference_decode(args.reference_python, model_dir, reference_lens, states, work)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            ours = lenscope.load_lens(reference_lens, model)
+        hashes = {"lenscope reads tuned-lens's hash as this model's": not any("unembedding differs" in str(w.message) for w in caught)}
+        theirs, _ = reference_decode(args.reference_python, model_dir, reference_lens, states, work)
         mine = [ours.logits(model, h) for h in states]
         rows["tuned-lens → lenscope"] = max(float((a - b).abs().max()) for a, b in zip(mine, theirs, strict=True))
 
@@ -112,7 +121,8 @@ def main(argv: list[str] | None = None) -> None:
             torch.nn.init.normal_(exported.weight, std=0.02)
             torch.nn.init.normal_(exported.bias, std=0.02)
         save_tuned_lens(exported, work / "exported", model)
-        theirs = reference_decode(args.reference_python, model_dir, work / "exported", states, work)
+        theirs, agrees = reference_decode(args.reference_python, model_dir, work / "exported", states, work)
+        hashes["tuned-lens reads lenscope's hash as this model's"] = agrees
         mine = [exported.logits(model, h) for h in states]
         rows["lenscope → tuned-lens"] = max(float((a - b).abs().max()) for a, b in zip(mine, theirs, strict=True))
         seconds = time.perf_counter() - start
@@ -121,12 +131,14 @@ def main(argv: list[str] | None = None) -> None:
     print(f"{'direction':<24} {'max |Δ logit|':>14}   (logits up to {scale:.1f} in magnitude)")
     for name, diff in rows.items():
         print(f"{name:<24} {diff:>14.2e}   {'ok' if diff <= 1e-4 else 'ABOVE 1e-4'}")
+    for name, ok in hashes.items():
+        print(f"{name}: {'yes' if ok else 'NO'}")
     report = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}",
               "date": time.strftime("%Y-%m-%d"), "prompts": PROMPTS, "reference_steps": args.steps,
-              "exported_lens": args.lens or "random", "max_abs_logit_diff": rows, "logit_scale": scale, "seconds": seconds}
+              "exported_lens": args.lens or "random", "max_abs_logit_diff": rows, "hash_agrees": hashes, "logit_scale": scale, "seconds": seconds}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
-    if any(diff > 1e-4 for diff in rows.values()):
+    if any(diff > 1e-4 for diff in rows.values()) or not all(hashes.values()):
         sys.exit(1)
 
 

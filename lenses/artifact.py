@@ -24,7 +24,7 @@ from lenscope.errors import UserError
 from lenscope.files import atomic_dir
 from lenscope.lenses.learned_prompt import LearnedPromptLens  # noqa: F401 (registers its lens type)
 from lenscope.lenses.lens import LENS_TYPES, Lens
-from lenscope.lenses.tuned_lens_format import is_tuned_lens_folder, read_tuned_lens
+from lenscope.lenses.tuned_lens_format import check_hash, is_tuned_lens_folder, read_tuned_lens
 
 if TYPE_CHECKING:
     from lenscope.model.frozen import FrozenModel
@@ -150,6 +150,8 @@ def load_lens(path: str | Path, model: FrozenModel | None = None, *, unembed_has
         if model is not None and lens.d_model != model.d_model:
             raise LensArtifactError(f"{path} (tuned-lens format, for {trained_for!r}) has width {lens.d_model} but this "
                                     f"model's residual stream has {model.d_model}; use a lens trained on this model")
+        if model is not None:
+            check_hash(path, info, model)
         return lens.to(map_location)
     config = read_config(path)
     _check_config(path, config)

@@ -76,23 +76,31 @@ class Trajectory:
         """Run ``model`` once on ``text`` and decode every layer with each lens."""
         if not text:
             raise ConfigError("the prompt is empty; give the text whose predictions to show")
-        if k < 1:
-            raise ConfigError(f"k (top tokens kept) must be at least 1, got {k}")
+        if not 1 <= k <= min(100, model.vocab_size):
+            raise ConfigError(f"k (top tokens kept per cell) must be between 1 and {min(100, model.vocab_size)}, got {k}")
+        if not lenses:
+            raise ConfigError("no lens to show; give at least one (the logit lens needs nothing trained)")
+        for lens in lenses:
+            if lens.d_model != model.d_model or max(lens.layers) >= model.num_layers:
+                raise ConfigError(f"the {lens.key} lens (width {lens.d_model}, layers {lens.layers[0]}..{lens.layers[-1]}) "
+                                  f"does not fit this model (width {model.d_model}, {model.num_layers} layers)")
         ids = model.tokenize(text)
         h = model.residuals(ids)
-        model_logp = model.log_probs(h[-1])[0]  # (T, V)
+        model_logp = model.log_probs(h[-1])[0].cpu()  # (T, V); the statistics are small, kept on the CPU
         token_ids = ids[0].tolist()
         panels = []
         layers = None
+        names = [lens.key for lens in lenses]
         for lens in lenses:
             if layers is not None and lens.layers != layers:
                 raise ConfigError(f"the lenses cover different layers ({layers} and {lens.layers}); show lenses of one model")
             layers = lens.layers
-            logp = torch.log_softmax(lens.logits(model, h[lens.layers])[:, 0], dim=-1)  # (L, T, V)
-            panels.append(_panel(lens.key, lens.offset, lens.layers, logp, model_logp, token_ids, k))
+            logp = torch.log_softmax(lens.logits(model, h[lens.layers])[:, 0], dim=-1).cpu()  # (L, T, V)
+            name = lens.key if names.count(lens.key) == 1 else f"{lens.key} #{len(panels) + 1}"
+            panels.append(_panel(name, lens.offset, lens.layers, logp, model_logp, token_ids, k))
         # Drawn top to bottom: the model's output, then the last lensed layer down to the embeddings.
-        names = ["output"] + [_layer_name(i) for i in reversed(layers or [])]
-        return cls([model.tokenizer.decode([t]) for t in token_ids], panels, model.tokenizer.decode, names)
+        rows = ["output"] + [_layer_name(i) for i in reversed(layers or [])]
+        return cls([model.tokenizer.decode([t]) for t in token_ids], panels, model.tokenizer.decode, rows)
 
     # --- what it shows --------------------------------------------------------------------------
     def grid(self, panel: Panel, stat: str) -> torch.Tensor:
@@ -157,7 +165,7 @@ class Trajectory:
                             color="white" if white else "black")
             ax.set_xticks(range(cols), [_short(t, 10) for t in self.tokens], rotation=45, ha="right", fontsize=8)
             ax.set_yticks(range(rows), self.row_names, fontsize=7)
-            ax.set_title(f"{panel.name} lens" if panel.name != "logit" else "logit lens", fontsize=10)
+            ax.set_title(_title(panel), fontsize=10)
             ax.axhline(0.5, color="black", linewidth=1.0)  # the model's own output above the line
         fig.colorbar(image, ax=axes[0].tolist(), shrink=0.8, label=STATISTICS[stat])
         path = Path(path)
@@ -173,7 +181,7 @@ class Trajectory:
         values = [self.grid(panel, stat) for panel in self.panels]
         vmin, vmax = _colour_range([v.numpy() for v in values], stat)
         fig = make_subplots(rows=1, cols=len(self.panels), shared_yaxes=True, horizontal_spacing=0.02,
-                            subplot_titles=[f"{p.name} lens" for p in self.panels])
+                            subplot_titles=[_title(p) for p in self.panels])
         columns = [f"{i}: {t}" for i, t in enumerate(self.tokens)]  # unique labels for repeated tokens
         for i, (panel, grid) in enumerate(zip(self.panels, values, strict=True)):
             tops = self.top_tokens(panel)
@@ -202,14 +210,16 @@ def _panel(name: str, offset: int, layers: list[int], logp: torch.Tensor, model_
     all_logp = torch.cat([model_logp[None], logp])  # (1 + L, T, V)
     n = len(token_ids)
     probs = all_logp.exp()
-    entropy = -(probs * all_logp).nan_to_num().sum(-1) / _LN2
+    # xlogy: 0 · log 0 = 0 for tokens of probability 0, while a NaN (a diverged lens) stays NaN.
+    entropy = -torch.special.xlogy(probs, probs).sum(-1) / _LN2
     # What the lens predicts at t is the model's distribution at t + offset (row 0: the model at t).
     kl = torch.full(entropy.shape, float("nan"))
     kl[0] = 0.0
     if n > offset:
         target = model_logp[offset:]
         p = target.exp()
-        kl[1:, : n - offset] = (p * (target - all_logp[1:, : n - offset])).nan_to_num().sum(-1) / _LN2
+        terms = torch.where(p > 0, p * (target - all_logp[1:, : n - offset]), 0.0)  # a NaN lens stays NaN
+        kl[1:, : n - offset] = terms.sum(-1) / _LN2
     # The real token: at t + 1 for the model's own row, at t + 1 + offset for the lens.
     target_prob = torch.full(entropy.shape, float("nan"))
     target_rank = torch.full(entropy.shape, float("nan"))
@@ -219,11 +229,18 @@ def _panel(name: str, offset: int, layers: list[int], logp: torch.Tensor, model_
             lp = all_logp[row, : n - ahead]  # (rows, n - ahead, V)
             real_lp = lp.gather(-1, real.view(1, -1, 1).expand(lp.shape[0], -1, 1))
             target_prob[row, : n - ahead] = real_lp[..., 0].exp()
-            target_rank[row, : n - ahead] = (lp > real_lp).sum(-1).float() + 1
+            rank = (lp > real_lp).sum(-1).float() + 1
+            target_rank[row, : n - ahead] = torch.where(real_lp[..., 0].isnan(), float("nan"), rank)
     top_probs, top_ids = probs.topk(k, dim=-1)
     return Panel(name=name, offset=offset, layers=list(layers), top_ids=top_ids, top_probs=top_probs,
                  stats={"entropy": entropy, "kl": kl, "target_prob": target_prob, "target_rank": target_rank,
                         "top_prob": top_probs[..., 0]})
+
+
+def _title(panel: Panel) -> str:
+    # A future lens at column t predicts the token at t + 1 + k (the output row: the one at t + 1).
+    ahead = f" (lens rows: the token {panel.offset + 1} ahead)" if panel.offset else ""
+    return f"{panel.name} lens{ahead}"
 
 
 def _drawing_order(x: torch.Tensor) -> torch.Tensor:

@@ -8,22 +8,29 @@ residually, ``h + W h + b``, to the residual at index i (0 = the embeddings) —
 
 * tuned-lens 0.2: ``base_model_name_or_path``, ``d_model``, ``num_hidden_layers``, ``bias``,
   ``base_model_revision``, ``unembed_hash``, ``lens_type`` (``linear_tuned_lens``);
-* the same with the key misspelt ``unemebd_hash``;
-* the legacy shape ``{bias, include_input, d_model, num_layers, vocab_size}``.
+* tuned-lens 0.1, which spelt the hash key ``unemebd_hash``;
+* the legacy shape ``{bias, include_input, d_model, num_layers, vocab_size}`` of tuned-lens ≤ 0.0.5,
+  whose ``params.pt`` is the whole module's state: ``input_translator.*`` (residual 0),
+  ``layer_translators.{i}.*`` (residual i + 1), and a copy of the model's decoder
+  (``unembedding.*``, ``layer_norm.*``), which is ignored: lenscope decodes with the model itself.
+  (This mapping follows the tuned-lens ≤ 0.0.5 source; no such file was at hand to test.)
 
-``params.pt`` is read with ``torch.load(weights_only=True)``: tensors only, never code. tuned-lens's
-``unembed_hash`` is its own hash of the unembedding, not lenscope's fingerprint, so a lens in this
-format is matched to a model by its number of layers and width.
+``params.pt`` is read with ``torch.load(weights_only=True)``: tensors only, never code. A lens in
+this format is matched to a model by its number of layers and width, and by tuned-lens's own hash
+of the unembedding where the config has one (a mismatch warns, as tuned-lens does).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import pickle
 import re
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 
 from lenscope.files import atomic_dir
@@ -35,7 +42,19 @@ if TYPE_CHECKING:
 PARAMS = "params.pt"
 CONFIG = "config.json"
 TUNED_LENS_TYPE = "linear_tuned_lens"
-_KEY = re.compile(r"^(?:layer_translators\.)?(\d+)\.(weight|bias)$")
+_KEY = re.compile(r"^(\d+)\.(weight|bias)$")  # tuned-lens 0.1 and 0.2: translator i acts on residual i
+_LEGACY_LAYER = re.compile(r"^layer_translators\.(\d+)\.(weight|bias)$")  # ≤ 0.0.5: residual i + 1
+_LEGACY_INPUT = re.compile(r"^input_translator\.(weight|bias)$")  # ≤ 0.0.5: residual 0
+_LEGACY_DECODER = re.compile(r"^(unembedding|layer_norm)\.")  # ≤ 0.0.5's copy of the model's decoder
+
+
+def tuned_lens_hash(unembedding: torch.Tensor) -> str:
+    """tuned-lens's fingerprint of an unembedding matrix (``tuned_lens.utils.tensor_hash``: sha256 of
+    numpy's one-decimal summary of the float32 matrix), under numpy's default print options."""
+    with np.printoptions(precision=1, threshold=1000, edgeitems=3, linewidth=75, suppress=False,
+                         floatmode="maxprec", sign="-", legacy=False):
+        text = np.array_str(unembedding.detach().to("cpu", torch.float32).numpy(), precision=1)
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def is_tuned_lens_folder(path: str | Path) -> bool:
@@ -67,13 +86,27 @@ def read_tuned_lens(path: str | Path, error: type[Exception]) -> tuple[TunedLens
     if not isinstance(state, dict):
         raise error(f"{path / PARAMS} is not a state dict of translators; re-download or re-copy the lens")
     weights, biases = {}, {}
+    d = config["d_model"]
     for key, value in state.items():
-        match = _KEY.match(str(key))
+        key = str(key)
+        if _LEGACY_DECODER.match(key):
+            continue
+        if (match := _KEY.match(key)) is not None:
+            index, kind = int(match[1]), match[2]
+        elif (match := _LEGACY_LAYER.match(key)) is not None:
+            index, kind = int(match[1]) + 1, match[2]
+        elif (match := _LEGACY_INPUT.match(key)) is not None:
+            index, kind = 0, match[1]
+        else:
+            match = None
         if match is None or not isinstance(value, torch.Tensor):
             raise error(f"{path / PARAMS} has an entry {key!r} that is not a translator's weight or bias")
-        (weights if match[2] == "weight" else biases)[int(match[1])] = value
+        (weights if kind == "weight" else biases)[index] = value
+    if weights and 0 not in weights and "num_layers" in config:  # legacy without include_input: residual 0 as is
+        weights[0] = torch.zeros(d, d)
+        if biases:
+            biases[0] = torch.zeros(d)
     n = len(weights)
-    d = config["d_model"]
     if sorted(weights) != list(range(n)) or (biases and sorted(biases) != list(range(n))) or n == 0:
         raise error(f"{path / PARAMS} does not hold translators 0 … L-1 with a weight each; re-download or re-copy the lens")
     if any(w.shape != (d, d) for w in weights.values()) or any(b.shape != (d,) for b in biases.values()):
@@ -94,14 +127,23 @@ def read_tuned_lens(path: str | Path, error: type[Exception]) -> tuple[TunedLens
     return lens, info
 
 
+def check_hash(path: Path, info: dict, model: FrozenModel) -> None:
+    """Warn (as tuned-lens does) when the lens's config names another unembedding than the model's."""
+    recorded = info.get("tuned_lens_unembed_hash")
+    if recorded and recorded != tuned_lens_hash(model.adapter.unembedding_weight):
+        warnings.warn(f"{path} was trained for {info.get('base_model_name_or_path')!r}, whose unembedding differs "
+                      "from this model's (tuned-lens hash); its predictions here may be meaningless", stacklevel=3)
+
+
 def save_tuned_lens(lens: TunedLens, path: str | Path, model: FrozenModel) -> Path:
-    """Write ``lens`` as a tuned-lens folder that ``tuned_lens.TunedLens.from_model_and_pretrained``
-    loads. The bias is always written (zeros for a lens without one): tuned-lens 0.2 cannot build
-    a translator without a bias."""
-    if type(lens) is not TunedLens or lens.offset != 0:
-        raise ValueError("only a tuned lens of offset 0 has a tuned-lens equivalent")
-    if lens.layers != list(range(lens.num_layers)):
-        raise ValueError("the tuned-lens format needs translators for residuals 0 … L-1")
+    """Write ``lens`` (a tuned or least-squares affine lens of offset 0) as a tuned-lens folder that
+    ``tuned_lens.TunedLens.from_model_and_pretrained`` loads. The bias is always written (zeros for
+    a lens without one): tuned-lens 0.2 cannot build a translator without a bias."""
+    if not isinstance(lens, TunedLens) or lens.offset != 0:
+        raise ValueError("only a tuned or affine lens of offset 0 has a tuned-lens equivalent")
+    if lens.layers != model.layers or lens.d_model != model.d_model:
+        raise ValueError(f"the lens (layers {lens.layers[0]}..{lens.layers[-1]}, width {lens.d_model}) does not "
+                         f"fit the model (layers 0..{model.num_layers - 1}, width {model.d_model})")
     state = {}
     for i in range(lens.num_layers):
         state[f"{i}.weight"] = lens.weight[i].detach().to("cpu", torch.float32).clone()
@@ -113,7 +155,7 @@ def save_tuned_lens(lens: TunedLens, path: str | Path, model: FrozenModel) -> Pa
         "num_hidden_layers": lens.num_layers,
         "bias": True,
         "base_model_revision": model.revision,
-        "unembed_hash": None,  # tuned-lens's own hash of the unembedding; None skips its check
+        "unembed_hash": tuned_lens_hash(model.adapter.unembedding_weight),
         "lens_type": TUNED_LENS_TYPE,
     }
     with atomic_dir(path) as tmp:

@@ -12,7 +12,7 @@ import torch
 import lenscope
 from lenscope.lenses.artifact import LensArtifactError
 from lenscope.lenses.lens import TunedLens
-from lenscope.lenses.tuned_lens_format import save_tuned_lens
+from lenscope.lenses.tuned_lens_format import save_tuned_lens, tuned_lens_hash
 
 
 @pytest.fixture(scope="module")
@@ -29,20 +29,35 @@ def _translators(n: int, d: int, seed: int = 0) -> dict[str, torch.Tensor]:
     return state
 
 
+def _hash(m) -> str:
+    return tuned_lens_hash(m.adapter.unembedding_weight)
+
+
 CONFIGS = {
     "tuned-lens 0.2": lambda m: {"base_model_name_or_path": "tiny", "d_model": m.d_model, "num_hidden_layers": m.num_layers,
-                                 "bias": True, "base_model_revision": None, "unembed_hash": "abc", "lens_type": "linear_tuned_lens"},
-    "misspelt hash": lambda m: {"base_model_name_or_path": "tiny", "d_model": m.d_model, "num_hidden_layers": m.num_layers,
-                                "bias": True, "unemebd_hash": "abc", "lens_type": "linear_tuned_lens"},
+                                 "bias": True, "base_model_revision": None, "unembed_hash": _hash(m),
+                                 "lens_type": "linear_tuned_lens"},
+    "tuned-lens 0.1 (misspelt hash)": lambda m: {"base_model_name_or_path": "tiny", "d_model": m.d_model,
+                                                 "num_hidden_layers": m.num_layers, "bias": True, "unemebd_hash": _hash(m)},
     "legacy": lambda m: {"bias": True, "include_input": True, "d_model": m.d_model, "num_layers": m.num_layers,
                          "vocab_size": m.vocab_size},
 }
 
 
+def _legacy_state(state: dict, m) -> dict:
+    """tuned-lens <= 0.0.5 saved the whole module: input_translator (residual 0), layer_translators.i
+    (residual i + 1), and its own copy of the decoder."""
+    out = {"unembedding.weight": torch.zeros(m.vocab_size, m.d_model), "layer_norm.weight": torch.ones(m.d_model)}
+    for key, value in state.items():
+        i, kind = key.split(".")
+        out[f"input_translator.{kind}" if i == "0" else f"layer_translators.{int(i) - 1}.{kind}"] = value
+    return out
+
+
 @pytest.mark.parametrize("shape", list(CONFIGS))
-def test_a_published_lens_reads_as_the_translators_it_holds(model, tmp_path, shape):
+def test_a_published_lens_reads_as_the_translators_it_holds(model, tmp_path, shape, recwarn):
     state = _translators(model.num_layers, model.d_model)
-    torch.save(state, tmp_path / "params.pt")
+    torch.save(_legacy_state(state, model) if shape == "legacy" else state, tmp_path / "params.pt")
     (tmp_path / "config.json").write_text(json.dumps(CONFIGS[shape](model)))
     lens = lenscope.load_lens(tmp_path, model)
     assert isinstance(lens, TunedLens) and lens.layers == model.layers
@@ -51,6 +66,14 @@ def test_a_published_lens_reads_as_the_translators_it_holds(model, tmp_path, sha
     with torch.no_grad():
         expected = torch.stack([h[i] + h[i] @ state[f"{i}.weight"].T + state[f"{i}.bias"] for i in range(model.num_layers)])
         torch.testing.assert_close(lens(h), expected, rtol=1e-5, atol=1e-6)
+    assert not recwarn.list, [str(w.message) for w in recwarn.list]  # the hash, where there is one, matches
+
+
+def test_a_lens_whose_hash_names_another_unembedding_warns(model, tmp_path):
+    torch.save(_translators(model.num_layers, model.d_model), tmp_path / "params.pt")
+    (tmp_path / "config.json").write_text(json.dumps({**CONFIGS["tuned-lens 0.2"](model), "unembed_hash": "0" * 64}))
+    with pytest.warns(UserWarning, match="unembedding differs from this model's"):
+        lenscope.load_lens(tmp_path, model)
 
 
 def test_a_lenscope_lens_written_in_the_format_reads_back_the_same(model, tmp_path):

@@ -32,7 +32,7 @@ def main(argv: list[str] | None = None, prog: str = "lenscope show") -> None:
         args = p.parse_args(argv)
     except SystemExit as stop:  # argparse has printed its usage and one line
         raise SystemExit(2 if stop.code else 0) from None
-    run_with_clean_errors(lambda: show(args), where="before anything was written")
+    run_with_clean_errors(lambda: show(args), where="while showing; each file it writes is whole or absent")
 
 
 def show(args: argparse.Namespace) -> None:
@@ -41,7 +41,14 @@ def show(args: argparse.Namespace) -> None:
     from lenscope.lenses.trajectory import Trajectory
     from lenscope.model.frozen import FrozenModel
 
-    name = args.model or (read_config(args.lens[0]).get("base_model_name_or_path") if args.lens else None)
+    out = Path(args.out)
+    if out.name in ("", ".", ".."):
+        raise ConfigError(f"--out {args.out!r} names a folder; give a file name without extension, e.g. --out traj")
+    name = args.model
+    if name is None and args.lens:
+        name = read_config(args.lens[0]).get("base_model_name_or_path")
+        if not name:
+            raise ConfigError(f"{args.lens[0]} does not name the model it was trained on; pass --model")
     if not name:
         raise ConfigError("no model to run: pass --model (a hub id, a folder or embedded:smollm2-135m) or a --lens")
     model = FrozenModel.load(name)
@@ -49,7 +56,6 @@ def show(args: argparse.Namespace) -> None:
     if not args.no_logit or not lenses:
         lenses.insert(0, LogitLens(model.layers, model.d_model))
     trajectory = Trajectory.of(model, args.text, lenses, args.k)
-    out = Path(args.out)
     page = trajectory.to_html(out.with_name(out.name + ".html"), args.stat)
     picture = trajectory.to_png(out.with_name(out.name + ".png"), args.stat)
     print(trajectory)
