@@ -196,7 +196,7 @@ class Trajectory:
                 coloraxis="coloraxis"), row=1, col=i + 1)
         fig.update_yaxes(autorange="reversed")
         fig.update_layout(
-            coloraxis={"colorscale": _colour_map(stat, plotly=True), "cmin": vmin, "cmax": vmax,
+            coloraxis={"colorscale": _colour_map(stat), "cmin": vmin, "cmax": vmax,
                        "colorbar": {"title": {"text": STATISTICS[stat]}}},
             height=160 + 22 * len(self.row_names), width=220 + 70 * len(self.tokens) * len(self.panels),
             title={"text": "Prediction trajectory: the top token of every layer at every position"},
@@ -262,11 +262,10 @@ def _colour_range(values, stat: str) -> tuple[float, float]:
     return 0.0, max(high, 1e-6)
 
 
-def _colour_map(stat: str, plotly: bool = False) -> str:
-    # High probability reads as "sure" (dark); high entropy/KL/rank as "lost" (bright).
-    if stat in ("target_prob", "top_prob"):
-        return "Blues"
-    return "Viridis" if plotly else "viridis"
+def _colour_map(stat: str) -> str:
+    """A name both matplotlib and plotly know. High probability reads as "sure" (dark); high
+    entropy, KL or rank as "lost" (bright)."""
+    return "Blues" if stat in ("target_prob", "top_prob") else "viridis"
 
 
 def _short(token: str, width: int) -> str:
