@@ -22,6 +22,7 @@ from safetensors.torch import load_file, save_file
 
 from lenscope.errors import UserError
 from lenscope.files import atomic_dir
+from lenscope.lenses.hub import is_hub_ref, pull_lens
 from lenscope.lenses.learned_prompt import LearnedPromptLens  # noqa: F401 (registers its lens type)
 from lenscope.lenses.lens import LENS_TYPES, Lens
 from lenscope.lenses.tuned_lens_format import check_hash, is_tuned_lens_folder, read_tuned_lens
@@ -76,7 +77,7 @@ def save_lens(lens: Lens, path: str | Path, *, base_model: str, revision: str, u
 
 
 def read_config(path: str | Path) -> dict:
-    path = Path(path)
+    path = pull_lens(path) if is_hub_ref(path) else Path(path)
     if path.is_file():
         what = "a training checkpoint" if path.suffix == ".ckpt" else "a file"
         raise LensArtifactError(f"{path} is {what}, not a lens artifact; pass the artifact folder `lenscope train` writes "
@@ -131,7 +132,9 @@ def _check_config(path: Path, config: dict) -> None:
 def load_lens(path: str | Path, model: FrozenModel | None = None, *, unembed_hash: str | None = None,
               num_hidden_layers: int | None = None, map_location: str | torch.device = "cpu") -> Lens:
     """Load a lens artifact in one call: ``load_lens("artifacts/quickstart/tuned", model)``. A folder
-    in the tuned-lens format (``config.json`` + ``params.pt``) is read too.
+    in the tuned-lens format (``config.json`` + ``params.pt``) is read too, and so is a lens on the
+    Hugging Face Hub: ``load_lens("hub:AlignmentResearch/tuned-lens:lens/gpt2", model)`` (see
+    :mod:`lenscope.lenses.hub`; revisions are pinned with ``hub:owner/name@rev:folder``).
 
     Given the model it will be used with (or that model's ``unembed_hash`` / ``num_hidden_layers``),
     a lens made for another model is refused with a message that says which, and the lens is put on
@@ -140,7 +143,7 @@ def load_lens(path: str | Path, model: FrozenModel | None = None, *, unembed_has
     """
     if model is not None:
         unembed_hash, num_hidden_layers, map_location = model.unembed_hash, model.num_layers, model.device
-    path = Path(path)
+    path = pull_lens(path) if is_hub_ref(path) else Path(path)
     if is_tuned_lens_folder(path):  # the reference's format (config.json + params.pt)
         lens, info = read_tuned_lens(path, LensArtifactError)
         trained_for = info["base_model_name_or_path"]

@@ -22,6 +22,11 @@ if TYPE_CHECKING:
     from lenscope.model.frozen import FrozenModel
 
 
+def residual_name(index: int) -> str:
+    """What residual ``index`` is: 0 the embeddings, i + 1 the output of block i."""
+    return "embeddings" if index == 0 else f"block {index - 1}"
+
+
 def lens_key(lens_type: str, offset: int) -> str:
     """Name of a lens within a run: its type, with ``+k`` for a future lens of offset k ≥ 1."""
     return lens_type if offset == 0 else f"{lens_type}+{offset}"

@@ -24,6 +24,7 @@ import torch
 
 from lenscope.errors import ConfigError
 from lenscope.files import atomic_path
+from lenscope.lenses.lens import residual_name
 
 if TYPE_CHECKING:
     from lenscope.lenses.lens import Lens
@@ -99,7 +100,7 @@ class Trajectory:
             name = lens.key if names.count(lens.key) == 1 else f"{lens.key} #{len(panels) + 1}"
             panels.append(_panel(name, lens.offset, lens.layers, logp, model_logp, token_ids, k))
         # Drawn top to bottom: the model's output, then the last lensed layer down to the embeddings.
-        rows = ["output"] + [_layer_name(i) for i in reversed(layers or [])]
+        rows = ["output"] + [residual_name(i) for i in reversed(layers or [])]
         return cls([model.tokenizer.decode([t]) for t in token_ids], panels, model.tokenizer.decode, rows)
 
     # --- what it shows --------------------------------------------------------------------------
@@ -246,10 +247,6 @@ def _title(panel: Panel) -> str:
 def _drawing_order(x: torch.Tensor) -> torch.Tensor:
     """Row 0 (the output) stays first; the lensed layers go last layer first."""
     return torch.cat([x[:1], x[1:].flip(0)])
-
-
-def _layer_name(i: int) -> str:
-    return "embeddings" if i == 0 else f"block {i - 1}"
 
 
 def _colour_range(values, stat: str) -> tuple[float, float]:

@@ -4,6 +4,7 @@
     lenscope train validate --config ... --ckpt_path last     # = python train.py validate ...
     lenscope evaluate --config configs/eval/patchscopes.yaml  # = python evaluate.py --config ...
     lenscope show "The capital of France is" --lens artifacts/quickstart/tuned
+    lenscope push artifacts/quickstart/tuned me/smollm2-lenses --path-in-repo tuned
     torchrun --nproc_per_node 8 -m lenscope train ...         # a launcher that wants a module
 """
 
@@ -17,6 +18,7 @@ commands:
   train      train lenses (`lenscope train --help`; `lenscope train validate ...` scores a checkpoint)
   evaluate   score lenses as patchscope mappings (`lenscope evaluate --help`)
   show       what every layer predicts for a prompt: table, HTML, PNG (`lenscope show --help`)
+  push       upload a lens to the Hugging Face Hub with a model card (`lenscope push --help`)
 
 start with: lenscope train --config configs/quickstart.yaml"""
 
@@ -51,8 +53,13 @@ def main(argv: list[str] | None = None) -> None:
         from lenscope.cli import show
 
         show.main(rest)
+    elif command == "push":
+        from lenscope.cli import push
+
+        push.main(rest)
     else:
-        _usage_error(f"lenscope has no command {command!r}: use one of train, evaluate, show (see `lenscope --help`)")
+        _usage_error(f"lenscope has no command {command!r}: use one of train, evaluate, show, push "
+                     "(see `lenscope --help`)")
 
 
 def _usage_error(message: str) -> None:

@@ -15,8 +15,9 @@ from lenscope.lenses.trajectory import STATISTICS
 def parser(prog: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0].replace("``", "`"))
     p.add_argument("text", help="the prompt")
-    p.add_argument("--lens", action="append", default=[], metavar="FOLDER",
-                   help="a lens artifact folder (repeat for several, side by side); without one, the logit lens alone")
+    p.add_argument("--lens", action="append", default=[], metavar="LENS",
+                   help="a lens folder (lenscope or tuned-lens format) or a Hub lens, hub:owner/repo[@rev][:folder] "
+                        "(repeat for several, side by side); without one, the logit lens alone")
     p.add_argument("--model", default=None,
                    help="hub id, folder or embedded:smollm2-135m (default: the model the first lens was trained on)")
     p.add_argument("--stat", default="entropy", choices=list(STATISTICS), help="what the colour shows")

@@ -13,11 +13,8 @@ from lightning.pytorch.utilities import rank_zero_only
 
 from lenscope.files import atomic_write
 from lenscope.lenses.artifact import save_lens
+from lenscope.lenses.lens import residual_name
 from lenscope.loggers import wandb_locations
-
-
-def layer_name(index: int) -> str:
-    return "embeddings" if index == 0 else f"block {index - 1}"
 
 
 def results_table(results: dict, unit: str = "bits") -> str:
@@ -29,8 +26,24 @@ def results_table(results: dict, unit: str = "bits") -> str:
     lines = ["| residual | layer | " + " | ".join(columns) + " |", "|---:|---|" + "---:|" * len(columns)]
     for i, layer in enumerate(results["layers"]):
         row = [results[lens][f"{metric}_{unit}"][i] for metric in ("kl", "ce") for lens in lenses]
-        lines.append(f"| {layer} | {layer_name(layer)} | " + " | ".join("n/a" if v is None else f"{v:.3f}" for v in row) + " |")
+        lines.append(f"| {layer} | {residual_name(layer)} | " + " | ".join("n/a" if v is None else f"{v:.3f}" for v in row) + " |")
     return "\n".join(lines)
+
+
+def training_data(trainer: L.Trainer) -> dict | None:
+    """What the lenses were trained on, as the data module was configured (for the artifact and its model card)."""
+    hparams = getattr(getattr(trainer, "datamodule", None), "hparams", None)
+    if not hparams:
+        return None
+    keys = ("source", "split", "text_field", "mode", "seq_len", "batch_size", "holdout_every", "seed")
+    return {key: hparams[key] for key in keys if key in hparams}
+
+
+def held_out(results: dict | None, key: str) -> dict | None:
+    """The lens ``key``'s last held-out scores per layer (bits per token), or None before any."""
+    if not results or key not in results:
+        return None
+    return {"step": results.get("step"), "kl_bits": results[key]["kl_bits"], "ce_bits": results[key]["ce_bits"]}
 
 
 class LensArtifactWriter(L.Callback):
@@ -46,13 +59,18 @@ class LensArtifactWriter(L.Callback):
         """
         self.dirpath = Path(dirpath)
 
-    @rank_zero_only
     def on_train_end(self, trainer: L.Trainer, pl_module) -> None:
+        tokens_seen = pl_module.total_tokens_seen()  # a collective: every rank takes part
+        if not trainer.is_global_zero:
+            return
         written = [save_lens(
             lens, self.dirpath / key, base_model=pl_module.hparams.name,
             revision=pl_module.base_revision, unembed_hash=pl_module.unembed_hash,
             num_hidden_layers=pl_module.adapter.num_layers,
-            extra={"trained_steps": trainer.global_step, "lenscope_lens_dtype": str(pl_module.lens_compute_dtype).removeprefix("torch.")},
+            extra={"trained_steps": trainer.global_step, "tokens_seen": tokens_seen,
+                   "training_data": training_data(trainer),
+                   "held_out": held_out(pl_module.last_results, key),
+                   "lenscope_lens_dtype": str(pl_module.lens_compute_dtype).removeprefix("torch.")},
         ) for key, lens in pl_module.lenses.items()]
         self._write_results(trainer, pl_module)
         self._written = written
@@ -86,7 +104,7 @@ class LensArtifactWriter(L.Callback):
             if isinstance(logger, WandbLogger):
                 lenses = results["lenses"]
                 columns = ["residual", "layer"] + [f"{lens}_{m}_bits" for m in ("kl", "ce") for lens in lenses]
-                data = [[layer, layer_name(layer)] + [results[lens][f"{m}_bits"][i] for m in ("kl", "ce") for lens in lenses]
+                data = [[layer, residual_name(layer)] + [results[lens][f"{m}_bits"][i] for m in ("kl", "ce") for lens in lenses]
                         for i, layer in enumerate(results["layers"])]
                 logger.log_table("val/per_layer", columns=columns, data=data)
 

@@ -208,6 +208,7 @@ class LensTrainingModule(L.LightningModule):
         })
         self.cache: HiddenStateCache | None = None
         self.last_results: dict | None = None
+        self.tokens_seen = 0  # this process's training positions so far (a lens artifact records the sum)
 
     # --- what the data module needs from the model -------------------------------------------------
     @property
@@ -247,6 +248,7 @@ class LensTrainingModule(L.LightningModule):
         if "combined_loader" in fit_loop:
             # Each rank reads its own share of the stream: keep every rank's position, not rank 0's alone.
             checkpoint["lenscope"]["loader_state_by_rank"] = self._gather_from_ranks(fit_loop["combined_loader"])
+        checkpoint["lenscope"]["tokens_seen_by_rank"] = self._gather_from_ranks(self.tokens_seen)
         for logger in self.trainer.loggers:
             if isinstance(logger, WandbLogger):  # so that a resumed run logs into the same W&B run
                 checkpoint["lenscope"]["wandb_run_id"] = logger.version
@@ -285,6 +287,9 @@ class LensTrainingModule(L.LightningModule):
                     "processes (--trainer.devices × --trainer.num_nodes)"
                 )
             checkpoint["loops"]["fit_loop"]["state_dict"]["combined_loader"] = by_rank[self.global_rank]
+        tokens = saved.get("tokens_seen_by_rank")
+        if tokens is not None and fitting and len(tokens) == self.trainer.world_size:
+            self.tokens_seen = tokens[self.global_rank]
 
     def _gather_from_ranks(self, obj) -> list:
         """``obj`` of every rank, in rank order (a list of one in a single process)."""
@@ -293,6 +298,10 @@ class LensTrainingModule(L.LightningModule):
         gathered = [None] * self.trainer.world_size
         torch.distributed.all_gather_object(gathered, obj)
         return gathered
+
+    def total_tokens_seen(self) -> int:
+        """Training positions seen by all processes together (a collective: call it on every rank)."""
+        return sum(self._gather_from_ranks(self.tokens_seen))
 
     def _summed_normal_equations(self) -> dict[str, NormalEquations]:
         """The least-squares fit so far over all ranks (each accumulates its own share)."""
@@ -433,6 +442,7 @@ class LensTrainingModule(L.LightningModule):
         batch = self.transfer_batch_to_device(batch, self.device, 0)
         states, labels = self.hidden_states(batch)  # one model pass (or cache hit) serves every offset
         n = states.shape[1]
+        self.tokens_seen += n
         if self.hparams.lens_type == "affine":
             for key, lens in self.lenses.items():
                 h, final, _ = self.lens_examples(batch, states, labels, lens.offset)

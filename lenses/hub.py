@@ -1,0 +1,260 @@
+"""Lenses on the Hugging Face Hub, both ways, through ``huggingface_hub``'s public API.
+
+A lens on the Hub is named ``hub:<repo>[@<revision>][:<folder>]``:
+
+* ``hub:AlignmentResearch/tuned-lens:lens/EleutherAI/pythia-160m`` — a folder of a repository;
+  the repository is looked for as a model repo, then as a Space (the tuned-lens lenses live in a
+  Space);
+* ``hub:spaces/AlignmentResearch/tuned-lens:lens/gpt2`` or ``hub:models/...`` / ``hub:datasets/...``
+  name the kind of repository;
+* ``hub:me/smollm2-lenses@3f2a9c1:tuned`` pins a revision (commit, branch or tag).
+
+Either format may be at that place: a lenscope artifact (``config.json`` + ``lens.safetensors``)
+or a tuned-lens folder (``config.json`` + ``params.pt``). Files go through the Hugging Face cache
+(``HF_HUB_CACHE``); with ``HF_HUB_OFFLINE=1`` nothing is fetched and the cache alone answers. Both
+variables are read when a lens is pulled, not when ``huggingface_hub`` was imported.
+
+``push_lens`` uploads an artifact folder with a generated model card (base model and revision,
+training data, tokens seen, per-layer held-out KL) in one commit. It is a thin call of
+``HfApi.create_commit``; it needs a token (``hf auth login``) and a network.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+
+from lenscope.errors import UserError
+
+PREFIX = "hub:"
+CONFIG = "config.json"
+LENSCOPE_WEIGHTS = "lens.safetensors"
+TUNED_LENS_PARAMS = "params.pt"
+README = "README.md"
+_REPO_TYPES = {"models": "model", "spaces": "space", "datasets": "dataset"}
+_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
+# Where a model named by lenscope comes from on the Hub, for the card's ``base_model``.
+_HUB_ORIGIN = {"embedded:smollm2-135m": "HuggingFaceTB/SmolLM2-135M-Instruct"}
+
+
+class HubError(UserError):
+    """A lens could not be pulled from or pushed to the Hub."""
+
+
+@dataclass(frozen=True)
+class HubRef:
+    """Where a lens lives on the Hub. ``repo_type`` None: a model repo, else a Space."""
+
+    repo_id: str
+    repo_type: str | None = None
+    revision: str | None = None
+    folder: str = ""
+
+    def __str__(self) -> str:
+        kind = {"model": "models/", "space": "spaces/", "dataset": "datasets/"}.get(self.repo_type, "")
+        rev = f"@{self.revision}" if self.revision else ""
+        return f"{PREFIX}{kind}{self.repo_id}{rev}" + (f":{self.folder}" if self.folder else "")
+
+
+def is_hub_ref(path: object) -> bool:
+    return isinstance(path, str) and path.startswith(PREFIX)
+
+
+def parse_hub_ref(ref: str) -> HubRef:
+    """``hub:[spaces/]owner/name[@revision][:folder]`` → :class:`HubRef`; one line if malformed."""
+    usage = ("write a Hub lens as hub:<owner>/<repo>[@<revision>][:<folder>], e.g. "
+             "hub:AlignmentResearch/tuned-lens:lens/EleutherAI/pythia-160m")
+    if not is_hub_ref(ref):
+        raise HubError(f"{ref!r} is not a Hub lens name; {usage}")
+    body = ref[len(PREFIX):]
+    repo, _, folder = body.partition(":")
+    repo, _, revision = repo.partition("@")
+    repo_type = None
+    head, _, tail = repo.partition("/")
+    if head in _REPO_TYPES and tail.count("/") == 1:
+        repo_type, repo = _REPO_TYPES[head], tail
+    folder = folder.strip("/")
+    if not _REPO_ID.match(repo) or "/" not in repo:
+        raise HubError(f"{ref!r}: {repo!r} is not a repository id (owner/name); {usage}")
+    if "@" in body.partition(":")[0] and not revision:
+        raise HubError(f"{ref!r}: nothing after '@'; give a commit, branch or tag, or leave out the '@'")
+    if any(part in ("", ".", "..") for part in PurePosixPath(folder).parts) and folder:
+        raise HubError(f"{ref!r}: the folder {folder!r} must be a plain path inside the repository")
+    return HubRef(repo, repo_type, revision or None, folder)
+
+
+def _truthy(value: str | None) -> bool:
+    return (value or "").strip().upper() in {"1", "ON", "YES", "TRUE"}
+
+
+def _hub_settings() -> dict:
+    """``HF_HUB_OFFLINE`` and ``HF_HUB_CACHE`` as they are now (huggingface_hub reads them on import)."""
+    from huggingface_hub import constants
+
+    offline = (_truthy(os.environ.get("HF_HUB_OFFLINE")) or _truthy(os.environ.get("TRANSFORMERS_OFFLINE"))
+               or constants.HF_HUB_OFFLINE)
+    return {"local_files_only": offline, "cache_dir": os.environ.get("HF_HUB_CACHE") or None}
+
+
+def _download(ref: HubRef, repo_type: str, filename: str, revision: str | None) -> Path:
+    from huggingface_hub import hf_hub_download
+
+    return Path(hf_hub_download(ref.repo_id, filename, subfolder=ref.folder or None, repo_type=repo_type,
+                                revision=revision, **_hub_settings()))
+
+
+def pull_lens(ref: str | HubRef) -> Path:
+    """The local folder (in the Hugging Face cache) holding the lens ``ref`` names, fetched if need be."""
+    from huggingface_hub.errors import (
+        EntryNotFoundError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    ref = parse_hub_ref(ref) if isinstance(ref, str) else ref
+    where = f"{ref.folder!r} of " if ref.folder else ""
+    failures = []
+    for repo_type in ([ref.repo_type] if ref.repo_type else ["model", "space"]):
+        try:
+            config = _download(ref, repo_type, CONFIG, ref.revision)
+            break
+        except (RepositoryNotFoundError, LocalEntryNotFoundError) as err:
+            failures.append(err)
+        except RevisionNotFoundError:
+            raise HubError(f"{ref}: {ref.repo_id} has no revision {ref.revision!r}; give a commit, branch or tag "
+                           "that exists") from None
+        except EntryNotFoundError:
+            raise HubError(f"{ref}: no {CONFIG} in {where}{repo_type} repo {ref.repo_id}, so no lens there; check "
+                           "the folder after ':'") from None
+        except OSError as err:
+            raise HubError(f"{ref}: could not fetch it ({_first_line(err)}); check the network or set HF_HUB_OFFLINE=1 "
+                           "to use the cache") from None
+    else:
+        kinds = "a " + ref.repo_type if ref.repo_type else "a model repo or a Space"
+        if all(isinstance(err, LocalEntryNotFoundError) for err in failures) or _hub_settings()["local_files_only"]:
+            settings = _hub_settings()
+            why = "HF_HUB_OFFLINE is set" if settings["local_files_only"] else "the Hub could not be reached"
+            raise HubError(f"{ref} is not in the Hugging Face cache ({settings['cache_dir'] or 'the default'}) and "
+                           f"{why}; pull it once with a network (unset HF_HUB_OFFLINE) or point HF_HUB_CACHE at a "
+                           "cache that has it") from None
+        raise HubError(f"{ref}: no {kinds} {ref.repo_id} on the Hub (or it is private: log in with `hf auth login`); "
+                       "check the name (a Space can be named hub:spaces/<owner>/<name>)") from None
+    folder = config.parent
+    # The other files at the commit the config came from (a branch may move between two requests).
+    commit = folder.parents[len(PurePosixPath(ref.folder).parts) - 1].name if ref.folder else folder.name
+    for name in _weights_of(config):
+        try:
+            _download(ref, repo_type, name, commit if re.fullmatch(r"[0-9a-f]{40}", commit) else ref.revision)
+        except (EntryNotFoundError, LocalEntryNotFoundError):
+            raise HubError(f"{ref}: {where}{ref.repo_id} has {CONFIG} but no {name} (in the cache, when offline); "
+                           "the lens there is incomplete or was never fully downloaded") from None
+    return folder
+
+
+def _weights_of(config_path: Path) -> list[str]:
+    """The files a lens folder needs besides its config: a lenscope artifact lists them in its
+    manifest; a tuned-lens folder has ``params.pt``."""
+    try:
+        config = json.loads(config_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return []  # load_lens says what is wrong with it
+    if isinstance(config, dict) and "format_version" in config:
+        files = config.get("files")
+        return sorted(files) if isinstance(files, dict) else [LENSCOPE_WEIGHTS]
+    return [TUNED_LENS_PARAMS]
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+# --- push ------------------------------------------------------------------------------------------
+
+def model_card(folder: str | Path, repo_id: str, path_in_repo: str = "") -> str:
+    """A Hub model card (README.md with YAML metadata) for the lens artifact in ``folder``: what it
+    is, how to load it, what it was trained on and its held-out KL per layer."""
+    from huggingface_hub import ModelCardData
+
+    from lenscope.lenses.artifact import read_config
+    from lenscope.lenses.lens import residual_name
+
+    config = read_config(folder)
+    base = config.get("base_model_name_or_path", "unknown")
+    revision = config.get("base_model_revision", "unknown")
+    kind = config.get("lens_type", "tuned")
+    origin = _HUB_ORIGIN.get(base, base if _REPO_ID.match(str(base)) and "/" in str(base) else None)
+    metadata = ModelCardData(library_name="lenscope", base_model=origin,
+                             tags=["lenscope", "interpretability", f"{kind}-lens", "logit-lens"])
+    name = f"hub:{repo_id}" + (f":{path_in_repo}" if path_in_repo else "")
+    data = config.get("training_data") or {}
+    data_text = ", ".join(f"{k} {v}" for k, v in data.items()) if data else "not recorded"
+    tokens = config.get("tokens_seen")
+    rows = [
+        ("lens", f"{kind}" + (f" (predicts the token {config['offset']} ahead)" if config.get("offset") else "")),
+        ("base model", f"`{base}`" + (f" (from [{origin}](https://huggingface.co/{origin}))" if origin and origin != base else "")),
+        ("base model revision", f"`{revision}`"),
+        ("unembedding fingerprint", f"`{config.get('unembed_hash', 'unknown')}`"),
+        ("residuals lensed", f"{len(config.get('layers', []))} of {config.get('num_hidden_layers', '?') + 1 if isinstance(config.get('num_hidden_layers'), int) else '?'}"),
+        ("training data", data_text),
+        ("tokens seen", f"{tokens:,}" if isinstance(tokens, int) else "not recorded"),
+        ("optimizer steps", str(config.get("trained_steps", "not recorded"))),
+    ]
+    lines = [
+        "---", metadata.to_yaml(), "---", "",
+        f"# {kind.capitalize()} lens for {base}", "",
+        "Per-layer maps from the residual stream of the base model to its vocabulary, trained with "
+        "lenscope: at every layer, what the model would predict if it stopped there.", "",
+        "```python", "import lenscope",
+        f'model = lenscope.load_model("{base}")',
+        f'lens = lenscope.load_lens("{name}", model)',
+        'print(lens.trajectory(model, "The capital of France is"))', "```", "",
+        "## Training", "", "| | |", "|---|---|", *[f"| {k} | {v} |" for k, v in rows], "",
+    ]
+    held_out = config.get("held_out")
+    if isinstance(held_out, dict) and held_out.get("kl_bits"):
+        lines += [f"## Held-out KL per layer (step {held_out.get('step', '?')})", "",
+                  "KL(model ‖ lens) and cross-entropy against the real next token, in bits per token, on documents "
+                  "held out from training.", "",
+                  "| residual | layer | KL (bits) | CE (bits) |", "|---:|---|---:|---:|"]
+        ce_bits = held_out.get("ce_bits") or [None] * len(held_out["kl_bits"])
+        for layer, kl, ce in zip(config["layers"], held_out["kl_bits"], ce_bits, strict=False):
+            lines.append(f"| {layer} | {residual_name(layer)} | {_num(kl)} | {_num(ce)} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _num(value) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
+
+
+def push_lens(folder: str | Path, repo_id: str, *, path_in_repo: str = "", revision: str | None = None,
+              private: bool | None = None, token: str | None = None, commit_message: str | None = None) -> str:
+    """Upload the lens artifact in ``folder`` to ``repo_id`` (created if missing) under
+    ``path_in_repo``, with a generated model card, in one commit. Returns the commit's URL."""
+    from huggingface_hub import CommitOperationAdd, HfApi
+
+    from lenscope.lenses.artifact import load_lens
+
+    folder = Path(folder)
+    load_lens(folder)  # refuse to publish a damaged artifact
+    prefix = path_in_repo.strip("/")
+    target = lambda name: f"{prefix}/{name}" if prefix else name  # noqa: E731
+    files = sorted(p for p in folder.iterdir() if p.is_file() and p.name != README)
+    operations = [CommitOperationAdd(target(p.name), str(p)) for p in files]
+    operations.append(CommitOperationAdd(target(README), model_card(folder, repo_id, prefix).encode()))
+    if not _REPO_ID.match(repo_id) or "/" not in repo_id:
+        raise HubError(f"{repo_id!r} is not a repository id; give owner/name, e.g. me/smollm2-lenses")
+    api = HfApi(token=token)
+    try:
+        api.create_repo(repo_id, private=private, exist_ok=True)
+        info = api.create_commit(repo_id, operations, revision=revision,
+                                 commit_message=commit_message or f"lenscope: upload the lens {folder.name}")
+    except Exception as err:  # network, token, permission: every failure of the upload reads the same way
+        raise HubError(f"could not push {folder} to {repo_id}: {_first_line(err)}; log in with a write token "
+                       "(`hf auth login`) and check the network") from None
+    return info.commit_url
