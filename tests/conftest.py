@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from pathlib import Path
 
 import pytest
@@ -80,6 +81,14 @@ def corpus(tmp_path) -> Path:
 
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def training_step(module, batch: dict) -> torch.Tensor:
+    """The module's own ``training_step`` on one batch, outside a Trainer (its ``self.log`` calls
+    then have nowhere to go, and Lightning says so; that warning is silenced here on purpose)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r".*self\.log.*")
+        return module.training_step(iter([(batch, 0, 0)]))
 
 
 def fit_args(out: Path, model_dir: Path, source: Path | str, *extra: str, steps: int = 4,

@@ -124,7 +124,12 @@ def test_fsdp_ranks_run_the_model_together_when_their_cache_hits_differ(tmp_path
     blocks from both), and the cached states must train the same lens as no cache."""
     small = write_corpus(tmp_path / "small.jsonl", 9, seed=3)
     fsdp = ("--config", str(strategy_config(tmp_path, "fsdp")), "--trainer.devices", "2")
-    run_train(fit_args(tmp_path / "cached", tiny_model_dir, small, *fsdp, steps=12), cwd=tmp_path)
+    record = ("--trainer.callbacks+=tests.cpu_fsdp.CacheHitRecorder", f"--trainer.callbacks.dirpath={tmp_path / 'hits'}")
+    run_train(fit_args(tmp_path / "cached", tiny_model_dir, small, *fsdp, *record, steps=12), cwd=tmp_path)
+    hits = [json.loads((tmp_path / "hits" / f"hits_rank{r}.json").read_text()) for r in (0, 1)]
+    assert len(hits[0]) == len(hits[1]) == 12
+    # What the test is about: some step where one rank's batch was cached and the other's was not.
+    assert any(a != b for a, b in zip(*hits, strict=True)), hits
     run_train(fit_args(tmp_path / "uncached", tiny_model_dir, small, *fsdp, "--model.cache", "none", steps=12),
               cwd=tmp_path)
     a, b = load_lens(tmp_path / "cached" / "out" / "tuned"), load_lens(tmp_path / "uncached" / "out" / "tuned")

@@ -6,8 +6,6 @@ step runs with the fused loss equal to the unfused one and lowers the loss."""
 
 from __future__ import annotations
 
-import warnings
-
 import pytest
 import torch
 
@@ -18,7 +16,7 @@ from lenscope.model.adapter import ArchitectureAdapter
 from lenscope.model.patching import PatchingEngine
 from lenscope.model.residuals import ResidualReader
 from lenscope.training.lens_module import LensTrainingModule
-from tests.conftest import make_tokenizer
+from tests.conftest import make_tokenizer, training_step
 from tests.test_adapter import CONFIGS, LAYERS, VOCAB, build
 
 FAMILIES = sorted(CONFIGS)
@@ -55,8 +53,15 @@ def test_writing_back_the_models_own_state_changes_nothing(arch, tokenizer):
     layers = torch.tensor([0, 1, 2, LAYERS])
     write = torch.tensor([3, 6, 2, 5])
     read = torch.tensor([6, 6, 4, 5])
-    patched = engine.run(x, None, layers, write, residuals[layers, rows, write], read)
+    states = residuals[layers, rows, write]
+    patched = engine.run(x, None, layers, write, states, read)
     torch.testing.assert_close(patched, reference[rows, read], atol=1e-4, rtol=1e-4)
+    # ... because the engine wrote the same state, not because it wrote nothing: another state, read
+    # where it was written (the residual path carries it straight to the logits there).
+    noise = torch.randn(states.shape, generator=torch.Generator().manual_seed(0)) * states.std()
+    other = engine.run(x, None, layers, write, states + noise, write)
+    change = (other - reference[rows, write]).abs().amax(-1)
+    assert (change > 1e-2).all(), f"a different state must change every row: {change}"
 
 
 @pytest.mark.parametrize("arch", FAMILIES)
@@ -93,9 +98,7 @@ def test_one_training_step(arch, model_dirs):
     batch = collate(samples, pad_id=0)
 
     def loss() -> torch.Tensor:
-        with warnings.catch_warnings():  # self.log outside a Trainer: nothing to log to, on purpose
-            warnings.filterwarnings("ignore", message=r".*self\.log.*")
-            return module.training_step(iter([(batch, 0, 0)]))
+        return training_step(module, batch)
 
     with torch.no_grad():  # start away from the logit lens, so the loss is well above rounding everywhere
         generator = torch.Generator().manual_seed(4)

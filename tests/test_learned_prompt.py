@@ -13,7 +13,7 @@ from lenscope.lenses.artifact import load_lens
 from lenscope.lenses.learned_prompt import IDENTITY_PROMPT, LearnedPromptLens
 from lenscope.model.patching import PatchingEngine
 from lenscope.training.lens_module import LensTrainingModule
-from tests.conftest import fit_args
+from tests.conftest import fit_args, training_step
 from tests.test_evaluation import eval_args
 
 
@@ -53,13 +53,9 @@ def test_training_moves_only_the_prompt_through_the_patching_engine_and_lowers_t
     start = lens.prompt.detach().clone()
     optimizer = torch.optim.Adam(lens.parameters(), lr=0.05)
     b = batch()
-    states, labels = module.hidden_states(b)
-    h, final, _ = module.lens_examples(b, states, labels, 1)
-    target = module._target_log_probs(final)
     losses = []
     for _ in range(8):
-        logq = torch.log_softmax(lens.logits(module.frozen, h), -1)
-        loss = (target.exp() * (target - logq)).sum(-1).mean()
+        loss = training_step(module, b)  # the module's own step, as the Trainer calls it
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()

@@ -56,8 +56,15 @@ def test_writing_back_the_original_state_changes_nothing(engine):
     pos = torch.tensor([3, 3, 6, 1])
     read = torch.tensor([8, 4, 6, 2])
     rows = torch.arange(4)
-    patched = engine.run(x, None, layers, pos, residuals[layers, rows, pos], read)
+    states = residuals[layers, rows, pos]
+    patched = engine.run(x, None, layers, pos, states, read)
     torch.testing.assert_close(patched, reference[rows, read], atol=1e-5, rtol=0)
+    # ... because the engine wrote the same state, not because it wrote nothing: another state, same places.
+    other = engine.run(x, None, layers, pos, states + torch.randn(states.shape, generator=torch.Generator().manual_seed(0)), read)
+    change = (other - reference[rows, read]).abs().amax(-1)
+    assert (change[:3] > 1e-3).all(), "a different state must change what later blocks compute"
+    # Row 3 wrote the last block's output at position 1: no block runs after it, so position 2 cannot see it.
+    assert change[3] == 0
 
 
 def test_source_layer_after_target_layer_matches_a_plain_hook(engine):
