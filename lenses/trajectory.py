@@ -25,6 +25,7 @@ import torch
 from lenscope.errors import ConfigError
 from lenscope.files import atomic_path
 from lenscope.lenses.lens import residual_name
+from lenscope.lenses.unembed import kl_divergence
 
 if TYPE_CHECKING:
     from lenscope.lenses.lens import Lens
@@ -217,10 +218,7 @@ def _panel(name: str, offset: int, layers: list[int], logp: torch.Tensor, model_
     kl = torch.full(entropy.shape, float("nan"))
     kl[0] = 0.0
     if n > offset:
-        target = model_logp[offset:]
-        p = target.exp()
-        terms = torch.where(p > 0, p * (target - all_logp[1:, : n - offset]), 0.0)  # a NaN lens stays NaN
-        kl[1:, : n - offset] = terms.sum(-1) / _LN2
+        kl[1:, : n - offset] = kl_divergence(model_logp[offset:], all_logp[1:, : n - offset]) / _LN2
     # The real token: at t + 1 for the model's own row, at t + 1 + offset for the lens.
     target_prob = torch.full(entropy.shape, float("nan"))
     target_rank = torch.full(entropy.shape, float("nan"))

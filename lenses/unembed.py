@@ -60,6 +60,17 @@ class Unembed:
         return torch.log_softmax(self.logits(h).float(), dim=-1)
 
 
+def kl_divergence(target_logp: torch.Tensor, logq: torch.Tensor) -> torch.Tensor:
+    """KL(target ‖ q) in nats over the last dimension, from log-probabilities: Σ p (log p − log q).
+
+    The one KL of lenscope wherever both distributions are at hand (the fused training loss below
+    never forms log q). A token of target probability 0 adds 0 whatever q says (0 · log 0 = 0, also
+    where log q is −inf); a NaN in q, as a diverged lens gives, stays NaN rather than reading as 0.
+    """
+    p = target_logp.exp()
+    return torch.where(p > 0, p * (target_logp - logq), 0.0).sum(-1)
+
+
 def _kl_terms(z: torch.Tensor, target_p: torch.Tensor, neg_entropy: torch.Tensor, softcap: float, scale: float,
               want_grad: bool):
     """From raw head outputs z (N, V) of one layer: KL(target ‖ softmax(logits)) per token (N,), the
@@ -192,7 +203,7 @@ def lens_metrics(
 def reference_kl(unembed: Unembed, x: torch.Tensor, target_logp: torch.Tensor) -> torch.Tensor:
     """Unfused per-layer mean KL through autograd; the yardstick the fused version is tested against."""
     logq = torch.log_softmax(unembed.adapter.finish_logits(F.linear(x, unembed.weight, unembed.bias)).float(), -1)
-    return F.kl_div(logq, target_logp.expand_as(logq), log_target=True, reduction="none").sum(-1).mean(-1)
+    return kl_divergence(target_logp, logq).mean(-1)
 
 
 @torch.no_grad()
@@ -202,7 +213,7 @@ def logit_metrics(logits: torch.Tensor, target_logp: torch.Tensor, labels: torch
     logits: (L, N, V); target_logp: (N, V) fp32; labels: (N,), -100 = none. Per-layer sums.
     """
     logq = torch.log_softmax(logits.float(), -1)
-    kl = F.kl_div(logq, target_logp, log_target=True, reduction="none").sum(-1).double().sum(-1)
+    kl = kl_divergence(target_logp, logq).double().sum(-1)
     has_label = labels >= 0 if labels is not None else torch.zeros(logits.shape[1], dtype=torch.bool, device=logits.device)
     ce = torch.zeros_like(kl)
     if has_label.any():

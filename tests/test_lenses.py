@@ -363,3 +363,22 @@ def test_load_refuses_a_manifest_without_weights(tmp_path):
     (path / "config.json").write_text(json.dumps(config))
     with pytest.raises(LensArtifactError, match="lists no lens.safetensors"):
         load_lens(path)
+
+
+def test_kl_divergence_is_the_kl_with_zeros_and_nans_handled():
+    from lenscope.lenses.unembed import kl_divergence
+
+    g = torch.Generator().manual_seed(0)
+    p, q = torch.log_softmax(torch.randn(4, 7, generator=g), -1), torch.log_softmax(torch.randn(4, 7, generator=g), -1)
+    expected = (p.exp() * (p - q)).sum(-1)
+    torch.testing.assert_close(kl_divergence(p, q), expected)
+    assert (kl_divergence(p, p).abs() < 1e-6).all()
+    # A token the target never predicts adds nothing, even where q gives it probability 0 ...
+    p0 = p.clone()
+    p0[:, 0] = -float("inf")
+    q0 = q.clone()
+    q0[:, 0] = -float("inf")
+    assert torch.isfinite(kl_divergence(torch.log_softmax(p0, -1), q0)).all()
+    # ... but a NaN from a diverged lens is not read as agreement.
+    q[1, 3] = float("nan")
+    assert kl_divergence(p, q).isnan().tolist() == [False, True, False, False]

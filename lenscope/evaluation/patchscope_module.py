@@ -30,7 +30,6 @@ from pathlib import Path
 
 import lightning as L
 import torch
-import torch.nn.functional as F
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
 from tqdm.auto import tqdm
@@ -44,6 +43,7 @@ from lenscope.lenses.artifact import load_lens
 from lenscope.lenses.learned_prompt import IDENTITY_PROMPT, LearnedPromptLens
 from lenscope.lenses.least_squares import NormalEquations
 from lenscope.lenses.lens import AffineLens, Lens, lens_key
+from lenscope.lenses.unembed import kl_divergence
 from lenscope.loggers import wandb_locations
 from lenscope.model.frozen import FrozenModel
 from lenscope.model.loading import (
@@ -266,7 +266,7 @@ class PatchscopeEvaluation(L.LightningModule):
         self.metrics.update("precision@1", method, top1 == model_top1)
         self.metrics.update("precision@5", method, (top5 == model_top1.unsqueeze(-1)).any(-1))
         self.metrics.update("surprisal_nats", method, -model_logp.gather(-1, top1.T).T)
-        self.metrics.update("kl_nats", method, F.kl_div(logq, model_logp, log_target=True, reduction="none").sum(-1))
+        self.metrics.update("kl_nats", method, kl_divergence(model_logp, logq))
         return top1
 
     def on_test_epoch_end(self) -> None:

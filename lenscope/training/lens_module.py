@@ -15,7 +15,6 @@ from pathlib import Path
 
 import lightning as L
 import torch
-import torch.nn.functional as F
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.strategies import FSDPStrategy
 from lightning.pytorch.utilities import rank_zero_info
@@ -26,7 +25,7 @@ from lenscope.lenses.artifact import load_lens
 from lenscope.lenses.learned_prompt import IDENTITY_PROMPT, LearnedPromptLens
 from lenscope.lenses.least_squares import NormalEquations
 from lenscope.lenses.lens import AffineLens, Lens, LogitLens, TunedLens, lens_key
-from lenscope.lenses.unembed import Unembed, lens_kl, lens_metrics, logit_metrics
+from lenscope.lenses.unembed import Unembed, kl_divergence, lens_kl, lens_metrics, logit_metrics
 from lenscope.model.frozen import FrozenModel
 from lenscope.model.hidden_cache import HiddenStateCache, batch_key
 from lenscope.model.loading import (
@@ -459,7 +458,7 @@ class LensTrainingModule(L.LightningModule):
                 keep = self._prompt_subsample(h.shape[1], seed=self.global_step)
                 h, target = h[:, keep], self._target_log_probs(final[keep])
                 logq = torch.log_softmax(lens.logits(self.frozen, h), -1)
-                kl = F.kl_div(logq, target, log_target=True, reduction="none").sum(-1).mean(-1)
+                kl = kl_divergence(target, logq).mean(-1)
             else:
                 target = self._target_log_probs(final)
                 kl = lens_kl(self.unembed, self._decode_inputs(lens, h, dtype), target, dtype)
