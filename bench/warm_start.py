@@ -53,8 +53,8 @@ def main(argv: list[str] | None = None) -> None:
 
     affine, affine_results, affine_s = run(args, args.affine_steps, lens_type="affine")
     with tempfile.TemporaryDirectory() as tmp:
-        lens_dir = save_lens(affine.lenses["affine"], Path(tmp) / "affine", base_model=EMBEDDED_MODEL, revision=affine.base_revision,
-                             unembed_hash=affine.unembed_hash, num_hidden_layers=affine.adapter.num_layers)
+        lens_dir = save_lens(affine.lenses["affine"], Path(tmp) / "affine", base_model=EMBEDDED_MODEL, revision=affine.frozen.revision,
+                             unembed_hash=affine.frozen.unembed_hash, num_hidden_layers=affine.frozen.num_layers)
         _, cold, cold_s = run(args, args.steps)
         _, warm, warm_s = run(args, args.steps, init_lens=str(lens_dir))
     report = {

@@ -57,13 +57,15 @@ def in_share(ordinal: int, holdout_every: int, held_out: bool) -> bool:
 
 
 def bind_from_trainer(datamodule: L.LightningDataModule) -> None:
-    """Bind a data module to the model's tokenizer and context under a Trainer, unless bound already."""
+    """Bind a data module to the frozen model's tokenizer and context under a Trainer (the
+    LightningModule's ``frozen``, a ``FrozenModel``), unless bound already."""
     if datamodule.tokenizer is not None:
         return
     module = datamodule.trainer.lightning_module if datamodule.trainer else None
-    if module is None or not hasattr(module, "tokenizer"):
+    frozen = getattr(module, "frozen", None)
+    if frozen is None:
         raise ConfigError(f"{type(datamodule).__name__}.bind(tokenizer, max_context) must be called before setup")
-    datamodule.bind(module.tokenizer, getattr(module, "context_length", None))
+    datamodule.bind(frozen.tokenizer, frozen.context_length)
 
 
 def _exit_if_main_is_exiting(main_exiting, signum, frame) -> None:

@@ -1,7 +1,7 @@
 """Lenses as plain ``nn.Module``s: no Lightning, usable in a notebook.
 
 A lens maps the residual stream at each lensed layer to a vector that the model's own decoder
-(final norm + unembedding, see ``lenscope.lenses.unembed.Unembed``) turns into next-token logits. The lens
+(final norm + unembedding, see ``lenscope.model.adapter.ArchitectureAdapter``) turns into next-token logits. The lens
 holds only its own parameters; the frozen model's norm and head are never part of its state, so a
 lens checkpoint or artifact never contains base-model weights.
 

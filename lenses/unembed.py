@@ -1,4 +1,8 @@
-"""Decoding a residual the way the model does, and the lens losses on top of it.
+"""The lens losses on top of the model's own decoder, and the one KL.
+
+The decoder is the model's: final norm (and whatever else follows the last block), unembedding
+matrix, bias, soft-cap and logit scale, as ``lenscope.model.adapter.ArchitectureAdapter`` finds
+them (``FrozenModel.adapter``); nothing here copies it.
 
 The unembedding dominates lens training: for SmolLM2-135M it is 49,152 × 576 multiply-adds per
 token per layer, forward and backward, against 576 × 576 for a translator. Two choices follow:
@@ -20,44 +24,6 @@ import torch
 import torch.nn.functional as F
 
 from lenscope.model.adapter import ArchitectureAdapter
-
-
-class Unembed:
-    """The frozen decoder of a model: final norm (and whatever else follows the last block),
-    unembedding matrix, bias, soft-cap. Holds references to the model's own modules, never copies,
-    and is not an ``nn.Module`` so that nothing of it enters a lens's ``state_dict``.
-    """
-
-    def __init__(self, adapter: ArchitectureAdapter):
-        self.adapter = adapter
-
-    @property
-    def weight(self) -> torch.Tensor:
-        return self.adapter.unembedding_weight
-
-    @property
-    def bias(self) -> torch.Tensor | None:
-        return self.adapter.unembedding_bias
-
-    @property
-    def softcap(self) -> float | None:
-        return self.adapter.softcap
-
-    @property
-    def logit_scale(self) -> float:
-        return self.adapter.logit_scale
-
-    def normalize(self, h: torch.Tensor) -> torch.Tensor:
-        """h: (..., d_model) → (..., d_head): the final norm and anything else before the head."""
-        return self.adapter.normalize(h)
-
-    def logits(self, h: torch.Tensor) -> torch.Tensor:
-        """h: (..., d_model) → (..., vocab), exactly the model's decoding, in h's dtype."""
-        return self.adapter.decode(h)
-
-    def log_probs(self, h: torch.Tensor) -> torch.Tensor:
-        """h: (..., d_model) → (..., vocab) fp32 log-probabilities."""
-        return torch.log_softmax(self.logits(h).float(), dim=-1)
 
 
 def kl_divergence(target_logp: torch.Tensor, logq: torch.Tensor) -> torch.Tensor:
@@ -159,19 +125,20 @@ class _FusedKL(torch.autograd.Function):
 
 
 def lens_kl(
-    unembed: Unembed, x: torch.Tensor, target_logp: torch.Tensor, compute_dtype: torch.dtype = torch.bfloat16
+    decoder: ArchitectureAdapter, x: torch.Tensor, target_logp: torch.Tensor, compute_dtype: torch.dtype = torch.bfloat16
 ) -> torch.Tensor:
     """Per-layer mean KL(target ‖ lens) in nats, differentiable with respect to ``x``.
 
-    x: (L, N, d_head), already through ``unembed.normalize``; target_logp: (N, V) fp32.
+    x: (L, N, d_head), already through ``decoder.normalize``; target_logp: (N, V) fp32.
     Returns (L,) fp32.
     """
-    return _FusedKL.apply(x, unembed.weight, unembed.bias, unembed.softcap, unembed.logit_scale, target_logp, compute_dtype)
+    return _FusedKL.apply(x, decoder.unembedding_weight, decoder.unembedding_bias, decoder.softcap,
+                          decoder.logit_scale, target_logp, compute_dtype)
 
 
 @torch.no_grad()
 def lens_metrics(
-    unembed: Unembed,
+    decoder: ArchitectureAdapter,
     x: torch.Tensor,
     target_logp: torch.Tensor,
     labels: torch.Tensor | None = None,
@@ -179,12 +146,12 @@ def lens_metrics(
 ) -> dict[str, torch.Tensor]:
     """Per-layer sums (not means) for evaluation; no gradient.
 
-    x: (L, N, d_head) normalised; target_logp: (N, V); labels: (N,) next-token ids, -100 = none.
+    x: (L, N, d_head) through ``decoder.normalize``; target_logp: (N, V); labels: (N,) next-token ids, -100 = none.
     Returns ``kl`` (L,) Σ KL(target ‖ lens) in nats, ``ce`` (L,) Σ −log q(label) in nats over the
     labelled tokens, ``n_tokens`` and ``n_labels``.
     """
-    w = unembed.weight.to(compute_dtype)
-    b = unembed.bias.to(compute_dtype) if unembed.bias is not None else None
+    w = decoder.unembedding_weight.to(compute_dtype)
+    b = decoder.unembedding_bias.to(compute_dtype) if decoder.unembedding_bias is not None else None
     target_p = target_logp.exp()
     neg_entropy = (target_p * target_logp).sum(-1)
     kl = torch.empty(x.shape[0], dtype=torch.float64, device=x.device)
@@ -192,7 +159,7 @@ def lens_metrics(
     has_label = labels >= 0 if labels is not None else torch.zeros(x.shape[1], dtype=torch.bool, device=x.device)
     for layer in range(x.shape[0]):
         z = _head(x[layer].to(compute_dtype), w, b)
-        kl_tokens, lse, capped_z = kl_terms(z, target_p, neg_entropy, unembed.softcap, unembed.logit_scale, False)
+        kl_tokens, lse, capped_z = kl_terms(z, target_p, neg_entropy, decoder.softcap, decoder.logit_scale, False)
         kl[layer] = kl_tokens.double().sum()
         if has_label.any():
             picked = capped_z[has_label].gather(-1, labels[has_label].unsqueeze(-1)) - lse[has_label]
@@ -200,9 +167,10 @@ def lens_metrics(
     return {"kl": kl, "ce": ce, "n_tokens": torch.tensor(x.shape[1]), "n_labels": torch.tensor(int(has_label.sum()))}
 
 
-def reference_kl(unembed: Unembed, x: torch.Tensor, target_logp: torch.Tensor) -> torch.Tensor:
+def reference_kl(decoder: ArchitectureAdapter, x: torch.Tensor, target_logp: torch.Tensor) -> torch.Tensor:
     """Unfused per-layer mean KL through autograd; the yardstick the fused version is tested against."""
-    logq = torch.log_softmax(unembed.adapter.finish_logits(F.linear(x, unembed.weight, unembed.bias)).float(), -1)
+    z = F.linear(x, decoder.unembedding_weight, decoder.unembedding_bias)
+    logq = torch.log_softmax(decoder.finish_logits(z).float(), -1)
     return kl_divergence(target_logp, logq).mean(-1)
 
 

@@ -156,7 +156,7 @@ def test_fsdp_policy_shards_the_frozen_blocks_and_keeps_the_lenses_whole(tiny_mo
 
     module = LensTrainingModule(name=str(tiny_model_dir), offsets=[0, 1])
     units = LensShardingPolicy()._run_policy(module, set(), {"sharding_strategy": ShardingStrategy.FULL_SHARD})
-    blocks = list(module.adapter.blocks)
+    blocks = list(module.frozen.adapter.blocks)
     assert set(units) == {*blocks, module.base}
     assert all(units[b]["sharding_strategy"] == ShardingStrategy.FULL_SHARD for b in blocks)
     # The rest of the frozen model (embeddings, final norm, head) is one whole unit, so that the

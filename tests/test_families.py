@@ -120,7 +120,7 @@ def test_one_training_step(arch, model_dirs):
 
     # The fused loss (the model's scale and soft-cap applied inside it) equals plain autograd.
     states, _ = module.hidden_states(batch)
-    h = module.unembed.normalize(module.lenses["tuned"](states[module.layers].float()))
+    h = module.frozen.adapter.normalize(module.lenses["tuned"](states[module.layers].float()))
     target = module._target_log_probs(states[-1])
-    torch.testing.assert_close(lens_kl(module.unembed, h, target, torch.float32),
-                               reference_kl(module.unembed, h, target), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(lens_kl(module.frozen.adapter, h, target, torch.float32),
+                               reference_kl(module.frozen.adapter, h, target), atol=1e-4, rtol=1e-4)

@@ -34,14 +34,14 @@ def batch(seed: int = 0):
 
 def test_a_prompt_of_token_embeddings_gives_the_patchscope_of_those_tokens(module):
     lens = module.lenses["learned_prompt+1"]
-    ids = module.tokenizer("w5 w9 w11 w7")["input_ids"]
+    ids = module.frozen.tokenizer("w5 w9 w11 w7")["input_ids"]
     lens.init_from_tokens(module.base.get_input_embeddings(), ids)
-    h = torch.randn(3, 5, module.adapter.d_model)
+    h = torch.randn(3, 5, module.frozen.adapter.d_model)
     got = lens.logits(module.frozen, h)
     n = len(ids)
     for i, layer in enumerate(lens.layers):
         rows = torch.full((5,), n - 1)
-        expected = module.engine.run(torch.tensor(ids).expand(5, -1), None, torch.full((5,), layer), rows, h[i], rows)
+        expected = module.frozen.engine.run(torch.tensor(ids).expand(5, -1), None, torch.full((5,), layer), rows, h[i], rows)
         torch.testing.assert_close(got[i], expected, atol=1e-4, rtol=0)
 
 
@@ -84,6 +84,6 @@ def test_train_py_trains_saves_and_evaluate_py_scores_a_learned_prompt_lens(tmp_
 
 
 def test_learned_prompt_starts_from_the_token_identity_prompt(module):
-    ids = module.tokenizer(IDENTITY_PROMPT)["input_ids"]
+    ids = module.frozen.tokenizer(IDENTITY_PROMPT)["input_ids"]
     expected = module.base.get_input_embeddings()(torch.tensor([ids[i % len(ids)] for i in range(4)]))
     torch.testing.assert_close(module.lenses["learned_prompt+1"].prompt[1], expected)

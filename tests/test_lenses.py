@@ -20,7 +20,7 @@ from lenscope.lenses.artifact import (
     save_lens,
 )
 from lenscope.lenses.lens import LogitLens, TunedLens
-from lenscope.lenses.unembed import Unembed, lens_kl, lens_metrics, reference_kl
+from lenscope.lenses.unembed import lens_kl, lens_metrics, reference_kl
 from lenscope.model.adapter import ArchitectureAdapter
 from lenscope.model.loading import tensor_fingerprint
 from tests.conftest import TINY_DECODER, tiny_llama
@@ -49,19 +49,19 @@ def tiny_gemma2(seed: int = 0) -> torch.nn.Module:
 
 
 @pytest.fixture(scope="module")
-def llama_unembed() -> Unembed:
+def llama_decoder() -> ArchitectureAdapter:
     model = tiny_llama()
     model.requires_grad_(False)
-    return Unembed(ArchitectureAdapter.discover(model))
+    return ArchitectureAdapter.discover(model)
 
 
 @pytest.fixture(scope="module")
-def gemma2_unembed() -> Unembed:
+def gemma2_decoder() -> ArchitectureAdapter:
     model = tiny_gemma2()
     model.requires_grad_(False)
-    unembed = Unembed(ArchitectureAdapter.discover(model))
-    assert unembed.softcap == 5.0
-    return unembed
+    decoder = ArchitectureAdapter.discover(model)
+    assert decoder.softcap == 5.0
+    return decoder
 
 
 def residuals(seed: int, n: int = 10, layers: int = LAYERS) -> torch.Tensor:
@@ -83,13 +83,13 @@ def random_tuned_lens(seed: int, bias: bool = True, scale: float = 0.1) -> Tuned
 # --- lenses ---------------------------------------------------------------------------------------
 
 
-def test_zero_tuned_lens_equals_logit_lens(llama_unembed):
+def test_zero_tuned_lens_equals_logit_lens(llama_decoder):
     h = residuals(0).view(LAYERS, 2, 5, D)
     tuned = TunedLens(list(range(LAYERS)), D)
     logit = LogitLens(list(range(LAYERS)), D)
     torch.testing.assert_close(tuned(h), logit(h), rtol=0, atol=0)
     torch.testing.assert_close(
-        llama_unembed.logits(tuned(h)), llama_unembed.logits(logit(h)), rtol=0, atol=0
+        llama_decoder.decode(tuned(h)), llama_decoder.decode(logit(h)), rtol=0, atol=0
     )
 
 
@@ -133,15 +133,15 @@ def test_tuned_lens_rejects_negative_offset():
 # --- fused KL -------------------------------------------------------------------------------------
 
 
-def _target(unembed: Unembed, seed: int, n: int = 10) -> torch.Tensor:
+def _target(decoder: ArchitectureAdapter, seed: int, n: int = 10) -> torch.Tensor:
     """(n, V) fp32 log-probabilities of the model's decoding of random last-block residuals."""
     with torch.no_grad():
-        return unembed.log_probs(residuals(seed, n, 1)[0])
+        return decoder.log_probs(residuals(seed, n, 1)[0])
 
 
-def _kl_and_grads(unembed: Unembed, fn, lens: TunedLens, h: torch.Tensor, target: torch.Tensor):
+def _kl_and_grads(decoder: ArchitectureAdapter, fn, lens: TunedLens, h: torch.Tensor, target: torch.Tensor):
     lens.zero_grad()
-    x = unembed.normalize(lens(h))
+    x = decoder.normalize(lens(h))
     loss = fn(x)
     weights = torch.linspace(0.5, 1.5, loss.shape[0])  # distinct per-layer upstream gradients
     (loss * weights).sum().backward()
@@ -149,15 +149,15 @@ def _kl_and_grads(unembed: Unembed, fn, lens: TunedLens, h: torch.Tensor, target
 
 
 @pytest.mark.parametrize("which", ["llama", "gemma2"])
-def test_fused_kl_matches_reference_fp32(which, llama_unembed, gemma2_unembed):
-    unembed = llama_unembed if which == "llama" else gemma2_unembed
+def test_fused_kl_matches_reference_fp32(which, llama_decoder, gemma2_decoder):
+    decoder = llama_decoder if which == "llama" else gemma2_decoder
     lens = random_tuned_lens(7)
     h = residuals(8)
-    target = _target(unembed, 9)
+    target = _target(decoder, 9)
     fused = _kl_and_grads(
-        unembed, lambda x: lens_kl(unembed, x, target, compute_dtype=torch.float32), lens, h, target
+        decoder, lambda x: lens_kl(decoder, x, target, compute_dtype=torch.float32), lens, h, target
     )
-    ref = _kl_and_grads(unembed, lambda x: reference_kl(unembed, x, target), lens, h, target)
+    ref = _kl_and_grads(decoder, lambda x: reference_kl(decoder, x, target), lens, h, target)
     assert fused[0].shape == (LAYERS,) and fused[0].dtype == torch.float32
     assert (fused[0] > 0.01).all()
     for a, b in zip(fused, ref, strict=True):
@@ -165,78 +165,78 @@ def test_fused_kl_matches_reference_fp32(which, llama_unembed, gemma2_unembed):
     assert fused[1].abs().max() > 1e-4
 
 
-def test_reference_kl_is_plain_kl(gemma2_unembed):
+def test_reference_kl_is_plain_kl(gemma2_decoder):
     """The yardstick itself: KL(p ‖ q) with q the soft-capped decoding, by definition."""
-    unembed = gemma2_unembed
-    x = unembed.normalize(residuals(10))
-    target = _target(unembed, 11)
-    logq = torch.log_softmax(torch.tanh(F.linear(x, unembed.weight) / 5.0) * 5.0, -1)
+    decoder = gemma2_decoder
+    x = decoder.normalize(residuals(10))
+    target = _target(decoder, 11)
+    logq = torch.log_softmax(torch.tanh(F.linear(x, decoder.unembedding_weight) / 5.0) * 5.0, -1)
     expected = (target.exp() * (target - logq)).sum(-1).mean(-1)
-    torch.testing.assert_close(reference_kl(unembed, x, target), expected)
+    torch.testing.assert_close(reference_kl(decoder, x, target), expected)
 
 
-def test_fused_kl_zero_for_the_models_own_output(llama_unembed):
+def test_fused_kl_zero_for_the_models_own_output(llama_decoder):
     h_last = residuals(12, layers=1)
-    target = llama_unembed.log_probs(h_last[0])
+    target = llama_decoder.log_probs(h_last[0])
     kl = lens_kl(
-        llama_unembed, llama_unembed.normalize(h_last), target, compute_dtype=torch.float32
+        llama_decoder, llama_decoder.normalize(h_last), target, compute_dtype=torch.float32
     )
     assert kl.abs().max() < 1e-5
 
 
 @pytest.mark.parametrize("which", ["llama", "gemma2"])
-def test_fused_kl_bf16_close_to_fp32(which, llama_unembed, gemma2_unembed):
-    unembed = llama_unembed if which == "llama" else gemma2_unembed
+def test_fused_kl_bf16_close_to_fp32(which, llama_decoder, gemma2_decoder):
+    decoder = llama_decoder if which == "llama" else gemma2_decoder
     lens = random_tuned_lens(13)
     h = residuals(14)
-    target = _target(unembed, 15)
+    target = _target(decoder, 15)
     bf16 = _kl_and_grads(
-        unembed,
-        lambda x: lens_kl(unembed, x, target, compute_dtype=torch.bfloat16),
+        decoder,
+        lambda x: lens_kl(decoder, x, target, compute_dtype=torch.bfloat16),
         lens,
         h,
         target,
     )
-    ref = _kl_and_grads(unembed, lambda x: reference_kl(unembed, x, target), lens, h, target)
+    ref = _kl_and_grads(decoder, lambda x: reference_kl(decoder, x, target), lens, h, target)
     assert bf16[0].dtype == torch.float32
     torch.testing.assert_close(bf16[0], ref[0], rtol=0.03, atol=0.01)
     for a, b in zip(bf16[1:], ref[1:], strict=True):
         torch.testing.assert_close(a, b, rtol=0.05, atol=0.05 * b.abs().max().item())
 
 
-def test_fused_kl_without_grad(llama_unembed):
-    x = llama_unembed.normalize(residuals(16))
-    target = _target(llama_unembed, 17)
-    kl = lens_kl(llama_unembed, x, target, compute_dtype=torch.float32)
+def test_fused_kl_without_grad(llama_decoder):
+    x = llama_decoder.normalize(residuals(16))
+    target = _target(llama_decoder, 17)
+    kl = lens_kl(llama_decoder, x, target, compute_dtype=torch.float32)
     assert not kl.requires_grad
-    torch.testing.assert_close(kl, reference_kl(llama_unembed, x, target))
+    torch.testing.assert_close(kl, reference_kl(llama_decoder, x, target))
 
 
 @pytest.mark.parametrize("which", ["llama", "gemma2"])
-def test_lens_metrics(which, llama_unembed, gemma2_unembed):
-    unembed = llama_unembed if which == "llama" else gemma2_unembed
+def test_lens_metrics(which, llama_decoder, gemma2_decoder):
+    decoder = llama_decoder if which == "llama" else gemma2_decoder
     n = 12
     with torch.no_grad():
-        x = unembed.normalize(random_tuned_lens(18)(residuals(19, n)))
-    target = _target(unembed, 20, n)
-    vocab = unembed.weight.shape[0]
+        x = decoder.normalize(random_tuned_lens(18)(residuals(19, n)))
+    target = _target(decoder, 20, n)
+    vocab = decoder.unembedding_weight.shape[0]
     labels = torch.randint(0, vocab, (n,), generator=torch.Generator().manual_seed(21))
     labels[[0, 5, 11]] = -100
-    m = lens_metrics(unembed, x, target, labels)
+    m = lens_metrics(decoder, x, target, labels)
     assert int(m["n_tokens"]) == n and int(m["n_labels"]) == n - 3
     torch.testing.assert_close(
-        m["kl"].float() / n, reference_kl(unembed, x, target), rtol=1e-5, atol=1e-6
+        m["kl"].float() / n, reference_kl(decoder, x, target), rtol=1e-5, atol=1e-6
     )
-    logits = unembed.adapter.decode(x)  # (L, N, V), soft-capped as the model does
+    logits = decoder.decode(x)  # (L, N, V), soft-capped as the model does
     for layer in range(LAYERS):
         expected = F.cross_entropy(logits[layer], labels, ignore_index=-100, reduction="sum")
         torch.testing.assert_close(m["ce"][layer].float(), expected, rtol=1e-5, atol=1e-4)
     assert (m["ce"] > 0).all()
 
 
-def test_lens_metrics_without_labels(llama_unembed):
-    x = llama_unembed.normalize(residuals(22))
-    m = lens_metrics(llama_unembed, x, _target(llama_unembed, 23))
+def test_lens_metrics_without_labels(llama_decoder):
+    x = llama_decoder.normalize(residuals(22))
+    m = lens_metrics(llama_decoder, x, _target(llama_decoder, 23))
     assert int(m["n_labels"]) == 0 and (m["ce"] == 0).all()
     assert (m["kl"] > 0).all()
 
@@ -244,11 +244,11 @@ def test_lens_metrics_without_labels(llama_unembed):
 # --- artifacts ------------------------------------------------------------------------------------
 
 
-def _save(lens, path, llama_unembed, **overrides):
+def _save(lens, path, llama_decoder, **overrides):
     kwargs = dict(
         base_model="tiny-llama",
         revision="local",
-        unembed_hash=tensor_fingerprint(llama_unembed.weight),
+        unembed_hash=tensor_fingerprint(llama_decoder.unembedding_weight),
         num_hidden_layers=LAYERS,
     )
     kwargs.update(overrides)
@@ -256,10 +256,10 @@ def _save(lens, path, llama_unembed, **overrides):
 
 
 @pytest.mark.parametrize("bias", [True, False])
-def test_artifact_round_trip(tmp_path, llama_unembed, bias):
+def test_artifact_round_trip(tmp_path, llama_decoder, bias):
     lens = random_tuned_lens(24, bias=bias)
     lens.offset = 2
-    path = _save(lens, tmp_path / "lens", llama_unembed)
+    path = _save(lens, tmp_path / "lens", llama_decoder)
     config = read_config(path)
     for key in (
         "base_model_name_or_path",
@@ -273,7 +273,7 @@ def test_artifact_round_trip(tmp_path, llama_unembed, bias):
         assert key in config, key
     assert config["lens_type"] == "tuned" and config["bias"] is bias and config["offset"] == 2
     loaded = load_lens(
-        path, unembed_hash=tensor_fingerprint(llama_unembed.weight), num_hidden_layers=LAYERS
+        path, unembed_hash=tensor_fingerprint(llama_decoder.unembedding_weight), num_hidden_layers=LAYERS
     )
     assert isinstance(loaded, TunedLens) and loaded.layers == lens.layers and loaded.offset == 2
     assert (loaded.bias is None) == (not bias)
@@ -281,19 +281,19 @@ def test_artifact_round_trip(tmp_path, llama_unembed, bias):
     torch.testing.assert_close(loaded(h), lens(h), rtol=0, atol=0)
 
 
-def test_logit_lens_artifact_round_trip(tmp_path, llama_unembed):
-    path = _save(LogitLens([0, 1, 2], D), tmp_path / "logit", llama_unembed)
+def test_logit_lens_artifact_round_trip(tmp_path, llama_decoder):
+    path = _save(LogitLens([0, 1, 2], D), tmp_path / "logit", llama_decoder)
     assert not (path / WEIGHTS).exists()
     loaded = load_lens(path)
     assert isinstance(loaded, LogitLens) and loaded.layers == [0, 1, 2]
 
 
 @pytest.fixture
-def artifact(tmp_path, llama_unembed):
-    return _save(random_tuned_lens(26), tmp_path / "lens", llama_unembed)
+def artifact(tmp_path, llama_decoder):
+    return _save(random_tuned_lens(26), tmp_path / "lens", llama_decoder)
 
 
-def test_load_refuses_other_unembedding(artifact, llama_unembed):
+def test_load_refuses_other_unembedding(artifact, llama_decoder):
     with pytest.raises(
         LensArtifactError, match="trained for 'tiny-llama'.*unembedding 0123456789abcdef"
     ):
@@ -342,12 +342,12 @@ def test_load_refuses_missing_or_broken_config(tmp_path, artifact):
         load_lens(artifact)
 
 
-def test_save_over_existing_artifact_replaces_it(tmp_path, llama_unembed):
+def test_save_over_existing_artifact_replaces_it(tmp_path, llama_decoder):
     path = tmp_path / "lens"
-    _save(random_tuned_lens(27), path, llama_unembed)
+    _save(random_tuned_lens(27), path, llama_decoder)
     (path / "stale.txt").write_text("from the old artifact")
     newer = random_tuned_lens(28, bias=False)
-    _save(newer, path, llama_unembed)
+    _save(newer, path, llama_decoder)
     assert sorted(os.listdir(tmp_path)) == ["lens"], "temporary or old folders left behind"
     assert sorted(os.listdir(path)) == sorted([CONFIG, WEIGHTS])
     loaded = load_lens(path)

@@ -50,7 +50,7 @@ def test_trimmed_positions_are_gathered(module):
     batch["positions"] = torch.tensor([[3, 7], [5, -1]])
     batch["labels"] = torch.tensor([[11, 12], [13, -100]])
     states, labels = module.hidden_states(batch)
-    full = module.reader.read(batch["input_ids"], batch["attention_mask"])
+    full = module.frozen.reader.read(batch["input_ids"], batch["attention_mask"])
     torch.testing.assert_close(states[:, 2], full[:, 1, 5])
     assert labels.tolist() == [11, 12, 13]
 
@@ -61,7 +61,7 @@ def test_nan_hidden_states_are_refused_with_the_layer(module, monkeypatch):
         out[2, 0, 1, 5] = float("inf")
         return out
 
-    monkeypatch.setattr(module.reader, "read", poisoned)
+    monkeypatch.setattr(module.frozen.reader, "read", poisoned)
     with pytest.raises(HiddenStateError, match="block 1"):
         module.hidden_states(make_batch())
 
@@ -138,7 +138,7 @@ def test_a_later_run_reuses_the_disk_cache_without_the_model(tiny_model_dir, tmp
     def model_must_not_run(*args):
         raise AssertionError("the model ran although the batch is cached")
 
-    monkeypatch.setattr(later.reader, "read", model_must_not_run)
+    monkeypatch.setattr(later.frozen.reader, "read", model_must_not_run)
     again, _ = later.hidden_states(make_batch())
     torch.testing.assert_close(states, again, rtol=0, atol=0)
     assert later.cache.hit_rate == 1.0

@@ -48,7 +48,6 @@ from lenscope.loggers import wandb_locations
 from lenscope.model.frozen import FrozenModel
 from lenscope.model.loading import (
     EMBEDDED_MODEL,
-    context_length,
 )
 
 log = logging.getLogger(__name__)
@@ -99,19 +98,13 @@ class PatchscopeEvaluation(L.LightningModule):
         check_finite("--model.ridge", ridge)
         self.frozen = FrozenModel.load(name, revision, dtype)
         self.base = self.frozen.hf  # registered as a submodule: Lightning places it on the device
-        self.tokenizer = self.frozen.tokenizer
-        self.base_revision = self.frozen.revision
-        self.adapter = self.frozen.adapter
-        self.reader = self.frozen.reader
-        self.engine = self.frozen.engine
-        self.unembed_hash = self.frozen.unembed_hash
         self.layers = self.frozen.layers  # residual indices 0..L-1, as the lenses
 
         # Lens artifacts, named by type and offset ("tuned", "tuned+2"); a name taken by a built-in
         # method or another artifact gets the artifact's folder name appended.
         self.lenses = torch.nn.ModuleDict()
         self.artifacts: dict[str, str] = {}
-        loaded_lenses = [(path, load_lens(path, unembed_hash=self.unembed_hash, num_hidden_layers=self.adapter.num_layers))
+        loaded_lenses = [(path, load_lens(path, unembed_hash=self.frozen.unembed_hash, num_hidden_layers=self.frozen.adapter.num_layers))
                          for path in lenses]
         lens_offsets = {lens.offset for _, lens in loaded_lenses}
         self.future_offsets = sorted(set(future_offsets) | (lens_offsets - {0}))
@@ -127,17 +120,12 @@ class PatchscopeEvaluation(L.LightningModule):
             self.lenses[key] = lens
             self.artifacts[key] = str(path)
         self.fitted = torch.nn.ModuleDict()  # the least-squares affine lenses, fitted in on_test_start
-        self.token_identity = (TokenIdentityPatchscope(self.engine, self.tokenizer, identity_prompt, rows_per_pass)
+        self.token_identity = (TokenIdentityPatchscope(self.frozen.engine, self.frozen.tokenizer, identity_prompt, rows_per_pass)
                                if "token_identity" in methods else None)
         self.bigram: torch.Tensor | None = None
         self.fit_positions: dict[int, int] = {}
         self.metrics = PatchscopeMetrics(self._series(), len(self.layers))
         self.results: dict | None = None
-
-    # --- what the data module needs from the model ------------------------------------------------
-    @property
-    def context_length(self) -> int | None:
-        return context_length(self.base)
 
     def _next_token_methods(self) -> list[str]:
         methods = [m for m in ("logit", "affine", "token_identity") if m in self.hparams.methods]
@@ -171,15 +159,15 @@ class PatchscopeEvaluation(L.LightningModule):
     def on_test_start(self) -> None:
         datamodule = self.trainer.datamodule
         if "bigram" in self.hparams.methods and self.future_offsets:
-            self.bigram = bigram_successors(datamodule.fit_tokens, self.adapter.vocab_size).to(self.device)
+            self.bigram = bigram_successors(datamodule.fit_tokens, self.frozen.adapter.vocab_size).to(self.device)
         if not self.fit_offsets:
             return
-        d = self.adapter.d_model
+        d = self.frozen.adapter.d_model
         equations = {k: NormalEquations(len(self.layers), d, self.device) for k in self.fit_offsets}
         loader = datamodule.fit_dataloader()
         for batch in tqdm(loader, desc="Fitting the affine lens", disable=self.global_rank != 0, leave=False):
             batch = self.transfer_batch_to_device(batch, self.device, 0)
-            residuals = self.reader.read(batch["input_ids"], batch["attention_mask"])
+            residuals = self.frozen.reader.read(batch["input_ids"], batch["attention_mask"])
             for k, eq in equations.items():
                 h, final, valid = self._at_offset(residuals, batch, k)
                 if valid.any():
@@ -227,12 +215,12 @@ class PatchscopeEvaluation(L.LightningModule):
             if isinstance(lens, LearnedPromptLens):  # a patchscope with a learned target prompt
                 return lens.logits(self.frozen, h, self.hparams.rows_per_pass).float()
             h = lens(h.float()).to(h.dtype)
-        return self.adapter.decode(h).float()
+        return self.frozen.adapter.decode(h).float()
 
     def test_step(self, batch: dict, batch_idx: int) -> None:
-        residuals = self.reader.read(batch["input_ids"], batch["attention_mask"])
+        residuals = self.frozen.reader.read(batch["input_ids"], batch["attention_mask"])
         h, final, _ = self._at_offset(residuals, batch, 0)
-        model_logp = torch.log_softmax(self.adapter.decode(final).float(), -1)  # (B, V)
+        model_logp = torch.log_softmax(self.frozen.adapter.decode(final).float(), -1)  # (B, V)
         model_top1 = model_logp.argmax(-1)
         top1: dict[str, torch.Tensor] = {}  # method → (num_layers, B) argmax, reused for future offsets
         for method in self._next_token_methods():
@@ -245,7 +233,7 @@ class PatchscopeEvaluation(L.LightningModule):
             _, final_k, valid = self._at_offset(residuals, batch, k)
             if not valid.any():
                 continue
-            model_k = self.adapter.decode(final_k[valid]).argmax(-1)  # the model's own guess at t + k
+            model_k = self.frozen.adapter.decode(final_k[valid]).argmax(-1)  # the model's own guess at t + k
             real_k = batch["targets"][valid, k]
             for method in self._future_methods(k):
                 if method == "bigram":
@@ -275,7 +263,7 @@ class PatchscopeEvaluation(L.LightningModule):
         self.metrics.reset()
         datamodule = self.trainer.datamodule
         self.results = {
-            "model": self.hparams.name, "revision": self.base_revision, "layers": self.layers,
+            "model": self.hparams.name, "revision": self.frozen.revision, "layers": self.layers,
             "protocol": {k: datamodule.hparams[k] for k in ("source", "seed", "n_fit", "n_eval", "max_words", "max_chars",
                                                              "holdout_every", "fit_positions", "seq_len")},
             "documents": {"fit": len(datamodule.fit_samples), "eval": len(datamodule.eval_samples)},

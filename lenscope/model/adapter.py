@@ -124,6 +124,10 @@ class ArchitectureAdapter:
         """Logits the model would produce if ``h`` were its last block's output. h: (..., d) → (..., V)."""
         return self.finish_logits(self.head(self.normalize(h)))
 
+    def log_probs(self, h: torch.Tensor) -> torch.Tensor:
+        """fp32 log-probabilities of :meth:`decode`. h: (..., d) → (..., V)."""
+        return torch.log_softmax(self.decode(h).float(), dim=-1)
+
     @classmethod
     def discover(cls, model: PreTrainedModel) -> ArchitectureAdapter:
         name = type(model).__name__

@@ -96,7 +96,7 @@ class FrozenModel:
 
     def log_probs(self, h: torch.Tensor) -> torch.Tensor:
         """(..., d_model) → (..., vocab) fp32 log-probabilities of :meth:`decode`."""
-        return torch.log_softmax(self.decode(h).float(), dim=-1)
+        return self.adapter.log_probs(h)
 
     def patch(self, *args, **kwargs) -> torch.Tensor:
         """Patched next-token logits: states written at (layer, position) of target prompts, many

@@ -65,8 +65,8 @@ class LensArtifactWriter(L.Callback):
             return
         written = [save_lens(
             lens, self.dirpath / key, base_model=pl_module.hparams.name,
-            revision=pl_module.base_revision, unembed_hash=pl_module.unembed_hash,
-            num_hidden_layers=pl_module.adapter.num_layers,
+            revision=pl_module.frozen.revision, unembed_hash=pl_module.frozen.unembed_hash,
+            num_hidden_layers=pl_module.frozen.num_layers,
             extra={"trained_steps": trainer.global_step, "tokens_seen": tokens_seen,
                    "training_data": training_data(trainer),
                    "held_out": held_out(pl_module.last_results, key),

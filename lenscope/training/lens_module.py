@@ -25,14 +25,13 @@ from lenscope.lenses.artifact import load_lens
 from lenscope.lenses.learned_prompt import IDENTITY_PROMPT, LearnedPromptLens
 from lenscope.lenses.least_squares import NormalEquations
 from lenscope.lenses.lens import AffineLens, Lens, LogitLens, TunedLens, lens_key
-from lenscope.lenses.unembed import Unembed, kl_divergence, lens_kl, lens_metrics, logit_metrics
+from lenscope.lenses.unembed import kl_divergence, lens_kl, lens_metrics, logit_metrics
 from lenscope.model.frozen import FrozenModel
 from lenscope.model.hidden_cache import HiddenStateCache, batch_key
 from lenscope.model.loading import (
     EMBEDDED_MODEL,
     cache_root,
     compute_dtype,
-    context_length,
     resolve_dtype,
 )
 from lenscope.training.fsdp import FSDP_PREFIX
@@ -158,23 +157,16 @@ class LensTrainingModule(L.LightningModule):
                 resolve_dtype(value, f"--model.{flag}")
         self.frozen = FrozenModel.load(name, revision, dtype)
         self.base = self.frozen.hf  # registered as a submodule: Lightning places it, FSDP shards its blocks
-        self.tokenizer = self.frozen.tokenizer
-        self.base_revision = self.frozen.revision
-        self.adapter = self.frozen.adapter
-        self.reader = self.frozen.reader
-        self.unembed = Unembed(self.adapter)
-        self.unembed_hash = self.frozen.unembed_hash
-        layers = list(range(self.adapter.num_layers))  # embeddings + blocks 0..L-2 (see lenscope.lenses.lens)
-        d_model = self.adapter.d_model
+        layers = list(range(self.frozen.adapter.num_layers))  # embeddings + blocks 0..L-2 (see lenscope.lenses.lens)
+        d_model = self.frozen.adapter.d_model
         self.offsets = offsets
         # One lens per offset, keyed "tuned", "tuned+1", ... (see lens_key).
-        self.engine = self.frozen.engine
         if lens_type == "learned_prompt":
             self.lenses = torch.nn.ModuleDict(
                 {lens_key(lens_type, k): LearnedPromptLens(layers, d_model, offset=k, prompt_length=prompt_length)
                  for k in offsets})
             # Start from the token-identity prompt: a patchscope that already decodes the next token.
-            start_ids = self.tokenizer(IDENTITY_PROMPT)["input_ids"]
+            start_ids = self.frozen.tokenizer(IDENTITY_PROMPT)["input_ids"]
             for lens in self.lenses.values():
                 lens.init_from_tokens(self.base.get_input_embeddings(), start_ids)
         elif lens_type == "affine":
@@ -185,7 +177,7 @@ class LensTrainingModule(L.LightningModule):
             self.lenses = torch.nn.ModuleDict(
                 {lens_key(lens_type, k): TunedLens(layers, d_model, bias=bias, offset=k) for k in offsets})
         if init_lens is not None:
-            start = load_lens(init_lens, unembed_hash=self.unembed_hash, num_hidden_layers=self.adapter.num_layers)
+            start = load_lens(init_lens, unembed_hash=self.frozen.unembed_hash, num_hidden_layers=self.frozen.adapter.num_layers)
             compatible = start.lens_type == lens_type or (start.lens_type, lens_type) == ("affine", "tuned")
             start_offset = start.offset
             if not compatible or start.layers != layers or start_offset not in offsets:
@@ -196,7 +188,7 @@ class LensTrainingModule(L.LightningModule):
         self.logit_lens = LogitLens(layers, d_model)
         # Roles for FSDP (configs/trainer/fsdp.yaml): shard the frozen blocks, keep the rest of the
         # frozen model whole in a unit of its own, so that the root unit holds the lenses alone.
-        for block in self.adapter.blocks:
+        for block in self.frozen.adapter.blocks:
             fsdp_tag(block, "block")
         fsdp_tag(self.base, "base")
         # Checkpoints hold the lenses only (state_dict below); loading one leaves the frozen model be.
@@ -208,11 +200,6 @@ class LensTrainingModule(L.LightningModule):
         self.cache: HiddenStateCache | None = None
         self.last_results: dict | None = None
         self.tokens_seen = 0  # this process's training positions so far (a lens artifact records the sum)
-
-    # --- what the data module needs from the model -------------------------------------------------
-    @property
-    def context_length(self) -> int | None:
-        return context_length(self.base)
 
     def train(self, mode: bool = True):
         """The frozen model stays in eval mode (no dropout) while the lens trains."""
@@ -236,8 +223,8 @@ class LensTrainingModule(L.LightningModule):
     # Lightning calls on_save_checkpoint on every rank and writes rank 0's checkpoint: what differs
     # between ranks (each one's data position and share of the least-squares fit) is gathered here.
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint["lenscope"] = {"base_model": self.hparams.name, "revision": self.base_revision,
-                                  "unembed_hash": self.unembed_hash,
+        checkpoint["lenscope"] = {"base_model": self.hparams.name, "revision": self.frozen.revision,
+                                  "unembed_hash": self.frozen.unembed_hash,
                                   "lens_compute_dtype": str(self.lens_compute_dtype).removeprefix("torch.")}
         if self.hparams.lens_type == "affine":  # the fit so far, so that a resumed fit goes on from it
             checkpoint["lenscope"]["normal_equations"] = {
@@ -254,7 +241,7 @@ class LensTrainingModule(L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         saved = checkpoint.get("lenscope", {})
-        if saved.get("unembed_hash") not in (None, self.unembed_hash):
+        if saved.get("unembed_hash") not in (None, self.frozen.unembed_hash):
             raise ConfigError(
                 f"checkpoint was made for {saved.get('base_model')!r}, not for {self.hparams.name!r} "
                 "(different unembedding); resume with the same --model.name"
@@ -341,7 +328,7 @@ class LensTrainingModule(L.LightningModule):
             )
         describe = datamodule.describe() if datamodule is not None and hasattr(datamodule, "describe") else {}
         manifest = {
-            "model": self.hparams.name, "revision": self.base_revision, "unembed_hash": self.unembed_hash,
+            "model": self.hparams.name, "revision": self.frozen.revision, "unembed_hash": self.frozen.unembed_hash,
             "model_dtype": self.hparams.dtype, "cache_dtype": self.hparams.cache_dtype, "data": describe,
             "layout": "residuals (num_layers + 1, positions, d_model) at the read positions",
         }
@@ -370,7 +357,7 @@ class LensTrainingModule(L.LightningModule):
         key = batch_key(batch["input_ids"], batch["attention_mask"], positions)
         states = self.cache.get(key, self.device) if self.cache is not None else None
         if self._all_ranks_run_the_model(states is None):
-            residuals = self.reader.read(batch["input_ids"], batch["attention_mask"])
+            residuals = self.frozen.reader.read(batch["input_ids"], batch["attention_mask"])
         if states is None:
             rows, cols = valid.nonzero(as_tuple=True)
             states = residuals[:, rows, positions[rows, cols]]
@@ -426,12 +413,12 @@ class LensTrainingModule(L.LightningModule):
         """h: (num_lensed, N, d_model) → the head's input for each lensed layer."""
         h = h.float()
         with torch.autocast(self.device.type, dtype=dtype, enabled=dtype != torch.float32):
-            return self.unembed.normalize(lens(h))
+            return self.frozen.adapter.normalize(lens(h))
 
     def _target_log_probs(self, final: torch.Tensor) -> torch.Tensor:
         """final: (N, d_model) raw last-block output → (N, vocab) fp32 log-probs."""
         with torch.no_grad():
-            return self.unembed.log_probs(final.to(self.adapter.unembedding_weight.dtype))
+            return self.frozen.log_probs(final.to(self.frozen.adapter.unembedding_weight.dtype))
 
     def training_step(self, dataloader_iter) -> torch.Tensor:
         # The batch is pulled here rather than handed in: Lightning otherwise fetches one batch
@@ -461,7 +448,7 @@ class LensTrainingModule(L.LightningModule):
                 kl = kl_divergence(target, logq).mean(-1)
             else:
                 target = self._target_log_probs(final)
-                kl = lens_kl(self.unembed, self._decode_inputs(lens, h, dtype), target, dtype)
+                kl = lens_kl(self.frozen.adapter, self._decode_inputs(lens, h, dtype), target, dtype)
             # Layers and lenses are independent; summing their losses gives each translator its own gradient.
             loss = loss + kl.sum()
             m = h.shape[1]
@@ -489,7 +476,7 @@ class LensTrainingModule(L.LightningModule):
                 if isinstance(lens, LearnedPromptLens):
                     sums = logit_metrics(lens.logits(self.frozen, h), target, labels)
                 else:
-                    sums = lens_metrics(self.unembed, self._decode_inputs(lens, h, dtype), target, labels, dtype)
+                    sums = lens_metrics(self.frozen.adapter, self._decode_inputs(lens, h, dtype), target, labels, dtype)
                 self.val_metrics[lens_key(name, k)].update(sums)
 
     def on_validation_epoch_start(self) -> None:
