@@ -18,6 +18,11 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # Tiny vocabularies gain nothing from compiling the loss kernel; the end-to-end tests on the real
 # model run in subprocesses with compilation on.
 os.environ.setdefault("LENSCOPE_COMPILE", "0")
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # One pytest worker per core (make test runs -n 2 on 2 cores): each worker, and every process it
+    # starts, computes on one thread, so that workers do not fight over the cores.
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    torch.set_num_threads(1)
 
 SHARED_PILE = Path(__file__).resolve().parents[2] / "shared" / "data" / "pile-sample.jsonl.zst"
 WORDS = [f"w{i}" for i in range(200)]
