@@ -1,13 +1,17 @@
 # Two commands do everything on a fresh machine (see README):
 #   make quickstart   # install, then train a tuned lens on the embedded model and demo corpus
-#   make test         # install, then run the test suite
+#   make test         # install, then run the test suite (everything but the soak tests)
+#   make test-fast    # the unit tests alone, for the edit loop (no real model, no extra processes)
 VENV ?= .venv
 PY := $(VENV)/bin/python
 # torch is installed first and pinned so that pip does not pull a multi-GB CUDA build on CPU-only
 # machines; on a GPU machine with torch already in the venv this is a no-op.
 TORCH ?= torch==2.13.0
 
-.PHONY: install quickstart test test-all lint bench
+# One pytest worker per core; tests/conftest.py gives each worker one compute thread.
+PYTEST := WANDB_MODE=offline $(PY) -m pytest -q -n auto --dist worksteal
+
+.PHONY: install quickstart test test-fast lint bench
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -25,7 +29,10 @@ quickstart: install
 
 test: install
 	$(VENV)/bin/ruff check .
-	WANDB_MODE=offline $(PY) -m pytest -m "not soak" -q
+	$(PYTEST) -m "not soak"
+
+test-fast: install
+	$(PYTEST) -m "not slow and not distributed and not subprocess and not soak"
 
 lint: install
 	$(VENV)/bin/ruff check .

@@ -38,6 +38,7 @@ from tests.conftest import WORDS, make_tokenizer, tiny_llama, write_corpus
 from tests.conftest import fit_args as cli_fit_args
 
 ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.subprocess
 TRAIN = ROOT / "train.py"
 FRESH = os.environ.get("LENSCOPE_TEST_FRESH_CLI") == "1"
 TIMEOUT_S = 300  # per run; a case that hangs (e.g. an endless run) fails instead of blocking the suite

@@ -18,6 +18,7 @@ from lenscope.lenses.artifact import load_lens
 from tests.conftest import fit_args, write_corpus
 
 ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.distributed
 
 
 def strategy_config(tmp_path: Path, strategy: str) -> Path:

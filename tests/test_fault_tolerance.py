@@ -19,6 +19,7 @@ from lenscope.training.checkpoint_io import HOLD_ENV, AtomicCheckpointIO, Checkp
 from tests.conftest import fit_args
 
 ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.subprocess
 STEPS = 24
 
 

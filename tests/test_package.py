@@ -17,6 +17,7 @@ from lenscope import cli
 from tests.conftest import fit_args
 
 ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.subprocess
 OLD_TOP_LEVEL = {"lenses", "datamodules", "basemodel", "training", "evaluation", "train", "evaluate", "cli_errors"}
 
 

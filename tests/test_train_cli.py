@@ -130,6 +130,7 @@ def run_cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
                               cwd=cwd, env={**os.environ, **(env or {})}, timeout=600)
 
 
+@pytest.mark.subprocess
 @pytest.mark.parametrize(
     ("override", "expected"),
     [
@@ -148,6 +149,7 @@ def test_bad_input_gives_one_line_error(tmp_path, tiny_model_dir, corpus, overri
     assert len(errors) == 1 and expected in errors[0], result.stderr[-2000:]
 
 
+@pytest.mark.subprocess
 def test_empty_corpus_is_an_error(tmp_path, tiny_model_dir):
     corpus = tmp_path / "empty.jsonl"
     corpus.write_text(json.dumps({"text": "   "}) + "\n")
@@ -156,6 +158,7 @@ def test_empty_corpus_is_an_error(tmp_path, tiny_model_dir):
 
 
 @pytest.mark.slow
+@pytest.mark.subprocess
 def test_embedded_model_lens_beats_logit_lens(tmp_path):
     """The real 135M model on the demo corpus, a few steps: the tuned lens already beats the logit
     lens on held-out text at every layer (the logit lens of this model is poor at every layer)."""
