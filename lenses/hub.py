@@ -181,7 +181,7 @@ def model_card(folder: str | Path, repo_id: str, path_in_repo: str = "") -> str:
     from huggingface_hub import ModelCardData
 
     from lenscope.lenses.artifact import read_config
-    from lenscope.lenses.lens import residual_name
+    from lenscope.lenses.metrics import per_layer_table
 
     config = read_config(folder)
     base = config.get("base_model_name_or_path", "unknown")
@@ -220,16 +220,10 @@ def model_card(folder: str | Path, repo_id: str, path_in_repo: str = "") -> str:
         lines += [f"## Held-out KL per layer (step {held_out.get('step', '?')})", "",
                   "KL(model ‖ lens) and cross-entropy against the real next token, in bits per token, on documents "
                   "held out from training.", "",
-                  "| residual | layer | KL (bits) | CE (bits) |", "|---:|---|---:|---:|"]
-        ce_bits = held_out.get("ce_bits") or [None] * len(held_out["kl_bits"])
-        for layer, kl, ce in zip(config["layers"], held_out["kl_bits"], ce_bits, strict=False):
-            lines.append(f"| {layer} | {residual_name(layer)} | {_num(kl)} | {_num(ce)} |")
-        lines.append("")
+                  per_layer_table(config["layers"], {"KL (bits)": held_out["kl_bits"],
+                                                     "CE (bits)": held_out.get("ce_bits") or [None] * len(config["layers"])}),
+                  ""]
     return "\n".join(lines)
-
-
-def _num(value) -> str:
-    return "n/a" if value is None else f"{value:.3f}"
 
 
 def push_lens(folder: str | Path, repo_id: str, *, path_in_repo: str = "", revision: str | None = None,

@@ -155,3 +155,15 @@ def wandb_spy(monkeypatch) -> WandbSpy:
 
     monkeypatch.setattr(wandb, "init", init)
     return spy
+
+
+@pytest.fixture(scope="session")
+def zygote():
+    """Runs ``train.py`` / ``evaluate.py`` as processes of their own without re-importing the
+    libraries each time (see tests/zygote.py): one per pytest worker."""
+    from tests.zygote import Zygote
+
+    z = Zygote({**os.environ, "LENSCOPE_COMPILE": "0", "WANDB_MODE": "offline", "TOKENIZERS_PARALLELISM": "false"})
+    yield z
+    z.close()
+

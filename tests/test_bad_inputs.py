@@ -2,13 +2,9 @@
 no Python traceback. The catalogue of these inputs is docs/bad-inputs.md (keep the two in step).
 
 Every case runs ``train.py fit`` in its own process, from a temporary working directory, with every
-output path under ``tmp_path``. Starting a fresh interpreter costs ~6 s of imports (torch, Lightning,
-transformers), which for two dozen cases is minutes on a small machine, so by default the processes
-are forked from a "zygote" that has imported those libraries once and then runs ``train.py`` as
-``__main__`` with its own argv, working directory, environment, stdout/stderr file descriptors and
-exit status — exactly what the interpreter does for ``python train.py …``, minus the imports.
-``LENSCOPE_TEST_FRESH_CLI=1`` runs every case as a fresh ``python train.py …`` instead (same
-assertions). The final-norm case needs to change the model's structure and runs in-process.
+output path under ``tmp_path``, forked from the test zygote (tests/zygote.py: a process that
+imported the libraries once; ``LENSCOPE_TEST_FRESH_CLI=1`` starts fresh interpreters instead). The
+final-norm case needs to change the model's structure and runs in-process.
 """
 
 from __future__ import annotations
@@ -22,7 +18,6 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -36,111 +31,16 @@ from lenscope.lenses.lens import TunedLens
 from lenscope.model.loading import tensor_fingerprint
 from tests.conftest import WORDS, make_tokenizer, tiny_llama, write_corpus
 from tests.conftest import fit_args as cli_fit_args
+from tests.zygote import Result
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.subprocess
 TRAIN = ROOT / "train.py"
-FRESH = os.environ.get("LENSCOPE_TEST_FRESH_CLI") == "1"
 TIMEOUT_S = 300  # per run; a case that hangs (e.g. an endless run) fails instead of blocking the suite
-
-# The zygote: imports the heavy libraries once, then for each request (one JSON line on stdin)
-# forks a child that becomes ``python train.py <argv>`` and answers with the child's exit status.
-ZYGOTE = r"""
-import atexit, json, os, runpy, signal, sys, time, traceback
-import torch, lightning, transformers, nnsight, zstandard, safetensors, jsonargparse  # noqa: F401
-from lightning.pytorch.cli import LightningCLI  # noqa: F401
-from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: F401
-
-train_py = sys.argv[1]
-while line := sys.stdin.readline():
-    req = json.loads(line)
-    pid = os.fork()
-    if pid == 0:
-        code = 1
-        try:
-            os.chdir(req["cwd"])
-            os.environ.clear()
-            os.environ.update(req["env"])
-            for fd, name in ((1, "stdout"), (2, "stderr")):
-                target = os.open(req[name], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-                os.dup2(target, fd)
-                os.close(target)
-            os.dup2(os.open(os.devnull, os.O_RDONLY), 0)
-            sys.stdin = open(0, closefd=False)
-            sys.stdout = open(1, "w", buffering=1, closefd=False)
-            sys.stderr = open(2, "w", buffering=1, closefd=False, errors="backslashreplace")
-            sys.argv = [train_py, *req["argv"]]
-            sys.path[0] = os.path.dirname(train_py)
-            try:
-                runpy.run_path(train_py, run_name="__main__")
-                code = 0
-            except SystemExit as exit_:
-                if exit_.code is None or isinstance(exit_.code, int):
-                    code = exit_.code or 0
-                else:
-                    print(exit_.code, file=sys.stderr)
-            except BaseException:
-                traceback.print_exc()  # what the interpreter prints for an uncaught exception
-            atexit._run_exitfuncs()
-        finally:
-            try:
-                sys.stdout.flush()
-                sys.stderr.flush()
-            finally:
-                os._exit(code)
-    deadline = time.monotonic() + req["timeout"]
-    while (done := os.waitpid(pid, os.WNOHANG))[0] == 0:
-        if time.monotonic() > deadline:
-            os.kill(pid, signal.SIGKILL)
-            done = os.waitpid(pid, 0)
-            break
-        time.sleep(0.02)
-    print(json.dumps({"rc": os.waitstatus_to_exitcode(done[1])}), flush=True)
-"""
-
 
 def cli_env(tmp_path: Path) -> dict[str, str]:
     return {**os.environ, "LENSCOPE_COMPILE": "0", "WANDB_MODE": "offline", "TOKENIZERS_PARALLELISM": "false",
             "LENSCOPE_CACHE": str(tmp_path / "lenscope-cache")}
-
-
-@dataclass
-class Result:
-    returncode: int
-    stdout: str
-    stderr: str
-
-
-class Zygote:
-    def __init__(self, env: dict[str, str]):
-        self.proc = subprocess.Popen([sys.executable, "-c", ZYGOTE, str(TRAIN)], stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, text=True, cwd=ROOT, env=env)
-
-    def run(self, argv: list[str], cwd: Path, env: dict[str, str]) -> Result:
-        out, err = cwd / ".cli-stdout", cwd / ".cli-stderr"
-        request = {"argv": argv, "cwd": str(cwd), "env": env, "stdout": str(out), "stderr": str(err),
-                   "timeout": TIMEOUT_S}
-        self.proc.stdin.write(json.dumps(request) + "\n")
-        self.proc.stdin.flush()
-        reply = self.proc.stdout.readline()
-        assert reply, "the CLI zygote died"
-        rc = json.loads(reply)["rc"]
-        assert rc != -signal.SIGKILL, f"train.py {' '.join(argv)} ran past {TIMEOUT_S} s"
-        return Result(rc, out.read_text(), err.read_text())
-
-    def close(self) -> None:
-        self.proc.stdin.close()
-        self.proc.wait(timeout=30)
-
-
-@pytest.fixture(scope="module")
-def zygote(tmp_path_factory):
-    if FRESH:
-        yield None
-        return
-    z = Zygote(cli_env(tmp_path_factory.mktemp("zygote")))
-    yield z
-    z.close()
 
 
 @pytest.fixture
@@ -148,14 +48,9 @@ def cli(zygote, tmp_path):
     """Run ``train.py <argv>`` from a fresh working directory under ``tmp_path``."""
 
     def run(*argv: str, env: dict[str, str] | None = None) -> Result:
-        cwd = tmp_path / "cwd"
-        cwd.mkdir(exist_ok=True)
-        env = env or cli_env(tmp_path)
-        if zygote is None:
-            done = subprocess.run([sys.executable, str(TRAIN), *argv], capture_output=True, text=True,
-                                  cwd=cwd, env=env, timeout=TIMEOUT_S)
-            return Result(done.returncode, done.stdout, done.stderr)
-        return zygote.run(list(argv), cwd, env)
+        result = zygote.run(TRAIN, list(argv), tmp_path / "cwd", env or cli_env(tmp_path), timeout=TIMEOUT_S)
+        assert not result.timed_out, f"train.py {' '.join(argv)} ran past {TIMEOUT_S} s"
+        return result
 
     return run
 

@@ -5,9 +5,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -35,21 +32,28 @@ def strategy_config(tmp_path: Path, strategy: str) -> Path:
     return path
 
 
-def run_train(args: list[str], cwd: Path, timeout: float = 300, succeed: bool = True) -> str:
-    """``train.py`` in a process group of its own, so that a hang (ranks waiting on each other)
-    fails the test after ``timeout`` seconds and leaves no rank behind. Asserts it exits with 0
-    (``succeed``) or with an error; returns its stderr."""
-    process = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *args], stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True, cwd=cwd, start_new_session=True,
-                               env={**os.environ, "LENSCOPE_COMPILE": "0", "PYTHONPATH": str(ROOT)})
-    try:
-        _, stderr = process.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        _, stderr = process.communicate()
-        pytest.fail(f"train.py {' '.join(args[:1])} hung for {timeout} s: {stderr[-2000:]}")
-    assert (process.returncode == 0) == succeed, stderr[-3000:]
-    return stderr
+_zygote = None
+
+
+@pytest.fixture(autouse=True)
+def _use_the_zygote(zygote):
+    """Every run below is forked from the test zygote (rank 0; Lightning starts the other ranks as
+    fresh interpreters, as in production)."""
+    global _zygote
+    _zygote = zygote
+
+
+def run_train(args: list[str], cwd: Path, timeout: float = 300, succeed: bool = True, script: str = "train.py",
+              env: dict | None = None) -> str:
+    """``train.py`` (or ``script``) in a process group of its own, so that a hang (ranks waiting on
+    each other) fails the test after ``timeout`` seconds and leaves no rank behind. Asserts it exits
+    with 0 (``succeed``) or with an error; returns its stderr."""
+    result = _zygote.run(ROOT / script, args, cwd, {**os.environ, "LENSCOPE_COMPILE": "0", "PYTHONPATH": str(ROOT),
+                                                    **(env or {})}, timeout=timeout, session=True)
+    if result.timed_out:
+        pytest.fail(f"{script} {' '.join(args[:1])} hung for {timeout} s: {result.stderr[-2000:]}")
+    assert (result.returncode == 0) == succeed, result.stderr[-3000:]
+    return result.stderr
 
 
 def fit(tmp_path: Path, model_dir: Path, corpus: Path, devices: int, batch_size: int, strategy: str = "ddp",
@@ -167,11 +171,9 @@ def test_fsdp_policy_shards_the_frozen_blocks_and_keeps_the_lenses_whole(tiny_mo
 
 
 def test_fsdp_config_parses_and_names_the_policy(tmp_path, tiny_model_dir, corpus):
-    result = subprocess.run(
-        [sys.executable, str(ROOT / "train.py"), "fit", "--config", str(ROOT / "configs/debug/fast.yaml"),
-         "--config", str(ROOT / "configs/trainer/fsdp.yaml"), "--model.name", str(tiny_model_dir),
-         "--data.source", str(corpus), "--print_config"],
-        capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    result = _zygote.run(ROOT / "train.py", [
+        "fit", "--config", str(ROOT / "configs/debug/fast.yaml"), "--config", str(ROOT / "configs/trainer/fsdp.yaml"),
+        "--model.name", str(tiny_model_dir), "--data.source", str(corpus), "--print_config"], tmp_path, dict(os.environ))
     assert result.returncode == 0, result.stderr[-2000:]
     assert "lightning.pytorch.strategies.FSDPStrategy" in result.stdout
     assert "lenscope.training.fsdp.LensShardingPolicy" in result.stdout
@@ -179,16 +181,13 @@ def test_fsdp_config_parses_and_names_the_policy(tmp_path, tiny_model_dir, corpu
 
 def evaluate_run(tmp_path: Path, model_dir: Path, corpus: Path, devices: int) -> dict:
     out = tmp_path / f"eval{devices}"
-    cmd = [
-        sys.executable, str(ROOT / "evaluate.py"), "--config", str(ROOT / "configs/eval/patchscopes.yaml"),
+    run_train([
+        "--config", str(ROOT / "configs/eval/patchscopes.yaml"),
         "--trainer.logger", "false", "--trainer.enable_progress_bar", "false", "--trainer.accelerator", "cpu",
         "--trainer.devices", str(devices), *(["--trainer.strategy", "ddp"] if devices > 1 else []),
         "--model.name", str(model_dir), "--model.output_dir", str(out), "--data.source", str(corpus),
         "--data.n_fit", "40", "--data.n_eval", "25", "--data.batch_size", "4",
-    ]
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path,
-                            env={**os.environ, "LENSCOPE_COMPILE": "0"})
-    assert result.returncode == 0, result.stderr[-3000:]
+    ], cwd=tmp_path, timeout=600, script="evaluate.py")
     return json.loads((out / "results.json").read_text())
 
 

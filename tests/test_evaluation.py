@@ -13,10 +13,10 @@ import transformers as T
 from lenscope.cli import evaluate, train
 from lenscope.datamodules.patchscope_data import PatchscopeDataModule
 from lenscope.evaluation.baselines import bigram_successors
-from lenscope.evaluation.metrics import PatchscopeMetrics
 from lenscope.evaluation.token_identity import TokenIdentityPatchscope
 from lenscope.lenses.artifact import save_lens
 from lenscope.lenses.lens import TunedLens
+from lenscope.lenses.metrics import PerLayerMeans
 from lenscope.model.adapter import ArchitectureAdapter
 from lenscope.model.loading import load_base_model, tensor_fingerprint
 from lenscope.model.patching import PatchingEngine
@@ -88,7 +88,7 @@ def test_bigram_successors_take_the_most_frequent_follower():
 
 
 def test_metrics_average_per_layer_and_respect_masks():
-    metric = PatchscopeMetrics([("p", "a"), ("p", "b")], num_layers=2)
+    metric = PerLayerMeans([("p", "a"), ("p", "b")], num_layers=2)
     metric.update("p", "a", torch.tensor([[1.0, 0.0, 1.0], [0.0, 0.0, 1.0]]))
     metric.update("p", "b", torch.tensor([2.0, 4.0, 100.0]), mask=torch.tensor([True, True, False]))
     computed = metric.compute()

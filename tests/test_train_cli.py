@@ -6,9 +6,6 @@ import json
 import os
 import shutil
 import stat
-import subprocess
-import sys
-import tempfile
 from pathlib import Path
 
 import pytest
@@ -122,12 +119,16 @@ def test_wandb_receives_per_layer_metrics_and_table(tmp_path, tiny_model_dir, co
     assert ckpt["lenscope"]["wandb_run_id"] == wandb_spy.runs[0].id
 
 
-def run_cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    """``train.py`` in a fresh process, from an empty working folder: paths a config gives
-    relative to the working folder (runs/, artifacts/) never touch the checkout's own outputs."""
-    with tempfile.TemporaryDirectory(prefix="lenscope-cli-") as cwd:
-        return subprocess.run([sys.executable, str(ROOT / "train.py"), *args], capture_output=True, text=True,
-                              cwd=cwd, env={**os.environ, **(env or {})}, timeout=600)
+@pytest.fixture
+def run_cli(zygote, tmp_path):
+    """``train.py`` in a process of its own (forked from the test zygote), from an empty working
+    folder: paths a config gives relative to it (runs/, artifacts/) never touch the checkout's."""
+    def run(*args: str, env: dict | None = None):
+        result = zygote.run(ROOT / "train.py", list(args), tmp_path / "cwd", {**os.environ, **(env or {})}, timeout=600)
+        assert not result.timed_out, f"train.py {' '.join(args)} ran past 600 s"
+        return result
+
+    return run
 
 
 @pytest.mark.subprocess
@@ -141,7 +142,7 @@ def run_cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
         (["--model.offsets", "[0, 16]"], "--model.offsets has 16 but --data.seq_len is 16"),
     ],
 )
-def test_bad_input_gives_one_line_error(tmp_path, tiny_model_dir, corpus, override, expected):
+def test_bad_input_gives_one_line_error(run_cli, tmp_path, tiny_model_dir, corpus, override, expected):
     result = run_cli(*fit_args(tmp_path, tiny_model_dir, corpus), *override)
     assert result.returncode == 2, result.stderr[-2000:]
     assert "Traceback" not in result.stderr
@@ -150,7 +151,7 @@ def test_bad_input_gives_one_line_error(tmp_path, tiny_model_dir, corpus, overri
 
 
 @pytest.mark.subprocess
-def test_empty_corpus_is_an_error(tmp_path, tiny_model_dir):
+def test_empty_corpus_is_an_error(run_cli, tmp_path, tiny_model_dir):
     corpus = tmp_path / "empty.jsonl"
     corpus.write_text(json.dumps({"text": "   "}) + "\n")
     result = run_cli(*fit_args(tmp_path, tiny_model_dir, corpus))
@@ -159,7 +160,7 @@ def test_empty_corpus_is_an_error(tmp_path, tiny_model_dir):
 
 @pytest.mark.slow
 @pytest.mark.subprocess
-def test_embedded_model_lens_beats_logit_lens(tmp_path):
+def test_embedded_model_lens_beats_logit_lens(run_cli, tmp_path):
     """The real 135M model on the demo corpus, a few steps: the tuned lens already beats the logit
     lens on held-out text at every layer (the logit lens of this model is poor at every layer)."""
     out = tmp_path / "out"

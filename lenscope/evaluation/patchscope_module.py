@@ -36,13 +36,13 @@ from tqdm.auto import tqdm
 
 from lenscope.errors import ConfigError, check_finite
 from lenscope.evaluation.baselines import bigram_successors
-from lenscope.evaluation.metrics import PatchscopeMetrics
 from lenscope.evaluation.report import markdown_tables, write_report
 from lenscope.evaluation.token_identity import TokenIdentityPatchscope
 from lenscope.lenses.artifact import load_lens
 from lenscope.lenses.learned_prompt import IDENTITY_PROMPT, LearnedPromptLens
 from lenscope.lenses.least_squares import NormalEquations
 from lenscope.lenses.lens import AffineLens, Lens, lens_key
+from lenscope.lenses.metrics import PerLayerMeans
 from lenscope.lenses.unembed import kl_divergence
 from lenscope.loggers import wandb_locations
 from lenscope.model.frozen import FrozenModel
@@ -124,7 +124,7 @@ class PatchscopeEvaluation(L.LightningModule):
                                if "token_identity" in methods else None)
         self.bigram: torch.Tensor | None = None
         self.fit_positions: dict[int, int] = {}
-        self.metrics = PatchscopeMetrics(self._series(), len(self.layers))
+        self.metrics = PerLayerMeans(self._series(), len(self.layers))
         self.results: dict | None = None
 
     def _next_token_methods(self) -> list[str]:

@@ -18,6 +18,7 @@ matplotlib.use("Agg")  # files only, no display needed
 import matplotlib.pyplot as plt  # noqa: E402
 
 from lenscope.files import atomic_write  # noqa: E402
+from lenscope.lenses.metrics import per_layer_table  # noqa: E402
 
 DESCRIPTIONS = {
     "precision@1": "precision@1: argmax agrees with the model's own next token",
@@ -88,12 +89,6 @@ def plot_metric(results: dict, metric: str) -> bytes:
     return buffer.getvalue()
 
 
-def _table(header: list[str], rows: list[list]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---:|" * len(header)]
-    lines += ["| " + " | ".join(v if isinstance(v, str) else f"{v:.3f}" for v in row) + " |" for row in rows]
-    return "\n".join(lines)
-
-
 def markdown_tables(results: dict) -> str:
     """The Patchscopes Fig. 2 table (precision@1 and surprisal per method and layer) and, per
     future offset, the Future Lens table (precision@1 against the model and the real token)."""
@@ -102,21 +97,20 @@ def markdown_tables(results: dict) -> str:
              f"({results['documents']['fit']} fitting documents).", ""]
     if "precision@1" in metrics:
         methods = list(metrics["precision@1"])
-        header = ["layer"] + [f"P@1 {m}" for m in methods] + [f"surprisal {m}" for m in methods]
-        rows = [[str(layer)] + [metrics["precision@1"][m][i] for m in methods] + [metrics["surprisal_nats"][m][i] for m in methods]
-                for i, layer in enumerate(layers)]
+        columns = {**{f"P@1 {m}": metrics["precision@1"][m] for m in methods},
+                   **{f"surprisal {m}": metrics["surprisal_nats"][m] for m in methods}}
         parts += ["Next token (Patchscopes Fig. 2): precision@1 against the model's own next token; "
-                  "surprisal in nats.", "", _table(header, rows), ""]
+                  "surprisal in nats.", "", per_layer_table(layers, columns), ""]
     for metric in metrics:
         if metric.startswith("future+") and metric.endswith("_model"):
             k = metric.split("/")[0].removeprefix("future+")
             real = metric.replace("_model", "_real")
             methods = list(metrics[metric])
-            header = ["layer"] + [f"{m} (model)" for m in methods] + [f"{m} (real)" for m in methods]
-            rows = [[str(layer)] + [metrics[metric][m][i] for m in methods] + [metrics[real][m][i] for m in methods]
-                    for i, layer in enumerate(layers)]
+            columns = {**{f"{m} (model)": metrics[metric][m] for m in methods},
+                       **{f"{m} (real)": metrics[real][m] for m in methods}}
             parts += [f"Offset {k} (Future Lens N = {k}): precision@1 of the token {k} after the next, against "
-                      "the model's own prediction there (model) and the real token (real).", "", _table(header, rows), ""]
+                      "the model's own prediction there (model) and the real token (real).", "",
+                      per_layer_table(layers, columns), ""]
     return "\n".join(parts)
 
 

@@ -14,6 +14,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from lenscope.files import atomic_write
 from lenscope.lenses.artifact import save_lens
 from lenscope.lenses.lens import residual_name
+from lenscope.lenses.metrics import per_layer_table
 from lenscope.loggers import wandb_locations
 
 
@@ -21,13 +22,8 @@ def results_table(results: dict, unit: str = "bits") -> str:
     """Markdown table: per layer, KL(final ‖ lens) for every scored lens (the logit lens and the
     trained lens, per offset: ``tuned+2`` targets the model's distribution 2 tokens ahead), then
     the cross-entropy against the real token, all per token in ``unit``."""
-    lenses = results["lenses"]
-    columns = [f"{lens} KL ({unit})" for lens in lenses] + [f"{lens} CE ({unit})" for lens in lenses]
-    lines = ["| residual | layer | " + " | ".join(columns) + " |", "|---:|---|" + "---:|" * len(columns)]
-    for i, layer in enumerate(results["layers"]):
-        row = [results[lens][f"{metric}_{unit}"][i] for metric in ("kl", "ce") for lens in lenses]
-        lines.append(f"| {layer} | {residual_name(layer)} | " + " | ".join("n/a" if v is None else f"{v:.3f}" for v in row) + " |")
-    return "\n".join(lines)
+    return per_layer_table(results["layers"], {f"{lens} {metric.upper()} ({unit})": results[lens][f"{metric}_{unit}"]
+                                               for metric in ("kl", "ce") for lens in results["lenses"]})
 
 
 def training_data(trainer: L.Trainer) -> dict | None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 from pathlib import Path
 
 import lightning as L
@@ -25,6 +26,7 @@ from lenscope.lenses.artifact import load_lens
 from lenscope.lenses.learned_prompt import IDENTITY_PROMPT, LearnedPromptLens
 from lenscope.lenses.least_squares import NormalEquations
 from lenscope.lenses.lens import AffineLens, Lens, LogitLens, TunedLens, lens_key
+from lenscope.lenses.metrics import PerLayerMeans
 from lenscope.lenses.unembed import kl_divergence, lens_kl, lens_metrics, logit_metrics
 from lenscope.model.frozen import FrozenModel
 from lenscope.model.hidden_cache import HiddenStateCache, batch_key
@@ -36,9 +38,9 @@ from lenscope.model.loading import (
 )
 from lenscope.training.fsdp import FSDP_PREFIX
 from lenscope.training.fsdp import tag as fsdp_tag
-from lenscope.training.metrics import PerLayerLensMetrics
 
 log = logging.getLogger(__name__)
+NATS_PER_BIT = math.log(2)
 
 
 TRAINABLE = ("tuned", "affine", "learned_prompt")
@@ -194,9 +196,8 @@ class LensTrainingModule(L.LightningModule):
         # Checkpoints hold the lenses only (state_dict below); loading one leaves the frozen model be.
         self.register_load_state_dict_post_hook(_frozen_model_is_not_checkpointed)
         # Scored in validation, per offset: the logit lens (the baseline) and the trained lens.
-        self.val_metrics = torch.nn.ModuleDict({
-            lens_key(name, k): PerLayerLensMetrics(len(layers)) for k in offsets for name in ("logit", lens_type)
-        })
+        self.scored = [lens_key(name, k) for k in offsets for name in ("logit", lens_type)]
+        self.val_metrics = PerLayerMeans([(m, key) for key in self.scored for m in ("kl_nats", "ce_nats")], len(layers))
         self.cache: HiddenStateCache | None = None
         self.last_results: dict | None = None
         self.tokens_seen = 0  # this process's training positions so far (a lens artifact records the sum)
@@ -464,6 +465,7 @@ class LensTrainingModule(L.LightningModule):
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         states, all_labels = self.hidden_states(batch)
         if states.shape[1] == 0:  # padding (see DocumentStream.pad_shares): the model ran, nothing to score
+            self.val_metrics.update("kl_nats", self.scored[0], torch.zeros(len(self.layers)), count=0)
             return
         dtype = compute_dtype(self.hparams.eval_dtype, self.device, "--model.eval_dtype")
         for k in self.offsets:
@@ -477,7 +479,9 @@ class LensTrainingModule(L.LightningModule):
                     sums = logit_metrics(lens.logits(self.frozen, h), target, labels)
                 else:
                     sums = lens_metrics(self.frozen.adapter, self._decode_inputs(lens, h, dtype), target, labels, dtype)
-                self.val_metrics[lens_key(name, k)].update(sums)
+                key = lens_key(name, k)
+                self.val_metrics.update("kl_nats", key, sums["kl"], count=sums["n_tokens"])
+                self.val_metrics.update("ce_nats", key, sums["ce"], count=sums["n_labels"])
 
     def on_validation_epoch_start(self) -> None:
         if self.hparams.lens_type != "affine":
@@ -490,14 +494,23 @@ class LensTrainingModule(L.LightningModule):
                     self.lenses[key].bias.copy_(b)
 
     def on_validation_epoch_end(self) -> None:
+        nothing = DataSourceError("validation scored no positions: the held-out documents give no samples; "
+                                  "raise --data.val_max_docs, lower --data.seq_len or pass --data.val_source")
+        # Every rank has as many validation batches (DocumentStream.pad_shares), a padding batch
+        # counts as an update of nothing: no batch on one rank means none on any.
+        if self.val_metrics.update_count == 0:
+            raise nothing
+        computed = self.val_metrics.compute()  # one synchronisation for every lens, metric and layer
+        self.val_metrics.reset()
+        if computed["counts"]["kl_nats"][self.scored[0]] == 0:
+            raise nothing
         results: dict = {"layers": self.layers, "lens_type": self.hparams.lens_type, "offsets": self.offsets,
-                         "lenses": list(self.val_metrics.keys())}
-        for name, metric in self.val_metrics.items():
-            values = metric.compute()
-            if name == "logit" and values["kl_nats"].isnan().all():
-                raise DataSourceError("validation scored no positions: the held-out documents give no samples; "
-                                      "raise --data.val_max_docs, lower --data.seq_len or pass --data.val_source")
-            metric.reset()
+                         "lenses": self.scored}
+        for name in self.scored:
+            values = {}
+            for metric in ("kl", "ce"):
+                nats = torch.tensor(computed["means"][f"{metric}_nats"][name], dtype=torch.float64)
+                values[f"{metric}_nats"], values[f"{metric}_bits"] = nats, nats / NATS_PER_BIT
             # NaN (nothing to score, e.g. no labelled position) is null in results.json, not logged.
             results[name] = {k: [x if x == x else None for x in v.tolist()] for k, v in values.items()}
             for key, per_layer in values.items():
