@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 from lenscope.datamodules.patchscope_data import PatchscopeDataModule, collate_patchscope
-from lenscope.evaluation.token_identity import TokenIdentityPatchscope
+from lenscope.lenses.token_identity import TokenIdentityPatchscope
 from lenscope.model.frozen import FrozenModel
 from lenscope.model.loading import EMBEDDED_MODEL
 from lenscope.model.residuals import ResidualReader

@@ -129,3 +129,28 @@ def test_lenscope_show_writes_the_page_and_picture(model, tmp_path, capsys, monk
     with pytest.raises(SystemExit) as stop:
         cli.main(["show", "w3", "--lens", str(tmp_path / "nowhere")])
     assert stop.value.code == 2 and "is not a lens artifact" in capsys.readouterr().err
+
+
+def test_the_token_identity_patchscope_is_a_lens_too(model, tmp_path, capsys, monkeypatch):
+    from lenscope import cli
+    from lenscope.lenses.token_identity import TokenIdentityLens, TokenIdentityPatchscope
+    from lenscope.lenses.trajectory import Trajectory
+
+    lens = TokenIdentityLens.for_model(model)
+    assert lens.key == "token_identity" and lens.layers == model.layers
+    ids = model.tokenize("w3 w4 w5 w6")
+    h = model.residuals(ids)[lens.layers]  # (L, 1, T, d)
+    got = lens.logits(model, h)
+    assert got.shape == (len(lens.layers), 1, ids.shape[1], model.vocab_size)
+    # The same numbers as the patchscope the evaluation runs, row by row without the shared prefix.
+    alone = TokenIdentityPatchscope(model.engine, model.tokenizer, rows_per_pass=1, reuse_prefix=False)
+    torch.testing.assert_close(got[:, 0], alone.logits(h[:, 0], lens.layers), atol=1e-4, rtol=1e-4)
+    trajectory = Trajectory.of(model, "w3 w4 w5 w6", [lens])
+    top = trajectory.panels[0].top_ids[1:, :, 0]  # (L, T): row 0 is the model's own output
+    assert torch.equal(top, got[:, 0].argmax(-1))
+    # From the shell: beside a saved lens, or alone with --model.
+    monkeypatch.chdir(tmp_path)
+    cli.main(["show", "w3 w4", "--model", str(model.name), "--lens", "token_identity", "--out", "ti"])
+    assert "token_identity: top token" in capsys.readouterr().out and (tmp_path / "ti.png").is_file()
+    with pytest.raises(TypeError, match="call lens.logits"):
+        lens(h)

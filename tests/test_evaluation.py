@@ -13,10 +13,10 @@ import transformers as T
 from lenscope.cli import evaluate, train
 from lenscope.datamodules.patchscope_data import PatchscopeDataModule
 from lenscope.evaluation.baselines import bigram_successors
-from lenscope.evaluation.token_identity import TokenIdentityPatchscope
 from lenscope.lenses.artifact import save_lens
 from lenscope.lenses.lens import TunedLens
 from lenscope.lenses.metrics import PerLayerMeans
+from lenscope.lenses.token_identity import TokenIdentityPatchscope
 from lenscope.model.adapter import ArchitectureAdapter
 from lenscope.model.loading import load_base_model, tensor_fingerprint
 from lenscope.model.patching import PatchingEngine

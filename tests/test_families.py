@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from lenscope.datamodules.preprocessing import collate
-from lenscope.evaluation.token_identity import TokenIdentityPatchscope
+from lenscope.lenses.token_identity import TokenIdentityPatchscope
 from lenscope.lenses.unembed import lens_kl, reference_kl
 from lenscope.model.adapter import ArchitectureAdapter
 from lenscope.model.patching import PatchingEngine

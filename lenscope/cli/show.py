@@ -11,13 +11,16 @@ from lenscope.cli.errors import run_with_clean_errors
 from lenscope.errors import ConfigError
 from lenscope.lenses.trajectory import STATISTICS
 
+TOKEN_IDENTITY = "token_identity"
+
 
 def parser(prog: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0].replace("``", "`"))
     p.add_argument("text", help="the prompt")
     p.add_argument("--lens", action="append", default=[], metavar="LENS",
-                   help="a lens folder (lenscope or tuned-lens format) or a Hub lens, hub:owner/repo[@rev][:folder] "
-                        "(repeat for several, side by side); without one, the logit lens alone")
+                   help="a lens folder (lenscope or tuned-lens format), a Hub lens, hub:owner/repo[@rev][:folder], or "
+                        "token_identity (the token-identity patchscope); repeat for several, side by side; "
+                        "without one, the logit lens alone")
     p.add_argument("--model", default=None,
                    help="hub id, folder or embedded:smollm2-135m (default: the model the first lens was trained on)")
     p.add_argument("--stat", default="entropy", choices=list(STATISTICS), help="what the colour shows")
@@ -39,6 +42,7 @@ def main(argv: list[str] | None = None, prog: str = "lenscope show") -> None:
 def show(args: argparse.Namespace) -> None:
     from lenscope.lenses.artifact import load_lens, read_config
     from lenscope.lenses.lens import LogitLens
+    from lenscope.lenses.token_identity import TokenIdentityLens
     from lenscope.lenses.trajectory import Trajectory
     from lenscope.model.frozen import FrozenModel
 
@@ -46,14 +50,16 @@ def show(args: argparse.Namespace) -> None:
     if out.name in ("", ".", ".."):
         raise ConfigError(f"--out {args.out!r} names a folder; give a file name without extension, e.g. --out traj")
     name = args.model
-    if name is None and args.lens:
-        name = read_config(args.lens[0]).get("base_model_name_or_path")
+    folders = [path for path in args.lens if path != TOKEN_IDENTITY]
+    if name is None and folders:
+        name = read_config(folders[0]).get("base_model_name_or_path")
         if not name:
-            raise ConfigError(f"{args.lens[0]} does not name the model it was trained on; pass --model")
+            raise ConfigError(f"{folders[0]} does not name the model it was trained on; pass --model")
     if not name:
         raise ConfigError("no model to run: pass --model (a hub id, a folder or embedded:smollm2-135m) or a --lens")
     model = FrozenModel.load(name)
-    lenses = [load_lens(path, model) for path in args.lens]
+    lenses = [TokenIdentityLens.for_model(model) if path == TOKEN_IDENTITY else load_lens(path, model)
+              for path in args.lens]
     if not args.no_logit or not lenses:
         lenses.insert(0, LogitLens(model.layers, model.d_model))
     trajectory = Trajectory.of(model, args.text, lenses, args.k)

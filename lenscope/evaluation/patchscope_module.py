@@ -37,12 +37,12 @@ from tqdm.auto import tqdm
 from lenscope.errors import ConfigError, check_finite
 from lenscope.evaluation.baselines import bigram_successors
 from lenscope.evaluation.report import markdown_tables, write_report
-from lenscope.evaluation.token_identity import TokenIdentityPatchscope
 from lenscope.lenses.artifact import load_lens
 from lenscope.lenses.learned_prompt import IDENTITY_PROMPT, LearnedPromptLens
 from lenscope.lenses.least_squares import NormalEquations
 from lenscope.lenses.lens import AffineLens, Lens, lens_key
 from lenscope.lenses.metrics import PerLayerMeans
+from lenscope.lenses.token_identity import TokenIdentityPatchscope
 from lenscope.lenses.unembed import kl_divergence
 from lenscope.loggers import wandb_locations
 from lenscope.model.frozen import FrozenModel

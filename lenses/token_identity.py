@@ -1,4 +1,4 @@
-"""The token-identity patchscope (Ghandeharioun et al. 2024): h_ℓ written at the last token of a
+"""The token-identity patchscope (Ghandeharioun et al. 2024), and the same as a lens: h_ℓ written at the last token of a
 few-shot "repeat the token" prompt, at the same layer ℓ, and the model runs on.
 
 Every (layer, example) pair is one row of a batched target pass through ``PatchingEngine``: the
@@ -15,12 +15,17 @@ rows against full passes; if that fails or disagrees, every row runs the whole p
 from __future__ import annotations
 
 import copy
+from typing import TYPE_CHECKING
 
 import torch
 
 from lenscope.errors import ConfigError
 from lenscope.lenses.learned_prompt import IDENTITY_PROMPT
+from lenscope.lenses.lens import Lens
 from lenscope.model.patching import PatchingEngine
+
+if TYPE_CHECKING:
+    from lenscope.model.frozen import FrozenModel
 
 
 class TokenIdentityPatchscope:
@@ -99,3 +104,37 @@ class TokenIdentityPatchscope:
             rows = slice(start, min(start + self.rows_per_pass, flat.shape[0]))
             out.append(self._rows(flat[rows], layer_of_row[rows], prefix).float())
         return torch.cat(out).view(num_layers, n, -1)
+
+
+class TokenIdentityLens(Lens):
+    """The token-identity patchscope as a lens: ``lens.logits(model, h)`` decodes each state by
+    writing it at the identity prompt's last token, at its own layer, and reading the model's next
+    token there; the prompt's prefix is shared as above. Nothing is trained, so there is no
+    artifact: make one for a model, ``TokenIdentityLens.for_model(model)``, and use it wherever a
+    lens goes (``lens.trajectory(model, text)``, ``Trajectory.of``, ``lenscope show --lens token_identity``)."""
+
+    lens_type = "token_identity"
+
+    def __init__(self, layers: list[int], d_model: int, prompt: str = IDENTITY_PROMPT, rows_per_pass: int = 256):
+        super().__init__(layers, d_model)
+        self.prompt = prompt
+        self.rows_per_pass = rows_per_pass
+        self._scope: TokenIdentityPatchscope | None = None
+
+    @classmethod
+    def for_model(cls, model: FrozenModel, prompt: str = IDENTITY_PROMPT, rows_per_pass: int = 256) -> TokenIdentityLens:
+        """Every residual a lens reads of ``model`` (the embeddings and blocks 0 … L − 2)."""
+        return cls(model.layers, model.d_model, prompt, rows_per_pass)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        raise TypeError("the token-identity lens decodes through the model: call lens.logits(model, h)")
+
+    @torch.no_grad()
+    def logits(self, model: FrozenModel, h: torch.Tensor) -> torch.Tensor:
+        """h: (num_layers, ..., d_model) at ``self.layers`` → (num_layers, ..., vocab) fp32 logits."""
+        if self._scope is None or self._scope.engine is not model.engine:
+            self._scope = TokenIdentityPatchscope(model.engine, model.tokenizer, self.prompt, self.rows_per_pass)
+        shape = h.shape
+        dtype = model.adapter.unembedding_weight.dtype
+        flat = h.reshape(shape[0], -1, shape[-1]).to(dtype)
+        return self._scope.logits(flat, self.layers).float().view(*shape[:-1], -1)
