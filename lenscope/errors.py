@@ -18,6 +18,20 @@ class ConfigError(UserError, ValueError):
     """A setting is invalid; the message names the flag to change."""
 
 
+def one_line(err: BaseException, with_type: bool = False) -> str:
+    """The first line of an error's message (with its type's name if ``with_type``: for a library's
+    error quoted inside ours), also when it was re-raised from a dataloader worker, whose message
+    embeds the worker's traceback and ends with the original message."""
+    text = str(err).strip()
+    if "Original Traceback" in text:
+        text = text.splitlines()[-1]
+        name, _, rest = text.partition(": ")
+        text = rest if name.replace(".", "").isidentifier() else text
+    if not text:
+        return type(err).__name__
+    return f"{type(err).__name__}: {text.splitlines()[0]}" if with_type else text.splitlines()[0]
+
+
 def check_finite(flag: str, value: float, low: float = 0.0, below: float | None = None, low_open: bool = False) -> None:
     """``value`` is a finite number ≥ ``low`` (> ``low`` when ``low_open``) and < ``below``."""
     ok = isinstance(value, (int, float)) and math.isfinite(value) and (value > low if low_open else value >= low)

@@ -27,7 +27,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
-from lenscope.errors import UserError
+from lenscope.errors import UserError, one_line
 
 PREFIX = "hub:"
 CONFIG = "config.json"
@@ -131,7 +131,7 @@ def pull_lens(ref: str | HubRef) -> Path:
             raise HubError(f"{ref}: no {CONFIG} in {where}{repo_type} repo {ref.repo_id}, so no lens there; check "
                            "the folder after ':'") from None
         except OSError as err:
-            raise HubError(f"{ref}: could not fetch it ({_first_line(err)}); check the network or set HF_HUB_OFFLINE=1 "
+            raise HubError(f"{ref}: could not fetch it ({one_line(err)}); check the network or set HF_HUB_OFFLINE=1 "
                            "to use the cache") from None
     else:
         kinds = "a " + ref.repo_type if ref.repo_type else "a model repo or a Space"
@@ -166,11 +166,6 @@ def _weights_of(config_path: Path) -> list[str]:
         files = config.get("files")
         return sorted(files) if isinstance(files, dict) else [LENSCOPE_WEIGHTS]
     return [TUNED_LENS_PARAMS]
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
 
 
 # --- push ------------------------------------------------------------------------------------------
@@ -249,6 +244,6 @@ def push_lens(folder: str | Path, repo_id: str, *, path_in_repo: str = "", revis
         info = api.create_commit(repo_id, operations, revision=revision,
                                  commit_message=commit_message or f"lenscope: upload the lens {folder.name}")
     except Exception as err:  # network, token, permission: every failure of the upload reads the same way
-        raise HubError(f"could not push {folder} to {repo_id}: {_first_line(err)}; log in with a write token "
+        raise HubError(f"could not push {folder} to {repo_id}: {one_line(err)}; log in with a write token "
                        "(`hf auth login`) and check the network") from None
     return info.commit_url

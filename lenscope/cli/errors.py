@@ -16,21 +16,10 @@ from jsonargparse import ArgumentError
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from lenscope.errors import ConfigError, UserError
+from lenscope.errors import ConfigError, UserError, one_line
 from lenscope.loggers import drop_unset_wandb_anonymous
 from lenscope.training.preflight import release_locks
 from lenscope.training.stops import StoppedBySignal, install_handlers
-
-
-def one_line(err: BaseException) -> str:
-    """The user-facing line of an error, also when it was re-raised from a dataloader worker
-    (whose message embeds the worker's traceback and ends with the original message)."""
-    text = str(err).strip()
-    if "Original Traceback" in text:
-        text = text.splitlines()[-1]
-        name, _, rest = text.partition(": ")
-        text = rest if name.replace(".", "").isidentifier() else text
-    return text.splitlines()[0] if text else type(err).__name__
 
 
 def is_user_error(err: BaseException) -> bool:

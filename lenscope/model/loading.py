@@ -29,7 +29,7 @@ from transformers import (
 )
 from transformers.utils import logging as hf_logging
 
-from lenscope.errors import UserError
+from lenscope.errors import UserError, one_line
 from lenscope.files import atomic_dir
 
 log = logging.getLogger(__name__)
@@ -182,11 +182,6 @@ def load_base_model(
     return LoadedModel(model=model, tokenizer=tokenizer, name=str(name), revision=resolved_revision)
 
 
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return f"{type(err).__name__}: {text.splitlines()[0]}" if text else type(err).__name__
-
-
 @contextlib.contextmanager
 def _no_progress_bar():
     was_enabled = hf_logging.is_progress_bar_enabled()
@@ -205,7 +200,7 @@ def _from_pretrained(name: str, path: str | Path, dtype: torch.dtype, kwargs: di
         try:
             raw = json.loads((path / "config.json").read_text())
         except (OSError, ValueError) as err:
-            raise ModelLoadError(f"{path / 'config.json'} does not read as JSON ({_first_line(err)}); "
+            raise ModelLoadError(f"{path / 'config.json'} does not read as JSON ({one_line(err, with_type=True)}); "
                                  "pass a Hugging Face model folder") from None
         if isinstance(raw, dict) and "lens_type" in raw and "unembed_hash" in raw:
             raise ModelLoadError(f"{path} is a lens artifact, not a model folder; pass its base model "
@@ -214,13 +209,13 @@ def _from_pretrained(name: str, path: str | Path, dtype: torch.dtype, kwargs: di
         config = AutoConfig.from_pretrained(path, **kwargs)
     except OSError as err:
         if local:
-            raise ModelLoadError(f"could not read the config of model folder {path}: {_first_line(err)}") from None
+            raise ModelLoadError(f"could not read the config of model folder {path}: {one_line(err, with_type=True)}") from None
         raise ModelLoadError(
             f"model {name!r} is not a folder here (no {Path.cwd() / name}) and could not be loaded from the hub "
-            f"({_first_line(err)}); pass an existing model folder or a reachable hub id"
+            f"({one_line(err, with_type=True)}); pass an existing model folder or a reachable hub id"
         ) from None
     except (ValueError, KeyError) as err:
-        raise ModelLoadError(f"transformers does not recognise the config of model {name!r} ({_first_line(err)}); "
+        raise ModelLoadError(f"transformers does not recognise the config of model {name!r} ({one_line(err, with_type=True)}); "
                              "pass a Hugging Face causal language model") from None
     if getattr(config, "is_encoder_decoder", False):
         raise ModelLoadError(f"model {name!r} is an encoder-decoder ({config.model_type}); lenscope reads "
@@ -232,19 +227,19 @@ def _from_pretrained(name: str, path: str | Path, dtype: torch.dtype, kwargs: di
         if "Unrecognized configuration class" in str(err):
             raise ModelLoadError(f"model {name!r} ({config.model_type}) has no causal language model class in "
                                  "transformers; lenscope reads decoder-only causal language models") from None
-        raise ModelLoadError(f"could not load the weights of model {name!r} ({_first_line(err)}); the files may be "
+        raise ModelLoadError(f"could not load the weights of model {name!r} ({one_line(err, with_type=True)}); the files may be "
                              "damaged or incomplete: re-download or re-save them") from None
     except ImportError as err:
-        raise ModelLoadError(f"model {name!r} needs a package that is not installed ({_first_line(err)}); "
+        raise ModelLoadError(f"model {name!r} needs a package that is not installed ({one_line(err, with_type=True)}); "
                              "install it, then run again") from None
     except (SafetensorError, OSError, EOFError, pickle.UnpicklingError, RuntimeError) as err:
         # Damaged or cut-short files; RuntimeError: torch's "size mismatch" / unreadable zip archives.
-        raise ModelLoadError(f"could not load the weights of model {name!r} ({_first_line(err)}); the files may be "
+        raise ModelLoadError(f"could not load the weights of model {name!r} ({one_line(err, with_type=True)}); the files may be "
                              "damaged or incomplete: re-download or re-save them") from None
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
     except Exception as err:  # tokenizers and transformers raise many types for a missing or damaged tokenizer
-        raise ModelLoadError(f"could not load the tokenizer of model {name!r} ({_first_line(err)}); the folder "
+        raise ModelLoadError(f"could not load the tokenizer of model {name!r} ({one_line(err, with_type=True)}); the folder "
                              "needs the model's tokenizer files next to its config.json") from None
     return model, tokenizer
 
