@@ -178,3 +178,22 @@ def test_push_failure_is_one_line(tmp_path, model, monkeypatch):
     with pytest.raises(HubError, match=r"^could not push .* 401 Client Error: Unauthorized; log in") as info:
         push_lens(folder, "me/lenses")
     assert "\n" not in str(info.value)
+
+
+def test_lenscope_push_card_writes_the_card_and_uploads_nothing(tmp_path, model, monkeypatch, capsys):
+    from huggingface_hub import HfApi
+
+    from lenscope import cli
+
+    def no_network(*args, **kwargs):
+        raise AssertionError("--card must not upload")
+
+    monkeypatch.setattr(HfApi, "create_commit", no_network)
+    monkeypatch.setattr(HfApi, "create_repo", no_network)
+    folder = _save(_lens(model, 0), tmp_path / "tuned", model, tokens_seen=512)
+    cli.main(["push", str(folder), "me/lenses", "--path-in-repo", "tuned", "--card", str(tmp_path / "card.md")])
+    card = (tmp_path / "card.md").read_text()
+    assert card.startswith("---\n") and "| tokens seen | 512 |" in card and "hub:me/lenses:tuned" in card
+    with pytest.raises(SystemExit) as stop:
+        cli.main(["push", str(folder), "not-a-repo-id"])
+    assert stop.value.code == 2 and "is not a repository id" in capsys.readouterr().err
