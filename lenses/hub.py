@@ -35,7 +35,7 @@ LENSCOPE_WEIGHTS = "lens.safetensors"
 TUNED_LENS_PARAMS = "params.pt"
 README = "README.md"
 _REPO_TYPES = {"models": "model", "spaces": "space", "datasets": "dataset"}
-_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
+_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")  # owner/name
 # Where a model named by lenscope comes from on the Hub, for the card's ``base_model``.
 _HUB_ORIGIN = {"embedded:smollm2-135m": "HuggingFaceTB/SmolLM2-135M-Instruct"}
 
@@ -54,7 +54,7 @@ class HubRef:
     folder: str = ""
 
     def __str__(self) -> str:
-        kind = {"model": "models/", "space": "spaces/", "dataset": "datasets/"}.get(self.repo_type, "")
+        kind = next((f"{plural}/" for plural, kind in _REPO_TYPES.items() if kind == self.repo_type), "")
         rev = f"@{self.revision}" if self.revision else ""
         return f"{PREFIX}{kind}{self.repo_id}{rev}" + (f":{self.folder}" if self.folder else "")
 
@@ -77,7 +77,7 @@ def parse_hub_ref(ref: str) -> HubRef:
     if head in _REPO_TYPES and tail.count("/") == 1:
         repo_type, repo = _REPO_TYPES[head], tail
     folder = folder.strip("/")
-    if not _REPO_ID.match(repo) or "/" not in repo:
+    if not _REPO_ID.match(repo):
         raise HubError(f"{ref!r}: {repo!r} is not a repository id (owner/name); {usage}")
     if "@" in body.partition(":")[0] and not revision:
         raise HubError(f"{ref!r}: nothing after '@'; give a commit, branch or tag, or leave out the '@'")
@@ -135,8 +135,8 @@ def pull_lens(ref: str | HubRef) -> Path:
                            "to use the cache") from None
     else:
         kinds = "a " + ref.repo_type if ref.repo_type else "a model repo or a Space"
-        if all(isinstance(err, LocalEntryNotFoundError) for err in failures) or _hub_settings()["local_files_only"]:
-            settings = _hub_settings()
+        settings = _hub_settings()
+        if settings["local_files_only"] or all(isinstance(err, LocalEntryNotFoundError) for err in failures):
             why = "HF_HUB_OFFLINE is set" if settings["local_files_only"] else "the Hub could not be reached"
             raise HubError(f"{ref} is not in the Hugging Face cache ({settings['cache_dir'] or 'the default'}) and "
                            f"{why}; pull it once with a network (unset HF_HUB_OFFLINE) or point HF_HUB_CACHE at a "
@@ -182,19 +182,20 @@ def model_card(folder: str | Path, repo_id: str, path_in_repo: str = "") -> str:
     base = config.get("base_model_name_or_path", "unknown")
     revision = config.get("base_model_revision", "unknown")
     kind = config.get("lens_type", "tuned")
-    origin = _HUB_ORIGIN.get(base, base if _REPO_ID.match(str(base)) and "/" in str(base) else None)
+    origin = _HUB_ORIGIN.get(base, base if _REPO_ID.match(str(base)) else None)
     metadata = ModelCardData(library_name="lenscope", base_model=origin,
                              tags=["lenscope", "interpretability", f"{kind}-lens", "logit-lens"])
     name = f"hub:{repo_id}" + (f":{path_in_repo}" if path_in_repo else "")
     data = config.get("training_data") or {}
     data_text = ", ".join(f"{k} {v}" for k, v in data.items()) if data else "not recorded"
     tokens = config.get("tokens_seen")
+    layers, total = config.get("layers") or [], config.get("num_hidden_layers")
     rows = [
         ("lens", f"{kind}" + (f" (predicts the token {config['offset']} ahead)" if config.get("offset") else "")),
         ("base model", f"`{base}`" + (f" (from [{origin}](https://huggingface.co/{origin}))" if origin and origin != base else "")),
         ("base model revision", f"`{revision}`"),
         ("unembedding fingerprint", f"`{config.get('unembed_hash', 'unknown')}`"),
-        ("residuals lensed", f"{len(config.get('layers', []))} of {config.get('num_hidden_layers', '?') + 1 if isinstance(config.get('num_hidden_layers'), int) else '?'}"),
+        ("residuals lensed", f"{len(layers)} of {total + 1}" if isinstance(total, int) else str(len(layers))),
         ("training data", data_text),
         ("tokens seen", f"{tokens:,}" if isinstance(tokens, int) else "not recorded"),
         ("optimizer steps", str(config.get("trained_steps", "not recorded"))),
@@ -215,8 +216,8 @@ def model_card(folder: str | Path, repo_id: str, path_in_repo: str = "") -> str:
         lines += [f"## Held-out KL per layer (step {held_out.get('step', '?')})", "",
                   "KL(model ‖ lens) and cross-entropy against the real next token, in bits per token, on documents "
                   "held out from training.", "",
-                  per_layer_table(config["layers"], {"KL (bits)": held_out["kl_bits"],
-                                                     "CE (bits)": held_out.get("ce_bits") or [None] * len(config["layers"])}),
+                  per_layer_table(layers, {"KL (bits)": held_out["kl_bits"],
+                                           "CE (bits)": held_out.get("ce_bits") or [None] * len(layers)}),
                   ""]
     return "\n".join(lines)
 
@@ -229,6 +230,8 @@ def push_lens(folder: str | Path, repo_id: str, *, path_in_repo: str = "", revis
 
     from lenscope.lenses.artifact import load_lens
 
+    if not _REPO_ID.match(repo_id):
+        raise HubError(f"{repo_id!r} is not a repository id; give owner/name, e.g. me/smollm2-lenses")
     folder = Path(folder)
     load_lens(folder)  # refuse to publish a damaged artifact
     prefix = path_in_repo.strip("/")
@@ -236,8 +239,6 @@ def push_lens(folder: str | Path, repo_id: str, *, path_in_repo: str = "", revis
     files = sorted(p for p in folder.iterdir() if p.is_file() and p.name != README)
     operations = [CommitOperationAdd(target(p.name), str(p)) for p in files]
     operations.append(CommitOperationAdd(target(README), model_card(folder, repo_id, prefix).encode()))
-    if not _REPO_ID.match(repo_id) or "/" not in repo_id:
-        raise HubError(f"{repo_id!r} is not a repository id; give owner/name, e.g. me/smollm2-lenses")
     api = HfApi(token=token)
     try:
         api.create_repo(repo_id, private=private, exist_ok=True)

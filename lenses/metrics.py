@@ -11,6 +11,8 @@ from __future__ import annotations
 import torch
 from torchmetrics import Metric
 
+from lenscope.lenses.lens import residual_name
+
 
 class PerLayerMeans(Metric):
     """Running per-layer means of named series, e.g. ``("precision@1", "tuned")`` or
@@ -61,8 +63,6 @@ def per_layer_table(layers: list[int], columns: dict[str, list]) -> str:
     """The one Markdown table of per-layer results (training's held-out scores, the Patchscopes
     tables, a model card): a row per residual index with its name, a column per series; a value
     missing or NaN reads ``n/a``, numbers have three decimals."""
-    from lenscope.lenses.lens import residual_name
-
     def cell(value) -> str:
         return "n/a" if value is None or value != value else f"{value:.3f}"
 

@@ -25,7 +25,7 @@ import torch
 from lenscope.errors import ConfigError
 from lenscope.files import atomic_path
 from lenscope.lenses.lens import residual_name
-from lenscope.lenses.unembed import kl_divergence
+from lenscope.lenses.unembed import NATS_PER_BIT, kl_divergence
 
 if TYPE_CHECKING:
     from lenscope.lenses.lens import Lens
@@ -40,7 +40,6 @@ STATISTICS = {
 }
 """What a heatmap's colour can show (``stat``), with its legend."""
 
-_LN2 = math.log(2.0)
 
 
 @dataclass
@@ -213,12 +212,12 @@ def _panel(name: str, offset: int, layers: list[int], logp: torch.Tensor, model_
     n = len(token_ids)
     probs = all_logp.exp()
     # xlogy: 0 · log 0 = 0 for tokens of probability 0, while a NaN (a diverged lens) stays NaN.
-    entropy = -torch.special.xlogy(probs, probs).sum(-1) / _LN2
+    entropy = -torch.special.xlogy(probs, probs).sum(-1) / NATS_PER_BIT
     # What the lens predicts at t is the model's distribution at t + offset (row 0: the model at t).
     kl = torch.full(entropy.shape, float("nan"))
     kl[0] = 0.0
     if n > offset:
-        kl[1:, : n - offset] = kl_divergence(model_logp[offset:], all_logp[1:, : n - offset]) / _LN2
+        kl[1:, : n - offset] = kl_divergence(model_logp[offset:], all_logp[1:, : n - offset]) / NATS_PER_BIT
     # The real token: at t + 1 for the model's own row, at t + 1 + offset for the lens.
     target_prob = torch.full(entropy.shape, float("nan"))
     target_rank = torch.full(entropy.shape, float("nan"))

@@ -17,6 +17,7 @@ token per layer, forward and backward, against 576 × 576 for a translator. Two 
 
 from __future__ import annotations
 
+import math
 import os
 import warnings
 
@@ -24,6 +25,9 @@ import torch
 import torch.nn.functional as F
 
 from lenscope.model.adapter import ArchitectureAdapter
+
+NATS_PER_BIT = math.log(2)
+"""Divide nats by this for bits."""
 
 
 def kl_divergence(target_logp: torch.Tensor, logq: torch.Tensor) -> torch.Tensor:

@@ -220,7 +220,7 @@ class PatchscopeEvaluation(L.LightningModule):
     def test_step(self, batch: dict, batch_idx: int) -> None:
         residuals = self.frozen.reader.read(batch["input_ids"], batch["attention_mask"])
         h, final, _ = self._at_offset(residuals, batch, 0)
-        model_logp = torch.log_softmax(self.frozen.adapter.decode(final).float(), -1)  # (B, V)
+        model_logp = self.frozen.log_probs(final)  # (B, V) fp32
         model_top1 = model_logp.argmax(-1)
         top1: dict[str, torch.Tensor] = {}  # method → (num_layers, B) argmax, reused for future offsets
         for method in self._next_token_methods():

@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import math
 from pathlib import Path
 
 import lightning as L
@@ -27,7 +26,13 @@ from lenscope.lenses.learned_prompt import IDENTITY_PROMPT, LearnedPromptLens
 from lenscope.lenses.least_squares import NormalEquations
 from lenscope.lenses.lens import AffineLens, Lens, LogitLens, TunedLens, lens_key
 from lenscope.lenses.metrics import PerLayerMeans
-from lenscope.lenses.unembed import kl_divergence, lens_kl, lens_metrics, logit_metrics
+from lenscope.lenses.unembed import (
+    NATS_PER_BIT,
+    kl_divergence,
+    lens_kl,
+    lens_metrics,
+    logit_metrics,
+)
 from lenscope.model.frozen import FrozenModel
 from lenscope.model.hidden_cache import HiddenStateCache, batch_key
 from lenscope.model.loading import (
@@ -40,7 +45,6 @@ from lenscope.training.fsdp import FSDP_PREFIX
 from lenscope.training.fsdp import tag as fsdp_tag
 
 log = logging.getLogger(__name__)
-NATS_PER_BIT = math.log(2)
 
 
 TRAINABLE = ("tuned", "affine", "learned_prompt")
