@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from lenscope.lenses.lens import LENS_TYPES, Lens
+from lenscope.lenses.unembed import kl_divergence, logit_metrics
 
 if TYPE_CHECKING:
     from lenscope.model.frozen import FrozenModel
@@ -37,6 +38,8 @@ class LearnedPromptLens(Lens):
             raise ValueError(f"need offset >= 0 and prompt_length >= 1, got {offset} and {prompt_length}")
         self.offset = offset
         self.prompt_length = prompt_length
+        self.rows_per_pass = 4096
+        """(layer, state) pairs per patched forward pass of ``logits`` (memory, not results)."""
         self.prompt = nn.Parameter(torch.zeros(len(layers), prompt_length, d_model))
 
     def extra_config(self) -> dict:
@@ -52,10 +55,20 @@ class LearnedPromptLens(Lens):
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         raise TypeError("a learned-prompt lens decodes through the model: call lens.logits(model, h)")
 
-    def logits(self, model: FrozenModel, h: torch.Tensor, rows_per_pass: int = 4096) -> torch.Tensor:
+    def head_inputs(self, model: FrozenModel, h: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        raise TypeError("a learned-prompt lens decodes through the model: call lens.logits(model, h)")
+
+    def kl(self, model: FrozenModel, h: torch.Tensor, target_logp: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        return kl_divergence(target_logp, torch.log_softmax(self.logits(model, h), -1)).mean(-1)
+
+    def metrics(self, model: FrozenModel, h: torch.Tensor, target_logp: torch.Tensor, labels: torch.Tensor,
+                dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        return logit_metrics(self.logits(model, h), target_logp, labels)
+
+    def logits(self, model: FrozenModel, h: torch.Tensor) -> torch.Tensor:
         """h: (num_layers, ..., d) source states at this lens's layers → (num_layers, ..., V) logits
-        at the prompt's last position, each state patched into the model running on the prompt;
-        differentiable with respect to the prompt."""
+        at the prompt's last position, each state patched into the model running on the prompt
+        (``rows_per_pass`` per forward pass); differentiable with respect to the prompt."""
         shape = h.shape
         h = h.reshape(shape[0], -1, shape[-1])
         num_layers, n, d = h.shape
@@ -68,8 +81,8 @@ class LearnedPromptLens(Lens):
         flat = h.reshape(num_layers * n, d)
         last = self.prompt_length - 1
         out = []
-        for start in range(0, flat.shape[0], rows_per_pass):
-            rows = slice(start, min(start + rows_per_pass, flat.shape[0]))
+        for start in range(0, flat.shape[0], self.rows_per_pass):
+            rows = slice(start, min(start + self.rows_per_pass, flat.shape[0]))
             count = rows.stop - rows.start
             at = torch.full((count,), last, device=device)
             embeds = self.prompt[layer_index[rows]].to(engine.adapter.unembedding_weight.dtype)

@@ -58,10 +58,43 @@ class NormalEquations:
         return solution[:, :-1].transpose(1, 2).float(), solution[:, -1].float()
 
 
-def tuned_lens_from_affine(layers: list[int], a: torch.Tensor, b: torch.Tensor, offset: int = 0) -> TunedLens:
-    """A tuned lens (h + W h + b) equal to the affine map (A h + b): W = A − I."""
-    lens = TunedLens(layers, a.shape[-1], bias=True, offset=offset)
-    with torch.no_grad():
-        lens.weight.copy_(a - torch.eye(a.shape[-1]))
-        lens.bias.copy_(b)
-    return lens
+    def fit(self, lens: TunedLens, ridge: float = 1e-3) -> TunedLens:
+        """Write the least-squares solution into ``lens`` (an ``AffineLens``, or a tuned lens to
+        warm-start) and return it: the one place a fit becomes a lens."""
+        lens.set_affine(*self.solve(ridge))
+        return lens
+
+
+class LeastSquaresFit(torch.optim.Optimizer):
+    """The closed-form fit of affine lenses behind the interface of a torch optimizer.
+
+    A gradient optimizer's ``step`` uses the gradients a backward pass left; this one's
+    ``step(closure)`` takes what the closure returns, ``{lens key: (h (num_layers, N, d), target
+    (N, d))}``, and adds the pairs to that lens's normal equations: no loss, no gradient, and the
+    lenses stay as they are until ``NormalEquations.fit`` writes the solution into them. Being an
+    optimizer is what lets a training loop (Lightning's, with ``automatic_optimization = False``)
+    count, stop, checkpoint and resume a fit in steps, as it does gradient training.
+
+    ``params`` are the lenses' parameters (what the loop expects an optimizer to own); their state
+    is a step count. ``equations`` are kept by reference and are not in ``state_dict``: under data
+    parallelism each process accumulates its own share and a checkpoint needs their sum
+    (``NormalEquations.summed``), which only the owner of the equations can take.
+    """
+
+    def __init__(self, params, equations: dict[str, NormalEquations]):
+        super().__init__(params, {})
+        self.equations = equations
+
+    @torch.no_grad()
+    def step(self, closure):  # noqa: D102 (see the class)
+        pairs = closure()
+        unknown = set(pairs) - set(self.equations)
+        if unknown:
+            raise KeyError(f"no normal equations for lenses {sorted(unknown)}")
+        for key, (h, target) in pairs.items():
+            self.equations[key].update(h, target)
+        for group in self.param_groups:
+            for p in group["params"]:
+                state = self.state[p]
+                state["step"] = state.get("step", torch.tensor(0.0)) + 1
+        return pairs

@@ -17,6 +17,8 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from lenscope.lenses.unembed import lens_kl, lens_metrics
+
 if TYPE_CHECKING:
     from lenscope.lenses.trajectory import Trajectory
     from lenscope.model.frozen import FrozenModel
@@ -69,6 +71,25 @@ class Lens(nn.Module):
         decoder_dtype = model.adapter.unembedding_weight.dtype
         return model.decode(self(h.float()).to(decoder_dtype)).float()
 
+    # Training and validation score a lens against the model's own distribution without forming
+    # (layers × tokens × vocab) logits: the head's inputs go to the fused KL of lenscope.lenses.unembed.
+    def head_inputs(self, model: FrozenModel, h: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """h: (num_layers, N, d_model) → the model head's inputs (through its final norm), with the
+        lens's matrix products in ``dtype``."""
+        with torch.autocast(h.device.type, dtype=dtype, enabled=dtype != torch.float32):
+            return model.adapter.normalize(self(h.float()))
+
+    def kl(self, model: FrozenModel, h: torch.Tensor, target_logp: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """Per-layer mean KL(target ‖ lens) in nats, (num_layers,), differentiable with respect to the
+        lens. h: (num_layers, N, d_model); target_logp: (N, vocab) fp32, the model's own log-probs."""
+        return lens_kl(model.adapter, self.head_inputs(model, h, dtype), target_logp, dtype)
+
+    def metrics(self, model: FrozenModel, h: torch.Tensor, target_logp: torch.Tensor, labels: torch.Tensor,
+                dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        """Per-layer sums for validation: ``kl`` and ``ce`` (nats), ``n_tokens``, ``n_labels``
+        (see ``lenscope.lenses.unembed.lens_metrics``); labels (N,), -100 where there is none."""
+        return lens_metrics(model.adapter, self.head_inputs(model, h, dtype), target_logp, labels, dtype)
+
     def extra_config(self) -> dict:
         """Lens-specific settings stored in the artifact's ``config.json``."""
         return {}
@@ -118,6 +139,16 @@ class TunedLens(Lens):
         else:
             delta = torch.bmm(flat, weight_t.to(flat.dtype))
         return (flat + delta).reshape(shape)
+
+    @torch.no_grad()
+    def set_affine(self, a: torch.Tensor, b: torch.Tensor | None) -> None:
+        """Make this lens the affine map h ↦ A h + b (A: (num_layers, d, d), b: (num_layers, d)), in
+        the residual parametrisation: W = A − I. How a least-squares fit becomes a lens."""
+        self.weight.copy_(a - torch.eye(a.shape[-1], dtype=a.dtype, device=a.device))
+        if b is not None:
+            if self.bias is None:
+                raise ValueError("this lens has no bias to hold b")
+            self.bias.copy_(b)
 
 
 class AffineLens(TunedLens):

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lenscope.lenses.least_squares import NormalEquations, tuned_lens_from_affine
+from lenscope.lenses.least_squares import LeastSquaresFit, NormalEquations
+from lenscope.lenses.lens import AffineLens, TunedLens
 
 
 def test_recovers_an_exact_affine_map_batch_by_batch():
@@ -37,13 +38,45 @@ def test_ridge_keeps_unvisited_directions_finite():
     assert a[0, 0, 0] == pytest.approx(2.0, rel=1e-2)
 
 
-def test_tuned_lens_from_affine_applies_the_same_map():
+def test_set_affine_applies_the_same_map():
     a, b = torch.randn(3, 6, 6), torch.randn(3, 6)
-    lens = tuned_lens_from_affine([0, 1, 2], a, b)
+    lens = TunedLens([0, 1, 2], 6)
+    lens.set_affine(a, b)
     h = torch.randn(3, 5, 6)
     torch.testing.assert_close(lens(h), torch.einsum("lnd,led->lne", h, a) + b[:, None], atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="no bias"):
+        TunedLens([0, 1, 2], 6, bias=False).set_affine(a, b)
+
+
+def test_fit_writes_the_solution_into_the_lens():
+    torch.manual_seed(0)
+    a, b = torch.randn(2, 4, 4), torch.randn(2, 4)
+    h = torch.randn(2, 300, 4)
+    eq = NormalEquations(2, 4)
+    eq.update(h, torch.einsum("nd,ed->ne", h[1], a[1]) + b[1])
+    lens = eq.fit(AffineLens([0, 1], 4), ridge=1e-9)
+    torch.testing.assert_close(lens(h)[1], torch.einsum("nd,ed->ne", h[1], a[1]) + b[1], atol=1e-4, rtol=1e-4)
 
 
 def test_solve_without_data_is_an_error():
     with pytest.raises(ValueError, match="no positions"):
         NormalEquations(1, 4).solve()
+
+
+def test_least_squares_fit_steps_fold_pairs_into_the_equations_without_gradients():
+    torch.manual_seed(0)
+    lens = AffineLens([0, 1], 4)
+    equations = {"affine": NormalEquations(2, 4)}
+    fit = LeastSquaresFit(lens.parameters(), equations)
+    a, b = torch.randn(2, 4, 4), torch.randn(2, 4)
+    for _ in range(3):
+        h = torch.randn(2, 50, 4)
+        fit.step(lambda h=h: {"affine": (h, torch.einsum("nd,ed->ne", h[0], a[0]) + b[0])})
+    assert equations["affine"].count == 150
+    assert lens.weight.abs().max() == 0 and lens.weight.grad is None  # a step never touches the lens
+    assert all(float(fit.state[p]["step"]) == 3 for p in lens.parameters())
+    equations["affine"].fit(lens, ridge=1e-9)
+    h = torch.randn(2, 5, 4)
+    torch.testing.assert_close(lens(h)[0], torch.einsum("nd,ed->ne", h[0], a[0]) + b[0], atol=1e-4, rtol=1e-4)
+    with pytest.raises(KeyError, match="tuned"):
+        fit.step(lambda: {"tuned": (h, h[0])})

@@ -148,12 +148,14 @@ def test_affine_lens_is_the_least_squares_fit_of_the_last_block(tiny_model_dir):
     module = LensTrainingModule(name=str(tiny_model_dir), lens_type="affine", ridge=1e-9)
     module.cache = HiddenStateCache("none")
     hs, finals = [], []
+    assert not module.automatic_optimization  # fitted, not descended: no loss, no gradient
     for seed in range(6):
         batch = make_batch(seed=seed, batch=4, seq=16)
         h, final, _ = module.lens_examples(batch, *module.hidden_states(batch), 0)
-        module.normal_equations["affine"].update(h, final)
+        assert training_step(module, batch) is None
         hs.append(h)
         finals.append(final)
+    assert module.normal_equations["affine"].count == sum(h.shape[1] for h in hs)
     module.on_validation_epoch_start()  # solves
     h, final = torch.cat(hs, 1).double(), torch.cat(finals).double()
     x = torch.cat([h, torch.ones(*h.shape[:2], 1, dtype=torch.float64)], -1)

@@ -79,10 +79,10 @@ class LensCLI(LenscopeCLI):
             check_not_replacing(result_folders(config), config.get("overwrite", False), resume_hint=True)
 
     def before_fit(self) -> None:
-        self.model.check_strategy(self.trainer.strategy)  # here, before Lightning starts the other ranks
+        self.model.check_trainer(self.trainer)  # here, before Lightning starts the other ranks
 
     def before_validate(self) -> None:
-        self.model.check_strategy(self.trainer.strategy)
+        self.model.check_trainer(self.trainer)
 
     def _instantiate_trainer(self, config: dict, callbacks: list):
         # The training stream is endless, so Lightning's bar would show no total: use one that

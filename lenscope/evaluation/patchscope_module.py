@@ -38,9 +38,9 @@ from lenscope.errors import ConfigError, check_finite
 from lenscope.evaluation.baselines import bigram_successors
 from lenscope.evaluation.report import markdown_tables, write_report
 from lenscope.lenses.artifact import load_lens
-from lenscope.lenses.learned_prompt import IDENTITY_PROMPT, LearnedPromptLens
+from lenscope.lenses.learned_prompt import IDENTITY_PROMPT
 from lenscope.lenses.least_squares import NormalEquations
-from lenscope.lenses.lens import AffineLens, Lens, lens_key
+from lenscope.lenses.lens import AffineLens, Lens, LogitLens, lens_key
 from lenscope.lenses.metrics import PerLayerMeans
 from lenscope.lenses.token_identity import TokenIdentityPatchscope
 from lenscope.lenses.unembed import kl_divergence
@@ -117,9 +117,12 @@ class PatchscopeEvaluation(L.LightningModule):
             key = lens.key
             if key in self.lenses or key in reserved:
                 key = f"{key}:{Path(path).name}"
+            if hasattr(lens, "rows_per_pass"):  # a patchscope lens: as many rows per pass as the others
+                lens.rows_per_pass = rows_per_pass
             self.lenses[key] = lens
             self.artifacts[key] = str(path)
-        self.fitted = torch.nn.ModuleDict()  # the least-squares affine lenses, fitted in on_test_start
+        self.fitted = torch.nn.ModuleDict({"logit": LogitLens(self.layers, self.frozen.d_model)})
+        """The lenses made here: the logit lens and the least-squares affine lenses (fitted in on_test_start)."""
         self.token_identity = (TokenIdentityPatchscope(self.frozen.engine, self.frozen.tokenizer, identity_prompt, rows_per_pass)
                                if "token_identity" in methods else None)
         self.bigram: torch.Tensor | None = None
@@ -177,12 +180,8 @@ class PatchscopeEvaluation(L.LightningModule):
             eq = equations[k] = equations[k].summed(lambda t: self.trainer.strategy.reduce(t, reduce_op="sum"))
             if eq.count == 0:
                 raise ConfigError("no fitting positions for the affine lens; raise --data.n_fit or drop 'affine' from --model.methods")
-            a, b = eq.solve(self.hparams.ridge)
-            lens = AffineLens(self.layers, d, bias=True, offset=k).to(self.device)
-            with torch.no_grad():
-                lens.weight.copy_(a - torch.eye(d, device=a.device))
-                lens.bias.copy_(b)
-            self.fitted[lens_key("affine", k)] = lens
+            self.fitted[lens_key("affine", k)] = eq.fit(AffineLens(self.layers, d, bias=True, offset=k).to(self.device),
+                                                         self.hparams.ridge)
         self.fit_positions = {k: eq.count for k, eq in equations.items()}
         log.info("affine lenses fitted on %s positions (by offset)", self.fit_positions)
 
@@ -209,13 +208,9 @@ class PatchscopeEvaluation(L.LightningModule):
 
     # --- scoring --------------------------------------------------------------------------------------
     def _decode(self, method: str, h: torch.Tensor) -> torch.Tensor:
-        """(num_layers, B, d) → (num_layers, B, V) fp32 logits of a lens method (``logit``: no lens)."""
-        if method != "logit":
-            lens: Lens = self.fitted[method] if method in self.fitted else self.lenses[method]
-            if isinstance(lens, LearnedPromptLens):  # a patchscope with a learned target prompt
-                return lens.logits(self.frozen, h, self.hparams.rows_per_pass).float()
-            h = lens(h.float()).to(h.dtype)
-        return self.frozen.adapter.decode(h).float()
+        """(num_layers, B, d) → (num_layers, B, V) fp32 logits of a lens method."""
+        lens: Lens = self.fitted[method] if method in self.fitted else self.lenses[method]
+        return lens.logits(self.frozen, h)
 
     def test_step(self, batch: dict, batch_idx: int) -> None:
         residuals = self.frozen.reader.read(batch["input_ids"], batch["attention_mask"])

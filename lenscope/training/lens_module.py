@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import warnings
 from pathlib import Path
 
 import lightning as L
@@ -22,17 +23,10 @@ from lightning.pytorch.utilities import rank_zero_info
 from lenscope.datamodules.sources import DataSourceError
 from lenscope.errors import ConfigError, UserError, check_finite
 from lenscope.lenses.artifact import load_lens
-from lenscope.lenses.learned_prompt import IDENTITY_PROMPT, LearnedPromptLens
 from lenscope.lenses.least_squares import NormalEquations
-from lenscope.lenses.lens import AffineLens, Lens, LogitLens, TunedLens, lens_key
+from lenscope.lenses.lens import LogitLens, lens_key
 from lenscope.lenses.metrics import PerLayerMeans
-from lenscope.lenses.unembed import (
-    NATS_PER_BIT,
-    kl_divergence,
-    lens_kl,
-    lens_metrics,
-    logit_metrics,
-)
+from lenscope.lenses.unembed import NATS_PER_BIT
 from lenscope.model.frozen import FrozenModel
 from lenscope.model.hidden_cache import HiddenStateCache, batch_key
 from lenscope.model.loading import (
@@ -43,11 +37,9 @@ from lenscope.model.loading import (
 )
 from lenscope.training.fsdp import FSDP_PREFIX
 from lenscope.training.fsdp import tag as fsdp_tag
+from lenscope.training.recipes import RECIPES
 
 log = logging.getLogger(__name__)
-
-
-TRAINABLE = ("tuned", "affine", "learned_prompt")
 
 
 def _frozen_model_is_not_checkpointed(module, incompatible_keys) -> None:
@@ -135,9 +127,9 @@ class LensTrainingModule(L.LightningModule):
         """
         super().__init__()
         self.save_hyperparameters()
-        if lens_type not in TRAINABLE:
+        if lens_type not in RECIPES:
             raise ConfigError(
-                f"--model.lens_type {lens_type!r} is unknown; use one of {sorted(TRAINABLE)} "
+                f"--model.lens_type {lens_type!r} is unknown; use one of {sorted(RECIPES)} "
                 "(the logit lens has nothing to train and is always scored as the baseline)"
             )
         offsets = [int(k) for k in offsets]
@@ -163,35 +155,24 @@ class LensTrainingModule(L.LightningModule):
                 resolve_dtype(value, f"--model.{flag}")
         self.frozen = FrozenModel.load(name, revision, dtype)
         self.base = self.frozen.hf  # registered as a submodule: Lightning places it, FSDP shards its blocks
-        layers = list(range(self.frozen.adapter.num_layers))  # embeddings + blocks 0..L-2 (see lenscope.lenses.lens)
-        d_model = self.frozen.adapter.d_model
+        layers = self.frozen.layers  # embeddings + blocks 0..L-2 (see lenscope.lenses.lens)
         self.offsets = offsets
+        self.recipe = RECIPES[lens_type](self.hparams)
         # One lens per offset, keyed "tuned", "tuned+1", ... (see lens_key).
-        if lens_type == "learned_prompt":
-            self.lenses = torch.nn.ModuleDict(
-                {lens_key(lens_type, k): LearnedPromptLens(layers, d_model, offset=k, prompt_length=prompt_length)
-                 for k in offsets})
-            # Start from the token-identity prompt: a patchscope that already decodes the next token.
-            start_ids = self.frozen.tokenizer(IDENTITY_PROMPT)["input_ids"]
-            for lens in self.lenses.values():
-                lens.init_from_tokens(self.base.get_input_embeddings(), start_ids)
-        elif lens_type == "affine":
-            self.lenses = torch.nn.ModuleDict(
-                {lens_key(lens_type, k): AffineLens(layers, d_model, bias=True, offset=k) for k in offsets})
-            self.normal_equations = {lens_key(lens_type, k): NormalEquations(len(layers), d_model) for k in offsets}
-        else:
-            self.lenses = torch.nn.ModuleDict(
-                {lens_key(lens_type, k): TunedLens(layers, d_model, bias=bias, offset=k) for k in offsets})
+        self.lenses = torch.nn.ModuleDict({lens_key(lens_type, k): self.recipe.make_lens(self.frozen, layers, k) for k in offsets})
+        # A closed-form fit takes no gradient step: its optimizer (LeastSquaresFit) is stepped by hand.
+        self.automatic_optimization = not self.recipe.closed_form
+        self.normal_equations: dict[str, NormalEquations] = self.recipe.equations(self.lenses)
         if init_lens is not None:
             start = load_lens(init_lens, unembed_hash=self.frozen.unembed_hash, num_hidden_layers=self.frozen.adapter.num_layers)
-            compatible = start.lens_type == lens_type or (start.lens_type, lens_type) == ("affine", "tuned")
+            compatible = start.lens_type in self.recipe.starts_from
             start_offset = start.offset
             if not compatible or start.layers != layers or start_offset not in offsets:
                 raise ConfigError(f"--model.init_lens {init_lens} is a {start.lens_type} lens of layers {start.layers} "
                                   f"and offset {start_offset}; this run trains {lens_type} lenses of layers {layers} "
                                   f"and offsets {offsets}")
             self.lenses[lens_key(lens_type, start_offset)].load_state_dict(start.state_dict())
-        self.logit_lens = LogitLens(layers, d_model)
+        self.logit_lens = LogitLens(layers, self.frozen.d_model)
         # Roles for FSDP (configs/trainer/fsdp.yaml): shard the frozen blocks, keep the rest of the
         # frozen model whole in a unit of its own, so that the root unit holds the lenses alone.
         for block in self.frozen.adapter.blocks:
@@ -231,7 +212,7 @@ class LensTrainingModule(L.LightningModule):
         checkpoint["lenscope"] = {"base_model": self.hparams.name, "revision": self.frozen.revision,
                                   "unembed_hash": self.frozen.unembed_hash,
                                   "lens_compute_dtype": str(self.lens_compute_dtype).removeprefix("torch.")}
-        if self.hparams.lens_type == "affine":  # the fit so far, so that a resumed fit goes on from it
+        if self.normal_equations:  # the fit so far, so that a resumed fit goes on from it
             checkpoint["lenscope"]["normal_equations"] = {
                 key: {"xtx": eq.xtx, "xty": eq.xty, "count": eq.count}
                 for key, eq in self._summed_normal_equations().items()}
@@ -254,13 +235,13 @@ class LensTrainingModule(L.LightningModule):
         fitting = self._trainer is not None and self._trainer.state.fn == "fit"
         before = saved.get("lens_compute_dtype")
         here = str(self.lens_compute_dtype).removeprefix("torch.")
-        if fitting and before is not None and before != here and self.hparams.lens_type != "affine":
+        if fitting and before is not None and before != here and not self.recipe.closed_form:
             raise ConfigError(
                 f"the checkpoint trained with {before} lens matmuls and this run would use {here} "
                 f"(--model.lens_dtype {self.hparams.lens_dtype} on this machine), so it cannot resume exactly; "
                 f"pass --model.lens_dtype {before}"
             )
-        if self.hparams.lens_type == "affine" and "normal_equations" in saved:
+        if self.normal_equations and "normal_equations" in saved:
             # The sums over all ranks go to rank 0, zeros elsewhere: summed again, they are the fit so far.
             for key, state in saved["normal_equations"].items():
                 eq = self.normal_equations[key]
@@ -309,18 +290,25 @@ class LensTrainingModule(L.LightningModule):
         return compute_dtype(self.hparams.lens_dtype, self.device, "--model.lens_dtype")
 
     # --- set-up --------------------------------------------------------------------------------------
-    def check_strategy(self, strategy) -> None:
-        """Refuse what cannot run under ``strategy``: train.py calls this before the ranks start
-        (so the error is one line, not one per rank), ``setup`` again for use outside train.py."""
-        if self.hparams.lens_type == "learned_prompt" and isinstance(strategy, FSDPStrategy):
-            # Its passes through the frozen model depend on each rank's batch, and under FSDP every
-            # pass gathers the blocks from all ranks: ranks with different batches would hang.
-            raise ConfigError("--model.lens_type learned_prompt cannot train under FSDP (configs/trainer/fsdp.yaml); "
-                              "use configs/trainer/ddp.yaml")
+    def check_trainer(self, trainer) -> None:
+        """Refuse what this lens kind cannot run under ``trainer``'s strategy; ``lenscope train``
+        calls this before the ranks start (so the error is one line, not one per rank), ``setup``
+        again for use outside it. A closed-form fit has no gradient to clip: the shared configs'
+        ``gradient_clip_val`` is dropped for it (Lightning refuses clipping without gradient steps)."""
+        self.recipe.check_strategy(trainer.strategy)
+        if self.recipe.closed_form:
+            # Lightning warns that a checkpoint of a manually optimised module holds the state after
+            # the step; a fit's step leaves the lenses as they were, and the equations after it are
+            # exactly what a resumed fit must start from.
+            warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization")
+        if self.recipe.closed_form and trainer.gradient_clip_val:
+            rank_zero_info(f"--trainer.gradient_clip_val {trainer.gradient_clip_val} is not used: "
+                           f"a {self.hparams.lens_type} lens is fitted in closed form, without gradients")
+            trainer.gradient_clip_val = None
 
     def setup(self, stage: str) -> None:
-        self.check_strategy(self.trainer.strategy)
-        if stage == "fit" and self.hparams.lens_type != "affine" and self.hparams.lens_dtype == "auto":
+        self.recipe.check_strategy(self.trainer.strategy)
+        if stage == "fit" and not self.recipe.closed_form and self.hparams.lens_dtype == "auto":
             dtype = str(self.lens_compute_dtype).removeprefix("torch.")
             why = "native on this device" if dtype == "bfloat16" else f"bf16 is not native on this {self.device.type}"
             rank_zero_info(f"Lens matrix products in {dtype} ({why}; --model.lens_dtype sets it)")
@@ -407,18 +395,12 @@ class LensTrainingModule(L.LightningModule):
             return states[self.layers][:, keep], states[-1][target[keep]], labels[target[keep]]
         return states[self.layers], states[-1], labels
 
-    def _prompt_subsample(self, n: int, seed: int | None) -> torch.Tensor:
-        """Indices of the positions a learned prompt is trained (seeded) or validated (evenly spread) on."""
-        m = min(n, self.hparams.prompt_positions)
-        if seed is None:
-            return torch.linspace(0, n - 1, m, device=self.device).round().long()
-        return torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:m].to(self.device)
-
-    def _decode_inputs(self, lens: Lens, h: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        """h: (num_lensed, N, d_model) → the head's input for each lensed layer."""
-        h = h.float()
-        with torch.autocast(self.device.type, dtype=dtype, enabled=dtype != torch.float32):
-            return self.frozen.adapter.normalize(lens(h))
+    def _recipe_positions(self, h: torch.Tensor, *rest: torch.Tensor, seed: int | None):
+        """h (num_lensed, N, d) and per-position tensors (N, ...) at the positions the recipe picks."""
+        keep = self.recipe.positions(h.shape[1], seed, self.device)
+        if keep is None:
+            return (h, *rest)
+        return (h[:, keep], *(t[keep] for t in rest))
 
     def _target_log_probs(self, final: torch.Tensor) -> torch.Tensor:
         """final: (N, d_model) raw last-block output → (N, vocab) fp32 log-probs."""
@@ -434,37 +416,35 @@ class LensTrainingModule(L.LightningModule):
         states, labels = self.hidden_states(batch)  # one model pass (or cache hit) serves every offset
         n = states.shape[1]
         self.tokens_seen += n
-        if self.hparams.lens_type == "affine":
-            for key, lens in self.lenses.items():
-                h, final, _ = self.lens_examples(batch, states, labels, lens.offset)
-                self.normal_equations[key].update(h, final)
-            self.log("train/positions", float(self.normal_equations[key].count), batch_size=n)
-            # Nothing to descend: a zero loss keeps Lightning's step counting (max_steps, checkpoints).
-            # It touches every parameter, or DDP would stop on parameters that got no gradient.
-            return sum(p.sum() for p in self.lenses.parameters()) * 0.0
+        self.log("train/tokens", float(n), reduce_fx="sum", batch_size=n)
+        if self.cache is not None:
+            self.log("cache/hit_rate", self.cache.hit_rate, batch_size=n)
+            self.log("cache/bytes_per_token", self.cache.bytes_per_token, batch_size=n)
+        if self.recipe.closed_form:
+            self._fit_step(batch, states, labels)
+            return None
         dtype = self.lens_compute_dtype
         loss = 0.0
         for key, lens in self.lenses.items():
             h, final, _ = self.lens_examples(batch, states, labels, lens.offset)
-            if isinstance(lens, LearnedPromptLens):
-                keep = self._prompt_subsample(h.shape[1], seed=self.global_step)
-                h, target = h[:, keep], self._target_log_probs(final[keep])
-                logq = torch.log_softmax(lens.logits(self.frozen, h), -1)
-                kl = kl_divergence(target, logq).mean(-1)
-            else:
-                target = self._target_log_probs(final)
-                kl = lens_kl(self.frozen.adapter, self._decode_inputs(lens, h, dtype), target, dtype)
+            h, final = self._recipe_positions(h, final, seed=self.global_step)
+            kl = lens.kl(self.frozen, h, self._target_log_probs(final), dtype)
             # Layers and lenses are independent; summing their losses gives each translator its own gradient.
             loss = loss + kl.sum()
             m = h.shape[1]
             self.log(f"train/{key}/kl_mean", kl.mean(), prog_bar=True, batch_size=m)
             self.log_dict({f"train/{key}/kl/layer_{layer:02d}": kl[i] for i, layer in enumerate(self.layers)},
                           batch_size=m)
-        self.log("train/tokens", float(n), reduce_fx="sum", batch_size=n)
-        if self.cache is not None:
-            self.log("cache/hit_rate", self.cache.hit_rate, batch_size=n)
-            self.log("cache/bytes_per_token", self.cache.bytes_per_token, batch_size=n)
         return loss
+
+    def _fit_step(self, batch: dict[str, torch.Tensor], states: torch.Tensor, labels: torch.Tensor) -> None:
+        """One step of a closed-form fit: the batch's (h_ℓ(t), last residual at t + k) pairs go to
+        the normal equations through the fit's optimizer (so the trainer counts the step)."""
+        pairs = {key: self.lens_examples(batch, states, labels, lens.offset)[:2] for key, lens in self.lenses.items()}
+        optimizer = self.optimizers() if self._trainer is not None else self.configure_optimizers()
+        optimizer.step(closure=lambda: pairs)
+        positions = next(iter(self.normal_equations.values())).count
+        self.log("train/positions", float(positions), batch_size=states.shape[1])
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         states, all_labels = self.hidden_states(batch)
@@ -474,28 +454,20 @@ class LensTrainingModule(L.LightningModule):
         dtype = compute_dtype(self.hparams.eval_dtype, self.device, "--model.eval_dtype")
         for k in self.offsets:
             h, final, labels = self.lens_examples(batch, states, all_labels, k)
-            if self.hparams.lens_type == "learned_prompt":
-                keep = self._prompt_subsample(h.shape[1], seed=None)
-                h, final, labels = h[:, keep], final[keep], labels[keep]
+            h, final, labels = self._recipe_positions(h, final, labels, seed=None)
             target = self._target_log_probs(final)
-            for name, lens in (("logit", self.logit_lens), (self.hparams.lens_type, self.lenses[lens_key(self.hparams.lens_type, k)])):
-                if isinstance(lens, LearnedPromptLens):
-                    sums = logit_metrics(lens.logits(self.frozen, h), target, labels)
-                else:
-                    sums = lens_metrics(self.frozen.adapter, self._decode_inputs(lens, h, dtype), target, labels, dtype)
-                key = lens_key(name, k)
+            for lens in (self.logit_lens, self.lenses[lens_key(self.hparams.lens_type, k)]):
+                sums = lens.metrics(self.frozen, h, target, labels, dtype)
+                key = lens_key(lens.lens_type, k)
                 self.val_metrics.update("kl_nats", key, sums["kl"], count=sums["n_tokens"])
                 self.val_metrics.update("ce_nats", key, sums["ce"], count=sums["n_labels"])
 
     def on_validation_epoch_start(self) -> None:
-        if self.hparams.lens_type != "affine":
-            return
+        """A closed-form fit is solved here, over every rank's pairs so far: what validation scores
+        and the artifact holds."""
         for key, eq in self._summed_normal_equations().items():
             if eq.count:
-                a, b = eq.solve(self.hparams.ridge)
-                with torch.no_grad():
-                    self.lenses[key].weight.copy_(a - torch.eye(a.shape[-1], device=a.device))
-                    self.lenses[key].bias.copy_(b)
+                eq.fit(self.lenses[key], self.hparams.ridge)
 
     def on_validation_epoch_end(self) -> None:
         nothing = DataSourceError("validation scored no positions: the held-out documents give no samples; "
@@ -534,10 +506,9 @@ class LensTrainingModule(L.LightningModule):
         super().optimizer_step(*args, **kwargs)
         weights = [p for p in self.lenses.parameters()]
         if weights and not bool(torch.stack([torch.isfinite(p).all() for p in weights]).all()):
-            lr = "--model.prompt_lr" if self.hparams.lens_type == "learned_prompt" else "--model.lr"
             raise DivergedError(
                 f"training diverged at step {self.global_step}: the lens weights became NaN or inf; "
-                f"lower {lr} (the checkpoints and artifacts written so far are untouched)"
+                f"lower {self.recipe.lr_flag} (the checkpoints and artifacts written so far are untouched)"
             )
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
@@ -552,18 +523,10 @@ class LensTrainingModule(L.LightningModule):
                 torch.nn.utils.clip_grad_value_(lens.parameters(), gradient_clip_val)
 
     def configure_optimizers(self):
+        optimizer = self.recipe.optimizer(self.lenses, self.normal_equations)
+        if self.recipe.closed_form:
+            return optimizer  # no learning rate to schedule
         hp = self.hparams
-        if hp.lens_type == "affine":
-            # Fitted in closed form (on_validation_epoch_start); a zero learning rate leaves it be.
-            # Momentum only so that its state is not empty: Lightning's FSDP checkpoint loading
-            # reads the first entry of the optimizer state.
-            return torch.optim.SGD(self.lenses.parameters(), lr=0.0, momentum=0.9)
-        if hp.lens_type == "learned_prompt":
-            optimizer = torch.optim.Adam(self.lenses.parameters(), lr=hp.prompt_lr)
-        else:
-            # The reference scales lr by (1 − momentum) so that lr=1.0 is a sensible SGD step size.
-            optimizer = torch.optim.SGD(self.lenses.parameters(), lr=hp.lr * (1 - hp.momentum), momentum=hp.momentum,
-                                        nesterov=hp.nesterov, weight_decay=hp.weight_decay)
         total = self.trainer.max_steps
         if total is None or total <= 0:
             raise ConfigError(f"--trainer.max_steps must be a positive number of steps, got {total}")
