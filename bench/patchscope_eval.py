@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from lenscope.datamodules.patchscope_data import PatchscopeDataModule, collate_patchscope
+from lenscope.datamodules.patchscope_data import PatchscopeDataModule, collate_documents
 from lenscope.lenses.token_identity import TokenIdentityPatchscope
 from lenscope.model.frozen import FrozenModel
 from lenscope.model.loading import EMBEDDED_MODEL
@@ -40,9 +40,9 @@ PILE = ROOT.parent / "shared" / "data" / "pile-sample.jsonl.zst"
 
 def source_states(reader: ResidualReader, data: PatchscopeDataModule, layers: list[int]) -> torch.Tensor:
     """(num_layers, M, d) states at each evaluation document's read position."""
-    batch = collate_patchscope(data.eval_samples, data.tokenizer.pad_token_id or 0)
+    batch = collate_documents(data.eval_samples, data.tokenizer.pad_token_id or 0)
     residuals = reader.read(batch["input_ids"], batch["attention_mask"])
-    return residuals[layers][:, torch.arange(len(data.eval_samples)), batch["position"]]
+    return residuals[layers][:, torch.arange(len(data.eval_samples)), batch["positions"][:, 0]]
 
 
 def timed(fn):

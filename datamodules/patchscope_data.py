@@ -3,7 +3,8 @@
 Filter (< ``max_words`` space-separated words, < ``max_chars`` characters), shuffle with a seeded
 buffer (seed 42 by default), take the first ``n_fit`` documents to fit mappings and the next
 ``n_eval`` to evaluate, and read ONE random position per document, chosen by an RNG seeded with the
-seed and the document's ordinal: a rerun gives the same positions and so the same numbers.
+seed and the document's ordinal: a rerun gives the same positions and so the same numbers. The
+position rule, the samples and the batches are training's (``lenscope.datamodules.preprocessing``).
 
 With ``holdout_every`` n ≥ 2 the split follows ``train.py``'s instead: fitting documents come from
 the training share (ordinal mod n ≠ 0) and evaluation documents from the held-out share
@@ -28,38 +29,36 @@ import torch
 from torch.utils.data import DataLoader
 
 from lenscope.datamodules.lens_data import bind_from_trainer, in_share, seeded_shuffle
-from lenscope.datamodules.preprocessing import IGNORE, TrimSettings, keep_for_trimming
+from lenscope.datamodules.preprocessing import (
+    IGNORE,
+    TrimSettings,
+    collate,
+    keep_for_trimming,
+    trim_sample,
+)
 from lenscope.datamodules.sources import DataSourceError, DocumentSource
 from lenscope.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
 
-def choose_position(n_tokens: int, seed: int, ordinal: int) -> int:
-    """The one read position of a document: uniform over positions that have a next token."""
-    return random.Random(f"{seed}/{ordinal}").randrange(n_tokens - 1)
+def document_sample(tokens: list[int], ordinal: int, settings: TrimSettings, seed: int, max_offset: int) -> dict | None:
+    """A document's evaluation sample, by training's trimming rule: ``settings.positions_per_doc``
+    read positions (the paper: one), uniform over those with a next token, drawn by an RNG seeded
+    by ``seed`` and the ordinal; up to ``max_offset`` more tokens are kept after the last one (the
+    targets of future offsets). None for a document with no such position."""
+    sample = trim_sample(tokens, random.Random(f"{seed}/{ordinal}"), settings, len(tokens), lookahead=max_offset)
+    return None if sample is None else {"doc": ordinal, **sample}
 
 
-def make_sample(tokens: list[int], ordinal: int, position: int, max_offset: int) -> dict:
-    """input_ids cut after the last target token; targets[j] = real token at position + 1 + j."""
-    end = min(len(tokens), position + max_offset + 2)
-    targets = [tokens[position + 1 + j] if position + 1 + j < end else IGNORE for j in range(max_offset + 1)]
-    return {"doc": ordinal, "input_ids": tokens[:end], "position": position, "targets": targets}
+def whole_document_sample(tokens: list[int], ordinal: int) -> dict:
+    """A document with every position read (``--data.fit_positions all``)."""
+    return {"doc": ordinal, "input_ids": tokens, "positions": list(range(len(tokens))), "labels": [*tokens[1:], IGNORE]}
 
 
-def collate_patchscope(samples: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
-    width = max(len(s["input_ids"]) for s in samples)
-    input_ids = torch.full((len(samples), width), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(samples), width), dtype=torch.long)
-    for i, s in enumerate(samples):
-        input_ids[i, : len(s["input_ids"])] = torch.tensor(s["input_ids"])
-        attention_mask[i, : len(s["input_ids"])] = 1
-    return {
-        "input_ids": input_ids, "attention_mask": attention_mask,
-        "position": torch.tensor([s["position"] for s in samples]),
-        "targets": torch.tensor([s["targets"] for s in samples]),
-        "doc": torch.tensor([s["doc"] for s in samples]),
-    }
+def collate_documents(samples: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
+    """Training's batch (``collate``) with each row's document ordinal (``doc``)."""
+    return {**collate(samples, pad_id), "doc": torch.tensor([s["doc"] for s in samples])}
 
 
 class PatchscopeDataModule(L.LightningDataModule):
@@ -122,7 +121,7 @@ class PatchscopeDataModule(L.LightningDataModule):
             raise ConfigError(f"--data.holdout_every must be 0 (the paper's split) or at least 2, got {holdout_every}")
         if fit_positions not in ("one", "all"):
             raise ConfigError(f"--data.fit_positions must be 'one' or 'all', got {fit_positions!r}")
-        self.trim = TrimSettings(max_words=max_words, max_chars=max_chars)
+        self.trim = TrimSettings(max_words=max_words, max_chars=max_chars, positions_per_doc=1)
         self.tokenizer = None
         self.fit_samples: list[dict] = []
         self.eval_samples: list[dict] = []
@@ -168,18 +167,16 @@ class PatchscopeDataModule(L.LightningDataModule):
         return fit, evaluation
 
     def _samples(self, docs: list[tuple[int, str]], whole: bool = False) -> tuple[list[dict], list[list[int]]]:
-        """One sample per document; ``whole``: the whole document, every position read (position -1)."""
+        """One sample per document; ``whole``: the whole document, every position read."""
         samples, token_lists = [], []
         for ordinal, text in docs:
             tokens = self.tokenizer(text)["input_ids"][: self.seq_len]
             if len(tokens) < 2:
                 continue  # no position with a next token
             if whole:
-                samples.append({"doc": ordinal, "input_ids": tokens, "position": -1,
-                                "targets": [IGNORE] * (self.hparams.max_offset + 1)})
+                samples.append(whole_document_sample(tokens, ordinal))
             else:
-                position = choose_position(len(tokens), self.hparams.seed, ordinal)
-                samples.append(make_sample(tokens, ordinal, position, self.hparams.max_offset))
+                samples.append(document_sample(tokens, ordinal, self.trim, self.hparams.seed, self.hparams.max_offset))
             token_lists.append(tokens)
         return samples, token_lists
 
@@ -202,7 +199,7 @@ class PatchscopeDataModule(L.LightningDataModule):
     def _loader(self, samples: list[dict]) -> DataLoader:
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         return DataLoader(samples, batch_size=self.hparams.batch_size, shuffle=False,
-                          collate_fn=lambda batch: collate_patchscope(batch, pad))
+                          collate_fn=lambda batch: collate_documents(batch, pad))
 
     def fit_dataloader(self) -> DataLoader:
         return self._loader(self._shard(self.fit_samples))

@@ -1,8 +1,10 @@
-"""Turning documents into lens-training samples: Patchscopes trimming and tuned-lens packing.
+"""Turning documents into samples, and samples into batches: Patchscopes trimming, tuned-lens
+packing, and the one pairing of a read position t with t + k.
 
 A sample is a dict of plain Python lists (cheap to pickle out of a dataloader worker):
 ``input_ids`` (tokens fed to the model), ``positions`` (where residuals are read) and ``labels``
-(the real next token at each position, -100 where the text does not say).
+(the real next token at each position, -100 where the text does not say). Training and the
+Patchscopes evaluation use the same samples, batches (``collate``) and pairing (``offset_pairs``).
 """
 
 from __future__ import annotations
@@ -31,19 +33,24 @@ def keep_for_trimming(text: str, settings: TrimSettings) -> bool:
     return len(text) < settings.max_chars and len(text.split(" ")) < settings.max_words
 
 
-def trim_sample(tokens: list[int], rng: random.Random, settings: TrimSettings, seq_len: int) -> dict | None:
-    """Choose ``positions_per_doc`` positions of one tokenised document.
+def trim_sample(tokens: list[int], rng: random.Random, settings: TrimSettings, seq_len: int,
+                lookahead: int = 0) -> dict | None:
+    """Choose ``positions_per_doc`` positions of one tokenised document, uniformly among those that
+    have a next token: the one position rule of training (``--data.trim``) and the Patchscopes
+    evaluation (one position per document, ``rng`` seeded by the document).
 
     Reading position i of the whole document is the same as cutting the text after token i, under
     causal attention, so one forward pass over the prefix serves every chosen position. A position
-    needs a next token (the label), hence i ≤ len - 2; and i < seq_len - 1 so the sample fits.
+    needs a next token (the label), hence i ≤ len - 2; and i < seq_len - 1 so the sample fits. The
+    sample keeps ``lookahead`` more tokens after the last label where the document has them (the
+    model's predictions at t + 1 … t + lookahead, for future lenses).
     """
     last = min(len(tokens), seq_len) - 2
     if last < 0:
         return None
     k = min(settings.positions_per_doc, last + 1)
     positions = sorted(rng.sample(range(last + 1), k))
-    end = positions[-1] + 2
+    end = min(positions[-1] + 2 + lookahead, len(tokens), seq_len)
     return {"input_ids": tokens[:end], "positions": positions, "labels": [tokens[i + 1] for i in positions]}
 
 
@@ -117,3 +124,45 @@ def collate(samples: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
         positions[i, : len(s["positions"])] = torch.tensor(s["positions"])
         labels[i, : len(s["labels"])] = torch.tensor(s["labels"])
     return {"input_ids": input_ids, "attention_mask": attention_mask, "positions": positions, "labels": labels}
+
+
+@dataclass(frozen=True)
+class OffsetPairs:
+    """Read positions t of a batch paired with t + k (see ``offset_pairs``); M pairs, all tensors (M,)."""
+
+    rows: torch.Tensor
+    """The pair's row of the batch."""
+    source: torch.Tensor
+    """Index of (row, t) among the batch's read positions, in row-major order: where h(t) is in
+    states gathered at the read positions."""
+    at: torch.Tensor
+    """t + k, the target position."""
+    target: torch.Tensor
+    """Index of (row, t + k) among the read positions, -1 where t + k is not read."""
+    next_token: torch.Tensor
+    """The real token after t + k, -100 where the sample does not have it."""
+
+
+def offset_pairs(batch: dict[str, torch.Tensor], k: int) -> OffsetPairs:
+    """Every read position t of the batch whose t + k is in its document, paired with t + k.
+
+    The one t → t + k pairing: training takes the model's output at t + k from the states it read
+    (``target``; a pair whose t + k was not read is dropped there), the Patchscopes evaluation from
+    the residual stream at ``at``; both score against ``next_token``.
+    """
+    positions, mask, input_ids = batch["positions"], batch["attention_mask"].bool(), batch["input_ids"]
+    width = input_ids.shape[1]
+    all_rows, all_cols = (positions >= 0).nonzero(as_tuple=True)
+    read_at = positions[all_rows, all_cols]  # every read position t, row-major: the order of gathered states
+    index = torch.full((positions.shape[0], width), -1, dtype=torch.long, device=positions.device)
+    index[all_rows, read_at] = torch.arange(len(read_at), device=positions.device)
+
+    def in_document(rows: torch.Tensor, at: torch.Tensor) -> torch.Tensor:
+        return (at < width) & mask[rows, at.clamp(max=width - 1)]
+
+    keep = in_document(all_rows, read_at + k)
+    rows, at = all_rows[keep], read_at[keep] + k
+    source = keep.nonzero(as_tuple=True)[0]
+    has_next = in_document(rows, at + 1)
+    next_token = torch.where(has_next, input_ids[rows, (at + 1).clamp(max=width - 1)], IGNORE)
+    return OffsetPairs(rows=rows, source=source, at=at, target=index[rows, at], next_token=next_token)

@@ -22,6 +22,7 @@ from lenscope.datamodules.preprocessing import (
     TrimSettings,
     collate,
     keep_for_trimming,
+    offset_pairs,
     trim_sample,
 )
 from lenscope.datamodules.sources import DataSourceError, DocumentSource
@@ -245,6 +246,23 @@ def test_trim_sample_positions_and_labels(tok):
         assert sample["input_ids"] == tokens[: positions[-1] + 2]
         assert sample["labels"] == [tokens[i + 1] for i in positions]
     assert trim_sample([5], random.Random(0), TrimSettings(), seq_len=16) is None
+    # lookahead keeps the tokens after the last label, up to the document's and the sequence's end
+    ahead = trim_sample(tokens, random.Random(3), TrimSettings(positions_per_doc=1), seq_len=30, lookahead=3)
+    [t] = ahead["positions"]
+    assert ahead["input_ids"] == tokens[: min(t + 5, 30)]
+
+
+def test_offset_pairs_match_t_with_t_plus_k_inside_each_document():
+    batch = collate([{"input_ids": [1, 2, 3, 4, 5], "positions": [0, 1, 2, 3, 4], "labels": [2, 3, 4, 5, IGNORE]},
+                     {"input_ids": [7, 8, 9], "positions": [1], "labels": [9]}], pad_id=0)
+    same = offset_pairs(batch, 0)
+    assert same.source.tolist() == same.target.tolist() == list(range(6))
+    assert same.next_token.tolist() == [2, 3, 4, 5, IGNORE, 9]  # the labels, read from the tokens
+    two = offset_pairs(batch, 1)
+    # (row 1, t = 2) is not a read position; (row 0, t = 5) and (row 1, t = 3) are past the ends
+    assert two.rows.tolist() == [0, 0, 0, 0, 1] and two.at.tolist() == [1, 2, 3, 4, 2]
+    assert two.source.tolist() == [0, 1, 2, 3, 5] and two.target.tolist() == [1, 2, 3, 4, -1]
+    assert two.next_token.tolist() == [3, 4, 5, IGNORE, IGNORE]
 
 
 def test_trim_positions_seeded_per_document(tmp_path, tok):

@@ -11,7 +11,8 @@ import torch
 import transformers as T
 
 from lenscope.cli import evaluate, train
-from lenscope.datamodules.patchscope_data import PatchscopeDataModule
+from lenscope.datamodules.patchscope_data import PatchscopeDataModule, collate_documents
+from lenscope.datamodules.preprocessing import offset_pairs
 from lenscope.evaluation.baselines import bigram_successors
 from lenscope.lenses.artifact import save_lens
 from lenscope.lenses.lens import TunedLens
@@ -34,7 +35,7 @@ def protocol(source, **kwargs) -> PatchscopeDataModule:
 def test_protocol_is_seeded_filtered_and_disjoint(tmp_path):
     corpus = write_corpus(tmp_path / "c.jsonl", 80, words=(5, 40))
     a, b = protocol(corpus, max_words=30), protocol(corpus, max_words=30)
-    assert [(s["doc"], s["position"]) for s in a.eval_samples] == [(s["doc"], s["position"]) for s in b.eval_samples]
+    assert [(s["doc"], s["positions"]) for s in a.eval_samples] == [(s["doc"], s["positions"]) for s in b.eval_samples]
     fit_docs, eval_docs = {s["doc"] for s in a.fit_samples}, {s["doc"] for s in a.eval_samples}
     assert len(fit_docs) == 30 and len(eval_docs) == 20 and not fit_docs & eval_docs
     texts = [json.loads(line)["text"] for line in corpus.read_text().splitlines()]
@@ -49,12 +50,21 @@ def test_samples_keep_the_future_targets_and_mark_missing_ones(tmp_path):
     data = protocol(corpus, n_fit=10, n_eval=30, max_offset=3)
     texts = [json.loads(line)["text"] for line in corpus.read_text().splitlines()]
     tokenizer = make_tokenizer()
+    short = 0
     for s in data.eval_samples:
         tokens = tokenizer(texts[s["doc"]])["input_ids"]
-        t = s["position"]
+        [t] = s["positions"]
         assert 0 <= t <= len(tokens) - 2
-        assert s["input_ids"] == tokens[: t + 5]
-        assert s["targets"] == [tokens[t + 1 + j] if t + 1 + j < len(tokens) else -100 for j in range(4)]
+        assert s["input_ids"] == tokens[: t + 5] and s["labels"] == [tokens[t + 1]]
+        # The real token after t + k, as the evaluation pairs it, or -100 past the document's end.
+        batch = collate_documents([s], 0)
+        for k in range(4):
+            pairs = offset_pairs(batch, k)
+            assert pairs.at.tolist() == ([t + k] if t + k < len(tokens) else [])
+            want = tokens[t + k + 1] if t + k + 1 < len(tokens) else -100
+            assert pairs.next_token.tolist() == ([want] if t + k < len(tokens) else [])
+            short += t + k + 1 >= len(tokens)
+    assert short, "no document ended within the offsets: the missing targets were not tested"
 
 
 def test_fit_positions_all_fits_on_every_position_of_the_fitting_documents(tmp_path, tiny_model_dir, corpus):

@@ -119,7 +119,7 @@ def test_one_training_step(arch, model_dirs):
     assert any(lowered), f"no step lowered the loss {before.item():.4g}"
 
     # The fused loss (the model's scale and soft-cap applied inside it) equals plain autograd.
-    states, _ = module.hidden_states(batch)
+    states = module.hidden_states(batch)
     h = module.frozen.adapter.normalize(module.lenses["tuned"](states[module.layers].float()))
     target = module._target_log_probs(states[-1])
     torch.testing.assert_close(lens_kl(module.frozen.adapter, h, target, torch.float32),

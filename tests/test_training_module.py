@@ -21,7 +21,8 @@ def make_batch(seed: int = 0, batch: int = 2, seq: int = 12) -> dict[str, torch.
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(4, 204, (batch, seq), generator=g)
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids),
-            "positions": torch.arange(seq).repeat(batch, 1), "labels": torch.roll(ids, -1, 1)}
+            "positions": torch.arange(seq).repeat(batch, 1),
+            "labels": torch.cat([ids[:, 1:], torch.full((batch, 1), -100)], 1)}
 
 
 def test_lensed_layers_and_lens_only_state(module):
@@ -37,9 +38,9 @@ def test_base_model_stays_in_eval_mode(module):
 
 def test_cache_hits_return_the_same_states(module):
     batch = make_batch()
-    states, labels = module.hidden_states(batch)
-    assert states.shape == (4, 24, 32) and labels.shape == (24,)
-    again, _ = module.hidden_states(batch)
+    states = module.hidden_states(batch)
+    assert states.shape == (4, 24, 32)
+    again = module.hidden_states(batch)
     assert module.cache.hits == 1 and module.cache.misses == 1
     torch.testing.assert_close(states, again, rtol=0, atol=0)
     assert module.cache.bytes_per_token == 4 * 32 * 4  # (L+1) × d × fp32
@@ -48,11 +49,12 @@ def test_cache_hits_return_the_same_states(module):
 def test_trimmed_positions_are_gathered(module):
     batch = make_batch()
     batch["positions"] = torch.tensor([[3, 7], [5, -1]])
-    batch["labels"] = torch.tensor([[11, 12], [13, -100]])
-    states, labels = module.hidden_states(batch)
+    states = module.hidden_states(batch)
     full = module.frozen.reader.read(batch["input_ids"], batch["attention_mask"])
     torch.testing.assert_close(states[:, 2], full[:, 1, 5])
-    assert labels.tolist() == [11, 12, 13]
+    _, _, labels = module.lens_examples(batch, states, 0)
+    ids = batch["input_ids"]
+    assert labels.tolist() == [ids[0, 4], ids[0, 8], ids[1, 6]]
 
 
 def test_nan_hidden_states_are_refused_with_the_layer(module, monkeypatch):
@@ -115,8 +117,9 @@ def test_offset_pairs_each_position_with_the_target_k_ahead(tiny_model_dir):
     module = LensTrainingModule(name=str(tiny_model_dir), lens_dtype="float32", offsets=[0, 2])
     module.cache = HiddenStateCache("none")
     batch = make_batch(seq=8)
-    states, all_labels = module.hidden_states(batch)
-    h, final, labels = module.lens_examples(batch, states, all_labels, 2)
+    states = module.hidden_states(batch)
+    h, final, labels = module.lens_examples(batch, states, 2)
+    all_labels = module.lens_examples(batch, states, 0)[2]
     # 2 rows × (8 - 2) positions have a target two tokens ahead.
     assert h.shape == (3, 12, 32) and final.shape == (12, 32)
     per_row = states.view(4, 2, 8, 32)
@@ -130,7 +133,7 @@ def test_a_later_run_reuses_the_disk_cache_without_the_model(tiny_model_dir, tmp
     manifest = {"model": "tiny", "data": "same"}
     first = LensTrainingModule(name=str(tiny_model_dir), lens_dtype="float32")
     first.cache = HiddenStateCache("disk", tmp_path / "cache", manifest=manifest)
-    states, _ = first.hidden_states(make_batch())
+    states = first.hidden_states(make_batch())
 
     later = LensTrainingModule(name=str(tiny_model_dir), lens_dtype="float32")
     later.cache = HiddenStateCache("disk", tmp_path / "cache", manifest=manifest)
@@ -139,7 +142,7 @@ def test_a_later_run_reuses_the_disk_cache_without_the_model(tiny_model_dir, tmp
         raise AssertionError("the model ran although the batch is cached")
 
     monkeypatch.setattr(later.frozen.reader, "read", model_must_not_run)
-    again, _ = later.hidden_states(make_batch())
+    again = later.hidden_states(make_batch())
     torch.testing.assert_close(states, again, rtol=0, atol=0)
     assert later.cache.hit_rate == 1.0
 
@@ -151,7 +154,7 @@ def test_affine_lens_is_the_least_squares_fit_of_the_last_block(tiny_model_dir):
     assert not module.automatic_optimization  # fitted, not descended: no loss, no gradient
     for seed in range(6):
         batch = make_batch(seed=seed, batch=4, seq=16)
-        h, final, _ = module.lens_examples(batch, *module.hidden_states(batch), 0)
+        h, final, _ = module.lens_examples(batch, module.hidden_states(batch), 0)
         assert training_step(module, batch) is None
         hs.append(h)
         finals.append(final)

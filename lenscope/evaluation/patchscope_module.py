@@ -34,6 +34,7 @@ from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
 from tqdm.auto import tqdm
 
+from lenscope.datamodules.preprocessing import OffsetPairs, offset_pairs
 from lenscope.errors import ConfigError, check_finite
 from lenscope.evaluation.baselines import bigram_successors
 from lenscope.evaluation.report import markdown_tables, write_report
@@ -172,9 +173,9 @@ class PatchscopeEvaluation(L.LightningModule):
             batch = self.transfer_batch_to_device(batch, self.device, 0)
             residuals = self.frozen.reader.read(batch["input_ids"], batch["attention_mask"])
             for k, eq in equations.items():
-                h, final, valid = self._at_offset(residuals, batch, k)
-                if valid.any():
-                    eq.update(h[:, valid], final[valid])
+                pairs = offset_pairs(batch, k)
+                if len(pairs.rows):  # every read position whose t + k is in the document
+                    eq.update(self._sources(residuals, pairs, k), residuals[-1][pairs.rows, pairs.at])
         for k in equations:
             # Each rank fitted on its share of the documents: sum the normal equations once.
             eq = equations[k] = equations[k].summed(lambda t: self.trainer.strategy.reduce(t, reduce_op="sum"))
@@ -185,26 +186,11 @@ class PatchscopeEvaluation(L.LightningModule):
         self.fit_positions = {k: eq.count for k, eq in equations.items()}
         log.info("affine lenses fitted on %s positions (by offset)", self.fit_positions)
 
-    def _at_offset(self, residuals: torch.Tensor, batch: dict, k: int):
-        """h (num_layers, N, d) at the read positions, the last block's output at position + k
-        (N, d), and which of the N have that position (N,). Positions are picked before layers:
-        indexing the layers first would copy every residual of the batch once per offset.
-
-        A batch with read position -1 (``--data.fit_positions all``) reads every position t whose
-        t + k is in the document; otherwise N = B, one read position per document.
-        """
-        if bool((batch["position"] < 0).all()):
-            mask = batch["attention_mask"].bool()
-            ahead_ok = torch.zeros_like(mask)
-            ahead_ok[:, : mask.shape[1] - k] = mask[:, k:]
-            rows, cols = ahead_ok.nonzero(as_tuple=True)
-            valid = torch.ones_like(rows, dtype=torch.bool)
-            return residuals[:, rows, cols][self.layers], residuals[-1][rows, cols + k], valid
-        rows = torch.arange(batch["input_ids"].shape[0], device=residuals.device)
-        position = batch["position"]
-        valid = batch["targets"][:, k] >= 0
-        ahead = torch.where(valid, position + k, position)
-        return residuals[:, rows, position][self.layers], residuals[-1][rows, ahead], valid
+    def _sources(self, residuals: torch.Tensor, pairs: OffsetPairs, k: int) -> torch.Tensor:
+        """h (num_layers, M, d) at the pairs' read positions t = at − k, gathered in one indexing
+        (picking the layers first would copy every residual of the batch)."""
+        layers = torch.tensor(self.layers, device=residuals.device)
+        return residuals[layers[:, None], pairs.rows[None, :], (pairs.at - k)[None, :]]
 
     # --- scoring --------------------------------------------------------------------------------------
     def _decode(self, method: str, h: torch.Tensor) -> torch.Tensor:
@@ -214,8 +200,9 @@ class PatchscopeEvaluation(L.LightningModule):
 
     def test_step(self, batch: dict, batch_idx: int) -> None:
         residuals = self.frozen.reader.read(batch["input_ids"], batch["attention_mask"])
-        h, final, _ = self._at_offset(residuals, batch, 0)
-        model_logp = self.frozen.log_probs(final)  # (B, V) fp32
+        here = offset_pairs(batch, 0)  # the documents' read positions (one each)
+        h = self._sources(residuals, here, 0)
+        model_logp = self.frozen.log_probs(residuals[-1][here.rows, here.at])  # (B, V) fp32
         model_top1 = model_logp.argmax(-1)
         top1: dict[str, torch.Tensor] = {}  # method → (num_layers, B) argmax, reused for future offsets
         for method in self._next_token_methods():
@@ -225,18 +212,20 @@ class PatchscopeEvaluation(L.LightningModule):
                 logits = self._decode(method, h)
             top1[method] = self._score_next_token(method, logits, model_logp, model_top1)
         for k in self.future_offsets:
-            _, final_k, valid = self._at_offset(residuals, batch, k)
-            if not valid.any():
+            ahead = offset_pairs(batch, k)
+            scored = ahead.next_token >= 0  # the document has the real token after t + k
+            if not scored.any():
                 continue
-            model_k = self.frozen.adapter.decode(final_k[valid]).argmax(-1)  # the model's own guess at t + k
-            real_k = batch["targets"][valid, k]
+            rows, at, source = ahead.rows[scored], ahead.at[scored], ahead.source[scored]
+            model_k = self.frozen.adapter.decode(residuals[-1][rows, at]).argmax(-1)  # the model's own guess at t + k
+            real_k = ahead.next_token[scored]
             for method in self._future_methods(k):
-                if method == "bigram":
-                    guess = self.bigram[batch["targets"][valid, k - 1]].expand(len(self.layers), -1)
+                if method == "bigram":  # the most frequent successor of the real token at t + k
+                    guess = self.bigram[batch["input_ids"][rows, at]].expand(len(self.layers), -1)
                 elif method in top1:
-                    guess = top1[method][:, valid]
+                    guess = top1[method][:, source]
                 else:
-                    guess = self._decode(method, h[:, valid]).argmax(-1)
+                    guess = self._decode(method, h[:, source]).argmax(-1)
                 self.metrics.update(f"future+{k}/precision@1_model", method, guess == model_k)
                 self.metrics.update(f"future+{k}/precision@1_real", method, guess == real_k)
 

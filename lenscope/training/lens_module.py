@@ -20,6 +20,7 @@ from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.strategies import FSDPStrategy
 from lightning.pytorch.utilities import rank_zero_info
 
+from lenscope.datamodules.preprocessing import offset_pairs
 from lenscope.datamodules.sources import DataSourceError
 from lenscope.errors import ConfigError, UserError, check_finite
 from lenscope.lenses.artifact import load_lens
@@ -339,14 +340,11 @@ class LensTrainingModule(L.LightningModule):
                 log.info("hidden-state cache: %s", Path(cache_dir))
 
     # --- the shared step ------------------------------------------------------------------------------
-    def hidden_states(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Residuals at the read positions, from the cache or one model pass.
-
-        Returns states (num_layers + 1, N, d_model) and labels (N,) for the N valid positions.
-        """
+    def hidden_states(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Residuals at the N read positions (row-major), from the cache or one model pass:
+        (num_layers + 1, N, d_model)."""
         positions = batch["positions"]
         valid = positions >= 0
-        labels = batch["labels"][valid]
         key = batch_key(batch["input_ids"], batch["attention_mask"], positions)
         states = self.cache.get(key, self.device) if self.cache is not None else None
         if self._all_ranks_run_the_model(states is None):
@@ -364,7 +362,7 @@ class LensTrainingModule(L.LightningModule):
                 )
             if self.cache is not None:
                 self.cache.put(key, states)
-        return states, labels
+        return states
 
     def _all_ranks_run_the_model(self, this_rank_needs_it: bool) -> bool:
         """Whether to run the frozen model on this batch. Under FSDP its forward gathers each block
@@ -376,24 +374,20 @@ class LensTrainingModule(L.LightningModule):
         needed = torch.tensor(float(this_rank_needs_it), device=self.device)
         return bool(trainer.strategy.reduce(needed, reduce_op="max") > 0)
 
-    def lens_examples(self, batch: dict[str, torch.Tensor], states: torch.Tensor, labels: torch.Tensor,
+    def lens_examples(self, batch: dict[str, torch.Tensor], states: torch.Tensor,
                       k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Lens inputs, target residuals and labels for the batch, with the target ``k`` tokens ahead.
 
-        states, labels: from ``hidden_states(batch)``. Returns h (num_lensed, M, d_model) at read
-        positions t, the last block's raw output at t + k (M, d_model), and the real token after
-        t + k (M,), for the M read positions whose target position was read too (k = 0: all).
+        states: from ``hidden_states(batch)``. Returns h (num_lensed, M, d_model) at read positions
+        t, the last block's raw output at t + k (M, d_model), and the real token after t + k (M,),
+        for the M read positions whose target position was read too (k = 0: all); the pairing is
+        the evaluation's (``offset_pairs``).
         """
-        if k:
-            positions = batch["positions"]
-            rows, cols = (positions >= 0).nonzero(as_tuple=True)
-            pos = positions[rows, cols]
-            entry = torch.full((positions.shape[0], batch["input_ids"].shape[1] + k), -1, device=pos.device)
-            entry[rows, pos] = torch.arange(len(pos), device=pos.device)
-            target = entry[rows, pos + k]
-            keep = target >= 0
-            return states[self.layers][:, keep], states[-1][target[keep]], labels[target[keep]]
-        return states[self.layers], states[-1], labels
+        pairs = offset_pairs(batch, k)
+        read = pairs.target >= 0
+        source = pairs.source[read]
+        layers = torch.tensor(self.layers, device=states.device)
+        return states[layers[:, None], source[None, :]], states[-1][pairs.target[read]], pairs.next_token[read]
 
     def _recipe_positions(self, h: torch.Tensor, *rest: torch.Tensor, seed: int | None):
         """h (num_lensed, N, d) and per-position tensors (N, ...) at the positions the recipe picks."""
@@ -413,7 +407,7 @@ class LensTrainingModule(L.LightningModule):
         # trained, and a resumed run would skip that batch.
         batch, _batch_idx, _loader_idx = next(dataloader_iter)
         batch = self.transfer_batch_to_device(batch, self.device, 0)
-        states, labels = self.hidden_states(batch)  # one model pass (or cache hit) serves every offset
+        states = self.hidden_states(batch)  # one model pass (or cache hit) serves every offset
         n = states.shape[1]
         self.tokens_seen += n
         self.log("train/tokens", float(n), reduce_fx="sum", batch_size=n)
@@ -421,12 +415,12 @@ class LensTrainingModule(L.LightningModule):
             self.log("cache/hit_rate", self.cache.hit_rate, batch_size=n)
             self.log("cache/bytes_per_token", self.cache.bytes_per_token, batch_size=n)
         if self.recipe.closed_form:
-            self._fit_step(batch, states, labels)
+            self._fit_step(batch, states)
             return None
         dtype = self.lens_compute_dtype
         loss = 0.0
         for key, lens in self.lenses.items():
-            h, final, _ = self.lens_examples(batch, states, labels, lens.offset)
+            h, final, _ = self.lens_examples(batch, states, lens.offset)
             h, final = self._recipe_positions(h, final, seed=self.global_step)
             kl = lens.kl(self.frozen, h, self._target_log_probs(final), dtype)
             # Layers and lenses are independent; summing their losses gives each translator its own gradient.
@@ -437,23 +431,23 @@ class LensTrainingModule(L.LightningModule):
                           batch_size=m)
         return loss
 
-    def _fit_step(self, batch: dict[str, torch.Tensor], states: torch.Tensor, labels: torch.Tensor) -> None:
+    def _fit_step(self, batch: dict[str, torch.Tensor], states: torch.Tensor) -> None:
         """One step of a closed-form fit: the batch's (h_ℓ(t), last residual at t + k) pairs go to
         the normal equations through the fit's optimizer (so the trainer counts the step)."""
-        pairs = {key: self.lens_examples(batch, states, labels, lens.offset)[:2] for key, lens in self.lenses.items()}
+        pairs = {key: self.lens_examples(batch, states, lens.offset)[:2] for key, lens in self.lenses.items()}
         optimizer = self.optimizers() if self._trainer is not None else self.configure_optimizers()
         optimizer.step(closure=lambda: pairs)
         positions = next(iter(self.normal_equations.values())).count
         self.log("train/positions", float(positions), batch_size=states.shape[1])
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        states, all_labels = self.hidden_states(batch)
+        states = self.hidden_states(batch)
         if states.shape[1] == 0:  # padding (see DocumentStream.pad_shares): the model ran, nothing to score
             self.val_metrics.update("kl_nats", self.scored[0], torch.zeros(len(self.layers)), count=0)
             return
         dtype = compute_dtype(self.hparams.eval_dtype, self.device, "--model.eval_dtype")
         for k in self.offsets:
-            h, final, labels = self.lens_examples(batch, states, all_labels, k)
+            h, final, labels = self.lens_examples(batch, states, k)
             h, final, labels = self._recipe_positions(h, final, labels, seed=None)
             target = self._target_log_probs(final)
             for lens in (self.logit_lens, self.lenses[lens_key(self.hparams.lens_type, k)]):
