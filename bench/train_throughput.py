@@ -68,7 +68,7 @@ def chunks(stream, n: int) -> np.ndarray:
 
 def run_lenscope(args, data: LensDataModule) -> dict:
     timer = StepTimer()
-    module = LensTrainingModule(name=EMBEDDED_MODEL, lens_dtype=args.lens_dtype, cache="none")
+    module = LensTrainingModule(base=EMBEDDED_MODEL, lens_dtype=args.lens_dtype, cache="none")
     trainer = L.Trainer(
         accelerator="cpu", devices=1, max_steps=args.steps, val_check_interval=args.steps,
         check_val_every_n_epoch=None, num_sanity_val_steps=0, gradient_clip_val=1.0, logger=False,

@@ -29,7 +29,7 @@ PILE = ROOT.parent / "shared" / "data" / "pile-sample.jsonl.zst"
 
 
 def run(args, steps: int, **module_kwargs) -> tuple[LensTrainingModule, dict, float]:
-    module = LensTrainingModule(name=EMBEDDED_MODEL, cache="none", **module_kwargs)
+    module = LensTrainingModule(base=EMBEDDED_MODEL, cache="none", **module_kwargs)
     data = LensDataModule(source=args.source, seq_len=args.seq_len, batch_size=args.batch_size,
                           val_max_docs=args.val_docs, num_workers=1)
     trainer = L.Trainer(accelerator="auto", devices=1, max_steps=steps, val_check_interval=steps,

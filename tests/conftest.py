@@ -103,7 +103,7 @@ def fit_args(out: Path, model_dir: Path, source: Path | str, *extra: str, steps:
     arguments to the ModelCheckpoint entry; ``extra`` comes last and may override anything."""
     return [
         "fit", "--config", str(ROOT / "configs/debug/fast.yaml"), "--trainer.enable_progress_bar", "false",
-        "--model.name", str(model_dir), "--data.source", str(source), "--data.seq_len", "16",
+        "--model.base.name", str(model_dir), "--data.source", str(source), "--data.seq_len", "16",
         "--trainer.max_steps", str(steps), "--trainer.val_check_interval", str(steps),
         "--trainer.default_root_dir", str(out / "runs"),
         "--trainer.callbacks+=lightning.pytorch.callbacks.ModelCheckpoint",

@@ -140,7 +140,7 @@ DATA_CASES = [
     ("zero-gradient-accumulation", None, ["--trainer.accumulate_grad_batches", "0"],
      "--trainer.accumulate_grad_batches must be a whole number of batches >= 1, got 0"),
     ("unknown-lens-type", None, ["--model.lens_type", "quantum"], "--model.lens_type 'quantum' is unknown"),
-    ("unknown-model-dtype", None, ["--model.dtype", "float8"], "unknown dtype 'float8'"),
+    ("unknown-model-dtype", None, ["--model.base.dtype", "float8"], "unknown dtype 'float8'"),
     ("fsdp-on-cpu", None, ["--config", str(ROOT / "configs/trainer/fsdp.yaml"), "--trainer.accelerator", "cpu"],
      "invalid --trainer setting: The strategy `fsdp` requires a GPU accelerator"),
 ]
@@ -227,7 +227,7 @@ def overflowing_llama_dir(path: Path) -> Path:
 
 def test_nan_or_inf_hidden_states(cli, tmp_path, corpus):
     model_dir = overflowing_llama_dir(tmp_path / "overflowing-llama")
-    result = cli(*fit_args(tmp_path, model_dir, corpus, "--model.dtype", "float16"))
+    result = cli(*fit_args(tmp_path, model_dir, corpus, "--model.base.dtype", "float16"))
     assert_one_line_error(result, "hidden states contain NaN or inf at the output of block 0 (residual index 1)")
     nothing_written(tmp_path)
 
@@ -453,6 +453,7 @@ RESUME_CASES = [
     ("other-offsets", ["--model.offsets", "[0, 1]"], "the checkpoint has --model.offsets [0] (this run: [0, 1])"),
     ("other-batch-size", ["--data.batch_size", "4"], "cannot resume exactly: the checkpoint has --data.batch_size 2 (this run: 4)"),
     ("other-seq-len", ["--data.seq_len", "32"], "the checkpoint has --data.seq_len 16 (this run: 32)"),
+    ("other-model-dtype", ["--model.base.dtype", "bfloat16"], "the checkpoint has --model.base.dtype 'float32' (this run: 'bfloat16')"),
 ]
 
 

@@ -62,7 +62,7 @@ def fit(tmp_path: Path, model_dir: Path, corpus: Path, devices: int, batch_size:
     run_train([
         "fit", "--config", str(ROOT / "configs/debug/fast.yaml"),
         *(["--config", str(strategy_config(tmp_path, strategy))] if devices > 1 else []),
-        "--model.name", str(model_dir), "--data.source", str(corpus),
+        "--model.base.name", str(model_dir), "--data.source", str(corpus),
         # Trimming gives one sample (one read position) per document, so a global batch is the same
         # set of documents however it is split across ranks, and every rank has as many tokens.
         "--data.mode", "trim", "--data.seq_len", "64", "--data.batch_size", str(batch_size),
@@ -159,7 +159,7 @@ def test_fsdp_policy_shards_the_frozen_blocks_and_keeps_the_lenses_whole(tiny_mo
     from lenscope.training.fsdp import LensShardingPolicy
     from lenscope.training.lens_module import LensTrainingModule
 
-    module = LensTrainingModule(name=str(tiny_model_dir), offsets=[0, 1])
+    module = LensTrainingModule(base=str(tiny_model_dir), offsets=[0, 1])
     units = LensShardingPolicy()._run_policy(module, set(), {"sharding_strategy": ShardingStrategy.FULL_SHARD})
     blocks = list(module.frozen.adapter.blocks)
     assert set(units) == {*blocks, module.base}
@@ -173,7 +173,7 @@ def test_fsdp_policy_shards_the_frozen_blocks_and_keeps_the_lenses_whole(tiny_mo
 def test_fsdp_config_parses_and_names_the_policy(tmp_path, tiny_model_dir, corpus):
     result = _zygote.run(ROOT / "train.py", [
         "fit", "--config", str(ROOT / "configs/debug/fast.yaml"), "--config", str(ROOT / "configs/trainer/fsdp.yaml"),
-        "--model.name", str(tiny_model_dir), "--data.source", str(corpus), "--print_config"], tmp_path, dict(os.environ))
+        "--model.base.name", str(tiny_model_dir), "--data.source", str(corpus), "--print_config"], tmp_path, dict(os.environ))
     assert result.returncode == 0, result.stderr[-2000:]
     assert "lightning.pytorch.strategies.FSDPStrategy" in result.stdout
     assert "lenscope.training.fsdp.LensShardingPolicy" in result.stdout
@@ -185,7 +185,7 @@ def evaluate_run(tmp_path: Path, model_dir: Path, corpus: Path, devices: int) ->
         "--config", str(ROOT / "configs/eval/patchscopes.yaml"),
         "--trainer.logger", "false", "--trainer.enable_progress_bar", "false", "--trainer.accelerator", "cpu",
         "--trainer.devices", str(devices), *(["--trainer.strategy", "ddp"] if devices > 1 else []),
-        "--model.name", str(model_dir), "--model.output_dir", str(out), "--data.source", str(corpus),
+        "--model.base.name", str(model_dir), "--model.output_dir", str(out), "--data.source", str(corpus),
         "--data.n_fit", "40", "--data.n_eval", "25", "--data.batch_size", "4",
     ], cwd=tmp_path, timeout=600, script="evaluate.py")
     return json.loads((out / "results.json").read_text())

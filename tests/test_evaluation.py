@@ -132,7 +132,7 @@ def test_batched_token_identity_with_a_shared_prefix_equals_one_full_pass_per_pa
 def eval_args(out: Path, model_dir: Path, source: Path, *extra: str) -> list[str]:
     return ["--config", str(Path(__file__).resolve().parents[1] / "configs/eval/patchscopes.yaml"),
             "--trainer.logger", "false", "--trainer.enable_progress_bar", "false",
-            "--model.name", str(model_dir), "--model.output_dir", str(out),
+            "--model.base.name", str(model_dir), "--model.output_dir", str(out),
             "--data.source", str(source), "--data.n_fit", "40", "--data.n_eval", "24", "--data.batch_size", "8", *extra]
 
 

@@ -77,7 +77,7 @@ def test_token_identity_equals_full_passes(arch, tokenizer):
 
 @pytest.fixture(scope="module")
 def model_dirs(tmp_path_factory, tokenizer):
-    """Each family saved as a Hugging Face folder, as ``--model.name`` takes it."""
+    """Each family saved as a Hugging Face folder, as ``--model.base.name`` takes it."""
     def save(arch: str):
         path = tmp_path_factory.mktemp(arch)
         model = build(arch)
@@ -92,7 +92,7 @@ def model_dirs(tmp_path_factory, tokenizer):
 
 @pytest.mark.parametrize("arch", FAMILIES)
 def test_one_training_step(arch, model_dirs):
-    module = LensTrainingModule(name=str(model_dirs(arch)), lens_dtype="float32", cache="none")
+    module = LensTrainingModule(base=str(model_dirs(arch)), lens_dtype="float32", cache="none")
     samples = [{"input_ids": ids, "positions": list(range(len(ids) - 1)), "labels": ids[1:]}
                for ids in random_ids(2, 8, seed=3).tolist()]
     batch = collate(samples, pad_id=0)

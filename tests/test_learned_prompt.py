@@ -19,7 +19,7 @@ from tests.test_evaluation import eval_args
 
 @pytest.fixture
 def module(tiny_model_dir) -> LensTrainingModule:
-    module = LensTrainingModule(name=str(tiny_model_dir), lens_type="learned_prompt", offsets=[1], prompt_length=4,
+    module = LensTrainingModule(base=str(tiny_model_dir), lens_type="learned_prompt", offsets=[1], prompt_length=4,
                                 prompt_positions=6, cache="none")
     module.cache = None
     return module

@@ -35,7 +35,7 @@ class RssProbe(L.Callback):
 def test_resident_memory_stays_flat(tmp_path, tiny_model_dir):
     # Far more documents than the run reads: every batch is new, every batch goes to the disk cache.
     corpus = write_corpus(tmp_path / "big.jsonl", 40_000, words=(40, 120))
-    module = LensTrainingModule(name=str(tiny_model_dir), lens_dtype="float32", cache="disk",
+    module = LensTrainingModule(base=str(tiny_model_dir), lens_dtype="float32", cache="disk",
                                 cache_dir=str(tmp_path / "cache"))
     data = LensDataModule(source=str(corpus), seq_len=64, batch_size=8, val_max_docs=4, num_workers=1)
     probe = RssProbe()

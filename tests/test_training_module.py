@@ -12,7 +12,7 @@ from tests.conftest import training_step
 
 @pytest.fixture
 def module(tiny_model_dir):
-    m = LensTrainingModule(name=str(tiny_model_dir), lens_dtype="float32")
+    m = LensTrainingModule(base=str(tiny_model_dir), lens_dtype="float32")
     m.cache = HiddenStateCache("device")
     return m
 
@@ -114,7 +114,7 @@ def test_one_training_step_lowers_the_loss(module):
 
 
 def test_offset_pairs_each_position_with_the_target_k_ahead(tiny_model_dir):
-    module = LensTrainingModule(name=str(tiny_model_dir), lens_dtype="float32", offsets=[0, 2])
+    module = LensTrainingModule(base=str(tiny_model_dir), lens_dtype="float32", offsets=[0, 2])
     module.cache = HiddenStateCache("none")
     batch = make_batch(seq=8)
     states = module.hidden_states(batch)
@@ -131,11 +131,11 @@ def test_offset_pairs_each_position_with_the_target_k_ahead(tiny_model_dir):
 
 def test_a_later_run_reuses_the_disk_cache_without_the_model(tiny_model_dir, tmp_path, monkeypatch):
     manifest = {"model": "tiny", "data": "same"}
-    first = LensTrainingModule(name=str(tiny_model_dir), lens_dtype="float32")
+    first = LensTrainingModule(base=str(tiny_model_dir), lens_dtype="float32")
     first.cache = HiddenStateCache("disk", tmp_path / "cache", manifest=manifest)
     states = first.hidden_states(make_batch())
 
-    later = LensTrainingModule(name=str(tiny_model_dir), lens_dtype="float32")
+    later = LensTrainingModule(base=str(tiny_model_dir), lens_dtype="float32")
     later.cache = HiddenStateCache("disk", tmp_path / "cache", manifest=manifest)
 
     def model_must_not_run(*args):
@@ -148,7 +148,7 @@ def test_a_later_run_reuses_the_disk_cache_without_the_model(tiny_model_dir, tmp
 
 
 def test_affine_lens_is_the_least_squares_fit_of_the_last_block(tiny_model_dir):
-    module = LensTrainingModule(name=str(tiny_model_dir), lens_type="affine", ridge=1e-9)
+    module = LensTrainingModule(base=str(tiny_model_dir), lens_type="affine", ridge=1e-9)
     module.cache = HiddenStateCache("none")
     hs, finals = [], []
     assert not module.automatic_optimization  # fitted, not descended: no loss, no gradient

@@ -26,6 +26,7 @@ Metrics per layer, averaged over evaluation documents (one position each):
 from __future__ import annotations
 
 import logging
+from dataclasses import asdict
 from pathlib import Path
 
 import lightning as L
@@ -47,9 +48,7 @@ from lenscope.lenses.token_identity import TokenIdentityPatchscope
 from lenscope.lenses.unembed import kl_divergence
 from lenscope.loggers import wandb_locations
 from lenscope.model.frozen import FrozenModel
-from lenscope.model.loading import (
-    EMBEDDED_MODEL,
-)
+from lenscope.model.loading import BaseModelSettings
 
 log = logging.getLogger(__name__)
 
@@ -59,9 +58,7 @@ BUILT_IN = ("logit", "affine", "token_identity", "bigram")
 class PatchscopeEvaluation(L.LightningModule):
     def __init__(
         self,
-        name: str = EMBEDDED_MODEL,
-        revision: str | None = None,
-        dtype: str = "float32",
+        base: BaseModelSettings = BaseModelSettings(),  # noqa: B008 (frozen, never mutated)
         lenses: list[str] = [],  # noqa: B006 (jsonargparse needs a plain default; never mutated)
         methods: list[str] = ["logit", "affine", "token_identity", "bigram"],  # noqa: B006
         future_offsets: list[int] = [1, 2, 3],  # noqa: B006
@@ -72,9 +69,7 @@ class PatchscopeEvaluation(L.LightningModule):
     ):
         """
         Args:
-            name: base model: hub id, local folder, or ``embedded:smollm2-135m``.
-            revision: hub revision of the base model.
-            dtype: dtype of the frozen model's weights.
+            base: the frozen base model (``--model.base.name``, ``.revision``, ``.dtype``).
             lenses: lens artifact folders written by ``lenscope train`` (tuned lenses, future lenses,
                 affine and learned-prompt lenses); each is scored at its own offset.
             methods: built-in methods to score: ``logit``, ``affine`` (least squares, fitted here
@@ -87,7 +82,9 @@ class PatchscopeEvaluation(L.LightningModule):
             output_dir: folder for results.json, results.csv, results.md and one PNG per metric.
         """
         super().__init__()
+        base = BaseModelSettings.of(base)
         self.save_hyperparameters()
+        self.hparams.base = asdict(base)
         unknown = sorted(set(methods) - set(BUILT_IN))
         if unknown:
             raise ConfigError(f"--model.methods has unknown {unknown}; use some of {list(BUILT_IN)} "
@@ -97,7 +94,7 @@ class PatchscopeEvaluation(L.LightningModule):
         if rows_per_pass < 1:
             raise ConfigError(f"--model.rows_per_pass must be at least 1, got {rows_per_pass}")
         check_finite("--model.ridge", ridge)
-        self.frozen = FrozenModel.load(name, revision, dtype)
+        self.frozen = FrozenModel.load(base)
         self.base = self.frozen.hf  # registered as a submodule: Lightning places it on the device
         self.layers = self.frozen.layers  # residual indices 0..L-1, as the lenses
 
@@ -247,7 +244,7 @@ class PatchscopeEvaluation(L.LightningModule):
         self.metrics.reset()
         datamodule = self.trainer.datamodule
         self.results = {
-            "model": self.hparams.name, "revision": self.frozen.revision, "layers": self.layers,
+            "model": self.hparams.base["name"], "revision": self.frozen.revision, "layers": self.layers,
             "protocol": {k: datamodule.hparams[k] for k in ("source", "seed", "n_fit", "n_eval", "max_words", "max_chars",
                                                              "holdout_every", "fit_positions", "seq_len")},
             "documents": {"fit": len(datamodule.fit_samples), "eval": len(datamodule.eval_samples)},

@@ -151,7 +151,7 @@ class ArchitectureAdapter:
         if not (torch.isfinite(probe.logits).all() and torch.isfinite(probe.changed_logits).all()):
             raise AdapterError(
                 f"{name} gives NaN or inf logits on a 5-token probe; with float16 weights this is overflow: "
-                "load it in float32 or bfloat16 (--model.dtype)"
+                "load it in float32 or bfloat16 (--model.base.dtype)"
             )
         if not probe.post_paths:
             raise AdapterError(

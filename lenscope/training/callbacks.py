@@ -60,7 +60,7 @@ class LensArtifactWriter(L.Callback):
         if not trainer.is_global_zero:
             return
         written = [save_lens(
-            lens, self.dirpath / key, base_model=pl_module.hparams.name,
+            lens, self.dirpath / key, base_model=pl_module.hparams.base["name"],
             revision=pl_module.frozen.revision, unembed_hash=pl_module.frozen.unembed_hash,
             num_hidden_layers=pl_module.frozen.num_layers,
             extra={"trained_steps": trainer.global_step, "tokens_seen": tokens_seen,

@@ -12,6 +12,7 @@ import hashlib
 import json
 import logging
 import warnings
+from dataclasses import asdict
 from pathlib import Path
 
 import lightning as L
@@ -31,7 +32,7 @@ from lenscope.lenses.unembed import NATS_PER_BIT
 from lenscope.model.frozen import FrozenModel
 from lenscope.model.hidden_cache import HiddenStateCache, batch_key
 from lenscope.model.loading import (
-    EMBEDDED_MODEL,
+    BaseModelSettings,
     cache_root,
     compute_dtype,
     resolve_dtype,
@@ -62,9 +63,7 @@ class DivergedError(UserError):
 class LensTrainingModule(L.LightningModule):
     def __init__(
         self,
-        name: str = EMBEDDED_MODEL,
-        revision: str | None = None,
-        dtype: str = "float32",
+        base: BaseModelSettings = BaseModelSettings(),  # noqa: B008 (frozen, never mutated)
         lens_type: str = "tuned",
         bias: bool = True,
         offsets: list[int] = [0],  # noqa: B006 (jsonargparse needs a plain default; never mutated)
@@ -87,9 +86,8 @@ class LensTrainingModule(L.LightningModule):
     ):
         """
         Args:
-            name: base model: hub id, local folder, or ``embedded:smollm2-135m`` (the embedded default).
-            revision: hub revision (branch, tag or commit) of the base model.
-            dtype: dtype of the frozen base model's weights.
+            base: the frozen base model (``--model.base.name``, ``.revision``, ``.dtype``; from
+                Python, a model name is enough).
             lens_type: lens to train: ``tuned`` (affine translators trained with the KL loss) or
                 ``affine`` (the same map fitted in closed form by least squares to the last block's
                 output, Patchscopes' "tuned lens"; no optimizer). ``logit`` has nothing to train.
@@ -127,7 +125,9 @@ class LensTrainingModule(L.LightningModule):
                 (seeded by the step: a resumed run picks the same ones).
         """
         super().__init__()
+        base = BaseModelSettings.of(base)
         self.save_hyperparameters()
+        self.hparams.base = asdict(base)  # plain values: a checkpoint loads without unpickling classes
         if lens_type not in RECIPES:
             raise ConfigError(
                 f"--model.lens_type {lens_type!r} is unknown; use one of {sorted(RECIPES)} "
@@ -154,7 +154,7 @@ class LensTrainingModule(L.LightningModule):
         for flag, value in (("lens_dtype", lens_dtype), ("eval_dtype", eval_dtype), ("cache_dtype", cache_dtype)):
             if value is not None and not (value == "auto" and flag != "cache_dtype"):
                 resolve_dtype(value, f"--model.{flag}")
-        self.frozen = FrozenModel.load(name, revision, dtype)
+        self.frozen = FrozenModel.load(base)
         self.base = self.frozen.hf  # registered as a submodule: Lightning places it, FSDP shards its blocks
         layers = self.frozen.layers  # embeddings + blocks 0..L-2 (see lenscope.lenses.lens)
         self.offsets = offsets
@@ -210,7 +210,7 @@ class LensTrainingModule(L.LightningModule):
     # Lightning calls on_save_checkpoint on every rank and writes rank 0's checkpoint: what differs
     # between ranks (each one's data position and share of the least-squares fit) is gathered here.
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint["lenscope"] = {"base_model": self.hparams.name, "revision": self.frozen.revision,
+        checkpoint["lenscope"] = {"base_model": self.hparams.base["name"], "revision": self.frozen.revision,
                                   "unembed_hash": self.frozen.unembed_hash,
                                   "lens_compute_dtype": str(self.lens_compute_dtype).removeprefix("torch.")}
         if self.normal_equations:  # the fit so far, so that a resumed fit goes on from it
@@ -230,8 +230,8 @@ class LensTrainingModule(L.LightningModule):
         saved = checkpoint.get("lenscope", {})
         if saved.get("unembed_hash") not in (None, self.frozen.unembed_hash):
             raise ConfigError(
-                f"checkpoint was made for {saved.get('base_model')!r}, not for {self.hparams.name!r} "
-                "(different unembedding); resume with the same --model.name"
+                f"checkpoint was made for {saved.get('base_model')!r}, not for {self.hparams.base['name']!r} "
+                "(different unembedding); resume with the same --model.base.name"
             )
         fitting = self._trainer is not None and self._trainer.state.fn == "fit"
         before = saved.get("lens_compute_dtype")
@@ -322,8 +322,8 @@ class LensTrainingModule(L.LightningModule):
             )
         describe = datamodule.describe() if datamodule is not None and hasattr(datamodule, "describe") else {}
         manifest = {
-            "model": self.hparams.name, "revision": self.frozen.revision, "unembed_hash": self.frozen.unembed_hash,
-            "model_dtype": self.hparams.dtype, "cache_dtype": self.hparams.cache_dtype, "data": describe,
+            "model": self.hparams.base["name"], "revision": self.frozen.revision, "unembed_hash": self.frozen.unembed_hash,
+            "model_dtype": self.hparams.base["dtype"], "cache_dtype": self.hparams.cache_dtype, "data": describe,
             "layout": "residuals (num_layers + 1, positions, d_model) at the read positions",
         }
         cache_dir = self.hparams.cache_dir
@@ -358,7 +358,7 @@ class LensTrainingModule(L.LightningModule):
                 where = "the embeddings" if bad == 0 else f"the output of block {bad - 1}"
                 raise HiddenStateError(
                     f"the model's hidden states contain NaN or inf at {where} (residual index {bad}); "
-                    "with fp16 weights this is overflow: use --model.dtype float32 or bfloat16"
+                    "with fp16 weights this is overflow: use --model.base.dtype float32 or bfloat16"
                 )
             if self.cache is not None:
                 self.cache.put(key, states)

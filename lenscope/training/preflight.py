@@ -160,7 +160,7 @@ STRUCTURE = ("lens_type", "offsets", "bias", "prompt_length")
 """Model settings a checkpoint's lenses are made of: they must match to load it at all. (The base
 model itself is checked by its unembedding when the checkpoint loads, whatever its name or path.)"""
 
-EXACT_MODEL = ("dtype", "cache_dtype", "lens_dtype")
+EXACT_MODEL = ("base.dtype", "cache_dtype", "lens_dtype")
 """Model settings that change the numbers a resumed run computes (``lens_dtype: auto`` is compared
 again once resolved on this machine, when the checkpoint loads)."""
 
@@ -178,9 +178,22 @@ def _same(saved, wanted) -> bool:
     return False
 
 
+_ABSENT = object()
+
+
+def _get(settings: dict, key: str):
+    """``settings[key]``, following dots into nested groups (``base.dtype``); _ABSENT if not there."""
+    for part in key.split("."):
+        if not isinstance(settings, dict) or part not in settings:
+            return _ABSENT
+        settings = settings[part]
+    return settings
+
+
 def _differences(saved: dict, wanted: dict, keys: tuple[str, ...], section: str) -> list[str]:
-    return [f"--{section}.{k} {saved.get(k)!r} (this run: {wanted.get(k)!r})"
-            for k in keys if k in saved and not _same(saved.get(k), wanted.get(k))]
+    found = [(k, _get(saved, k), _get(wanted, k)) for k in keys]
+    return [f"--{section}.{k} {was!r} (this run: {None if now is _ABSENT else now!r})"
+            for k, was, now in found if was is not _ABSENT and not _same(was, None if now is _ABSENT else now)]
 
 
 def check_resume(path: Path, checkpoint: dict, model: dict, data: dict | None, max_steps: int | None) -> None:
