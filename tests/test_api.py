@@ -133,7 +133,7 @@ def test_lenscope_show_writes_the_page_and_picture(model, tmp_path, capsys, monk
 
 def test_the_token_identity_patchscope_is_a_lens_too(model, tmp_path, capsys, monkeypatch):
     from lenscope import cli
-    from lenscope.lenses.token_identity import TokenIdentityLens, TokenIdentityPatchscope
+    from lenscope.lenses.token_identity import TokenIdentityLens, token_identity
     from lenscope.lenses.trajectory import Trajectory
 
     lens = TokenIdentityLens.for_model(model)
@@ -143,8 +143,8 @@ def test_the_token_identity_patchscope_is_a_lens_too(model, tmp_path, capsys, mo
     got = lens.logits(model, h)
     assert got.shape == (len(lens.layers), 1, ids.shape[1], model.vocab_size)
     # The same numbers as the patchscope the evaluation runs, row by row without the shared prefix.
-    alone = TokenIdentityPatchscope(model.engine, model.tokenizer, rows_per_pass=1, reuse_prefix=False)
-    torch.testing.assert_close(got[:, 0], alone.logits(h[:, 0], lens.layers), atol=1e-4, rtol=1e-4)
+    alone = token_identity(rows_per_pass=1, share_prefix=False)
+    torch.testing.assert_close(got[:, 0], alone.patch(model, h[:, 0], lens.layers).logits, atol=1e-4, rtol=1e-4)
     trajectory = Trajectory.of(model, "w3 w4 w5 w6", [lens])
     top = trajectory.panels[0].top_ids[1:, :, 0]  # (L, T): row 0 is the model's own output
     assert torch.equal(top, got[:, 0].argmax(-1))

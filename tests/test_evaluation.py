@@ -17,11 +17,10 @@ from lenscope.evaluation.baselines import bigram_successors
 from lenscope.lenses.artifact import save_lens
 from lenscope.lenses.lens import TunedLens
 from lenscope.lenses.metrics import PerLayerMeans
-from lenscope.lenses.token_identity import TokenIdentityPatchscope
+from lenscope.lenses.token_identity import token_identity
 from lenscope.model.adapter import ArchitectureAdapter
-from lenscope.model.loading import load_base_model, tensor_fingerprint
-from lenscope.model.patching import PatchingEngine
-from lenscope.model.residuals import ResidualReader
+from lenscope.model.frozen import FrozenModel
+from lenscope.model.loading import LoadedModel, load_base_model, tensor_fingerprint
 from tests.conftest import TINY_DECODER, fit_args, make_tokenizer, tiny_llama, write_corpus
 
 
@@ -116,14 +115,13 @@ def test_batched_token_identity_with_a_shared_prefix_equals_one_full_pass_per_pa
         "gemma2": lambda: T.AutoModelForCausalLM.from_config(T.Gemma2Config(
             **{**TINY_DECODER, "vocab_size": 204, "head_dim": 8}, final_logit_softcapping=5.0))}[arch]().eval()
     tokenizer = make_tokenizer()
-    adapter = ArchitectureAdapter.discover(model)
-    engine = PatchingEngine(ResidualReader(model, tokenizer, adapter))
-    states = torch.randn(4, 5, adapter.d_model, generator=torch.Generator().manual_seed(0))
+    frozen = FrozenModel(LoadedModel(model, tokenizer, arch, "local"))
+    states = torch.randn(4, 5, frozen.d_model, generator=torch.Generator().manual_seed(0))
     layers = [0, 1, 2, 3]  # 3 = the last block's output: only the final norm and head act on it
     prompt = "w1 w2 w3 w1 w2 w3 w4"  # in the tiny vocabulary
-    batched = TokenIdentityPatchscope(engine, tokenizer, prompt, rows_per_pass=7).logits(states, layers)
+    batched = token_identity(prompt, rows_per_pass=7).patch(frozen, states, layers).logits
     assert batched.shape == (4, 5, 204)
-    one_by_one = TokenIdentityPatchscope(engine, tokenizer, prompt, rows_per_pass=1, reuse_prefix=False).logits(states, layers)
+    one_by_one = token_identity(prompt, rows_per_pass=1, share_prefix=False).patch(frozen, states, layers).logits
     torch.testing.assert_close(batched, one_by_one, atol=1e-4, rtol=0)
     # ... and the state written matters: another state, another output.
     assert (batched[:, 0] - batched[:, 1]).abs().max() > 1e-3

@@ -10,9 +10,11 @@ import pytest
 import torch
 
 from lenscope.datamodules.preprocessing import collate
-from lenscope.lenses.token_identity import TokenIdentityPatchscope
+from lenscope.lenses.token_identity import token_identity
 from lenscope.lenses.unembed import lens_kl, reference_kl
 from lenscope.model.adapter import ArchitectureAdapter
+from lenscope.model.frozen import FrozenModel
+from lenscope.model.loading import LoadedModel
 from lenscope.model.patching import PatchingEngine
 from lenscope.model.residuals import ResidualReader
 from lenscope.training.lens_module import LensTrainingModule
@@ -66,12 +68,12 @@ def test_writing_back_the_models_own_state_changes_nothing(arch, tokenizer):
 
 @pytest.mark.parametrize("arch", FAMILIES)
 def test_token_identity_equals_full_passes(arch, tokenizer):
-    engine = engine_for(arch, tokenizer)
-    states = engine.reader.read(random_ids(3, 6, seed=2))[:LAYERS, :, -1]  # (layers, 3, d)
+    model = FrozenModel(LoadedModel(build(arch), tokenizer, arch, "local"))
+    states = model.residuals(random_ids(3, 6, seed=2))[:LAYERS, :, -1]  # (layers, 3, d)
     layers = list(range(LAYERS))
     prompt = "w1 w2 w3 w4 w5 w6"
-    shared = TokenIdentityPatchscope(engine, tokenizer, prompt, rows_per_pass=4).logits(states, layers)
-    full = TokenIdentityPatchscope(engine, tokenizer, prompt, rows_per_pass=4, reuse_prefix=False).logits(states, layers)
+    shared = token_identity(prompt, rows_per_pass=4).patch(model, states, layers).logits
+    full = token_identity(prompt, rows_per_pass=4, share_prefix=False).patch(model, states, layers).logits
     torch.testing.assert_close(shared, full, atol=1e-4, rtol=1e-4)
 
 

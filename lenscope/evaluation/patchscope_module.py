@@ -9,7 +9,7 @@ Methods, each a mapping from the source state h_ℓ(t) to a next-token distribut
   the last block's output at t + k, fitted on the fitting documents before evaluation.
 * every lens artifact given (``tuned``, ``tuned+1``, ...: trained by ``lenscope train``), decoded the same
   way, or, for a learned-prompt lens, run through the patching engine with its learned prompt;
-* ``token_identity``: the token-identity patchscope (``lenscope.evaluation.token_identity``);
+* ``token_identity``: the token-identity patchscope (``lenscope.lenses.token_identity``);
 * ``bigram`` (future offsets only): the Future Lens bigram baseline (``lenscope.evaluation.baselines``).
 
 Metrics per layer, averaged over evaluation documents (one position each):
@@ -42,9 +42,10 @@ from lenscope.evaluation.report import markdown_tables, write_report
 from lenscope.lenses.artifact import load_lens
 from lenscope.lenses.learned_prompt import IDENTITY_PROMPT
 from lenscope.lenses.least_squares import NormalEquations
-from lenscope.lenses.lens import AffineLens, Lens, LogitLens, lens_key
+from lenscope.lenses.lens import AffineLens, TunedLens, lens_key
 from lenscope.lenses.metrics import PerLayerMeans
-from lenscope.lenses.token_identity import TokenIdentityPatchscope
+from lenscope.lenses.patchscope import Patchscope, Target
+from lenscope.lenses.token_identity import token_identity
 from lenscope.lenses.unembed import kl_divergence
 from lenscope.loggers import wandb_locations
 from lenscope.model.frozen import FrozenModel
@@ -119,10 +120,15 @@ class PatchscopeEvaluation(L.LightningModule):
                 lens.rows_per_pass = rows_per_pass
             self.lenses[key] = lens
             self.artifacts[key] = str(path)
-        self.fitted = torch.nn.ModuleDict({"logit": LogitLens(self.layers, self.frozen.d_model)})
-        """The lenses made here: the logit lens and the least-squares affine lenses (fitted in on_test_start)."""
-        self.token_identity = (TokenIdentityPatchscope(self.frozen.engine, self.frozen.tokenizer, identity_prompt, rows_per_pass)
-                               if "token_identity" in methods else None)
+        self.fitted = torch.nn.ModuleDict()  # the least-squares affine lenses, fitted in on_test_start
+        # Each method is a patchscope (REFERENCE.md §4): the logit lens and every affine lens write
+        # h_ℓ (mapped) into the last block's output of the source prompt itself; token identity
+        # writes it at the identity prompt's last token, same layer. A learned-prompt lens is a
+        # patchscope with a learned target prompt and decodes itself (lens.logits).
+        self.scopes: dict[str, Patchscope] = {"logit": Patchscope(target=Target(layers="last"))}
+        if "token_identity" in methods:
+            self.scopes["token_identity"] = token_identity(identity_prompt, rows_per_pass)
+        self.scopes.update({key: self._lens_scope(lens) for key, lens in self.lenses.items() if isinstance(lens, TunedLens)})
         self.bigram: torch.Tensor | None = None
         self.fit_positions: dict[int, int] = {}
         self.metrics = PerLayerMeans(self._series(), len(self.layers))
@@ -178,8 +184,9 @@ class PatchscopeEvaluation(L.LightningModule):
             eq = equations[k] = equations[k].summed(lambda t: self.trainer.strategy.reduce(t, reduce_op="sum"))
             if eq.count == 0:
                 raise ConfigError("no fitting positions for the affine lens; raise --data.n_fit or drop 'affine' from --model.methods")
-            self.fitted[lens_key("affine", k)] = eq.fit(AffineLens(self.layers, d, bias=True, offset=k).to(self.device),
-                                                         self.hparams.ridge)
+            key = lens_key("affine", k)
+            self.fitted[key] = eq.fit(AffineLens(self.layers, d, bias=True, offset=k).to(self.device), self.hparams.ridge)
+            self.scopes[key] = self._lens_scope(self.fitted[key])
         self.fit_positions = {k: eq.count for k, eq in equations.items()}
         log.info("affine lenses fitted on %s positions (by offset)", self.fit_positions)
 
@@ -190,10 +197,16 @@ class PatchscopeEvaluation(L.LightningModule):
         return residuals[layers[:, None], pairs.rows[None, :], (pairs.at - k)[None, :]]
 
     # --- scoring --------------------------------------------------------------------------------------
+    @staticmethod
+    def _lens_scope(lens: TunedLens) -> Patchscope:
+        """An affine lens as a patchscope: mapping = its translator, written into the last block."""
+        return Patchscope(target=Target(layers="last"), mapping=lens)
+
     def _decode(self, method: str, h: torch.Tensor) -> torch.Tensor:
-        """(num_layers, B, d) → (num_layers, B, V) fp32 logits of a lens method."""
-        lens: Lens = self.fitted[method] if method in self.fitted else self.lenses[method]
-        return lens.logits(self.frozen, h)
+        """(num_layers, B, d) → (num_layers, B, V) fp32 logits of a method."""
+        if method in self.scopes:
+            return self.scopes[method].patch(self.frozen, h, self.layers).logits
+        return self.lenses[method].logits(self.frozen, h)  # a learned target prompt
 
     def test_step(self, batch: dict, batch_idx: int) -> None:
         residuals = self.frozen.reader.read(batch["input_ids"], batch["attention_mask"])
@@ -203,10 +216,7 @@ class PatchscopeEvaluation(L.LightningModule):
         model_top1 = model_logp.argmax(-1)
         top1: dict[str, torch.Tensor] = {}  # method → (num_layers, B) argmax, reused for future offsets
         for method in self._next_token_methods():
-            if method == "token_identity":
-                logits = self.token_identity.logits(h, self.layers)
-            else:
-                logits = self._decode(method, h)
+            logits = self._decode(method, h)
             top1[method] = self._score_next_token(method, logits, model_logp, model_top1)
         for k in self.future_offsets:
             ahead = offset_pairs(batch, k)

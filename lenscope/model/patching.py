@@ -46,7 +46,7 @@ class PatchingEngine:
 
     def run(self, input_ids: torch.Tensor | None, attention_mask: torch.Tensor | None, layers: torch.Tensor,
             write_positions: torch.Tensor, states: torch.Tensor, read_positions: torch.Tensor,
-            past_key_values=None, inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
+            past_key_values=None, inputs_embeds: torch.Tensor | None = None, return_cache: bool = False):
         """Patched next-token logits.
 
         input_ids, attention_mask: (N, T) target prompts; layers, write_positions, read_positions:
@@ -54,7 +54,8 @@ class PatchingEngine:
         past_key_values: an optional cache of an unpatched prompt prefix (batch N) that input_ids
         continue; positions then count from the first token after it, and attention_mask covers
         prefix and input. inputs_embeds: (N, T, d_model) target prompts as embeddings instead of
-        input_ids (a learned soft prompt). Returns (N, vocab) logits of row n at read_positions[n].
+        input_ids (a learned soft prompt). Returns (N, vocab) logits of row n at read_positions[n];
+        with ``return_cache``, also the key/value cache of the patched pass (to continue it greedily).
 
         Differentiable with respect to ``states`` and ``inputs_embeds`` when either requires grad
         (training a learned prompt through the frozen model); otherwise runs without autograd.
@@ -73,6 +74,8 @@ class PatchingEngine:
         inputs["attention_mask"] = attention_mask
         if past_key_values is not None:
             inputs.update({cache_argument(self.adapter.model): past_key_values, "use_cache": True})
+        if return_cache:
+            inputs["use_cache"] = True
         differentiable = states.requires_grad or (inputs_embeds is not None and inputs_embeds.requires_grad)
         with torch.set_grad_enabled(differentiable and torch.is_grad_enabled()), self.traced.trace(inputs):
             # Modules run in order, so the writes must be made in increasing layer order.
@@ -81,4 +84,6 @@ class PatchingEngine:
                 hidden = self._hidden(layer)
                 hidden[rows, write_positions[rows]] = states[rows].to(hidden.dtype)
             logits = self.traced.output.logits[all_rows, read_positions].save()
-        return logits
+            if return_cache:
+                cache = getattr(self.traced.output, cache_argument(self.adapter.model)).save()
+        return (logits, cache) if return_cache else logits

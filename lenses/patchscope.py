@@ -1,0 +1,377 @@
+"""Patchscopes (Ghandeharioun et al. 2024): any source → mapping → target → readout inspection.
+
+Take the hidden state of a source prompt at (residual index ℓ, position i) of model M, map it
+(``f``: identity, any affine lens, a fitted map), write it into a target prompt's forward pass at
+(residual index ℓ*, position i*) of model M* (the same or another), and read the target's next-token
+distribution, or its greedy continuation::
+
+    scope = Patchscope(Source(["Paris is the capital of France"], layers=[4, 8], position="Paris"),
+                       Target("The official currency of x", layers="same", placeholder="x"),
+                       readout=Generate(max_new_tokens=10))
+    result = scope.run(model)            # result.texts[pair][prompt], result.pairs = [(4, 4), (8, 8)]
+
+Residual indices as everywhere in lenscope: 0 is the embeddings, j ≥ 1 the output of block j − 1, L
+(``model.num_layers``) the last block's output; writing at L leaves only the final norm and the
+head to act, so the logit lens is ``Target(layers="last")`` on the source prompt itself.
+
+Execution is batched on the patching engine: every (source layer, target layer, prompt) is one row
+of a target pass; rows with the same target tokens run together, ``rows_per_pass`` at a time; when
+the placeholder is the target's last token, the prompt before it runs once and its key/value cache
+serves every row (checked against full passes first, as some models' caches cannot be shared). A
+patch into the last block's output read at the same position is the model's own decoding of the
+state, computed as such (one head product instead of a forward pass; the engine's tests show the
+two agree). Generation patches the prompt pass only, then decodes greedily from its cache.
+"""
+
+from __future__ import annotations
+
+import copy
+import weakref
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+
+from lenscope.errors import ConfigError
+from lenscope.lenses.lens import Lens, LogitLens, TunedLens
+from lenscope.model.patching import cache_argument
+
+if TYPE_CHECKING:
+    from lenscope.model.frozen import FrozenModel
+
+Position = int | str
+"""A token index (negative counts from the end) or a text whose last token is meant (its last
+occurrence in the prompt: the subject of a fact, a placeholder)."""
+
+
+@dataclass
+class Source:
+    """Where the states come from: the prompts, the residual indices read, the position in each."""
+
+    prompts: Sequence[str]
+    layers: Sequence[int]
+    position: Position | Sequence[Position] = -1
+    """One rule for every prompt, or one per prompt."""
+
+
+@dataclass
+class Target:
+    """Where the states go: a prompt (None: each source prompt itself, cut after the read position),
+    the residual indices written (``same``: the source's; ``last``: the last block's output L; or a
+    list, crossed with the source layers), and the position written (the placeholder's last token;
+    None: the prompt's last token)."""
+
+    prompt: str | None = None
+    layers: Sequence[int] | str = "same"
+    placeholder: str | None = None
+
+
+@dataclass
+class NextToken:
+    """Read the target's next-token distribution at the written position."""
+
+
+@dataclass
+class Generate:
+    """Greedy continuation of the patched target: ``max_new_tokens`` tokens, cut at ``stop`` (and at
+    the end-of-sequence token)."""
+
+    max_new_tokens: int = 20
+    stop: str | None = "\n"
+
+
+Readout = NextToken | Generate
+Mapping = Callable[[torch.Tensor, int, int], torch.Tensor]
+"""f(h (N, d), source layer, target layer) → (N, d) states to write."""
+
+
+def identity(h: torch.Tensor, source_layer: int, target_layer: int) -> torch.Tensor:
+    return h
+
+
+@dataclass
+class LensMapping:
+    """An affine lens (tuned, least-squares affine, future, logit) as a patchscope mapping: its
+    translator of the source layer, mapping h_ℓ to the last block's output space."""
+
+    lens: Lens
+
+    def __call__(self, h: torch.Tensor, source_layer: int, target_layer: int) -> torch.Tensor:
+        if isinstance(self.lens, LogitLens):
+            return h
+        if not isinstance(self.lens, TunedLens):
+            raise ConfigError(f"a {self.lens.lens_type} lens is not a map between states; use an affine lens "
+                              "(tuned, affine, future) as the mapping")
+        if source_layer not in self.lens.layers:
+            raise ConfigError(f"the {self.lens.key} lens has no translator for residual index {source_layer}; "
+                              f"it covers {self.lens.layers[0]}..{self.lens.layers[-1]}")
+        i = self.lens.layers.index(source_layer)
+        # in fp32, as the lens runs when it decodes itself (Lens.logits)
+        h32 = h.float()
+        bias = self.lens.bias[i].float() if self.lens.bias is not None else None
+        return (h32 + F.linear(h32, self.lens.weight[i].float(), bias)).to(h.dtype)
+
+
+@dataclass
+class PatchscopeResult:
+    """What a patchscope read: for every (source layer, target layer) pair and every prompt,
+    next-token ``logits`` (pairs, prompts, vocab) or the generated ``texts[pair][prompt]``."""
+
+    pairs: list[tuple[int, int]]
+    prompts: list[str]
+    logits: torch.Tensor | None = None
+    texts: list[list[str]] | None = None
+    tokens: list[list[list[int]]] | None = field(default=None, repr=False)
+
+    def top_tokens(self, tokenizer, k: int = 1) -> list[list[list[str]]]:
+        """The ``k`` most likely next tokens, as text, per pair and prompt (``NextToken`` readout)."""
+        if self.logits is None:
+            raise ValueError("this result holds generations; its texts are result.texts")
+        ids = self.logits.topk(k, dim=-1).indices
+        return [[[tokenizer.decode([t]) for t in row] for row in pair] for pair in ids.tolist()]
+
+
+def token_position(tokenizer, text: str, ids: list[int], where: Position, what: str) -> int:
+    """Index into ``ids`` (the tokens of ``text``) of ``where``: an index, or the last token of the
+    last occurrence of a span. One-line error when the span is absent or the index out of range."""
+    n = len(ids)
+    if isinstance(where, int):
+        index = where + n if where < 0 else where
+        if not 0 <= index < n:
+            raise ConfigError(f"{what} position {where} is outside {text!r} ({n} tokens)")
+        return index
+    start = text.rfind(where)
+    if not where or start < 0:
+        raise ConfigError(f"{what} {where!r} is not in {text!r}; name a span of the prompt (or give a token index)")
+    end = start + len(where)  # the token holding the span's last character
+    offsets = tokenizer(text, return_offsets_mapping=True)["offset_mapping"]
+    for index, (a, b) in enumerate(offsets):
+        if a < end <= b:
+            return index
+    raise ConfigError(f"{what} {where!r} in {text!r} ends inside no token; give a token index instead")
+
+
+@dataclass
+class _Group:
+    """Rows of the target pass that share their target tokens."""
+
+    ids: list[int]
+    write_at: int
+    rows: list[int] = field(default_factory=list)
+
+
+class Patchscope:
+    """A patchscope spec and its batched execution: ``run(model)`` reads the source prompts and
+    patches; ``patch(model, states, layers)`` patches states read elsewhere (then ``source`` may be
+    None). ``share_prefix`` False runs every row over its whole target prompt (for checking)."""
+
+    def __init__(self, source: Source | None = None, target: Target = Target(),  # noqa: B008
+                 mapping: Mapping | Lens | None = None, readout: Readout = NextToken(),  # noqa: B008
+                 rows_per_pass: int = 256, share_prefix: bool = True):
+        if rows_per_pass < 1:
+            raise ConfigError(f"rows_per_pass must be at least 1, got {rows_per_pass}")
+        if isinstance(readout, Generate) and readout.max_new_tokens < 1:
+            raise ConfigError(f"Generate.max_new_tokens must be at least 1, got {readout.max_new_tokens}")
+        if source is not None and not source.prompts:
+            raise ConfigError("the patchscope's source has no prompts")
+        self.source = source
+        self.target = target
+        self.mapping: Mapping = LensMapping(mapping) if isinstance(mapping, Lens) else (mapping or identity)
+        self.readout = readout
+        self.rows_per_pass = rows_per_pass
+        self.share_prefix = share_prefix
+        self._prefixes: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model → {target tokens: cache}
+
+    # --- layers --------------------------------------------------------------------------------------
+    def pairs(self, num_layers: int, source_layers: Sequence[int] | None = None) -> list[tuple[int, int]]:
+        """(source, target) residual indices, in order: source-major."""
+        layers = list(self.source.layers if source_layers is None else source_layers)
+        for layer in layers:
+            if not 0 <= layer <= num_layers:
+                raise ConfigError(f"source layer {layer} is out of range: residual indices are 0..{num_layers}")
+        spec = self.target.layers
+        if spec == "same":
+            return [(s, s) for s in layers]
+        if spec == "last":
+            return [(s, num_layers) for s in layers]
+        if isinstance(spec, str):
+            raise ConfigError(f"target layers {spec!r}: use 'same', 'last' or a list of residual indices")
+        for layer in spec:
+            if not 0 <= layer <= num_layers:
+                raise ConfigError(f"target layer {layer} is out of range: residual indices are 0..{num_layers}")
+        return [(s, t) for s in layers for t in spec]
+
+    # --- running ---------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def run(self, model: FrozenModel, target_model: FrozenModel | None = None) -> PatchscopeResult:
+        """Read the source prompts on ``model``, patch into ``target_model`` (default: the same)."""
+        if self.source is None:
+            raise ConfigError("this patchscope has no source prompts to run; give a Source, or patch states with .patch")
+        target_model = target_model or model
+        prompts = list(self.source.prompts)
+        rules = self.source.position
+        rules = [rules] * len(prompts) if isinstance(rules, (int, str)) else list(rules)
+        if len(rules) != len(prompts):
+            raise ConfigError(f"{len(rules)} source positions for {len(prompts)} prompts; give one rule or one per prompt")
+        token_lists = [model.tokenizer(p)["input_ids"] for p in prompts]
+        if any(not ids for ids in token_lists):
+            raise ConfigError("a source prompt has no tokens")
+        positions = [token_position(model.tokenizer, p, ids, r, "source") for p, ids, r in zip(prompts, token_lists, rules, strict=True)]
+        width = max(len(ids) for ids in token_lists)
+        pad = model.tokenizer.pad_token_id or 0
+        input_ids = torch.tensor([ids + [pad] * (width - len(ids)) for ids in token_lists], device=model.device)
+        mask = torch.tensor([[1] * len(ids) + [0] * (width - len(ids)) for ids in token_lists], device=model.device)
+        residuals = model.residuals(input_ids, mask)  # (L + 1, P, T, d); right padding leaves earlier positions as they are
+        layers = list(self.source.layers)
+        self.pairs(model.num_layers, layers)  # range checks before any pass
+        index = torch.tensor(layers, device=model.device)
+        rows = torch.arange(len(prompts), device=model.device)
+        states = residuals[index[:, None], rows[None, :], torch.tensor(positions, device=model.device)[None, :]]
+        own = [ids[: t + 1] for ids, t in zip(token_lists, positions, strict=True)]  # the source prompts, cut after the read position
+        result = self.patch(target_model, states, layers, own_prompts=own)
+        result.prompts = prompts
+        return result
+
+    @torch.no_grad()
+    def patch(self, model: FrozenModel, states: torch.Tensor, source_layers: Sequence[int],
+              own_prompts: list[list[int]] | None = None) -> PatchscopeResult:
+        """Patch source states already read: states (num_source_layers, N, d) at ``source_layers``.
+        ``own_prompts``: the N source token lists, cut after the read position (needed only for a
+        target that is the source prompt itself, unless it is decoded directly)."""
+        pairs = self.pairs(model.num_layers, source_layers)
+        n = states.shape[1]
+        mapped = torch.stack([self.mapping(states[list(source_layers).index(s)], s, t) for s, t in pairs])  # (pairs, N, d)
+        decoded = self.target.prompt is None and isinstance(self.readout, NextToken)
+        if decoded and all(t == model.num_layers for _, t in pairs):
+            logits = model.decode(mapped.to(model.adapter.unembedding_weight.dtype)).float()
+            return PatchscopeResult(pairs, [""] * n, logits=logits)
+        groups = self._groups(model, n, len(pairs), own_prompts)
+        flat = mapped.reshape(len(pairs) * n, -1)
+        layer_of_row = torch.tensor([t for _, t in pairs], device=flat.device).repeat_interleave(n)
+        if isinstance(self.readout, NextToken):
+            logits = torch.empty(len(pairs) * n, model.vocab_size, device=flat.device)
+            for group in groups:
+                rows = torch.tensor(group.rows, device=flat.device)
+                for start in range(0, len(rows), self.rows_per_pass):
+                    chunk = rows[start:start + self.rows_per_pass]
+                    logits[chunk] = self._pass(model, group, flat[chunk], layer_of_row[chunk])[0].float()
+            return PatchscopeResult(pairs, [""] * n, logits=logits.view(len(pairs), n, -1))
+        tokens: list[list[int]] = [[] for _ in range(len(pairs) * n)]
+        for group in groups:
+            rows = torch.tensor(group.rows, device=flat.device)
+            for start in range(0, len(rows), self.rows_per_pass):
+                chunk = rows[start:start + self.rows_per_pass]
+                generated = self._generate(model, group, flat[chunk], layer_of_row[chunk])
+                for row, ids in zip(chunk.tolist(), generated, strict=True):
+                    tokens[row] = ids
+        texts = [self._text(model, ids) for ids in tokens]
+        shaped_texts = [texts[p * n:(p + 1) * n] for p in range(len(pairs))]
+        shaped_tokens = [tokens[p * n:(p + 1) * n] for p in range(len(pairs))]
+        return PatchscopeResult(pairs, [""] * n, texts=shaped_texts, tokens=shaped_tokens)
+
+    def _groups(self, model: FrozenModel, n: int, num_pairs: int, own_prompts) -> list[_Group]:
+        """Rows (pair-major: row = pair × N + example) grouped by their target tokens."""
+        if self.target.prompt is not None:
+            ids = model.tokenizer(self.target.prompt)["input_ids"]
+            if not ids:
+                raise ConfigError(f"the target prompt {self.target.prompt!r} has no tokens")
+            where = self.target.placeholder if self.target.placeholder is not None else -1
+            group = _Group(ids, token_position(model.tokenizer, self.target.prompt, ids, where, "target placeholder"))
+            group.rows = list(range(num_pairs * n))
+            return [group]
+        if own_prompts is None:
+            raise ValueError("a target that is the source prompt itself needs the source tokens (own_prompts)")
+        groups: dict[tuple[int, ...], _Group] = {}
+        for example, ids in enumerate(own_prompts):
+            group = groups.setdefault(tuple(ids), _Group(list(ids), len(ids) - 1))
+            group.rows += [p * n + example for p in range(num_pairs)]
+        return list(groups.values())
+
+    # --- one target pass ---------------------------------------------------------------------------------
+    def _prefix(self, model: FrozenModel, group: _Group):
+        """Key/value cache of the tokens before a last-token placeholder (batch 1), or None when the
+        placeholder is not last or this model's cache cannot stand in for the prefix."""
+        if not self.share_prefix or group.write_at != len(group.ids) - 1 or len(group.ids) < 2:
+            return None
+        prefixes = self._prefixes.setdefault(model, {})
+        key = (tuple(group.ids), str(model.device))
+        if key not in prefixes:
+            cache = None
+            try:
+                out = model.hf(input_ids=torch.tensor([group.ids[:-1]], device=model.device), use_cache=True)
+                cache = getattr(out, "cache", None) or getattr(out, "past_key_values", None)
+                if cache is not None and not self._prefix_agrees(model, group, cache):
+                    cache = None
+            except Exception:  # noqa: BLE001 (any failure of a cache type means: do not use it)
+                cache = None
+            prefixes[key] = cache
+        return prefixes[key]
+
+    def _prefix_agrees(self, model: FrozenModel, group: _Group, cache) -> bool:
+        """Two rows (different states, different layers) through the shared prefix equal full passes."""
+        generator = torch.Generator().manual_seed(0)
+        states = torch.randn(2, model.d_model, generator=generator).to(model.device, model.adapter.unembedding_weight.dtype)
+        layers = torch.tensor([1, model.num_layers // 2 + 1], device=model.device).clamp(max=model.num_layers)
+        shared = self._pass(model, group, states, layers, prefix=cache)[0]
+        full = self._pass(model, group, states, layers, prefix=False)[0]
+        return bool(torch.allclose(shared.float(), full.float(), atol=1e-3, rtol=1e-3))
+
+    def _pass(self, model: FrozenModel, group: _Group, states: torch.Tensor, layers: torch.Tensor, prefix=None,
+              keep_cache: bool = False):
+        """(logits at the written position of the group's target with states[r] written at layers[r],
+        the cache of the pass if ``keep_cache``, for generation, else None). ``prefix``: None = use the shared prefix if there is one,
+        False = run the whole prompt."""
+        count, device = states.shape[0], states.device
+        prompt = torch.tensor(group.ids, device=device)
+        if prefix is None:
+            prefix = self._prefix(model, group)
+        states = states.to(model.adapter.unembedding_weight.dtype)
+        if prefix is not False and prefix is not None:  # one token per row after the shared prefix
+            cache = copy.deepcopy(prefix)
+            cache.batch_repeat_interleave(count)
+            ids, mask = prompt[-1:].expand(count, 1), torch.ones(count, prompt.numel(), dtype=torch.long, device=device)
+            at = torch.zeros(count, dtype=torch.long, device=device)
+        else:
+            cache, ids, mask = None, prompt.expand(count, -1), torch.ones(count, prompt.numel(), dtype=torch.long, device=device)
+            at = torch.full((count,), group.write_at, device=device)
+        out = model.engine.run(ids, mask, layers, at, states, at, past_key_values=cache, return_cache=keep_cache)
+        return out if keep_cache else (out, None)
+
+    def _generate(self, model: FrozenModel, group: _Group, states: torch.Tensor, layers: torch.Tensor) -> list[list[int]]:
+        """Greedy continuation of each row: the patched prompt pass, then plain cached steps."""
+        readout = self.readout
+        if group.write_at != len(group.ids) - 1:
+            raise ConfigError("generation continues after the written position: put the placeholder at the end of "
+                              "the target prompt")
+        logits, cache = self._pass(model, group, states, layers, keep_cache=True)
+        count, device = states.shape[0], states.device
+        eos = model.tokenizer.eos_token_id
+        mask = torch.ones(count, len(group.ids), dtype=torch.long, device=device)
+        out = torch.empty(count, 0, dtype=torch.long, device=device)
+        done = torch.zeros(count, dtype=torch.bool, device=device)
+        argument = cache_argument(model.hf)
+        for step in range(readout.max_new_tokens):
+            token = logits.argmax(-1)
+            out = torch.cat([out, token[:, None]], 1)
+            if eos is not None:
+                done |= token == eos
+            if readout.stop is not None:
+                done |= torch.tensor([readout.stop in model.tokenizer.decode(row) for row in out.tolist()], device=device)
+            if bool(done.all()) or step == readout.max_new_tokens - 1:
+                break
+            mask = torch.cat([mask, mask.new_ones(count, 1)], 1)
+            step_out = model.hf(input_ids=token[:, None], attention_mask=mask, use_cache=True, **{argument: cache})
+            cache = getattr(step_out, "cache", None) or getattr(step_out, "past_key_values", None)
+            logits = step_out.logits[:, -1]
+        return out.tolist()
+
+    def _text(self, model: FrozenModel, ids: list[int]) -> str:
+        eos = model.tokenizer.eos_token_id
+        if eos is not None and eos in ids:
+            ids = ids[: ids.index(eos)]
+        text = model.tokenizer.decode(ids)
+        stop = self.readout.stop if isinstance(self.readout, Generate) else None
+        return text.split(stop)[0] if stop else text
+
