@@ -29,7 +29,8 @@ from pathlib import Path
 import torch
 
 from lenscope.datamodules.patchscope_data import PatchscopeDataModule, collate_documents
-from lenscope.lenses.token_identity import TokenIdentityPatchscope
+from lenscope.lenses.learned_prompt import IDENTITY_PROMPT
+from lenscope.lenses.token_identity import token_identity
 from lenscope.model.frozen import FrozenModel
 from lenscope.model.loading import EMBEDDED_MODEL
 from lenscope.model.residuals import ResidualReader
@@ -62,7 +63,7 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_grad_enabled(False)
 
     model = FrozenModel.load(args.model)
-    adapter, reader, engine = model.adapter, model.reader, model.engine
+    adapter, reader = model.adapter, model.reader
     data = PatchscopeDataModule(source=args.source, n_fit=1, n_eval=args.docs)
     data.bind(model.tokenizer, None)
     data.setup()
@@ -71,22 +72,22 @@ def main(argv: list[str] | None = None) -> None:
     m = states.shape[1]
     pairs = len(layers) * m
 
-    prefix = TokenIdentityPatchscope(engine, model.tokenizer, rows_per_pass=args.rows_per_pass)
-    full = TokenIdentityPatchscope(engine, model.tokenizer, rows_per_pass=args.rows_per_pass, reuse_prefix=False)
-    loop = TokenIdentityPatchscope(engine, model.tokenizer, rows_per_pass=1, reuse_prefix=False)
-    prefix.logits(states[:1, :1], layers[:1])  # warm-up (first-call allocations, prefix cache)
+    prefix = token_identity(rows_per_pass=args.rows_per_pass)
+    full = token_identity(rows_per_pass=args.rows_per_pass, share_prefix=False)
+    loop = token_identity(rows_per_pass=1, share_prefix=False)
+    prefix.patch(model, states[:1, :1], layers[:1])  # warm-up (first-call allocations, prefix cache)
 
     results = {}
     outputs = {}
     for name, scope in (("batched+prefix", prefix), ("batched", full), ("loop", loop)):
-        outputs[name], seconds = timed(lambda scope=scope: torch.log_softmax(scope.logits(states, layers), -1))
+        outputs[name], seconds = timed(lambda scope=scope: torch.log_softmax(scope.patch(model, states, layers).logits, -1))
         results[name] = {"seconds": seconds, "pairs_per_second": pairs / seconds}
         print(f"{name:>15}: {seconds:8.2f} s  ({pairs / seconds:8.1f} pairs/s)", flush=True)
     diff = {name: float((outputs[name] - outputs["loop"]).abs().max()) for name in ("batched", "batched+prefix")}
 
     report = {
         "model": args.model, "source": args.source, "documents": m, "layers": len(layers), "pairs": pairs,
-        "prompt_tokens": int(prefix.prompt_ids.numel()), "rows_per_pass": args.rows_per_pass, "results": results,
+        "prompt_tokens": len(model.tokenizer(IDENTITY_PROMPT)["input_ids"]), "rows_per_pass": args.rows_per_pass, "results": results,
         "speedup_vs_loop": {name: results["loop"]["seconds"] / results[name]["seconds"] for name in ("batched", "batched+prefix")},
         "max_abs_diff_log_probs_vs_loop": diff,
         "machine": {"platform": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count(),
