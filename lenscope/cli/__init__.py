@@ -5,6 +5,7 @@
     lenscope evaluate --config configs/eval/patchscopes.yaml  # = python evaluate.py --config ...
     lenscope show "The capital of France is" --lens artifacts/quickstart/tuned
     lenscope push artifacts/quickstart/tuned me/smollm2-lenses --path-in-repo tuned
+    lenscope patchscope attribute --config configs/patchscopes/attribute_extraction.yaml
     torchrun --nproc_per_node 8 -m lenscope train ...         # a launcher that wants a module
 """
 
@@ -19,6 +20,7 @@ commands:
   evaluate   score lenses as patchscope mappings (`lenscope evaluate --help`)
   show       what every layer predicts for a prompt: table, HTML, PNG (`lenscope show --help`)
   push       upload a lens to the Hugging Face Hub with a model card (`lenscope push --help`)
+  patchscope any patchscope from options or YAML, and the paper's experiments (`lenscope patchscope --help`)
 
 start with: lenscope train --config configs/quickstart.yaml"""
 
@@ -57,8 +59,12 @@ def main(argv: list[str] | None = None) -> None:
         from lenscope.cli import push
 
         push.main(rest)
+    elif command == "patchscope":
+        from lenscope.cli import patchscope
+
+        patchscope.main(rest)
     else:
-        _usage_error(f"lenscope has no command {command!r}: use one of train, evaluate, show, push "
+        _usage_error(f"lenscope has no command {command!r}: use one of train, evaluate, show, push, patchscope "
                      "(see `lenscope --help`)")
 
 

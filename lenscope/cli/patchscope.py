@@ -1,0 +1,129 @@
+"""``lenscope patchscope``: any patchscope from the command line or a YAML file, and the
+Patchscopes paper's experiments.
+
+    lenscope patchscope run --source.prompts '["Paris is lovely"]' --source.layers '[4, 8]' \\
+        --source.position Paris --target.prompt 'The country of x' --target.placeholder x --generate 10
+    lenscope patchscope run --config my_patchscope.yaml
+    lenscope patchscope attribute --config configs/patchscopes/attribute_extraction.yaml
+
+Every option is also a YAML key (``--print_config`` writes the file to start from).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from lenscope.cli.errors import run_with_clean_errors
+from lenscope.errors import ConfigError
+from lenscope.lenses.patchscope import Source, Target
+from lenscope.model.loading import EMBEDDED_MODEL
+
+
+def run(source: Source, target: Target = Target(), model: str = EMBEDDED_MODEL,  # noqa: B008
+        target_model: str | None = None, lens: str | None = None, generate: int = 0, stop: str | None = "\n",
+        top_k: int = 5, rows_per_pass: int = 256, out: str | None = None) -> None:
+    """Run one patchscope and print what it read.
+
+    Args:
+        source: prompts, residual indices read, position (a token index, or a span whose last token is read).
+        target: prompt with a placeholder (none: each source prompt itself), layers (same, last, or a list), placeholder.
+        model: the source model: hub id, folder or embedded:smollm2-135m.
+        target_model: the model patched into (default: the source model).
+        lens: a lens artifact used as the mapping (its translator of the source layer).
+        generate: tokens to generate greedily (0: read the next-token distribution instead).
+        stop: text that ends a generation.
+        top_k: next tokens printed per row (next-token readout).
+        rows_per_pass: (layer pair, prompt) rows per patched forward pass.
+        out: also write the results to this JSON file.
+    """
+    from lenscope.files import atomic_write
+    from lenscope.lenses.artifact import load_lens
+    from lenscope.lenses.patchscope import Generate, NextToken, Patchscope
+    from lenscope.model.frozen import FrozenModel
+
+    if generate < 0:
+        raise ConfigError(f"--generate must be >= 0, got {generate}")
+    source_model = FrozenModel.load(model)
+    patched = FrozenModel.load(target_model) if target_model else source_model
+    mapping = load_lens(lens, source_model) if lens else None
+    readout = Generate(max_new_tokens=generate, stop=stop) if generate else NextToken()
+    result = Patchscope(source, target, mapping, readout, rows_per_pass=rows_per_pass).run(source_model, patched)
+    rows = []
+    shown = result.texts if result.texts is not None else result.top_tokens(patched.tokenizer, top_k)
+    for (s, t), per_prompt in zip(result.pairs, shown, strict=True):
+        for prompt, what in zip(result.prompts, per_prompt, strict=True):
+            rows.append({"source_layer": s, "target_layer": t, "prompt": prompt,
+                         ("generation" if result.texts is not None else "top_tokens"): what})
+            print(f"{s:>3} → {t:<3} {prompt[:40]!r:44} {what!r}")
+    if out:
+        atomic_write(Path(out), json.dumps({"model": model, "target_model": target_model or model, "rows": rows}, indent=2) + "\n")
+        print(f"written to {out}")
+
+
+def attribute(model: str = EMBEDDED_MODEL, facts: str | None = None, relations: list[str] | None = None,
+              source_layers: list[int] | None = None, target_layers: list[int] | None = None, layer_step: int = 1,
+              max_new_tokens: int = 20, rows_per_pass: int = 256, probe_folds: int = 5,
+              out: str = "results/attribute_extraction") -> None:
+    """Attribute extraction (Patchscopes §4.2) against its probe baseline, per relation.
+
+    Args:
+        model: hub id, folder or embedded:smollm2-135m.
+        facts: a fact-set JSON file (default: the one lenscope ships, 11 relations, 382 facts).
+        relations: the relations to run (default: all of the set's).
+        source_layers: residual indices read (default: 0 … L − 1, every layer_step-th).
+        target_layers: residual indices written (default: as the source layers).
+        layer_step: keep every n-th layer of the defaults (the full L × L sweep is L² generations per fact).
+        max_new_tokens: greedy tokens generated, in which the object must appear (the paper: 20).
+        rows_per_pass: (layer pair, fact) rows per patched forward pass.
+        probe_folds: cross-validation folds of the probe baseline.
+        out: folder for results.json, table.md, table.csv and one heatmap PNG per relation.
+    """
+    from lenscope.model.frozen import FrozenModel
+    from lenscope.patchscopes.attribute_extraction import attribute_extraction
+    from lenscope.patchscopes.facts import load_facts
+    from lenscope.patchscopes.report import table_markdown, write_report
+
+    if layer_step < 1:
+        raise ConfigError(f"--layer_step must be at least 1, got {layer_step}")
+    fact_set = load_facts(facts)
+    unknown = sorted(set(relations or []) - set(fact_set.relations))
+    if unknown:
+        raise ConfigError(f"--relations has {unknown}, which the fact set lacks; it has {sorted(fact_set.relations)}")
+    loaded = FrozenModel.load(model)
+    layers = loaded.layers[::layer_step]
+    source_layers = source_layers if source_layers is not None else layers
+    results = attribute_extraction(loaded, fact_set, relations, source_layers,
+                                   target_layers if target_layers is not None else source_layers,
+                                   max_new_tokens, rows_per_pass, probe_folds)
+    written = write_report(results, Path(out), {"model": model, "revision": loaded.revision, "facts": facts or "shipped",
+                                                "max_new_tokens": max_new_tokens})
+    print(table_markdown(results))
+    print(f"\nwritten: {', '.join(str(p) for p in written[:3])} and {len(written) - 3} heatmaps")
+
+
+COMMANDS = {"run": run, "attribute": attribute}
+
+
+def main(argv: list[str] | None = None, prog: str = "lenscope patchscope") -> None:
+    from jsonargparse import ActionConfigFile, ArgumentParser
+
+    parser = ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0].replace("``", "`"), exit_on_error=False)
+    commands = parser.add_subcommands()
+    for name, function in COMMANDS.items():
+        sub = ArgumentParser(exit_on_error=False)
+        sub.add_argument("--config", action=ActionConfigFile, help="a YAML file of these options")
+        sub.add_function_arguments(function)
+        commands.add_subcommand(name, sub, help=function.__doc__.split("\n")[0])
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        config = parser.parse_args(argv)
+    except Exception as err:  # jsonargparse's ArgumentError and the like: one line, as the other commands
+        print(f"error: {str(err).splitlines()[0]} (see `{prog} --help`)", file=sys.stderr)
+        raise SystemExit(2) from None
+    name = config.subcommand
+    instantiate = getattr(parser, "instantiate", None) or parser.instantiate_classes  # renamed in jsonargparse 4.49
+    chosen = instantiate(config)[name]
+    kwargs = {k: v for k, v in vars(chosen).items() if k != "config"}
+    run_with_clean_errors(lambda: COMMANDS[name](**kwargs), where="while patching; each file it writes is whole or absent")

@@ -1,0 +1,71 @@
+"""Attribute-extraction outputs: ``results.json``, the per-relation table (``table.md``,
+``table.csv``: probe against patchscope, mean ± std over source layers, as Patchscopes Table 2) and
+one (ℓ, ℓ*) heatmap per relation (``heatmap_<relation>.png``). Every file is written atomically."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, no display needed
+import matplotlib.pyplot as plt  # noqa: E402
+
+from lenscope.files import atomic_write  # noqa: E402
+from lenscope.patchscopes.attribute_extraction import RelationResult  # noqa: E402
+
+
+def _cell(mean: float | None, std: float | None) -> str:
+    return "—" if mean is None else f"{mean:.2f} ± {std:.2f}"
+
+
+def table_markdown(results: list[RelationResult]) -> str:
+    lines = ["| relation | kind | facts | answered | probe | patchscope |", "|---|---|---:|---:|---:|---:|"]
+    for r in results:
+        s = r.summary()
+        lines.append(f"| {s['relation']} | {s['kind']} | {s['facts']} | {s['answered']} | "
+                     f"{_cell(s['probe_mean'], s['probe_std'])} | {_cell(s['patchscope_mean'], s['patchscope_std'])} |")
+    return "\n".join(lines)
+
+
+def table_csv(results: list[RelationResult]) -> str:
+    out = io.StringIO()
+    summaries = [r.summary() for r in results]
+    writer = csv.DictWriter(out, fieldnames=list(summaries[0]))
+    writer.writeheader()
+    writer.writerows(summaries)
+    return out.getvalue()
+
+
+def heatmap_png(result: RelationResult) -> bytes:
+    fig, ax = plt.subplots(figsize=(6, 5))
+    image = ax.imshow(result.heatmap.numpy(), origin="lower", vmin=0, vmax=1, cmap="viridis", aspect="auto")
+    ax.set_xticks(range(len(result.target_layers)), [str(t) for t in result.target_layers], fontsize=7)
+    ax.set_yticks(range(len(result.source_layers)), [str(s) for s in result.source_layers], fontsize=7)
+    ax.set_xlabel("target layer ℓ* (residual index)")
+    ax.set_ylabel("source layer ℓ (residual index)")
+    ax.set_title(f"{result.relation}: share of {len(result.answered)} answered facts extracted")
+    fig.colorbar(image, ax=ax)
+    buffer = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buffer, format="png", dpi=120)
+    plt.close(fig)
+    return buffer.getvalue()
+
+
+def write_report(results: list[RelationResult], out_dir: Path, meta: dict) -> list[Path]:
+    out_dir = Path(out_dir)
+    data = {**meta, "relations": [
+        {**r.summary(), "source_layers": r.source_layers, "target_layers": r.target_layers,
+         "heatmap": r.heatmap.tolist() if r.heatmap is not None else None,
+         "patchscope_by_layer": r.patchscope.tolist() if r.patchscope is not None else None,
+         "probe_by_layer": r.probe.tolist() if r.probe is not None else None,
+         "answered_facts": [f.subject for f in r.answered]} for r in results]}
+    written = [atomic_write(out_dir / "results.json", json.dumps(data, indent=2) + "\n"),
+               atomic_write(out_dir / "table.md", table_markdown(results) + "\n"),
+               atomic_write(out_dir / "table.csv", table_csv(results))]
+    written += [atomic_write(out_dir / f"heatmap_{r.relation}.png", heatmap_png(r)) for r in results if r.heatmap is not None]
+    return written
