@@ -15,6 +15,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from lenscope.lenses.unembed import lens_kl, lens_metrics
@@ -90,6 +91,16 @@ class Lens(nn.Module):
         (see ``lenscope.lenses.unembed.lens_metrics``); labels (N,), -100 where there is none."""
         return lens_metrics(model.adapter, self.head_inputs(model, h, dtype), target_logp, labels, dtype)
 
+    translates = False
+    """Whether the lens maps a state to a state (``translate``): the affine kinds; the patchscope
+    lenses (learned prompt, token identity) decode through the model instead."""
+
+    def translate(self, h: torch.Tensor, layer: int) -> torch.Tensor:
+        """h (N, d_model) at residual index ``layer`` → the state this lens decodes, in h's dtype
+        (computed in fp32, as ``logits`` does): a patchscope mapping."""
+        raise TypeError(f"a {self.lens_type} lens decodes through the model and maps no state; use an affine lens "
+                        "(logit, tuned, affine, future) as a mapping")
+
     def extra_config(self) -> dict:
         """Lens-specific settings stored in the artifact's ``config.json``."""
         return {}
@@ -103,6 +114,10 @@ class LogitLens(Lens):
     """Decode each residual directly (nostalgebraist 2020): the identity map."""
 
     lens_type = "logit"
+    translates = True
+
+    def translate(self, h: torch.Tensor, layer: int) -> torch.Tensor:
+        return h
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         return h
@@ -117,6 +132,7 @@ class TunedLens(Lens):
     """
 
     lens_type = "tuned"
+    translates = True
 
     def __init__(self, layers: list[int], d_model: int, bias: bool = True, offset: int = 0):
         super().__init__(layers, d_model)
@@ -139,6 +155,15 @@ class TunedLens(Lens):
         else:
             delta = torch.bmm(flat, weight_t.to(flat.dtype))
         return (flat + delta).reshape(shape)
+
+    def translate(self, h: torch.Tensor, layer: int) -> torch.Tensor:
+        if layer not in self.layers:
+            raise ValueError(f"the {self.key} lens has no translator for residual index {layer}; it covers "
+                             f"{self.layers[0]}..{self.layers[-1]}")
+        i = self.layers.index(layer)
+        h32 = h.float()
+        bias = self.bias[i].float() if self.bias is not None else None
+        return (h32 + F.linear(h32, self.weight[i].float(), bias)).to(h.dtype)
 
     @torch.no_grad()
     def set_affine(self, a: torch.Tensor, b: torch.Tensor | None) -> None:

@@ -32,10 +32,9 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
-import torch.nn.functional as F
 
 from lenscope.errors import ConfigError
-from lenscope.lenses.lens import Lens, LogitLens, TunedLens
+from lenscope.lenses.lens import Lens
 from lenscope.model.patching import cache_argument
 
 if TYPE_CHECKING:
@@ -94,24 +93,20 @@ def identity(h: torch.Tensor, source_layer: int, target_layer: int) -> torch.Ten
 @dataclass
 class LensMapping:
     """An affine lens (tuned, least-squares affine, future, logit) as a patchscope mapping: its
-    translator of the source layer, mapping h_ℓ to the last block's output space."""
+    translator of the source layer (``Lens.translate``), mapping h_ℓ to the last block's output space."""
 
     lens: Lens
 
+    def __post_init__(self):
+        if not self.lens.translates:
+            raise ConfigError(f"a {self.lens.lens_type} lens decodes through the model and maps no state; use an "
+                              "affine lens (logit, tuned, affine, future) as the mapping")
+
     def __call__(self, h: torch.Tensor, source_layer: int, target_layer: int) -> torch.Tensor:
-        if isinstance(self.lens, LogitLens):
-            return h
-        if not isinstance(self.lens, TunedLens):
-            raise ConfigError(f"a {self.lens.lens_type} lens is not a map between states; use an affine lens "
-                              "(tuned, affine, future) as the mapping")
-        if source_layer not in self.lens.layers:
-            raise ConfigError(f"the {self.lens.key} lens has no translator for residual index {source_layer}; "
-                              f"it covers {self.lens.layers[0]}..{self.lens.layers[-1]}")
-        i = self.lens.layers.index(source_layer)
-        # in fp32, as the lens runs when it decodes itself (Lens.logits)
-        h32 = h.float()
-        bias = self.lens.bias[i].float() if self.lens.bias is not None else None
-        return (h32 + F.linear(h32, self.lens.weight[i].float(), bias)).to(h.dtype)
+        try:
+            return self.lens.translate(h, source_layer)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
 
 
 @dataclass

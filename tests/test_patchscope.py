@@ -137,3 +137,14 @@ def test_next_token_result_names_the_top_tokens(model):
     top = result.top_tokens(model.tokenizer, k=2)
     assert len(top) == 1 and len(top[0]) == 2 and all(len(t) == 2 for t in top[0])
     assert top[0][0][0] == model.tokenizer.decode([int(result.logits[0, 0].argmax())])
+
+
+def test_only_lenses_that_map_states_are_mappings(model):
+    from lenscope.lenses.learned_prompt import LearnedPromptLens
+
+    prompt = LearnedPromptLens(model.layers, model.d_model, offset=1, prompt_length=2)
+    with pytest.raises(ConfigError, match="learned_prompt lens decodes through the model and maps no state"):
+        Patchscope(Source(PROMPTS, [1]), Target(layers="last"), mapping=prompt)
+    short = AffineLens([0, 1], model.d_model)
+    with pytest.raises(ConfigError, match="has no translator for residual index 2"):
+        Patchscope(Source(PROMPTS, [2]), Target(layers="last"), mapping=short).run(model)

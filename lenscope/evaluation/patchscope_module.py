@@ -42,7 +42,7 @@ from lenscope.evaluation.report import markdown_tables, write_report
 from lenscope.lenses.artifact import load_lens
 from lenscope.lenses.learned_prompt import IDENTITY_PROMPT
 from lenscope.lenses.least_squares import NormalEquations
-from lenscope.lenses.lens import AffineLens, TunedLens, lens_key
+from lenscope.lenses.lens import AffineLens, Lens, lens_key
 from lenscope.lenses.metrics import PerLayerMeans
 from lenscope.lenses.patchscope import Patchscope, Target
 from lenscope.lenses.token_identity import token_identity
@@ -128,7 +128,7 @@ class PatchscopeEvaluation(L.LightningModule):
         self.scopes: dict[str, Patchscope] = {"logit": Patchscope(target=Target(layers="last"))}
         if "token_identity" in methods:
             self.scopes["token_identity"] = token_identity(identity_prompt, rows_per_pass)
-        self.scopes.update({key: self._lens_scope(lens) for key, lens in self.lenses.items() if isinstance(lens, TunedLens)})
+        self.scopes.update({key: self._lens_scope(lens) for key, lens in self.lenses.items() if lens.translates})
         self.bigram: torch.Tensor | None = None
         self.fit_positions: dict[int, int] = {}
         self.metrics = PerLayerMeans(self._series(), len(self.layers))
@@ -198,7 +198,7 @@ class PatchscopeEvaluation(L.LightningModule):
 
     # --- scoring --------------------------------------------------------------------------------------
     @staticmethod
-    def _lens_scope(lens: TunedLens) -> Patchscope:
+    def _lens_scope(lens: Lens) -> Patchscope:
         """An affine lens as a patchscope: mapping = its translator, written into the last block."""
         return Patchscope(target=Target(layers="last"), mapping=lens)
 
