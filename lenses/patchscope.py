@@ -202,9 +202,17 @@ class Patchscope:
     @torch.no_grad()
     def run(self, model: FrozenModel, target_model: FrozenModel | None = None) -> PatchscopeResult:
         """Read the source prompts on ``model``, patch into ``target_model`` (default: the same)."""
+        states, own = self.read(model)
+        result = self.patch(target_model or model, states, list(self.source.layers), own_prompts=own)
+        result.prompts = list(self.source.prompts)
+        return result
+
+    @torch.no_grad()
+    def read(self, model: FrozenModel) -> tuple[torch.Tensor, list[list[int]]]:
+        """The source states, (source layers, prompts, d), and each prompt's tokens up to the read
+        position (the target when the target is the source prompt itself)."""
         if self.source is None:
             raise ConfigError("this patchscope has no source prompts to run; give a Source, or patch states with .patch")
-        target_model = target_model or model
         prompts = list(self.source.prompts)
         rules = self.source.position
         rules = [rules] * len(prompts) if isinstance(rules, (int, str)) else list(rules)
@@ -224,10 +232,7 @@ class Patchscope:
         index = torch.tensor(layers, device=model.device)
         rows = torch.arange(len(prompts), device=model.device)
         states = residuals[index[:, None], rows[None, :], torch.tensor(positions, device=model.device)[None, :]]
-        own = [ids[: t + 1] for ids, t in zip(token_lists, positions, strict=True)]  # the source prompts, cut after the read position
-        result = self.patch(target_model, states, layers, own_prompts=own)
-        result.prompts = prompts
-        return result
+        return states, [ids[: t + 1] for ids, t in zip(token_lists, positions, strict=True)]
 
     @torch.no_grad()
     def patch(self, model: FrozenModel, states: torch.Tensor, source_layers: Sequence[int],

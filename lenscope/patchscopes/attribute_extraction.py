@@ -93,7 +93,8 @@ def attribute_extraction(model, facts: FactSet, relations: list[str] | None = No
         scope = Patchscope(Source([f.source for f in answered], source_layers, position=[f.subject for f in answered]),
                            Target(relation.template, layers=target_layers, placeholder=PLACEHOLDER),
                            readout=Generate(max_new_tokens=max_new_tokens, stop=None), rows_per_pass=rows_per_pass)
-        run = scope.run(model)
+        states, _ = scope.read(model)  # the subjects' states: what both the patchscope and the probe see
+        run = scope.patch(model, states, source_layers)
         hits = torch.tensor([[mentions(text, f.object) for text, f in zip(texts, answered, strict=True)]
                              for texts in run.texts], dtype=torch.float32)  # (pairs, facts)
         hits = hits.view(len(source_layers), len(target_layers), len(answered))
@@ -102,21 +103,7 @@ def attribute_extraction(model, facts: FactSet, relations: list[str] | None = No
         result.examples = {f"{s}->{t}": run.texts[i][0] for i, (s, t) in enumerate(run.pairs)}
         classes = {obj: i for i, obj in enumerate(sorted({f.object for f in answered}))}
         if len(answered) >= 2 and len(classes) >= 2:
-            states = source_states(model, answered, source_layers)
             labels = torch.tensor([classes[f.object] for f in answered])
-            result.probe = probe_accuracy(states, labels, folds=probe_folds, seed=seed)
+            result.probe = probe_accuracy(states.float().cpu(), labels, folds=probe_folds, seed=seed)
     return results
 
-
-@torch.no_grad()
-def source_states(model, facts: list[Fact], layers: list[int]) -> torch.Tensor:
-    """(layers, facts, d): each fact's source sentence read at its subject's last token."""
-    from lenscope.lenses.patchscope import token_position
-
-    columns = []
-    for f in facts:
-        ids = model.tokenizer(f.source)["input_ids"]
-        at = token_position(model.tokenizer, f.source, ids, f.subject, "subject")
-        residuals = model.residuals(torch.tensor([ids], device=model.device))
-        columns.append(residuals[layers, 0, at])
-    return torch.stack(columns, 1).float().cpu()
