@@ -94,9 +94,15 @@ def attribute(model: str = EMBEDDED_MODEL, facts: str | None = None, relations: 
     loaded = FrozenModel.load(model)
     layers = loaded.layers[::layer_step]
     source_layers = source_layers if source_layers is not None else layers
+    def progress(result) -> None:
+        s = result.summary()
+        scores = (f"patchscope {s['patchscope_mean']:.2f}, probe " + ("—" if s["probe_mean"] is None else f"{s['probe_mean']:.2f}")
+                  if s["patchscope_mean"] is not None else "nothing to score")
+        print(f"{s['relation']}: {s['answered']} of {s['facts']} facts answered by the model; {scores}", flush=True)
+
     results = attribute_extraction(loaded, fact_set, relations, source_layers,
                                    target_layers if target_layers is not None else source_layers,
-                                   max_new_tokens, rows_per_pass, probe_folds)
+                                   max_new_tokens, rows_per_pass, probe_folds, on_relation=progress)
     written = write_report(results, Path(out), {"model": model, "revision": loaded.revision, "facts": facts or "shipped",
                                                 "max_new_tokens": max_new_tokens})
     print(table_markdown(results))

@@ -75,9 +75,10 @@ class RelationResult:
 def attribute_extraction(model, facts: FactSet, relations: list[str] | None = None,
                          source_layers: list[int] | None = None, target_layers: list[int] | None = None,
                          max_new_tokens: int = 20, rows_per_pass: int = 256, probe_folds: int = 5,
-                         seed: int = 0) -> list[RelationResult]:
+                         seed: int = 0, on_relation=None) -> list[RelationResult]:
     """Run the experiment on ``model``; layers are residual indices (default: 0 … L − 1, the
-    paper's [0, L − 2] block outputs plus the embeddings)."""
+    paper's [0, L − 2] block outputs plus the embeddings). ``on_relation(result)`` is called as
+    each relation finishes (progress for a long sweep)."""
     source_layers = list(model.layers if source_layers is None else source_layers)
     target_layers = list(model.layers if target_layers is None else target_layers)
     results = []
@@ -88,22 +89,30 @@ def attribute_extraction(model, facts: FactSet, relations: list[str] | None = No
         answered = [f for f, text in zip(pool, answers, strict=True) if mentions(text, f.object)]
         result = RelationResult(name, relation.kind, len(pool), answered, source_layers, target_layers)
         results.append(result)
-        if not answered:
-            continue
-        scope = Patchscope(Source([f.source for f in answered], source_layers, position=[f.subject for f in answered]),
-                           Target(relation.template, layers=target_layers, placeholder=PLACEHOLDER),
-                           readout=Generate(max_new_tokens=max_new_tokens, stop=None), rows_per_pass=rows_per_pass)
-        states, _ = scope.read(model)  # the subjects' states: what both the patchscope and the probe see
-        run = scope.patch(model, states, source_layers)
-        hits = torch.tensor([[mentions(text, f.object) for text, f in zip(texts, answered, strict=True)]
-                             for texts in run.texts], dtype=torch.float32)  # (pairs, facts)
-        hits = hits.view(len(source_layers), len(target_layers), len(answered))
-        result.heatmap = hits.mean(-1)
-        result.patchscope = hits.amax(1).mean(-1)
-        result.examples = {f"{s}->{t}": run.texts[i][0] for i, (s, t) in enumerate(run.pairs)}
-        classes = {obj: i for i, obj in enumerate(sorted({f.object for f in answered}))}
-        if len(answered) >= 2 and len(classes) >= 2:
-            labels = torch.tensor([classes[f.object] for f in answered])
-            result.probe = probe_accuracy(states.float().cpu(), labels, folds=probe_folds, seed=seed)
+        if answered:
+            _extract(model, relation, result, max_new_tokens, rows_per_pass, probe_folds, seed)
+        if on_relation is not None:
+            on_relation(result)
     return results
+
+
+def _extract(model, relation, result: RelationResult, max_new_tokens: int, rows_per_pass: int, probe_folds: int,
+             seed: int) -> None:
+    """The sweep and the probe of one relation's answered facts, into ``result``."""
+    answered, source_layers, target_layers = result.answered, result.source_layers, result.target_layers
+    scope = Patchscope(Source([f.source for f in answered], source_layers, position=[f.subject for f in answered]),
+                       Target(relation.template, layers=target_layers, placeholder=PLACEHOLDER),
+                       readout=Generate(max_new_tokens=max_new_tokens, stop=None), rows_per_pass=rows_per_pass)
+    states, _ = scope.read(model)  # the subjects' states: what both the patchscope and the probe see
+    run = scope.patch(model, states, source_layers)
+    hits = torch.tensor([[mentions(text, f.object) for text, f in zip(texts, answered, strict=True)]
+                         for texts in run.texts], dtype=torch.float32)  # (pairs, facts)
+    hits = hits.view(len(source_layers), len(target_layers), len(answered))
+    result.heatmap = hits.mean(-1)
+    result.patchscope = hits.amax(1).mean(-1)
+    result.examples = {f"{s}->{t}": run.texts[i][0] for i, (s, t) in enumerate(run.pairs)}
+    classes = {obj: i for i, obj in enumerate(sorted({f.object for f in answered}))}
+    if len(answered) >= 2 and len(classes) >= 2:
+        labels = torch.tensor([classes[f.object] for f in answered])
+        result.probe = probe_accuracy(states.float().cpu(), labels, folds=probe_folds, seed=seed)
 
