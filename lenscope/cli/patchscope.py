@@ -5,6 +5,7 @@ Patchscopes paper's experiments.
         --source.position Paris --target.prompt 'The country of x' --target.placeholder x --generate 10
     lenscope patchscope run --config my_patchscope.yaml
     lenscope patchscope attribute --config configs/patchscopes/attribute_extraction.yaml
+    lenscope patchscope describe --config configs/patchscopes/entity_description.yaml
 
 Every option is also a YAML key (``--print_config`` writes the file to start from).
 """
@@ -109,7 +110,39 @@ def attribute(model: str = EMBEDDED_MODEL, facts: str | None = None, relations: 
     print(f"\nwritten: {', '.join(str(p) for p in written[:3])} and {len(written) - 3} heatmaps")
 
 
-COMMANDS = {"run": run, "attribute": attribute}
+def describe(model: str = EMBEDDED_MODEL, entities: str | None = None, layers: list[int] | None = None,
+             layer_step: int = 1, max_new_tokens: int = 50, stop: str | None = ",", rows_per_pass: int = 256,
+             out: str = "results/entity_description") -> None:
+    """Entity description (Patchscopes §4.3): ROUGE-L of the description read from each layer.
+
+    Args:
+        model: hub id, folder or embedded:smollm2-135m.
+        entities: an entity-set JSON file (default: the one lenscope ships, well-known and rare entities).
+        layers: residual indices read and written (ℓ* = ℓ; default: 0 … L − 1, every layer_step-th).
+        layer_step: keep every n-th layer of the default.
+        max_new_tokens: greedy tokens generated (the paper: 50).
+        stop: text that ends a description (the few-shot prompt separates its pairs with ',').
+        rows_per_pass: (layer, entity) rows per patched forward pass.
+        out: folder for results.json, table.md and rouge_l.png.
+    """
+    from lenscope.model.frozen import FrozenModel
+    from lenscope.patchscopes.entity_description import entity_description, load_entities
+    from lenscope.patchscopes.report import description_markdown, write_description_report
+
+    if layer_step < 1:
+        raise ConfigError(f"--layer_step must be at least 1, got {layer_step}")
+    entity_set = load_entities(entities)
+    loaded = FrozenModel.load(model)
+    result = entity_description(loaded, entity_set, layers if layers is not None else loaded.layers[::layer_step],
+                                max_new_tokens, stop, rows_per_pass)
+    written = write_description_report(result, Path(out), {"model": model, "revision": loaded.revision,
+                                                            "entities": entities or "shipped", "prompt": entity_set.prompt(),
+                                                            "max_new_tokens": max_new_tokens, "stop": stop})
+    print(description_markdown(result))
+    print(f"\nwritten: {', '.join(str(p) for p in written)}")
+
+
+COMMANDS = {"run": run, "attribute": attribute, "describe": describe}
 
 
 def main(argv: list[str] | None = None, prog: str = "lenscope patchscope") -> None:

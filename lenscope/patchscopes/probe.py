@@ -18,7 +18,7 @@ def fit_probes(x: torch.Tensor, y: torch.Tensor, num_classes: int, l2: float = 1
                max_iter: int = 200) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """x: (L, N, d) features, y: (N,) classes → per-layer (weight (L, d, C), bias (L, C), mean, std)."""
     x = x.double()
-    mean, std = x.mean(1, keepdim=True), x.std(1, keepdim=True).clamp_min(1e-6)
+    mean, std = x.mean(1, keepdim=True), x.std(1, keepdim=True, unbiased=False).clamp_min(1e-6)  # one example: 0, not NaN
     z = (x - mean) / std
     layers, n, d = z.shape
     weight = torch.zeros(layers, d, num_classes, dtype=torch.float64, requires_grad=True)

@@ -1,6 +1,9 @@
-"""Attribute-extraction outputs: ``results.json``, the per-relation table (``table.md``,
-``table.csv``: probe against patchscope, mean ± std over source layers, as Patchscopes Table 2) and
-one (ℓ, ℓ*) heatmap per relation (``heatmap_<relation>.png``). Every file is written atomically."""
+"""The experiments' outputs, every file written atomically.
+
+Attribute extraction: ``results.json``, the per-relation table (``table.md``, ``table.csv``: probe
+against patchscope, mean ± std over source layers, as Patchscopes Table 2) and one (ℓ, ℓ*) heatmap
+per relation (``heatmap_<relation>.png``). Entity description: ``results.json``, ``table.md`` (ROUGE-L
+per layer and split, example generations) and ``rouge_l.png`` (the paper's Fig. 3)."""
 
 from __future__ import annotations
 
@@ -16,6 +19,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from lenscope.files import atomic_write  # noqa: E402
 from lenscope.patchscopes.attribute_extraction import RelationResult  # noqa: E402
+from lenscope.patchscopes.entity_description import DescriptionResult  # noqa: E402
 
 
 def _cell(mean: float | None, std: float | None) -> str:
@@ -69,3 +73,46 @@ def write_report(results: list[RelationResult], out_dir: Path, meta: dict) -> li
                atomic_write(out_dir / "table.csv", table_csv(results))]
     written += [atomic_write(out_dir / f"heatmap_{r.relation}.png", heatmap_png(r)) for r in results if r.heatmap is not None]
     return written
+
+
+def description_curve_png(result: DescriptionResult) -> bytes:
+    """ROUGE-L over layers, one line per split (the paper's Fig. 3), each labelled at its end."""
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for split, curve in result.splits.items():
+        count = sum(e.split == split for e in result.entities)
+        ax.plot(result.layers, curve.numpy(), marker="o", markersize=3, label=f"{split} ({count})")
+        ax.annotate(split, (result.layers[-1], float(curve[-1])), xytext=(4, 0), textcoords="offset points", va="center")
+    ax.set_xlabel("layer ℓ = ℓ* (residual index)")
+    ax.set_ylabel("ROUGE-L F against the reference")
+    ax.set_ylim(0, max(0.05, max(float(c.max()) for c in result.splits.values()) * 1.15))
+    ax.set_title("Entity description: the name's state written into a few-shot description prompt")
+    ax.legend(loc="upper left", fontsize=8)
+    buffer = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buffer, format="png", dpi=120)
+    plt.close(fig)
+    return buffer.getvalue()
+
+
+def description_markdown(result: DescriptionResult, examples: int = 3) -> str:
+    splits = list(result.splits)
+    lines = ["| layer | " + " | ".join(f"ROUGE-L {s}" for s in splits) + " |", "|---:|" + "---:|" * len(splits)]
+    for i, layer in enumerate(result.layers):
+        lines.append(f"| {layer} | " + " | ".join(f"{float(result.splits[s][i]):.3f}" for s in splits) + " |")
+    shown = [j for s in splits for j in [k for k, e in enumerate(result.entities) if e.split == s][:examples]]
+    lines += ["", "| layer | " + " | ".join(f"{result.entities[j].name} ({result.entities[j].description})" for j in shown) + " |",
+              "|---:|" + "---|" * len(shown)]
+    for i, layer in enumerate(result.layers):
+        lines.append(f"| {layer} | " + " | ".join(result.generations[i][j].replace("|", "/") or "—" for j in shown) + " |")
+    return "\n".join(lines)
+
+
+def write_description_report(result: DescriptionResult, out_dir: Path, meta: dict) -> list[Path]:
+    out_dir = Path(out_dir)
+    data = {**meta, "layers": result.layers, "splits": {s: c.tolist() for s, c in result.splits.items()},
+            "entities": [{"name": e.name, "reference": e.description, "split": e.split,
+                          "generations": [result.generations[i][j] for i in range(len(result.layers))],
+                          "rouge_l": result.rouge[:, j].tolist()} for j, e in enumerate(result.entities)]}
+    return [atomic_write(out_dir / "results.json", json.dumps(data, indent=2) + "\n"),
+            atomic_write(out_dir / "table.md", description_markdown(result) + "\n"),
+            atomic_write(out_dir / "rouge_l.png", description_curve_png(result))]
