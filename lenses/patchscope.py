@@ -243,6 +243,9 @@ class Patchscope:
         pairs = self.pairs(model.num_layers, source_layers)
         n = states.shape[1]
         mapped = torch.stack([self.mapping(states[list(source_layers).index(s)], s, t) for s, t in pairs])  # (pairs, N, d)
+        if mapped.shape[-1] != model.d_model:
+            raise ConfigError(f"the source states have width {mapped.shape[-1]} and the target model {model.d_model}; "
+                              "patching across models of different widths needs a mapping between them")
         decoded = self.target.prompt is None and isinstance(self.readout, NextToken)
         if decoded and all(t == model.num_layers for _, t in pairs):
             logits = model.decode(mapped.to(model.adapter.unembedding_weight.dtype)).float()

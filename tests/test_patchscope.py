@@ -148,3 +148,15 @@ def test_only_lenses_that_map_states_are_mappings(model):
     short = AffineLens([0, 1], model.d_model)
     with pytest.raises(ConfigError, match="has no translator for residual index 2"):
         Patchscope(Source(PROMPTS, [2]), Target(layers="last"), mapping=short).run(model)
+
+
+def test_patching_into_a_model_of_another_width_without_a_mapping_is_one_line(model, tmp_path):
+    from tests.conftest import make_tokenizer, tiny_llama
+
+    wide_dir = tmp_path / "wide"
+    tiny_llama(seed=1, d_model=48).save_pretrained(wide_dir)
+    make_tokenizer().save_pretrained(wide_dir)
+    wide = lenscope.load_model(str(wide_dir))
+    scope = Patchscope(Source(PROMPTS[:1], [1]), Target("w50 w51"))
+    with pytest.raises(ConfigError, match="width 32 and the target model 48; .* needs a mapping"):
+        scope.run(model, target_model=wide)
