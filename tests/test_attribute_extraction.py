@@ -141,3 +141,22 @@ def test_lenscope_patchscope_bad_options_are_one_line(tiny_model_dir, capsys, ar
         cli.main(["patchscope", *argv, "--model", str(tiny_model_dir)])
     err = capsys.readouterr().err
     assert stop.value.code == 2 and expected in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_the_experiments_log_to_wandb(model, tiny_model_dir, tmp_path, wandb_spy):
+    from lenscope import cli
+
+    tiny_facts(model, tmp_path)
+    cli.main(["patchscope", "attribute", "--model", str(tiny_model_dir), "--facts", str(tmp_path / "facts.json"),
+              "--source_layers", "[0, 2]", "--max_new_tokens", "3", "--out", str(tmp_path / "ae"),
+              "--wandb_project", "lenscope-test"])
+    entities = tmp_path / "entities.json"
+    entities.write_text(json.dumps({"few_shot": [["w1", "w2"]], "entities": [{"name": "w5", "description": "w6", "split": "rare"}]}))
+    cli.main(["patchscope", "describe", "--model", str(tiny_model_dir), "--entities", str(entities), "--layers", "[1]",
+              "--max_new_tokens", "2", "--out", str(tmp_path / "ed"), "--wandb_project", "lenscope-test"])
+    assert [i["project"] for i in wandb_spy.inits] == ["lenscope-test", "lenscope-test"]
+    assert [i["job_type"] for i in wandb_spy.inits] == ["attribute-extraction", "entity-description"]
+    logged = {key for data in wandb_spy.logged for key in data}
+    assert {"attribute_extraction/table", "attribute_extraction/heatmap/tiny", "entity_description/rouge_l",
+            "entity_description/generations"} <= logged
+    assert wandb_spy.runs[0].summary["attribute_extraction/tiny/patchscope_mean"] == 1.0

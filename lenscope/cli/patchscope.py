@@ -12,6 +12,7 @@ Every option is also a YAML key (``--print_config`` writes the file to start fro
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 from pathlib import Path
@@ -66,7 +67,7 @@ def run(source: Source, target: Target = Target(), model: str = EMBEDDED_MODEL, 
 def attribute(model: str = EMBEDDED_MODEL, facts: str | None = None, relations: list[str] | None = None,
               source_layers: list[int] | None = None, target_layers: list[int] | None = None, layer_step: int = 1,
               max_new_tokens: int = 20, rows_per_pass: int = 256, probe_folds: int = 5,
-              out: str = "results/attribute_extraction") -> None:
+              out: str = "results/attribute_extraction", wandb_project: str | None = None) -> None:
     """Attribute extraction (Patchscopes §4.2) against its probe baseline, per relation.
 
     Args:
@@ -80,6 +81,8 @@ def attribute(model: str = EMBEDDED_MODEL, facts: str | None = None, relations: 
         rows_per_pass: (layer pair, fact) rows per patched forward pass.
         probe_folds: cross-validation folds of the probe baseline.
         out: folder for results.json, table.md, table.csv and one heatmap PNG per relation.
+        wandb_project: also log the table, the heatmaps and the means to this W&B project
+            (``WANDB_MODE=offline`` keeps it on disk).
     """
     from lenscope.model.frozen import FrozenModel
     from lenscope.patchscopes.attribute_extraction import attribute_extraction
@@ -104,15 +107,20 @@ def attribute(model: str = EMBEDDED_MODEL, facts: str | None = None, relations: 
     results = attribute_extraction(loaded, fact_set, relations, source_layers,
                                    target_layers if target_layers is not None else source_layers,
                                    max_new_tokens, rows_per_pass, probe_folds, on_relation=progress)
-    written = write_report(results, Path(out), {"model": model, "revision": loaded.revision, "facts": facts or "shipped",
-                                                "max_new_tokens": max_new_tokens})
+    meta = {"model": model, "revision": loaded.revision, "facts": facts or "shipped", "max_new_tokens": max_new_tokens}
+    written = write_report(results, Path(out), meta)
+    with _wandb_run(wandb_project, "attribute-extraction", meta) as run:
+        if run is not None:
+            from lenscope.patchscopes.report import log_attribute_to_wandb
+
+            log_attribute_to_wandb(run, results, Path(out))
     print(table_markdown(results))
     print(f"\nwritten: {', '.join(str(p) for p in written[:3])} and {len(written) - 3} heatmaps")
 
 
 def describe(model: str = EMBEDDED_MODEL, entities: str | None = None, layers: list[int] | None = None,
              layer_step: int = 1, max_new_tokens: int = 50, stop: str | None = ",", rows_per_pass: int = 256,
-             out: str = "results/entity_description") -> None:
+             out: str = "results/entity_description", wandb_project: str | None = None) -> None:
     """Entity description (Patchscopes §4.3): ROUGE-L of the description read from each layer.
 
     Args:
@@ -124,6 +132,7 @@ def describe(model: str = EMBEDDED_MODEL, entities: str | None = None, layers: l
         stop: text that ends a description (the few-shot prompt separates its pairs with ',').
         rows_per_pass: (layer, entity) rows per patched forward pass.
         out: folder for results.json, table.md and rouge_l.png.
+        wandb_project: also log the curves, the PNG and every generation to this W&B project.
     """
     from lenscope.model.frozen import FrozenModel
     from lenscope.patchscopes.entity_description import entity_description, load_entities
@@ -135,11 +144,31 @@ def describe(model: str = EMBEDDED_MODEL, entities: str | None = None, layers: l
     loaded = FrozenModel.load(model)
     result = entity_description(loaded, entity_set, layers if layers is not None else loaded.layers[::layer_step],
                                 max_new_tokens, stop, rows_per_pass)
-    written = write_description_report(result, Path(out), {"model": model, "revision": loaded.revision,
-                                                            "entities": entities or "shipped", "prompt": entity_set.prompt(),
-                                                            "max_new_tokens": max_new_tokens, "stop": stop})
+    meta = {"model": model, "revision": loaded.revision, "entities": entities or "shipped", "prompt": entity_set.prompt(),
+            "max_new_tokens": max_new_tokens, "stop": stop}
+    written = write_description_report(result, Path(out), meta)
+    with _wandb_run(wandb_project, "entity-description", meta) as run:
+        if run is not None:
+            from lenscope.patchscopes.report import log_description_to_wandb
+
+            log_description_to_wandb(run, result, Path(out))
     print(description_markdown(result))
     print(f"\nwritten: {', '.join(str(p) for p in written)}")
+
+
+@contextlib.contextmanager
+def _wandb_run(project: str | None, job: str, config: dict):
+    """A W&B run for one experiment (None without a project), finished however the block ends."""
+    if not project:
+        yield None
+        return
+    import wandb
+
+    run = wandb.init(project=project, job_type=job, config=config)
+    try:
+        yield run
+    finally:
+        run.finish()
 
 
 COMMANDS = {"run": run, "attribute": attribute, "describe": describe}

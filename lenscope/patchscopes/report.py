@@ -116,3 +116,36 @@ def write_description_report(result: DescriptionResult, out_dir: Path, meta: dic
     return [atomic_write(out_dir / "results.json", json.dumps(data, indent=2) + "\n"),
             atomic_write(out_dir / "table.md", description_markdown(result) + "\n"),
             atomic_write(out_dir / "rouge_l.png", description_curve_png(result))]
+
+
+def log_attribute_to_wandb(run, results: list[RelationResult], out_dir: Path) -> None:
+    """The Table 2 analogue as a W&B table, each heatmap as an image, the means in the summary."""
+    import wandb
+
+    summaries = [r.summary() for r in results]
+    columns = list(summaries[0])
+    payload = {"attribute_extraction/table": wandb.Table(columns=columns, data=[[s[c] for c in columns] for s in summaries])}
+    payload.update({f"attribute_extraction/heatmap/{r.relation}": wandb.Image(str(Path(out_dir) / f"heatmap_{r.relation}.png"))
+                    for r in results if r.heatmap is not None})
+    run.log(payload)
+    for s in summaries:
+        for key in ("patchscope_mean", "probe_mean", "answered"):
+            if s[key] is not None:
+                run.summary[f"attribute_extraction/{s['relation']}/{key}"] = s[key]
+
+
+def log_description_to_wandb(run, result: DescriptionResult, out_dir: Path) -> None:
+    """The ROUGE-L curve per split as a W&B line chart, the PNG, and every generation as a table."""
+    import wandb
+
+    splits = list(result.splits)
+    rows = [[layer, e.name, e.split, e.description, result.generations[i][j], float(result.rouge[i, j])]
+            for i, layer in enumerate(result.layers) for j, e in enumerate(result.entities)]
+    run.log({"entity_description/rouge_l": wandb.plot.line_series(
+                xs=result.layers, ys=[result.splits[s].tolist() for s in splits], keys=splits,
+                title="ROUGE-L of the description read from each layer", xname="layer"),
+             "entity_description/rouge_l_png": wandb.Image(str(Path(out_dir) / "rouge_l.png")),
+             "entity_description/generations": wandb.Table(
+                 columns=["layer", "entity", "split", "reference", "generation", "rouge_l"], data=rows)})
+    for split in splits:
+        run.summary[f"entity_description/{split}/max_rouge_l"] = float(result.splits[split].max())
