@@ -66,6 +66,8 @@ def test_lenscope_patchscope_describe_writes_the_curve(model, tiny_model_dir, tm
     results = json.loads((tmp_path / "out" / "results.json").read_text())
     assert results["layers"] == [0, 3] and len(results["entities"][0]["generations"]) == 2
     assert (tmp_path / "out" / "rouge_l.png").read_bytes()[:4] == b"\x89PNG"
+    rows = (tmp_path / "out" / "generations.csv").read_text().splitlines()
+    assert rows[0] == "layer,entity,split,reference,generation,rouge_l" and len(rows) == 1 + 2 * 2
 
 
 @pytest.mark.parametrize(("content", "expected"), [

@@ -131,7 +131,7 @@ def describe(model: str = EMBEDDED_MODEL, entities: str | None = None, layers: l
         max_new_tokens: greedy tokens generated (the paper: 50).
         stop: text that ends a description (the few-shot prompt separates its pairs with ',').
         rows_per_pass: (layer, entity) rows per patched forward pass.
-        out: folder for results.json, table.md and rouge_l.png.
+        out: folder for results.json, table.md, generations.csv and rouge_l.png.
         wandb_project: also log the curves, the PNG and every generation to this W&B project.
     """
     from lenscope.model.frozen import FrozenModel

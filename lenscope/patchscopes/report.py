@@ -3,7 +3,8 @@
 Attribute extraction: ``results.json``, the per-relation table (``table.md``, ``table.csv``: probe
 against patchscope, mean ± std over source layers, as Patchscopes Table 2) and one (ℓ, ℓ*) heatmap
 per relation (``heatmap_<relation>.png``). Entity description: ``results.json``, ``table.md`` (ROUGE-L
-per layer and split, example generations) and ``rouge_l.png`` (the paper's Fig. 3)."""
+per layer and split, example generations), ``generations.csv`` (every layer × entity with its
+score) and ``rouge_l.png`` (the paper's Fig. 3)."""
 
 from __future__ import annotations
 
@@ -113,8 +114,14 @@ def write_description_report(result: DescriptionResult, out_dir: Path, meta: dic
             "entities": [{"name": e.name, "reference": e.description, "split": e.split,
                           "generations": [result.generations[i][j] for i in range(len(result.layers))],
                           "rouge_l": result.rouge[:, j].tolist()} for j, e in enumerate(result.entities)]}
+    rows = io.StringIO()
+    writer = csv.writer(rows)
+    writer.writerow(["layer", "entity", "split", "reference", "generation", "rouge_l"])
+    writer.writerows([layer, e.name, e.split, e.description, result.generations[i][j], f"{float(result.rouge[i, j]):.4f}"]
+                     for i, layer in enumerate(result.layers) for j, e in enumerate(result.entities))
     return [atomic_write(out_dir / "results.json", json.dumps(data, indent=2) + "\n"),
             atomic_write(out_dir / "table.md", description_markdown(result) + "\n"),
+            atomic_write(out_dir / "generations.csv", rows.getvalue()),
             atomic_write(out_dir / "rouge_l.png", description_curve_png(result))]
 
 
