@@ -77,16 +77,15 @@ def write_report(results: list[RelationResult], out_dir: Path, meta: dict) -> li
 
 
 def description_curve_png(result: DescriptionResult) -> bytes:
-    """ROUGE-L over layers, one line per split (the paper's Fig. 3), each labelled at its end."""
+    """ROUGE-L over layers, one line per split (the paper's Fig. 3)."""
     fig, ax = plt.subplots(figsize=(7, 4))
     for split, curve in result.splits.items():
         count = sum(e.split == split for e in result.entities)
-        ax.plot(result.layers, curve.numpy(), marker="o", markersize=3, label=f"{split} ({count})")
-        ax.annotate(split, (result.layers[-1], float(curve[-1])), xytext=(4, 0), textcoords="offset points", va="center")
+        ax.plot(result.layers, curve.numpy(), marker="o", markersize=3, label=f"{split} ({count} entities)")
     ax.set_xlabel("layer ℓ = ℓ* (residual index)")
     ax.set_ylabel("ROUGE-L F against the reference")
     ax.set_ylim(0, max(0.05, max(float(c.max()) for c in result.splits.values()) * 1.15))
-    ax.set_title("Entity description: the name's state written into a few-shot description prompt")
+    ax.set_title("Entity description from the name's state, per layer")
     ax.legend(loc="upper left", fontsize=8)
     buffer = io.BytesIO()
     fig.tight_layout()
