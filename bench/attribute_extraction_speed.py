@@ -60,10 +60,19 @@ def main(argv: list[str] | None = None) -> None:
     pairs = [(a, b) for pa, pb in zip(outputs["batched + shared prefix"], outputs["one run per (fact, l, l*)"], strict=True)
              for a, b in zip(pa, pb, strict=True)]
     same = sum(a == b for a, b in pairs) / len(pairs)
+    # Where two generations part, and whether the experiment's verdict (the object appears) agrees.
+    parted = [next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
+              for a, b in pairs if a != b]
+    objects = [f.object for _ in args.layers for _ in args.layers for f in answered]
+    texts = {name: [model.tokenizer.decode(ids) for per_pair in tokens for ids in per_pair] for name, tokens in outputs.items()}
+    verdicts = [mentions(a, o) == mentions(b, o) for a, b, o in
+                zip(texts["batched + shared prefix"], texts["one run per (fact, l, l*)"], objects, strict=True)]
+    verdict_agreement = sum(verdicts) / len(verdicts)
     ratio = timings["one run per (fact, l, l*)"] / timings["batched + shared prefix"]
     report = {"model": args.model, "relation": args.relation, "facts": len(answered), "layers": args.layers,
               "rows": rows, "max_new_tokens": args.max_new_tokens, "seconds": timings, "speedup": ratio,
-              "identical_generation_share": same,
+              "identical_generation_share": same, "first_differing_token": parted,
+              "same_verdict_share": verdict_agreement,
               "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__,
                           "threads": torch.get_num_threads(),
                           "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None}}
@@ -72,7 +81,8 @@ def main(argv: list[str] | None = None) -> None:
     print(f"{'method':>26} {'seconds':>9} {'× loop':>7}")
     for name, seconds in timings.items():
         print(f"{name:>26} {seconds:9.2f} {timings['one run per (fact, l, l*)'] / seconds:7.1f}")
-    print(f"identical generations: {same:.1%} of rows")
+    print(f"identical generations: {same:.1%} of rows; the others part at token {sorted(parted)} of {args.max_new_tokens}; "
+          f"same verdict (object found or not): {verdict_agreement:.1%} of rows")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
     print(f"written to {args.out}")
