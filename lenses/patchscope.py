@@ -218,6 +218,8 @@ class Patchscope:
         rules = [rules] * len(prompts) if isinstance(rules, (int, str)) else list(rules)
         if len(rules) != len(prompts):
             raise ConfigError(f"{len(rules)} source positions for {len(prompts)} prompts; give one rule or one per prompt")
+        layers = list(self.source.layers)
+        self.pairs(model.num_layers, layers)  # range checks before any pass
         token_lists = [model.tokenizer(p)["input_ids"] for p in prompts]
         if any(not ids for ids in token_lists):
             raise ConfigError("a source prompt has no tokens")
@@ -227,8 +229,6 @@ class Patchscope:
         input_ids = torch.tensor([ids + [pad] * (width - len(ids)) for ids in token_lists], device=model.device)
         mask = torch.tensor([[1] * len(ids) + [0] * (width - len(ids)) for ids in token_lists], device=model.device)
         residuals = model.residuals(input_ids, mask)  # (L + 1, P, T, d); right padding leaves earlier positions as they are
-        layers = list(self.source.layers)
-        self.pairs(model.num_layers, layers)  # range checks before any pass
         index = torch.tensor(layers, device=model.device)
         rows = torch.arange(len(prompts), device=model.device)
         states = residuals[index[:, None], rows[None, :], torch.tensor(positions, device=model.device)[None, :]]
@@ -253,26 +253,28 @@ class Patchscope:
         groups = self._groups(model, n, len(pairs), own_prompts)
         flat = mapped.reshape(len(pairs) * n, -1)
         layer_of_row = torch.tensor([t for _, t in pairs], device=flat.device).repeat_interleave(n)
+        chunks = list(self._chunks(groups, flat.device))
         if isinstance(self.readout, NextToken):
             logits = torch.empty(len(pairs) * n, model.vocab_size, device=flat.device)
-            for group in groups:
-                rows = torch.tensor(group.rows, device=flat.device)
-                for start in range(0, len(rows), self.rows_per_pass):
-                    chunk = rows[start:start + self.rows_per_pass]
-                    logits[chunk] = self._pass(model, group, flat[chunk], layer_of_row[chunk])[0].float()
+            for group, chunk in chunks:
+                logits[chunk] = self._pass(model, group, flat[chunk], layer_of_row[chunk])[0].float()
             return PatchscopeResult(pairs, [""] * n, logits=logits.view(len(pairs), n, -1))
         tokens: list[list[int]] = [[] for _ in range(len(pairs) * n)]
-        for group in groups:
-            rows = torch.tensor(group.rows, device=flat.device)
-            for start in range(0, len(rows), self.rows_per_pass):
-                chunk = rows[start:start + self.rows_per_pass]
-                generated = self._generate(model, group, flat[chunk], layer_of_row[chunk])
-                for row, ids in zip(chunk.tolist(), generated, strict=True):
-                    tokens[row] = ids
+        for group, chunk in chunks:
+            generated = self._generate(model, group, flat[chunk], layer_of_row[chunk])
+            for row, ids in zip(chunk.tolist(), generated, strict=True):
+                tokens[row] = ids
         texts = [self._text(model, ids) for ids in tokens]
         shaped_texts = [texts[p * n:(p + 1) * n] for p in range(len(pairs))]
         shaped_tokens = [tokens[p * n:(p + 1) * n] for p in range(len(pairs))]
         return PatchscopeResult(pairs, [""] * n, texts=shaped_texts, tokens=shaped_tokens)
+
+    def _chunks(self, groups: list[_Group], device: torch.device):
+        """(group, rows) for every pass: each group's rows, ``rows_per_pass`` at a time."""
+        for group in groups:
+            rows = torch.tensor(group.rows, device=device)
+            for start in range(0, len(rows), self.rows_per_pass):
+                yield group, rows[start:start + self.rows_per_pass]
 
     def _groups(self, model: FrozenModel, n: int, num_pairs: int, own_prompts) -> list[_Group]:
         """Rows (pair-major: row = pair × N + example) grouped by their target tokens."""

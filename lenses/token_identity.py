@@ -44,8 +44,16 @@ class TokenIdentityLens(Lens):
     def __init__(self, layers: list[int], d_model: int, prompt: str = IDENTITY_PROMPT, rows_per_pass: int = 256):
         super().__init__(layers, d_model)
         self.prompt = prompt
-        self.rows_per_pass = rows_per_pass
         self._scope = token_identity(prompt, rows_per_pass)
+
+    @property
+    def rows_per_pass(self) -> int:
+        """(layer, state) rows per patched forward pass: the patchscope's own setting."""
+        return self._scope.rows_per_pass
+
+    @rows_per_pass.setter
+    def rows_per_pass(self, value: int) -> None:
+        self._scope.rows_per_pass = value
 
     @classmethod
     def for_model(cls, model: FrozenModel, prompt: str = IDENTITY_PROMPT, rows_per_pass: int = 256) -> TokenIdentityLens:
@@ -58,7 +66,6 @@ class TokenIdentityLens(Lens):
     @torch.no_grad()
     def logits(self, model: FrozenModel, h: torch.Tensor) -> torch.Tensor:
         """h: (num_layers, ..., d_model) at ``self.layers`` → (num_layers, ..., vocab) fp32 logits."""
-        self._scope.rows_per_pass = self.rows_per_pass
         shape = h.shape
         flat = h.reshape(shape[0], -1, shape[-1])
         return self._scope.patch(model, flat, self.layers).logits.view(*shape[:-1], -1)

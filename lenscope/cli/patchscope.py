@@ -12,7 +12,6 @@ Every option is also a YAML key (``--print_config`` writes the file to start fro
 
 from __future__ import annotations
 
-import contextlib
 import json
 import sys
 from pathlib import Path
@@ -109,11 +108,10 @@ def attribute(model: str = EMBEDDED_MODEL, facts: str | None = None, relations: 
                                    max_new_tokens, rows_per_pass, probe_folds, on_relation=progress)
     meta = {"model": model, "revision": loaded.revision, "facts": facts or "shipped", "max_new_tokens": max_new_tokens}
     written = write_report(results, Path(out), meta)
-    with _wandb_run(wandb_project, "attribute-extraction", meta) as run:
-        if run is not None:
-            from lenscope.patchscopes.report import log_attribute_to_wandb
+    if wandb_project:
+        from lenscope.patchscopes.report import log_attribute_to_wandb
 
-            log_attribute_to_wandb(run, results, Path(out))
+        _log_to_wandb(wandb_project, "attribute-extraction", meta, lambda run: log_attribute_to_wandb(run, results, Path(out)))
     print(table_markdown(results))
     print(f"\nwritten: {', '.join(str(p) for p in written[:3])} and {len(written) - 3} heatmaps")
 
@@ -147,26 +145,21 @@ def describe(model: str = EMBEDDED_MODEL, entities: str | None = None, layers: l
     meta = {"model": model, "revision": loaded.revision, "entities": entities or "shipped", "prompt": entity_set.prompt(),
             "max_new_tokens": max_new_tokens, "stop": stop}
     written = write_description_report(result, Path(out), meta)
-    with _wandb_run(wandb_project, "entity-description", meta) as run:
-        if run is not None:
-            from lenscope.patchscopes.report import log_description_to_wandb
+    if wandb_project:
+        from lenscope.patchscopes.report import log_description_to_wandb
 
-            log_description_to_wandb(run, result, Path(out))
+        _log_to_wandb(wandb_project, "entity-description", meta, lambda run: log_description_to_wandb(run, result, Path(out)))
     print(description_markdown(result))
     print(f"\nwritten: {', '.join(str(p) for p in written)}")
 
 
-@contextlib.contextmanager
-def _wandb_run(project: str | None, job: str, config: dict):
-    """A W&B run for one experiment (None without a project), finished however the block ends."""
-    if not project:
-        yield None
-        return
+def _log_to_wandb(project: str, job: str, config: dict, log) -> None:
+    """One W&B run for an experiment: ``log(run)`` fills it; it is finished however that ends."""
     import wandb
 
     run = wandb.init(project=project, job_type=job, config=config)
     try:
-        yield run
+        log(run)
     finally:
         run.finish()
 

@@ -14,7 +14,7 @@ states, one class per object, cross-validated (``probe.py``).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -58,7 +58,6 @@ class RelationResult:
     """(source layers,): the share extracted at some target layer."""
     probe: torch.Tensor | None = None
     """(source layers,): the probe's cross-validated accuracy."""
-    examples: dict = field(default_factory=dict)
 
     def summary(self) -> dict:
         def mean_std(values):
@@ -110,7 +109,6 @@ def _extract(model, relation, result: RelationResult, max_new_tokens: int, rows_
     hits = hits.view(len(source_layers), len(target_layers), len(answered))
     result.heatmap = hits.mean(-1)
     result.patchscope = hits.amax(1).mean(-1)
-    result.examples = {f"{s}->{t}": run.texts[i][0] for i, (s, t) in enumerate(run.pairs)}
     classes = {obj: i for i, obj in enumerate(sorted({f.object for f in answered}))}
     if len(answered) >= 2 and len(classes) >= 2:
         labels = torch.tensor([classes[f.object] for f in answered])

@@ -11,15 +11,14 @@ well-known and rare entities: the paper's Fig. 3 is the ROUGE-L curve over layer
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
-from importlib import resources
 from pathlib import Path
 
 import torch
 
 from lenscope.errors import ConfigError
 from lenscope.lenses.patchscope import Generate, Patchscope, Source, Target
+from lenscope.patchscopes.data import read_json
 
 PLACEHOLDER = "x"
 
@@ -48,13 +47,7 @@ class EntitySet:
 def load_entities(path: str | Path | None = None) -> EntitySet:
     """The entity set at ``path`` (default: the one lenscope ships); malformed entries are refused
     in one line."""
-    path = Path(path) if path is not None else Path(str(resources.files("lenscope") / "data" / "entities.json"))
-    try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ConfigError(f"entity set {path} does not exist; pass an existing JSON file") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ConfigError(f"entity set {path} is not valid JSON ({err}); fix the file") from None
+    path, raw = read_json(path, "entities.json", "entity set")
     if not isinstance(raw, dict) or not isinstance(raw.get("entities"), list) or not isinstance(raw.get("few_shot"), list):
         raise ConfigError(f"entity set {path} needs a 'few_shot' list of [name, description] pairs and an 'entities' list")
     few_shot = []

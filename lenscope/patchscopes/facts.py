@@ -15,12 +15,11 @@ mentions the subject (its last token is where the state is read).
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
-from importlib import resources
 from pathlib import Path
 
 from lenscope.errors import ConfigError
+from lenscope.patchscopes.data import read_json
 
 PLACEHOLDER = "x"
 
@@ -56,20 +55,10 @@ class FactSet:
         return [f for f in self.facts if f.relation == relation]
 
 
-def shipped_facts_path() -> Path:
-    return Path(str(resources.files("lenscope") / "data" / "facts.json"))
-
-
 def load_facts(path: str | Path | None = None) -> FactSet:
     """The fact set at ``path`` (default: the one lenscope ships); a malformed file is refused in
     one line naming the entry and what is wrong with it."""
-    path = Path(path) if path is not None else shipped_facts_path()
-    try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ConfigError(f"fact set {path} does not exist; pass an existing JSON file") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ConfigError(f"fact set {path} is not valid JSON ({err}); fix the file") from None
+    path, raw = read_json(path, "facts.json", "fact set")
     if not isinstance(raw, dict) or not isinstance(raw.get("relations"), dict) or not isinstance(raw.get("facts"), list):
         raise ConfigError(f"fact set {path} needs a 'relations' object and a 'facts' list")
     relations = {}

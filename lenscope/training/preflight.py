@@ -181,19 +181,19 @@ def _same(saved, wanted) -> bool:
 _ABSENT = object()
 
 
-def _get(settings: dict, key: str):
-    """``settings[key]``, following dots into nested groups (``base.dtype``); _ABSENT if not there."""
+def _get(settings: dict, key: str, default=None):
+    """``settings[key]``, following dots into nested groups (``base.dtype``); ``default`` if not there."""
     for part in key.split("."):
         if not isinstance(settings, dict) or part not in settings:
-            return _ABSENT
+            return default
         settings = settings[part]
     return settings
 
 
 def _differences(saved: dict, wanted: dict, keys: tuple[str, ...], section: str) -> list[str]:
-    found = [(k, _get(saved, k), _get(wanted, k)) for k in keys]
-    return [f"--{section}.{k} {was!r} (this run: {None if now is _ABSENT else now!r})"
-            for k, was, now in found if was is not _ABSENT and not _same(was, None if now is _ABSENT else now)]
+    found = [(k, _get(saved, k, _ABSENT), _get(wanted, k)) for k in keys]
+    return [f"--{section}.{k} {was!r} (this run: {now!r})" for k, was, now in found
+            if was is not _ABSENT and not _same(was, now)]
 
 
 def check_resume(path: Path, checkpoint: dict, model: dict, data: dict | None, max_steps: int | None) -> None:
