@@ -15,12 +15,14 @@ Residual indices as everywhere in lenscope: 0 is the embeddings, j ≥ 1 the out
 head to act, so the logit lens is ``Target(layers="last")`` on the source prompt itself.
 
 Execution is batched on the patching engine: every (source layer, target layer, prompt) is one row
-of a target pass; rows with the same target tokens run together, ``rows_per_pass`` at a time; when
-the placeholder is the target's last token, the prompt before it runs once and its key/value cache
-serves every row (checked against full passes first, as some models' caches cannot be shared). A
-patch into the last block's output read at the same position is the model's own decoding of the
-state, computed as such (one head product instead of a forward pass; the engine's tests show the
-two agree). Generation patches the prompt pass only, then decodes greedily from its cache.
+of a target pass; rows with the same target tokens run together, ``rows_per_pass`` at a time; the
+prompt before the placeholder runs once and its key/value cache serves every row (checked against
+full passes first, as some models' caches cannot be shared). A patch into the last block's output
+read at the same position is the model's own decoding of the state, computed as such (one head
+product instead of a forward pass; the engine's tests show the two agree). ``NextToken`` reads at
+the written position; ``Generate`` patches the prompt pass only and continues greedily after the
+prompt's last token, so a placeholder inside the prompt (the CoT patchscope of multi-hop queries)
+generates too.
 """
 
 from __future__ import annotations
@@ -59,12 +61,12 @@ class Source:
 class Target:
     """Where the states go: a prompt (None: each source prompt itself, cut after the read position),
     the residual indices written (``same``: the source's; ``last``: the last block's output L; or a
-    list, crossed with the source layers), and the position written (the placeholder's last token;
-    None: the prompt's last token)."""
+    list, crossed with the source layers), and the position written: the placeholder's last token (a
+    span of the prompt, its last occurrence) or a token index; None: the prompt's last token."""
 
     prompt: str | None = None
     layers: Sequence[int] | str = "same"
-    placeholder: str | None = None
+    placeholder: Position | None = None
 
 
 @dataclass
@@ -140,12 +142,20 @@ def token_position(tokenizer, text: str, ids: list[int], where: Position, what: 
     start = text.rfind(where)
     if not where or start < 0:
         raise ConfigError(f"{what} {where!r} is not in {text!r}; name a span of the prompt (or give a token index)")
-    end = start + len(where)  # the token holding the span's last character
+    index = token_ending(tokenizer, text, start + len(where))
+    if index is None:
+        raise ConfigError(f"{what} {where!r} in {text!r} ends inside no token; give a token index instead")
+    return index
+
+
+def token_ending(tokenizer, text: str, end: int) -> int | None:
+    """Index of the token of ``text`` that holds character ``end − 1`` (the last character of a
+    span ending at ``end``), or None."""
     offsets = tokenizer(text, return_offsets_mapping=True)["offset_mapping"]
     for index, (a, b) in enumerate(offsets):
         if a < end <= b:
             return index
-    raise ConfigError(f"{what} {where!r} in {text!r} ends inside no token; give a token index instead")
+    return None
 
 
 @dataclass
@@ -296,16 +306,18 @@ class Patchscope:
 
     # --- one target pass ---------------------------------------------------------------------------------
     def _prefix(self, model: FrozenModel, group: _Group):
-        """Key/value cache of the tokens before a last-token placeholder (batch 1), or None when the
-        placeholder is not last or this model's cache cannot stand in for the prefix."""
-        if not self.share_prefix or group.write_at != len(group.ids) - 1 or len(group.ids) < 2:
+        """Key/value cache of the tokens before the written position (batch 1), or None when there
+        are none or this model's cache cannot stand in for them."""
+        if not self.share_prefix or group.write_at < 1:
             return None
-        prefixes = self._prefixes.setdefault(model, {})
-        key = (tuple(group.ids), str(model.device))
+        # A fixed target prompt's prefix is kept for later calls; each source prompt's own (a new
+        # text per document, when the target is the source prompt) serves its rows once.
+        prefixes = self._prefixes.setdefault(model, {}) if self.target.prompt is not None else {}
+        key = (tuple(group.ids[: group.write_at]), str(model.device))
         if key not in prefixes:
             cache = None
             try:
-                out = model.hf(input_ids=torch.tensor([group.ids[:-1]], device=model.device), use_cache=True)
+                out = model.hf(input_ids=torch.tensor([group.ids[: group.write_at]], device=model.device), use_cache=True)
                 cache = getattr(out, "cache", None) or getattr(out, "past_key_values", None)
                 if cache is not None and not self._prefix_agrees(model, group, cache):
                     cache = None
@@ -315,42 +327,46 @@ class Patchscope:
         return prefixes[key]
 
     def _prefix_agrees(self, model: FrozenModel, group: _Group, cache) -> bool:
-        """Two rows (different states, different layers) through the shared prefix equal full passes."""
+        """Two rows (different states, different layers) through the shared prefix equal full passes,
+        read at the written position and at the prompt's end."""
         generator = torch.Generator().manual_seed(0)
         states = torch.randn(2, model.d_model, generator=generator).to(model.device, model.adapter.unembedding_weight.dtype)
         layers = torch.tensor([1, model.num_layers // 2 + 1], device=model.device).clamp(max=model.num_layers)
-        shared = self._pass(model, group, states, layers, prefix=cache)[0]
-        full = self._pass(model, group, states, layers, prefix=False)[0]
-        return bool(torch.allclose(shared.float(), full.float(), atol=1e-3, rtol=1e-3))
+        for read_last in {False, group.write_at != len(group.ids) - 1}:
+            shared = self._pass(model, group, states, layers, prefix=cache, read_last=read_last)[0]
+            full = self._pass(model, group, states, layers, prefix=False, read_last=read_last)[0]
+            if not torch.allclose(shared.float(), full.float(), atol=1e-3, rtol=1e-3):
+                return False
+        return True
 
     def _pass(self, model: FrozenModel, group: _Group, states: torch.Tensor, layers: torch.Tensor, prefix=None,
-              keep_cache: bool = False):
-        """(logits at the written position of the group's target with states[r] written at layers[r],
-        the cache of the pass if ``keep_cache``, for generation, else None). ``prefix``: None = use the shared prefix if there is one,
-        False = run the whole prompt."""
+              keep_cache: bool = False, read_last: bool = False):
+        """(logits of the group's target with states[r] written at layers[r], read at the written
+        position, or at the prompt's last token if ``read_last``; the cache of the pass if
+        ``keep_cache``, for generation, else None). ``prefix``: None = use the shared prefix if
+        there is one, False = run the whole prompt."""
         count, device = states.shape[0], states.device
         prompt = torch.tensor(group.ids, device=device)
         if prefix is None:
             prefix = self._prefix(model, group)
         states = states.to(model.adapter.unembedding_weight.dtype)
-        if prefix is not False and prefix is not None:  # one token per row after the shared prefix
+        mask = torch.ones(count, prompt.numel(), dtype=torch.long, device=device)
+        if prefix is not False and prefix is not None:  # the tokens from the written one on, after the shared prefix
             cache = copy.deepcopy(prefix)
             cache.batch_repeat_interleave(count)
-            ids, mask = prompt[-1:].expand(count, 1), torch.ones(count, prompt.numel(), dtype=torch.long, device=device)
-            at = torch.zeros(count, dtype=torch.long, device=device)
+            ids, write_at = prompt[group.write_at:].expand(count, -1), 0
         else:
-            cache, ids, mask = None, prompt.expand(count, -1), torch.ones(count, prompt.numel(), dtype=torch.long, device=device)
-            at = torch.full((count,), group.write_at, device=device)
-        out = model.engine.run(ids, mask, layers, at, states, at, past_key_values=cache, return_cache=keep_cache)
+            cache, ids, write_at = None, prompt.expand(count, -1), group.write_at
+        at = torch.full((count,), write_at, device=device)
+        read = torch.full((count,), ids.shape[1] - 1, device=device) if read_last else at
+        out = model.engine.run(ids, mask, layers, at, states, read, past_key_values=cache, return_cache=keep_cache)
         return out if keep_cache else (out, None)
 
     def _generate(self, model: FrozenModel, group: _Group, states: torch.Tensor, layers: torch.Tensor) -> list[list[int]]:
-        """Greedy continuation of each row: the patched prompt pass, then plain cached steps."""
+        """Greedy continuation of each row after the target prompt's end: the patched prompt pass,
+        then plain cached steps."""
         readout = self.readout
-        if group.write_at != len(group.ids) - 1:
-            raise ConfigError("generation continues after the written position: put the placeholder at the end of "
-                              "the target prompt")
-        logits, cache = self._pass(model, group, states, layers, keep_cache=True)
+        logits, cache = self._pass(model, group, states, layers, keep_cache=True, read_last=True)
         count, device = states.shape[0], states.device
         eos = model.tokenizer.eos_token_id
         mask = torch.ones(count, len(group.ids), dtype=torch.long, device=device)
