@@ -16,15 +16,19 @@ from lenscope.lenses.lens import TunedLens
 
 
 class NormalEquations:
-    """Running Σ x̃ x̃ᵀ and Σ x̃ yᵀ per layer, with x̃ = [h, 1]."""
+    """Running Σ x̃ x̃ᵀ and Σ x̃ yᵀ per layer, with x̃ = [h, 1]. The targets y have ``d_out``
+    numbers (default: ``d_model``, a map within one model; another model's width, or several of its
+    layers side by side, for a map between models)."""
 
-    def __init__(self, num_layers: int, d_model: int, device: torch.device | str = "cpu"):
+    def __init__(self, num_layers: int, d_model: int, device: torch.device | str = "cpu", d_out: int | None = None):
+        d_out = d_model if d_out is None else d_out
         self.xtx = torch.zeros(num_layers, d_model + 1, d_model + 1, dtype=torch.float64, device=device)
-        self.xty = torch.zeros(num_layers, d_model + 1, d_model, dtype=torch.float64, device=device)
+        self.xty = torch.zeros(num_layers, d_model + 1, d_out, dtype=torch.float64, device=device)
         self.count = 0
 
     def update(self, h: torch.Tensor, target: torch.Tensor) -> None:
-        """h: (num_layers, N, d) lens inputs; target: (N, d) last-block raw output."""
+        """h: (num_layers, N, d) inputs; target: (N, d_out), the same for every layer (the last
+        block's raw output, for a lens)."""
         if self.xtx.device != h.device:
             self.xtx, self.xty = self.xtx.to(h.device), self.xty.to(h.device)
         x = torch.cat([h.double(), h.new_ones(*h.shape[:2], 1, dtype=torch.float64)], dim=-1)
@@ -44,17 +48,20 @@ class NormalEquations:
         return total
 
     def solve(self, ridge: float = 1e-3) -> tuple[torch.Tensor, torch.Tensor]:
-        """Returns A (num_layers, d, d) and b (num_layers, d) with prediction h Aᵀ + b.
+        """Returns A (num_layers, d_out, d) and b (num_layers, d_out) with prediction h Aᵀ + b.
 
-        ``ridge`` is relative: λ = ridge × mean diagonal of Σ x̃ x̃ᵀ for each layer, so it means
-        the same whatever the scale of the residual stream.
+        ``ridge`` is relative: λ = ridge × the mean of Σ h_k² over the state's coordinates, for
+        each layer, so it means the same whatever the scale of the residual stream; the bias is
+        not penalised (the constant column's Σ 1 = N would otherwise set λ for a stream of small
+        numbers, and shrink A away from what the data say).
         """
         if self.count == 0:
             raise ValueError("no positions were accumulated")
         d1 = self.xtx.shape[-1]
-        scale = self.xtx.diagonal(dim1=1, dim2=2).mean(-1).view(-1, 1, 1)
-        eye = torch.eye(d1, dtype=torch.float64, device=self.xtx.device)
-        solution = torch.linalg.solve(self.xtx + ridge * scale * eye, self.xty)  # (L, d+1, d)
+        scale = self.xtx.diagonal(dim1=1, dim2=2)[:, :-1].mean(-1).view(-1, 1, 1)
+        penalty = torch.ones(d1, dtype=torch.float64, device=self.xtx.device)
+        penalty[-1] = 0.0
+        solution = torch.linalg.solve(self.xtx + ridge * scale * torch.diag(penalty), self.xty)  # (L, d+1, d_out)
         return solution[:, :-1].transpose(1, 2).float(), solution[:, -1].float()
 
 
