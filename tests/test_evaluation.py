@@ -15,6 +15,7 @@ from lenscope.datamodules.patchscope_data import PatchscopeDataModule, collate_d
 from lenscope.datamodules.preprocessing import offset_pairs
 from lenscope.evaluation.baselines import bigram_successors
 from lenscope.lenses.artifact import save_lens
+from lenscope.lenses.learned_prompt import IDENTITY_PROMPT
 from lenscope.lenses.lens import TunedLens
 from lenscope.lenses.metrics import PerLayerMeans
 from lenscope.lenses.token_identity import token_identity
@@ -187,6 +188,20 @@ def test_evaluate_logs_to_wandb(tmp_path, tiny_model_dir, corpus, wandb_spy):
     assert {"patchscopes/precision@1", "patchscopes_png/precision@1"} <= wandb_spy.keys()
 
 
+def test_evaluate_scores_patchscopes_given_in_the_config(tmp_path, tiny_model_dir, corpus):
+    """A patchscope spec from the command line (or YAML) is one more method; written as the
+    built-in ones are, it scores exactly as they do, and a shorter identity prompt differently."""
+    specs = {"identity_again": {"prompt": IDENTITY_PROMPT, "layers": "same"}, "logit_again": {"layers": "last"},
+             "short_identity": {"prompt": "w5 w5 w6 w6 w9", "layers": "same"}}
+    evaluate.main(eval_args(tmp_path / "eval", tiny_model_dir, corpus, "--model.methods", "[logit, token_identity]",
+                            "--model.patchscopes", json.dumps(specs)))
+    metrics = json.loads((tmp_path / "eval" / "results.json").read_text())["metrics"]
+    for metric in ("precision@1", "surprisal_nats", "kl_nats", "future+1/precision@1_model"):
+        assert metrics[metric]["identity_again"] == metrics[metric]["token_identity"]
+        assert metrics[metric]["logit_again"] == metrics[metric]["logit"]
+    assert metrics["kl_nats"]["short_identity"] != metrics["kl_nats"]["token_identity"]
+
+
 @pytest.mark.parametrize(("extra", "message"), [
     pytest.param(["--model.methods", "[logit, psychic]"], "--model.methods has unknown ['psychic']", id="unknown-method"),
     pytest.param(["--data.max_offset", "1"], "raise --data.max_offset to 3", id="offset-beyond-max-offset"),
@@ -195,6 +210,8 @@ def test_evaluate_logs_to_wandb(tmp_path, tiny_model_dir, corpus, wandb_spy):
     pytest.param(["--model.rows_per_pass", "0"], "--model.rows_per_pass must be at least 1, got 0", id="zero-rows-per-pass"),
     pytest.param(["--model.identity_prompt", ""], "has no token to write the state at; pass a prompt ending in a "
                  "placeholder token as --model.identity_prompt", id="empty-identity-prompt"),
+    pytest.param(["--model.patchscopes", '{"grid": {"layers": [1, 2]}}'], "--model.patchscopes 'grid': layers must be "
+                 "'same', 'last' or one residual index", id="patchscope-with-two-target-layers"),
     pytest.param(["--model.ridge", "-1"], "--model.ridge must be a finite number >= 0, got -1.0", id="negative-ridge"),
     pytest.param(["--lenses", "/nonexistent/last.ckpt"], "is not a lens artifact", id="missing-lens"),
     pytest.param(["--model.methods", "[logit]", "--model.rows_per_pass", "many"],

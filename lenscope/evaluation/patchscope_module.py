@@ -64,6 +64,7 @@ class PatchscopeEvaluation(L.LightningModule):
         methods: list[str] = ["logit", "affine", "token_identity", "bigram"],  # noqa: B006
         future_offsets: list[int] = [1, 2, 3],  # noqa: B006
         identity_prompt: str = IDENTITY_PROMPT,
+        patchscopes: dict[str, Target] = {},  # noqa: B006 (never mutated)
         ridge: float = 1e-3,
         rows_per_pass: int = 256,
         output_dir: str = "results/patchscopes",
@@ -78,6 +79,9 @@ class PatchscopeEvaluation(L.LightningModule):
             future_offsets: offsets k ≥ 1 scored against the model's prediction k tokens ahead
                 (and the real token); the lenses' own offsets are added.
             identity_prompt: target prompt of the token-identity patchscope; h_ℓ goes at its last token.
+            patchscopes: more patchscopes to score, by name: a target each (``prompt``, None for
+                the source prompt itself; ``layers``, ``same``, ``last`` or one residual index;
+                ``placeholder``), read as the next-token distribution at the written position.
             ridge: relative ridge term of the least-squares fit.
             rows_per_pass: (layer, example) pairs per batched token-identity forward pass.
             output_dir: folder for results.json, results.csv, results.md and one PNG per metric.
@@ -129,6 +133,13 @@ class PatchscopeEvaluation(L.LightningModule):
         if "token_identity" in methods:
             self.scopes["token_identity"] = token_identity(identity_prompt, rows_per_pass)
         self.scopes.update({key: self._lens_scope(lens) for key, lens in self.lenses.items() if lens.translates})
+        for name, target in patchscopes.items():
+            if name in self.scopes or name in reserved or name in self.lenses:
+                raise ConfigError(f"--model.patchscopes names {name!r}, which a method or lens already has; rename it")
+            if not (target.layers in ("same", "last") or (not isinstance(target.layers, str) and len(target.layers) == 1)):
+                raise ConfigError(f"--model.patchscopes {name!r}: layers must be 'same', 'last' or one residual index "
+                                  f"(one next-token distribution per source layer), got {target.layers!r}")
+            self.scopes[name] = Patchscope(target=target, rows_per_pass=rows_per_pass)
         self.bigram: torch.Tensor | None = None
         self.fit_positions: dict[int, int] = {}
         self.metrics = PerLayerMeans(self._series(), len(self.layers))
@@ -136,10 +147,10 @@ class PatchscopeEvaluation(L.LightningModule):
 
     def _next_token_methods(self) -> list[str]:
         methods = [m for m in ("logit", "affine", "token_identity") if m in self.hparams.methods]
-        return methods + [key for key, lens in self.lenses.items() if lens.offset == 0]
+        return methods + [key for key, lens in self.lenses.items() if lens.offset == 0] + list(self.hparams.patchscopes)
 
     def _future_methods(self, k: int) -> list[str]:
-        methods = [m for m in ("logit", "token_identity") if m in self.hparams.methods]
+        methods = [m for m in ("logit", "token_identity") if m in self.hparams.methods] + list(self.hparams.patchscopes)
         if "affine" in self.hparams.methods:
             methods.append(lens_key("affine", k))
         methods += [key for key, lens in self.lenses.items() if lens.offset == k]
