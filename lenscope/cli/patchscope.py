@@ -6,6 +6,8 @@ Patchscopes paper's experiments.
     lenscope patchscope run --config my_patchscope.yaml
     lenscope patchscope attribute --config configs/patchscopes/attribute_extraction.yaml
     lenscope patchscope describe --config configs/patchscopes/entity_description.yaml
+    lenscope patchscope multihop --config configs/patchscopes/multi_hop.yaml
+    lenscope patchscope crossmodel --config configs/patchscopes/cross_model.yaml
 
 Every option is also a YAML key (``--print_config`` writes the file to start from).
 """
@@ -88,8 +90,7 @@ def attribute(model: str = EMBEDDED_MODEL, facts: str | None = None, relations: 
     from lenscope.patchscopes.facts import load_facts
     from lenscope.patchscopes.report import table_markdown, write_report
 
-    if layer_step < 1:
-        raise ConfigError(f"--layer_step must be at least 1, got {layer_step}")
+    _check_step(layer_step)
     fact_set = load_facts(facts)
     unknown = sorted(set(relations or []) - set(fact_set.relations))
     if unknown:
@@ -118,6 +119,7 @@ def attribute(model: str = EMBEDDED_MODEL, facts: str | None = None, relations: 
 
 def describe(model: str = EMBEDDED_MODEL, entities: str | None = None, layers: list[int] | None = None,
              layer_step: int = 1, max_new_tokens: int = 50, stop: str | None = ",", rows_per_pass: int = 256,
+             target_model: str | None = None, mapping: str | None = None,
              out: str = "results/entity_description", wandb_project: str | None = None) -> None:
     """Entity description (Patchscopes §4.3): ROUGE-L of the description read from each layer.
 
@@ -129,21 +131,30 @@ def describe(model: str = EMBEDDED_MODEL, entities: str | None = None, layers: l
         max_new_tokens: greedy tokens generated (the paper: 50).
         stop: text that ends a description (the few-shot prompt separates its pairs with ',').
         rows_per_pass: (layer, entity) rows per patched forward pass.
+        target_model: describe in another model (the states of `model`, written into this one's prompt).
+        mapping: a cross-model map (map.safetensors written by `lenscope patchscope crossmodel`)
+            applied to the states first; default layers: those it maps to themselves.
         out: folder for results.json, table.md, generations.csv and rouge_l.png.
         wandb_project: also log the curves, the PNG and every generation to this W&B project.
     """
     from lenscope.model.frozen import FrozenModel
+    from lenscope.patchscopes.cross_model import CrossModelMap
     from lenscope.patchscopes.entity_description import entity_description, load_entities
     from lenscope.patchscopes.report import description_markdown, write_description_report
 
-    if layer_step < 1:
-        raise ConfigError(f"--layer_step must be at least 1, got {layer_step}")
+    _check_step(layer_step)
     entity_set = load_entities(entities)
+    fitted = CrossModelMap.load(mapping) if mapping else None
     loaded = FrozenModel.load(model)
+    patched = FrozenModel.load(target_model) if target_model else loaded
+    if fitted is not None:
+        fitted.check(loaded, patched)
+        if layers is None:
+            layers = [layer for layer in fitted.source_layers if layer in fitted.target_layers][::layer_step]
     result = entity_description(loaded, entity_set, layers if layers is not None else loaded.layers[::layer_step],
-                                max_new_tokens, stop, rows_per_pass)
-    meta = {"model": model, "revision": loaded.revision, "entities": entities or "shipped", "prompt": entity_set.prompt(),
-            "max_new_tokens": max_new_tokens, "stop": stop}
+                                max_new_tokens, stop, rows_per_pass, patched, fitted)
+    meta = {"model": model, "target_model": target_model or model, "mapping": mapping, "revision": loaded.revision,
+            "entities": entities or "shipped", "prompt": entity_set.prompt(), "max_new_tokens": max_new_tokens, "stop": stop}
     written = write_description_report(result, Path(out), meta)
     if wandb_project:
         from lenscope.patchscopes.report import log_description_to_wandb
@@ -151,6 +162,134 @@ def describe(model: str = EMBEDDED_MODEL, entities: str | None = None, layers: l
         _log_to_wandb(wandb_project, "entity-description", meta, lambda run: log_description_to_wandb(run, result, Path(out)))
     print(description_markdown(result))
     print(f"\nwritten: {', '.join(str(p) for p in written)}")
+
+
+def multihop(model: str = EMBEDDED_MODEL, facts: str | None = None, source_layers: list[int] | None = None,
+             target_layers: list[int] | None = None, layer_step: int = 1, max_new_tokens: int = 20,
+             rows_per_pass: int = 256, control: bool = True, out: str = "results/multi_hop",
+             wandb_project: str | None = None) -> None:
+    """Multi-hop queries (Patchscopes §5): vanilla, "think step by step" and the CoT patchscope.
+
+    Args:
+        model: hub id, folder or embedded:smollm2-135m.
+        facts: a fact-set JSON file whose chains (an object that is another fact's subject) make
+            the two-hop queries (default: the one lenscope ships).
+        source_layers: residual indices of π1's last token read (default: 0 … L − 1, every layer_step-th).
+        target_layers: residual indices of π2's last token written (default: as the source layers).
+        layer_step: keep every n-th layer of the defaults (the paper sweeps every pair).
+        max_new_tokens: greedy tokens in which the final answer must appear (the paper: 20).
+        rows_per_pass: (layer pair) rows per patched forward pass.
+        control: also sweep each query with another query's π1 state (same passes): the rate a
+            patch reaches without the right bridge entity.
+        out: folder for results.json, table.md, queries.csv and heatmap.png.
+        wandb_project: also log the rates and the heatmap to this W&B project.
+    """
+    from lenscope.model.frozen import FrozenModel
+    from lenscope.patchscopes.facts import load_facts
+    from lenscope.patchscopes.multi_hop import multi_hop
+    from lenscope.patchscopes.report import multi_hop_markdown, write_multi_hop_report
+
+    _check_step(layer_step)
+    fact_set = load_facts(facts)
+    loaded = FrozenModel.load(model)
+    source_layers = source_layers if source_layers is not None else loaded.layers[::layer_step]
+    result = multi_hop(loaded, fact_set, source_layers, target_layers if target_layers is not None else source_layers,
+                       max_new_tokens, rows_per_pass, control, on_query=lambda i, n: print(f"query {i} of {n} swept", flush=True))
+    meta = {"model": model, "revision": loaded.revision, "facts": facts or "shipped", "max_new_tokens": max_new_tokens}
+    written = write_multi_hop_report(result, Path(out), meta)
+    if wandb_project:
+        from lenscope.patchscopes.report import log_multi_hop_to_wandb
+
+        _log_to_wandb(wandb_project, "multi-hop", meta, lambda run: log_multi_hop_to_wandb(run, result, Path(out)))
+    print(multi_hop_markdown(result))
+    print(f"\nwritten: {', '.join(str(p) for p in written)}")
+
+
+def crossmodel(model: str = EMBEDDED_MODEL, target_model: str | None = None, data: str = "demo",
+               text_field: str = "text", holdout_every: int = 0, seed: int = 42, n_fit: int = 10_000,
+               n_eval: int = 2_000, max_words: int = 250, max_chars: int = 2000, seq_len: int | None = None,
+               fit_positions: str = "all", source_layers: list[int] | None = None,
+               target_layers: list[int] | None = None, layer_step: int = 1, ridge: float = 1e-3,
+               batch_size: int = 8, rows_per_pass: int = 256, out: str = "results/cross_model",
+               wandb_project: str | None = None) -> None:
+    """Cross-model patching (Patchscopes §4.4): an affine map from M's layer ℓ to M*'s layer ℓ*,
+    scored by precision@1 and surprisal of M*'s prediction against M's own.
+
+    Args:
+        model: the source model M: hub id, folder or embedded:smollm2-135m.
+        target_model: the model M* patched into (default: M itself; its map at ℓ* = ℓ is then the identity).
+        data: the text both models read: any source train.py reads (.jsonl/.jsonl.zst, glob, hub:<id>) or demo.
+        text_field: JSON field holding the document text.
+        holdout_every: 0: the paper's split (first n_fit documents, then n_eval); n ≥ 2: train.py's held-out share.
+        seed: seeds the shuffle and every document's read position (the paper: 42).
+        n_fit: documents the maps are fitted on (the paper: 10,000).
+        n_eval: documents evaluated, one position each (the paper: 2,000).
+        max_words: keep documents with fewer space-separated words (the paper: 250).
+        max_chars: keep documents with fewer characters (the paper: 2,000).
+        seq_len: longest prefix fed to either model, in tokens (default: the shorter context).
+        fit_positions: all (every aligned position of the fitting documents) or one (one random each, as the paper's code).
+        source_layers: M's residual indices (default: 0 … L − 1, every layer_step-th).
+        target_layers: M*'s residual indices (default: 0 … L* − 1, every layer_step-th).
+        layer_step: keep every n-th layer of the defaults (the paper's code: every 5th).
+        ridge: relative ridge term of the least-squares fit.
+        batch_size: documents per model pass.
+        rows_per_pass: (layer pair, document) rows per patched forward pass.
+        out: folder for map.safetensors (the fitted maps, for `describe --mapping`), results.json,
+            table.md, grid.csv and the two heatmaps.
+        wandb_project: also log the grid and the heatmaps to this W&B project.
+    """
+    from lenscope.datamodules.patchscope_data import PatchscopeDataModule
+    from lenscope.datamodules.sources import DataSourceError
+    from lenscope.model.frozen import FrozenModel
+    from lenscope.patchscopes.cross_model import (
+        MAP_FILE,
+        aligned_documents,
+        evaluate_cross_model,
+        fit_cross_model_map,
+    )
+    from lenscope.patchscopes.report import cross_model_markdown, write_cross_model_report
+
+    _check_step(layer_step)
+    if fit_positions not in ("all", "one"):
+        raise ConfigError(f"--fit_positions must be 'all' or 'one', got {fit_positions!r}")
+    protocol = PatchscopeDataModule(source=data, text_field=text_field, holdout_every=holdout_every, seed=seed,
+                                    n_fit=n_fit, n_eval=n_eval, max_words=max_words, max_chars=max_chars, seq_len=seq_len)
+    source = FrozenModel.load(model)
+    target = FrozenModel.load(target_model) if target_model else source
+    contexts = [c for c in (source.context_length, target.context_length) if c]
+    max_tokens = seq_len or min(contexts, default=1024)
+    source_layers = source_layers if source_layers is not None else source.layers[::layer_step]
+    target_layers = target_layers if target_layers is not None else target.layers[::layer_step]
+    for layers, which, m in ((source_layers, "source", source), (target_layers, "target", target)):
+        bad = [layer for layer in layers if not 0 <= layer <= m.num_layers]
+        if bad:
+            raise ConfigError(f"--{which}_layers {bad} out of range: residual indices are 0..{m.num_layers}")
+    try:
+        fit_texts, eval_texts = protocol.documents()
+    except DataSourceError as err:  # the protocol's own advice names evaluate's flags (--data.n_fit): name these
+        raise DataSourceError(str(err).replace("--data.", "--")) from None
+    print(f"fitting {len(source_layers)} × {len(target_layers)} maps on {len(fit_texts)} documents", flush=True)
+    mapping = fit_cross_model_map(source, target, aligned_documents(source, target, fit_texts, max_tokens),
+                                  source_layers, target_layers, ridge, batch_size, fit_positions, seed)
+    mapping.save(Path(out) / MAP_FILE)
+    print(f"fitted on {mapping.meta['fit_positions']} aligned positions; evaluating {len(eval_texts)} documents", flush=True)
+    result = evaluate_cross_model(source, target, mapping, aligned_documents(source, target, eval_texts, max_tokens),
+                                  seed, protocol.trim, batch_size, rows_per_pass)
+    meta = {"model": model, "target_model": target_model or model, "revision": source.revision,
+            "target_revision": target.revision, "data": data, "seed": seed, "fit_documents": mapping.meta["fit_documents"],
+            "fit_positions": mapping.meta["fit_positions"], "ridge": ridge}
+    written = write_cross_model_report(result, Path(out), meta)
+    if wandb_project:
+        from lenscope.patchscopes.report import log_cross_model_to_wandb
+
+        _log_to_wandb(wandb_project, "cross-model", meta, lambda run: log_cross_model_to_wandb(run, result, Path(out)))
+    print(cross_model_markdown(result))
+    print(f"\nwritten: {Path(out) / MAP_FILE}, {', '.join(str(p) for p in written)}")
+
+
+def _check_step(layer_step: int) -> None:
+    if layer_step < 1:
+        raise ConfigError(f"--layer_step must be at least 1, got {layer_step}")
 
 
 def _log_to_wandb(project: str, job: str, config: dict, log) -> None:
@@ -164,7 +303,7 @@ def _log_to_wandb(project: str, job: str, config: dict, log) -> None:
         run.finish()
 
 
-COMMANDS = {"run": run, "attribute": attribute, "describe": describe}
+COMMANDS = {"run": run, "attribute": attribute, "describe": describe, "multihop": multihop, "crossmodel": crossmodel}
 
 
 def main(argv: list[str] | None = None, prog: str = "lenscope patchscope") -> None:

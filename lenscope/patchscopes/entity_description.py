@@ -87,13 +87,19 @@ def rouge_l(references: list[str], generations: list[str]) -> list[float]:
 
 
 def entity_description(model, entities: EntitySet, layers: list[int] | None = None, max_new_tokens: int = 50,
-                       stop: str | None = ",", rows_per_pass: int = 256, target_model=None) -> DescriptionResult:
-    """Describe every entity from its name's state at each layer (ℓ* = ℓ); ``target_model``: patch
-    into another model (cross-model description; then a mapping between the two is needed unless
-    their widths agree)."""
+                       stop: str | None = ",", rows_per_pass: int = 256, target_model=None,
+                       mapping=None) -> DescriptionResult:
+    """Describe every entity from its name's state at each layer (ℓ* = ℓ). ``target_model``: patch
+    into another model (cross-model description, the paper's Fig. 3 for 7B → 13B); ``mapping``
+    (``f(h, ℓ, ℓ*)``, e.g. a ``CrossModelMap``) maps the states first, needed when the widths differ."""
     layers = list(model.layers if layers is None else layers)
+    if mapping is not None and hasattr(mapping, "source_layers"):
+        missing = [layer for layer in layers if layer not in mapping.source_layers or layer not in mapping.target_layers]
+        if missing:
+            raise ConfigError(f"the mapping has no map from layer {missing[0]} to itself (it covers {mapping.source_layers} → "
+                              f"{mapping.target_layers}); describe at layers it maps, or fit it on these")
     scope = Patchscope(Source([e.name for e in entities.entities], layers, position=-1),
-                       Target(entities.prompt(), layers="same", placeholder=PLACEHOLDER),
+                       Target(entities.prompt(), layers="same", placeholder=PLACEHOLDER), mapping=mapping,
                        readout=Generate(max_new_tokens=max_new_tokens, stop=stop), rows_per_pass=rows_per_pass)
     result = scope.run(model, target_model)
     generations = [[text.strip() for text in per_layer] for per_layer in result.texts]

@@ -4,7 +4,10 @@ Attribute extraction: ``results.json``, the per-relation table (``table.md``, ``
 against patchscope, mean ± std over source layers, as Patchscopes Table 2) and one (ℓ, ℓ*) heatmap
 per relation (``heatmap_<relation>.png``). Entity description: ``results.json``, ``table.md`` (ROUGE-L
 per layer and split, example generations), ``generations.csv`` (every layer × entity with its
-score) and ``rouge_l.png`` (the paper's Fig. 3)."""
+score) and ``rouge_l.png`` (the paper's Fig. 3). Multi-hop: ``results.json``, ``table.md`` (the three
+methods' rates, example queries), ``queries.csv`` and the CoT patchscope's ``heatmap.png``.
+Cross-model: ``results.json``, ``table.md`` and ``grid.csv`` (precision@1 and surprisal over (ℓ,
+ℓ*)), ``precision_at_1.png`` and ``surprisal_nats.png``."""
 
 from __future__ import annotations
 
@@ -20,7 +23,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from lenscope.files import atomic_write  # noqa: E402
 from lenscope.patchscopes.attribute_extraction import RelationResult  # noqa: E402
+from lenscope.patchscopes.cross_model import CrossModelResult  # noqa: E402
 from lenscope.patchscopes.entity_description import DescriptionResult  # noqa: E402
+from lenscope.patchscopes.multi_hop import MultiHopResult  # noqa: E402
 
 
 def _cell(mean: float | None, std: float | None) -> str:
@@ -45,20 +50,27 @@ def table_csv(results: list[RelationResult]) -> str:
     return out.getvalue()
 
 
-def heatmap_png(result: RelationResult) -> bytes:
+def grid_png(grid, source_layers: list[int], target_layers: list[int], title: str, label: str,
+             vmax: float | None = 1.0) -> bytes:
+    """An (ℓ, ℓ*) heatmap: source layers up, target layers across."""
     fig, ax = plt.subplots(figsize=(6, 5))
-    image = ax.imshow(result.heatmap.numpy(), origin="lower", vmin=0, vmax=1, cmap="viridis", aspect="auto")
-    ax.set_xticks(range(len(result.target_layers)), [str(t) for t in result.target_layers], fontsize=7)
-    ax.set_yticks(range(len(result.source_layers)), [str(s) for s in result.source_layers], fontsize=7)
+    image = ax.imshow(grid.numpy(), origin="lower", vmin=0, vmax=vmax, cmap="viridis", aspect="auto")
+    ax.set_xticks(range(len(target_layers)), [str(t) for t in target_layers], fontsize=7)
+    ax.set_yticks(range(len(source_layers)), [str(s) for s in source_layers], fontsize=7)
     ax.set_xlabel("target layer ℓ* (residual index)")
     ax.set_ylabel("source layer ℓ (residual index)")
-    ax.set_title(f"{result.relation}: share of {len(result.answered)} answered facts extracted")
-    fig.colorbar(image, ax=ax)
+    ax.set_title(title, fontsize=10)
+    fig.colorbar(image, ax=ax, label=label)
     buffer = io.BytesIO()
     fig.tight_layout()
     fig.savefig(buffer, format="png", dpi=120)
     plt.close(fig)
     return buffer.getvalue()
+
+
+def heatmap_png(result: RelationResult) -> bytes:
+    return grid_png(result.heatmap, result.source_layers, result.target_layers,
+                    f"{result.relation}: share of {len(result.answered)} answered facts extracted", "share extracted")
 
 
 def write_report(results: list[RelationResult], out_dir: Path, meta: dict) -> list[Path]:
@@ -155,3 +167,127 @@ def log_description_to_wandb(run, result: DescriptionResult, out_dir: Path) -> N
                  columns=["layer", "entity", "split", "reference", "generation", "rouge_l"], data=rows)})
     for split in splits:
         run.summary[f"entity_description/{split}/max_rouge_l"] = float(result.splits[split].max())
+
+
+# --- multi-hop (Patchscopes §5) ------------------------------------------------------------------------
+METHOD_NAMES = {"vanilla": "vanilla (the query)", "step_by_step": '"Let\'s think step by step." + the query',
+                "cot_patchscope": "CoT patchscope (any (ℓ, ℓ*))",
+                "control": "control: another query's π1 state (any (ℓ, ℓ*))"}
+
+
+def multi_hop_markdown(result: MultiHopResult, examples: int = 8) -> str:
+    s = result.summary()
+    lines = [f"{s['chains']} two-hop chains in the fact set; **{s['scored']}** have both single hops answered by the model.",
+             "", "| method | solved | of | rate |", "|---|---:|---:|---:|"]
+    for method, name in METHOD_NAMES.items():
+        if f"{method}_rate" not in s:
+            continue
+        rate = s[f"{method}_rate"]
+        lines.append(f"| {name} | {s[f'{method}_solved']} | {s['scored']} | {'—' if rate is None else f'{rate:.1%}'} |")
+    solved = result.solved()
+    lines += ["", "| query | answer | vanilla | step by step | CoT patchscope pairs | control pairs |", "|---|---|---|---|---:|---:|"]
+    for k, q in enumerate(result.kept[:examples]):
+        def shown(text: str, hit: bool) -> str:
+            return ("✓ " if hit else "✗ ") + text.strip().replace("\n", " ").replace("|", "/")[:60]
+        lines.append(f"| {q.query} | {q.answer} | {shown(result.vanilla[k], bool(solved['vanilla'][k]))} | "
+                     f"{shown(result.step_by_step[k], bool(solved['step_by_step'][k]))} | {int(result.grid[k].sum())} | "
+                     f"{'—' if result.control is None else int(result.control[k].sum())} |")
+    return "\n".join(lines)
+
+
+def write_multi_hop_report(result: MultiHopResult, out_dir: Path, meta: dict) -> list[Path]:
+    out_dir = Path(out_dir)
+    solved = result.solved()
+    pairs = [(s, t) for s in result.source_layers for t in result.target_layers]
+    queries = [{"query": q.query, "answer": q.answer, "bridge": q.first.object,
+                "relations": [q.first.relation, q.second.relation],
+                "vanilla": result.vanilla[k], "step_by_step": result.step_by_step[k],
+                "solved": {m: bool(v[k]) for m, v in solved.items()},
+                "cot_patchscope_pairs": [list(p) for p, hit in zip(pairs, result.grid[k].flatten().tolist(), strict=True) if hit],
+                **({"control_query": result.controls[k].query if result.controls[k] else None,
+                    "control_pairs": [list(p) for p, hit in zip(pairs, result.control[k].flatten().tolist(), strict=True) if hit]}
+                   if result.control is not None else {})}
+               for k, q in enumerate(result.kept)]
+    data = {**meta, **result.summary(), "source_layers": result.source_layers, "target_layers": result.target_layers,
+            "heatmap": result.heatmap().tolist() if result.kept else None, "queries": queries}
+    rows = io.StringIO()
+    writer = csv.writer(rows)
+    writer.writerow(["query", "answer", "vanilla", "step_by_step", "cot_patchscope", "cot_patchscope_pairs",
+                     "control", "control_pairs"])
+    writer.writerows([q["query"], q["answer"], q["solved"]["vanilla"], q["solved"]["step_by_step"],
+                      q["solved"]["cot_patchscope"], len(q["cot_patchscope_pairs"]), q["solved"].get("control", ""),
+                      len(q.get("control_pairs", []))] for q in queries)
+    written = [atomic_write(out_dir / "results.json", json.dumps(data, indent=2) + "\n"),
+               atomic_write(out_dir / "table.md", multi_hop_markdown(result) + "\n"),
+               atomic_write(out_dir / "queries.csv", rows.getvalue())]
+    if result.kept:
+        written.append(atomic_write(out_dir / "heatmap.png", grid_png(
+            result.heatmap(), result.source_layers, result.target_layers,
+            f"CoT patchscope: share of {len(result.kept)} two-hop queries solved", "share solved")))
+    return written
+
+
+def log_multi_hop_to_wandb(run, result: MultiHopResult, out_dir: Path) -> None:
+    import wandb
+
+    s = result.summary()
+    payload = {"multi_hop/rates": wandb.Table(columns=["method", "solved", "scored", "rate"],
+                                              data=[[m, s[f"{m}_solved"], s["scored"], s[f"{m}_rate"]] for m in METHOD_NAMES
+                                                    if f"{m}_rate" in s])}
+    if result.kept:
+        payload["multi_hop/heatmap"] = wandb.Image(str(Path(out_dir) / "heatmap.png"))
+    run.log(payload)
+    for key, value in s.items():
+        if value is not None:
+            run.summary[f"multi_hop/{key}"] = value
+
+
+# --- cross-model patching (Patchscopes §4.4) -------------------------------------------------------------
+def cross_model_markdown(result: CrossModelResult) -> str:
+    lines = []
+    for name, grid, fmt in (("precision@1", result.precision, ".2f"), ("surprisal (nats)", result.surprisal, ".2f")):
+        lines += [f"{name}, source layer ℓ (rows) → target layer ℓ* (columns), {result.positions} positions:", "",
+                  "| ℓ \\ ℓ* | " + " | ".join(str(t) for t in result.target_layers) + " |",
+                  "|---:|" + "---:|" * len(result.target_layers)]
+        lines += [f"| {s} | " + " | ".join(format(float(v), fmt) for v in row) + " |"
+                  for s, row in zip(result.source_layers, grid, strict=True)]
+        lines.append("")
+    lines.append(f"The source model's own surprisal at these positions: {result.model_surprisal:.2f} nats.")
+    if result.identity_error:
+        errors = ", ".join(f"{layer}: {err:.4f}" for layer, err in result.identity_error.items())
+        lines.append(f"Map at ℓ* = ℓ against the identity, mean ‖f(h) − h‖ / ‖h‖ per layer: {errors}.")
+    return "\n".join(lines)
+
+
+def write_cross_model_report(result: CrossModelResult, out_dir: Path, meta: dict) -> list[Path]:
+    out_dir = Path(out_dir)
+    data = {**meta, "source_layers": result.source_layers, "target_layers": result.target_layers,
+            "positions": result.positions, "precision@1": result.precision.tolist(),
+            "surprisal_nats": result.surprisal.tolist(), "model_surprisal_nats": result.model_surprisal,
+            "identity_error": {str(k): v for k, v in result.identity_error.items()}}
+    rows = io.StringIO()
+    writer = csv.writer(rows)
+    writer.writerow(["source_layer", "target_layer", "precision@1", "surprisal_nats"])
+    writer.writerows([s, t, f"{float(result.precision[a, b]):.4f}", f"{float(result.surprisal[a, b]):.4f}"]
+                     for a, s in enumerate(result.source_layers) for b, t in enumerate(result.target_layers))
+    pair = f"{meta.get('model', 'M')} → {meta.get('target_model', 'M*')}"
+    return [atomic_write(out_dir / "results.json", json.dumps(data, indent=2) + "\n"),
+            atomic_write(out_dir / "table.md", cross_model_markdown(result) + "\n"),
+            atomic_write(out_dir / "grid.csv", rows.getvalue()),
+            atomic_write(out_dir / "precision_at_1.png", grid_png(
+                result.precision, result.source_layers, result.target_layers, f"{pair}: precision@1", "precision@1")),
+            atomic_write(out_dir / "surprisal_nats.png", grid_png(
+                result.surprisal, result.source_layers, result.target_layers, f"{pair}: surprisal", "nats",
+                vmax=None))]
+
+
+def log_cross_model_to_wandb(run, result: CrossModelResult, out_dir: Path) -> None:
+    import wandb
+
+    rows = [[s, t, float(result.precision[a, b]), float(result.surprisal[a, b])]
+            for a, s in enumerate(result.source_layers) for b, t in enumerate(result.target_layers)]
+    run.log({"cross_model/grid": wandb.Table(columns=["source_layer", "target_layer", "precision@1", "surprisal_nats"], data=rows),
+             "cross_model/precision_at_1": wandb.Image(str(Path(out_dir) / "precision_at_1.png")),
+             "cross_model/surprisal_nats": wandb.Image(str(Path(out_dir) / "surprisal_nats.png"))})
+    run.summary["cross_model/max_precision@1"] = float(result.precision.max())
+    run.summary["cross_model/positions"] = result.positions
