@@ -125,5 +125,7 @@ def test_lenscope_patchscope_multihop_writes_rates_and_heatmap(model, tiny_model
     results = json.loads((out / "results.json").read_text())
     assert results["scored"] == 3 and len(results["heatmap"]) == 2 and len(results["queries"]) == 3
     assert all(q["control_query"] not in (None, q["query"]) for q in results["queries"])
-    assert (out / "heatmap.png").read_bytes()[:4] == b"\x89PNG"
+    assert all((out / name).read_bytes()[:4] == b"\x89PNG" for name in ("heatmap.png", "heatmap_minus_control.png"))
+    assert results["cot_patchscope_pair_share"] == pytest.approx(
+        sum(len(q["cot_patchscope_pairs"]) for q in results["queries"]) / (3 * 2 * 2))
     assert len((out / "queries.csv").read_text().splitlines()) == 4

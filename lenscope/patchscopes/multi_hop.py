@@ -106,13 +106,18 @@ class MultiHopResult:
 
     def summary(self) -> dict:
         solved = self.solved()
+        grids = {"cot_patchscope": self.grid, **({"control": self.control} if self.control is not None else {})}
         return {"chains": len(self.queries), "scored": len(self.kept),
                 **{f"{method}_rate": (float(hits.float().mean()) if len(hits) else None) for method, hits in solved.items()},
-                **{f"{method}_solved": int(hits.sum()) for method, hits in solved.items()}}
+                **{f"{method}_solved": int(hits.sum()) for method, hits in solved.items()},
+                # the share of (query, ℓ, ℓ*) rows that give the answer: not saturated by "any pair"
+                **{f"{method}_pair_share": (float(grid.float().mean()) if len(self.kept) else None)
+                   for method, grid in grids.items()}}
 
-    def heatmap(self) -> torch.Tensor:
-        """(source layers, target layers): the share of scored queries the pair solves."""
-        return self.grid.float().mean(0)
+    def heatmap(self, control: bool = False) -> torch.Tensor:
+        """(source layers, target layers): the share of scored queries the pair solves (with
+        another query's state if ``control``)."""
+        return (self.control if control else self.grid).float().mean(0)
 
 
 def control_for(queries: list[TwoHop], k: int) -> int | None:

@@ -5,7 +5,8 @@ against patchscope, mean ± std over source layers, as Patchscopes Table 2) and 
 per relation (``heatmap_<relation>.png``). Entity description: ``results.json``, ``table.md`` (ROUGE-L
 per layer and split, example generations), ``generations.csv`` (every layer × entity with its
 score) and ``rouge_l.png`` (the paper's Fig. 3). Multi-hop: ``results.json``, ``table.md`` (the three
-methods' rates, example queries), ``queries.csv`` and the CoT patchscope's ``heatmap.png``.
+methods' rates, example queries), ``queries.csv``, the CoT patchscope's ``heatmap.png`` and its
+difference from the control (``heatmap_minus_control.png``).
 Cross-model: ``results.json``, ``table.md`` and ``grid.csv`` (precision@1 and surprisal over (ℓ,
 ℓ*)), ``precision_at_1.png`` and ``surprisal_nats.png``."""
 
@@ -51,10 +52,10 @@ def table_csv(results: list[RelationResult]) -> str:
 
 
 def grid_png(grid, source_layers: list[int], target_layers: list[int], title: str, label: str,
-             vmax: float | None = 1.0) -> bytes:
+             vmin: float | None = 0.0, vmax: float | None = 1.0, cmap: str = "viridis") -> bytes:
     """An (ℓ, ℓ*) heatmap: source layers up, target layers across."""
     fig, ax = plt.subplots(figsize=(6, 5))
-    image = ax.imshow(grid.numpy(), origin="lower", vmin=0, vmax=vmax, cmap="viridis", aspect="auto")
+    image = ax.imshow(grid.numpy(), origin="lower", vmin=vmin, vmax=vmax, cmap=cmap, aspect="auto")
     ax.set_xticks(range(len(target_layers)), [str(t) for t in target_layers], fontsize=7)
     ax.set_yticks(range(len(source_layers)), [str(s) for s in source_layers], fontsize=7)
     ax.set_xlabel("target layer ℓ* (residual index)")
@@ -178,12 +179,13 @@ METHOD_NAMES = {"vanilla": "vanilla (the query)", "step_by_step": '"Let\'s think
 def multi_hop_markdown(result: MultiHopResult, examples: int = 8) -> str:
     s = result.summary()
     lines = [f"{s['chains']} two-hop chains in the fact set; **{s['scored']}** have both single hops answered by the model.",
-             "", "| method | solved | of | rate |", "|---|---:|---:|---:|"]
+             "", "| method | solved | of | rate | share of (query, ℓ, ℓ*) rows |", "|---|---:|---:|---:|---:|"]
     for method, name in METHOD_NAMES.items():
         if f"{method}_rate" not in s:
             continue
-        rate = s[f"{method}_rate"]
-        lines.append(f"| {name} | {s[f'{method}_solved']} | {s['scored']} | {'—' if rate is None else f'{rate:.1%}'} |")
+        rate, share = s[f"{method}_rate"], s.get(f"{method}_pair_share")
+        lines.append(f"| {name} | {s[f'{method}_solved']} | {s['scored']} | {'—' if rate is None else f'{rate:.1%}'} | "
+                     f"{'—' if share is None else f'{share:.1%}'} |")
     solved = result.solved()
     lines += ["", "| query | answer | vanilla | step by step | CoT patchscope pairs | control pairs |", "|---|---|---|---|---:|---:|"]
     for k, q in enumerate(result.kept[:examples]):
@@ -224,6 +226,13 @@ def write_multi_hop_report(result: MultiHopResult, out_dir: Path, meta: dict) ->
         written.append(atomic_write(out_dir / "heatmap.png", grid_png(
             result.heatmap(), result.source_layers, result.target_layers,
             f"CoT patchscope: share of {len(result.kept)} two-hop queries solved", "share solved")))
+        if result.control is not None:
+            gain = result.heatmap() - result.heatmap(control=True)
+            bound = max(0.05, float(gain.abs().max()))
+            written.append(atomic_write(out_dir / "heatmap_minus_control.png", grid_png(
+                gain, result.source_layers, result.target_layers,
+                "CoT patchscope minus control: what the query's own state adds", "difference in share solved",
+                vmin=-bound, vmax=bound, cmap="RdBu")))
     return written
 
 
@@ -236,6 +245,8 @@ def log_multi_hop_to_wandb(run, result: MultiHopResult, out_dir: Path) -> None:
                                                     if f"{m}_rate" in s])}
     if result.kept:
         payload["multi_hop/heatmap"] = wandb.Image(str(Path(out_dir) / "heatmap.png"))
+        if result.control is not None:
+            payload["multi_hop/heatmap_minus_control"] = wandb.Image(str(Path(out_dir) / "heatmap_minus_control.png"))
     run.log(payload)
     for key, value in s.items():
         if value is not None:
