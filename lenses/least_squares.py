@@ -50,18 +50,23 @@ class NormalEquations:
     def solve(self, ridge: float = 1e-3) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns A (num_layers, d_out, d) and b (num_layers, d_out) with prediction h Aᵀ + b.
 
-        ``ridge`` is relative: λ = ridge × the mean of Σ h_k² over the state's coordinates, for
-        each layer, so it means the same whatever the scale of the residual stream; the bias is
-        not penalised (the constant column's Σ 1 = N would otherwise set λ for a stream of small
-        numbers, and shrink A away from what the data say).
+        ``ridge`` is relative to each coordinate's own spread: the penalty on coordinate k is
+        ridge × Σ (h_k − mean h_k)², the ridge of standardised inputs, so it means the same
+        whatever the scale of the residual stream and however unequal its coordinates are (a few
+        massive activations set a mean-based λ that shrank a map between equal states 15% away
+        from the identity). The bias is not penalised.
         """
         if self.count == 0:
             raise ValueError("no positions were accumulated")
-        d1 = self.xtx.shape[-1]
-        scale = self.xtx.diagonal(dim1=1, dim2=2)[:, :-1].mean(-1).view(-1, 1, 1)
-        penalty = torch.ones(d1, dtype=torch.float64, device=self.xtx.device)
-        penalty[-1] = 0.0
-        solution = torch.linalg.solve(self.xtx + ridge * scale * torch.diag(penalty), self.xty)  # (L, d+1, d_out)
+        count = self.xtx[:, -1:, -1:]  # Σ 1 = N, per layer
+        sums = self.xtx[:, :-1, -1]  # Σ h_k
+        spread = (self.xtx.diagonal(dim1=1, dim2=2)[:, :-1] - sums**2 / count[:, :, 0]).clamp(min=0)  # N × var h_k
+        # A coordinate the data hold constant (or fewer positions than coordinates) still gets a
+        # small penalty, so the system stays solvable.
+        spread = spread + 1e-6 * spread.mean(-1, keepdim=True) + 1e-12 * count[:, :, 0]
+        penalty = torch.zeros_like(self.xtx)
+        penalty[:, :-1, :-1] = torch.diag_embed(ridge * spread)
+        solution = torch.linalg.solve(self.xtx + penalty, self.xty)  # (L, d+1, d_out)
         return solution[:, :-1].transpose(1, 2).float(), solution[:, -1].float()
 
 

@@ -80,3 +80,17 @@ def test_least_squares_fit_steps_fold_pairs_into_the_equations_without_gradients
     torch.testing.assert_close(lens(h)[0], torch.einsum("nd,ed->ne", h[0], a[0]) + b[0], atol=1e-4, rtol=1e-4)
     with pytest.raises(KeyError, match="tuned"):
         fit.step(lambda: {"tuned": (h, h[0])})
+
+
+def test_a_map_between_equal_states_is_the_identity_despite_massive_coordinates():
+    """Residual streams have a few coordinates hundreds of times larger than the rest; the ridge
+    is per coordinate, so it does not shrink the ordinary ones (a λ from the mean of Σ h² did, by
+    ~15% on the embedded model)."""
+    torch.manual_seed(0)
+    h = torch.randn(1, 2000, 16)
+    h[0, :, 3] = h[0, :, 3] * 3000 + 500  # one massive, offset coordinate
+    eq = NormalEquations(num_layers=1, d_model=16)
+    eq.update(h, h[0])
+    a, b = eq.solve(ridge=1e-3)
+    mapped = h[0] @ a[0].T + b[0]
+    assert float(((mapped - h[0]).norm(dim=-1) / h[0].norm(dim=-1)).mean()) < 2e-3

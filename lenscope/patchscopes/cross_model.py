@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
 from lenscope.datamodules.patchscope_data import document_sample
 from lenscope.datamodules.preprocessing import TrimSettings
@@ -162,13 +163,15 @@ def fit_cross_model_map(source, target, docs: list[AlignedDocument], source_laye
     equations = NormalEquations(num_s, source.d_model, source.device, d_out=num_t * d_target)
     s_index = torch.tensor(source_layers, device=source.device)
     t_index = torch.tensor(target_layers, device=target.device)
-    for batch in _batches(docs, batch_size):
+    for batch in tqdm(list(_batches(docs, batch_size)), desc="Fitting the cross-model maps", leave=False):
         chosen = [d.pairs if positions == "all" else [random.Random(f"{seed}/{d.ordinal}").choice(d.pairs)] for d in batch]
         rows = torch.tensor([b for b, pairs in enumerate(chosen) for _ in pairs])
         at_s = torch.tensor([i for pairs in chosen for i, _ in pairs])
         at_t = torch.tensor([j for pairs in chosen for _, j in pairs])
-        h = _residuals(source, [d.source_ids for d in batch])[s_index[:, None], rows[None], at_s[None]]  # (S, P, d)
-        y = _residuals(target, [d.target_ids for d in batch])[t_index[:, None], rows[None], at_t[None]]  # (T, P, d*)
+        source_residuals = _residuals(source, [d.source_ids for d in batch])
+        target_residuals = source_residuals if target is source else _residuals(target, [d.target_ids for d in batch])
+        h = source_residuals[s_index[:, None], rows[None], at_s[None]]  # (S, P, d)
+        y = target_residuals[t_index[:, None], rows[None], at_t[None]]  # (T, P, d*)
         equations.update(h, y.permute(1, 0, 2).reshape(len(rows), num_t * d_target).to(h.device))
     weight, bias = equations.solve(ridge)  # (S, T·d*, d), (S, T·d*)
     meta = {"source_model": source.name, "target_model": target.name, "fit_positions": equations.count,
@@ -246,7 +249,7 @@ def evaluate_cross_model(source, target, mapping: CrossModelMap, docs: list[Alig
     if not chosen:
         raise ConfigError("no evaluation document has a position where both tokenisers agree; give more or other text")
     s_index = torch.tensor(s_layers, device=source.device)
-    for batch in _batches(chosen, batch_size):
+    for batch in tqdm(list(_batches(chosen, batch_size)), desc="Patching the evaluation documents", leave=False):
         rows = torch.arange(len(batch), device=source.device)
         at = torch.tensor([i for _, (i, _) in batch], device=source.device)
         residuals = _residuals(source, [d.source_ids for d, _ in batch])
