@@ -88,7 +88,6 @@ def attribute(model: str = EMBEDDED_MODEL, facts: str | None = None, relations: 
     from lenscope.model.frozen import FrozenModel
     from lenscope.patchscopes.attribute_extraction import attribute_extraction
     from lenscope.patchscopes.facts import load_facts
-    from lenscope.patchscopes.report import table_markdown, write_report
 
     _check_step(layer_step)
     fact_set = load_facts(facts)
@@ -108,13 +107,7 @@ def attribute(model: str = EMBEDDED_MODEL, facts: str | None = None, relations: 
                                    target_layers if target_layers is not None else source_layers,
                                    max_new_tokens, rows_per_pass, probe_folds, on_relation=progress)
     meta = {"model": model, "revision": loaded.revision, "facts": facts or "shipped", "max_new_tokens": max_new_tokens}
-    written = write_report(results, Path(out), meta)
-    if wandb_project:
-        from lenscope.patchscopes.report import log_attribute_to_wandb
-
-        _log_to_wandb(wandb_project, "attribute-extraction", meta, lambda run: log_attribute_to_wandb(run, results, Path(out)))
-    print(table_markdown(results))
-    print(f"\nwritten: {', '.join(str(p) for p in written[:3])} and {len(written) - 3} heatmaps")
+    _publish("attribute-extraction", results, out, meta, wandb_project)
 
 
 def describe(model: str = EMBEDDED_MODEL, entities: str | None = None, layers: list[int] | None = None,
@@ -140,7 +133,6 @@ def describe(model: str = EMBEDDED_MODEL, entities: str | None = None, layers: l
     from lenscope.model.frozen import FrozenModel
     from lenscope.patchscopes.cross_model import CrossModelMap
     from lenscope.patchscopes.entity_description import entity_description, load_entities
-    from lenscope.patchscopes.report import description_markdown, write_description_report
 
     _check_step(layer_step)
     entity_set = load_entities(entities)
@@ -155,13 +147,7 @@ def describe(model: str = EMBEDDED_MODEL, entities: str | None = None, layers: l
                                 max_new_tokens, stop, rows_per_pass, patched, fitted)
     meta = {"model": model, "target_model": target_model or model, "mapping": mapping, "revision": loaded.revision,
             "entities": entities or "shipped", "prompt": entity_set.prompt(), "max_new_tokens": max_new_tokens, "stop": stop}
-    written = write_description_report(result, Path(out), meta)
-    if wandb_project:
-        from lenscope.patchscopes.report import log_description_to_wandb
-
-        _log_to_wandb(wandb_project, "entity-description", meta, lambda run: log_description_to_wandb(run, result, Path(out)))
-    print(description_markdown(result))
-    print(f"\nwritten: {', '.join(str(p) for p in written)}")
+    _publish("entity-description", result, out, meta, wandb_project)
 
 
 def multihop(model: str = EMBEDDED_MODEL, facts: str | None = None, source_layers: list[int] | None = None,
@@ -187,7 +173,6 @@ def multihop(model: str = EMBEDDED_MODEL, facts: str | None = None, source_layer
     from lenscope.model.frozen import FrozenModel
     from lenscope.patchscopes.facts import load_facts
     from lenscope.patchscopes.multi_hop import multi_hop
-    from lenscope.patchscopes.report import multi_hop_markdown, write_multi_hop_report
 
     _check_step(layer_step)
     fact_set = load_facts(facts)
@@ -196,13 +181,7 @@ def multihop(model: str = EMBEDDED_MODEL, facts: str | None = None, source_layer
     result = multi_hop(loaded, fact_set, source_layers, target_layers if target_layers is not None else source_layers,
                        max_new_tokens, rows_per_pass, control, on_query=lambda i, n: print(f"query {i} of {n} swept", flush=True))
     meta = {"model": model, "revision": loaded.revision, "facts": facts or "shipped", "max_new_tokens": max_new_tokens}
-    written = write_multi_hop_report(result, Path(out), meta)
-    if wandb_project:
-        from lenscope.patchscopes.report import log_multi_hop_to_wandb
-
-        _log_to_wandb(wandb_project, "multi-hop", meta, lambda run: log_multi_hop_to_wandb(run, result, Path(out)))
-    print(multi_hop_markdown(result))
-    print(f"\nwritten: {', '.join(str(p) for p in written)}")
+    _publish("multi-hop", result, out, meta, wandb_project)
 
 
 def crossmodel(model: str = EMBEDDED_MODEL, target_model: str | None = None, data: str = "demo",
@@ -247,7 +226,6 @@ def crossmodel(model: str = EMBEDDED_MODEL, target_model: str | None = None, dat
         evaluate_cross_model,
         fit_cross_model_map,
     )
-    from lenscope.patchscopes.report import cross_model_markdown, write_cross_model_report
 
     _check_step(layer_step)
     if fit_positions not in ("all", "one"):
@@ -278,13 +256,7 @@ def crossmodel(model: str = EMBEDDED_MODEL, target_model: str | None = None, dat
     meta = {"model": model, "target_model": target_model or model, "revision": source.revision,
             "target_revision": target.revision, "data": data, "seed": seed, "fit_documents": mapping.meta["fit_documents"],
             "fit_positions": mapping.meta["fit_positions"], "ridge": ridge}
-    written = write_cross_model_report(result, Path(out), meta)
-    if wandb_project:
-        from lenscope.patchscopes.report import log_cross_model_to_wandb
-
-        _log_to_wandb(wandb_project, "cross-model", meta, lambda run: log_cross_model_to_wandb(run, result, Path(out)))
-    print(cross_model_markdown(result))
-    print(f"\nwritten: {Path(out) / MAP_FILE}, {', '.join(str(p) for p in written)}")
+    _publish("cross-model", result, out, meta, wandb_project, also=[Path(out) / MAP_FILE])
 
 
 def _check_step(layer_step: int) -> None:
@@ -292,15 +264,24 @@ def _check_step(layer_step: int) -> None:
         raise ConfigError(f"--layer_step must be at least 1, got {layer_step}")
 
 
-def _log_to_wandb(project: str, job: str, config: dict, log) -> None:
-    """One W&B run for an experiment: ``log(run)`` fills it; it is finished however that ends."""
-    import wandb
+def _publish(job: str, result, out: str, meta: dict, wandb_project: str | None, also: list[Path] = ()) -> None:  # noqa: B006
+    """An experiment's files (``report.REPORTS[job]``), its W&B run if asked for, and its table on
+    the terminal. ``also``: files the command wrote itself, named with the others."""
+    from lenscope.patchscopes.report import REPORTS
 
-    run = wandb.init(project=project, job_type=job, config=config)
-    try:
-        log(run)
-    finally:
-        run.finish()
+    write, log, markdown = REPORTS[job]
+    written = [*also, *write(result, Path(out), meta)]
+    if wandb_project:
+        import wandb
+
+        run = wandb.init(project=wandb_project, job_type=job, config=meta)
+        try:
+            log(run, result, Path(out))
+        finally:
+            run.finish()
+    print(markdown(result))
+    shown = [str(p) for p in written] if len(written) <= 6 else [*map(str, written[:3]), f"{len(written) - 3} more files"]
+    print(f"\nwritten: {', '.join(shown)}")
 
 
 COMMANDS = {"run": run, "attribute": attribute, "describe": describe, "multihop": multihop, "crossmodel": crossmodel}

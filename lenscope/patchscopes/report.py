@@ -302,3 +302,12 @@ def log_cross_model_to_wandb(run, result: CrossModelResult, out_dir: Path) -> No
              "cross_model/surprisal_nats": wandb.Image(str(Path(out_dir) / "surprisal_nats.png"))})
     run.summary["cross_model/max_precision@1"] = float(result.precision.max())
     run.summary["cross_model/positions"] = result.positions
+
+
+REPORTS = {
+    "attribute-extraction": (write_report, log_attribute_to_wandb, table_markdown),
+    "entity-description": (write_description_report, log_description_to_wandb, description_markdown),
+    "multi-hop": (write_multi_hop_report, log_multi_hop_to_wandb, multi_hop_markdown),
+    "cross-model": (write_cross_model_report, log_cross_model_to_wandb, cross_model_markdown),
+}
+"""Per experiment (its W&B job type): write the files, log to a W&B run, the terminal table."""
