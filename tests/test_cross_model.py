@@ -113,7 +113,7 @@ def test_a_model_into_itself_maps_a_layer_to_itself_and_its_last_column_is_the_a
     layers = [0, 1, 2]
     fit = aligned_documents(llama, llama, texts(20, seed=0), 200)
     evaluation = aligned_documents(llama, llama, texts(10, seed=1), 200)
-    mapping = fit_cross_model_map(llama, llama, fit, layers, [*layers, llama.num_layers])
+    mapping = fit_cross_model_map(llama, llama, fit, layers, [*layers, llama.num_layers], ridge=1e-3)
     result = evaluate_cross_model(llama, llama, mapping, evaluation, seed=3)
     # ℓ* = ℓ: the identity, so the model's own prediction
     assert max(result.identity_error.values()) < 1e-2, result.identity_error
@@ -125,7 +125,7 @@ def test_a_model_into_itself_maps_a_layer_to_itself_and_its_last_column_is_the_a
         r = llama.residuals(torch.tensor([d.source_ids]))[:, 0]
         at = torch.tensor([i for i, _ in d.pairs])
         equations.update(r[layers][:, at], r[-1][at])
-    lens = equations.fit(AffineLens(layers, llama.d_model, bias=True))
+    lens = equations.fit(AffineLens(layers, llama.d_model, bias=True), ridge=1e-3)
     positions = [read_position(d, 3, TrimSettings()) for d in evaluation]
     states = torch.stack([llama.residuals(torch.tensor([d.source_ids]))[layers, 0, i] for d, (i, _) in zip(evaluation, positions, strict=True)], 1)
     own = torch.stack([llama.log_probs(llama.residuals(torch.tensor([d.source_ids]))[-1, 0, i]) for d, (i, _) in zip(evaluation, positions, strict=True)])

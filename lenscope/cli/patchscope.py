@@ -188,7 +188,7 @@ def crossmodel(model: str = EMBEDDED_MODEL, target_model: str | None = None, dat
                text_field: str = "text", holdout_every: int = 0, seed: int = 42, n_fit: int = 10_000,
                n_eval: int = 2_000, max_words: int = 250, max_chars: int = 2000, seq_len: int | None = None,
                fit_positions: str = "all", source_layers: list[int] | None = None,
-               target_layers: list[int] | None = None, layer_step: int = 1, ridge: float = 1e-3,
+               target_layers: list[int] | None = None, layer_step: int = 1, ridge: float = 1e-6,
                batch_size: int = 8, rows_per_pass: int = 256, out: str = "results/cross_model",
                wandb_project: str | None = None) -> None:
     """Cross-model patching (Patchscopes §4.4): an affine map from M's layer ℓ to M*'s layer ℓ*,
@@ -210,7 +210,10 @@ def crossmodel(model: str = EMBEDDED_MODEL, target_model: str | None = None, dat
         source_layers: M's residual indices (default: 0 … L − 1, every layer_step-th).
         target_layers: M*'s residual indices (default: 0 … L* − 1, every layer_step-th).
         layer_step: keep every n-th layer of the defaults (the paper's code: every 5th).
-        ridge: relative ridge term of the least-squares fit.
+        ridge: per-coordinate ridge term of the least-squares fit (smaller than `evaluate`'s 1e-3:
+            the fit has tens of thousands of positions, and a larger one pulls the rare huge
+            values of a massive-activation coordinate, so even the map between equal states
+            drifts from the identity).
         batch_size: documents per model pass.
         rows_per_pass: (layer pair, document) rows per patched forward pass.
         out: folder for map.safetensors (the fitted maps, for `describe --mapping`), results.json,

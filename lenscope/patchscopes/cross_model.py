@@ -150,10 +150,12 @@ def _residuals(model, token_lists: list[list[int]]) -> torch.Tensor:
 
 @torch.no_grad()
 def fit_cross_model_map(source, target, docs: list[AlignedDocument], source_layers: list[int],
-                        target_layers: list[int], ridge: float = 1e-3, batch_size: int = 8,
+                        target_layers: list[int], ridge: float = 1e-6, batch_size: int = 8,
                         positions: str = "all", seed: int = 42) -> CrossModelMap:
     """Least squares from M's states at ``source_layers`` to M*'s at ``target_layers`` over the
-    aligned positions of ``docs`` (``all``, or ``one`` per document as the paper's code)."""
+    aligned positions of ``docs`` (``all``, or ``one`` per document as the paper's code). The
+    ridge is per coordinate (``NormalEquations.solve``); smaller than the affine lens's 1e-3, as the
+    fit has many positions and a map between equal states must stay the identity."""
     if positions not in ("all", "one"):
         raise ConfigError(f"fit positions must be 'all' or 'one', got {positions!r}")
     if not docs:
