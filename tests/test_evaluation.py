@@ -188,6 +188,25 @@ def test_evaluate_logs_to_wandb(tmp_path, tiny_model_dir, corpus, wandb_spy):
     assert {"patchscopes/precision@1", "patchscopes_png/precision@1"} <= wandb_spy.keys()
 
 
+def test_batching_documents_by_length_changes_no_result(tmp_path, tiny_model_dir, corpus):
+    """Less padding, the same numbers: the fit's sums and the metrics' means do not depend on which
+    documents share a batch (float rounding aside)."""
+    results = {}
+    for by_length in ("true", "false"):
+        evaluate.main(eval_args(tmp_path / by_length, tiny_model_dir, corpus, "--model.methods", "[logit, affine]",
+                                "--data.by_length", by_length, "--data.fit_positions", "all"))
+        results[by_length] = json.loads((tmp_path / by_length / "results.json").read_text())
+    assert results["true"]["counts"] == results["false"]["counts"]
+    assert results["true"]["affine_fit_positions"] == results["false"]["affine_fit_positions"]
+    for metric, by_method in results["false"]["metrics"].items():
+        for method, values in by_method.items():
+            assert results["true"]["metrics"][metric][method] == pytest.approx(values, abs=1e-5), (metric, method)
+    # ... while the batches did change: by length, each batch pads less
+    widths = [batch["input_ids"].shape[1] for batch in protocol(corpus, n_fit=40, n_eval=24).test_dataloader()]
+    unsorted = [batch["input_ids"].shape[1] for batch in protocol(corpus, n_fit=40, n_eval=24, by_length=False).test_dataloader()]
+    assert widths == sorted(widths) and sum(widths) < sum(unsorted)
+
+
 def test_evaluate_scores_patchscopes_given_in_the_config(tmp_path, tiny_model_dir, corpus):
     """A patchscope spec from the command line (or YAML) is one more method; written as the
     built-in ones are, it scores exactly as they do, and a shorter identity prompt differently."""
