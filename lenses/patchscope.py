@@ -234,11 +234,7 @@ class Patchscope:
         if any(not ids for ids in token_lists):
             raise ConfigError("a source prompt has no tokens")
         positions = [token_position(model.tokenizer, p, ids, r, "source") for p, ids, r in zip(prompts, token_lists, rules, strict=True)]
-        width = max(len(ids) for ids in token_lists)
-        pad = model.tokenizer.pad_token_id or 0
-        input_ids = torch.tensor([ids + [pad] * (width - len(ids)) for ids in token_lists], device=model.device)
-        mask = torch.tensor([[1] * len(ids) + [0] * (width - len(ids)) for ids in token_lists], device=model.device)
-        residuals = model.residuals(input_ids, mask)  # (L + 1, P, T, d); right padding leaves earlier positions as they are
+        residuals = model.residuals_of(token_lists)  # (L + 1, P, T, d)
         index = torch.tensor(layers, device=model.device)
         rows = torch.arange(len(prompts), device=model.device)
         states = residuals[index[:, None], rows[None, :], torch.tensor(positions, device=model.device)[None, :]]
@@ -310,10 +306,12 @@ class Patchscope:
         are none or this model's cache cannot stand in for them."""
         if not self.share_prefix or group.write_at < 1:
             return None
-        # A fixed target prompt's prefix is kept for later calls; each source prompt's own (a new
-        # text per document, when the target is the source prompt) serves its rows once.
-        prefixes = self._prefixes.setdefault(model, {}) if self.target.prompt is not None else {}
+        prefixes = self._prefixes.setdefault(model, {})
         key = (tuple(group.ids[: group.write_at]), str(model.device))
+        if key not in prefixes and self.target.prompt is None:
+            # Each source prompt is its own target (a new text per document): keep only the
+            # prefix of the group being run, whose rows come one chunk after another.
+            prefixes.clear()
         if key not in prefixes:
             cache = None
             try:

@@ -70,6 +70,16 @@ def test_a_placeholder_in_the_middle_shares_the_prompt_before_it(model):
     assert [key[0] for key in shared._prefixes[model]] == [tuple(model.tokenizer(target)["input_ids"][:2])]
 
 
+def test_each_source_prompt_as_its_own_target_keeps_one_prefix_at_a_time(model):
+    """The rows of one document come in several passes (rows_per_pass) and share its prefix; the
+    prefixes of documents already run are not kept (one per document would grow without bound)."""
+    source = Source(PROMPTS, [0, 1, 2], position=-1)
+    shared = Patchscope(source, Target(layers=[1, 2]), rows_per_pass=2)
+    full = Patchscope(source, Target(layers=[1, 2]), rows_per_pass=2, share_prefix=False)
+    torch.testing.assert_close(shared.run(model).logits, full.run(model).logits, rtol=1e-5, atol=1e-5)
+    assert [key[0] for key in shared._prefixes[model]] == [tuple(model.tokenizer(PROMPTS[-1])["input_ids"][:-1])]
+
+
 def test_generation_after_a_placeholder_in_the_middle_continues_from_the_prompts_end(model):
     """The CoT patchscope's shape: written inside the prompt, generated after it. Reference: every
     step one whole patched pass over the prompt and the tokens so far, read at the end."""

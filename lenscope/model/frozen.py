@@ -94,6 +94,16 @@ class FrozenModel:
         """The residual stream at every block boundary: (num_layers + 1, batch, seq, d_model)."""
         return self.reader.read(input_ids, attention_mask)
 
+    def residuals_of(self, token_lists: list[list[int]]) -> torch.Tensor:
+        """The residual stream of several token lists of different lengths, right-padded into one
+        batch: (num_layers + 1, batch, longest, d_model); a list's positions are as if it ran alone
+        (causal attention never sees the padding after them)."""
+        width = max(len(ids) for ids in token_lists)
+        pad = self.tokenizer.pad_token_id or 0
+        input_ids = torch.tensor([ids + [pad] * (width - len(ids)) for ids in token_lists], device=self.device)
+        mask = torch.tensor([[1] * len(ids) + [0] * (width - len(ids)) for ids in token_lists], device=self.device)
+        return self.residuals(input_ids, mask)
+
     def decode(self, h: torch.Tensor) -> torch.Tensor:
         """(..., d_model) → (..., vocab) logits, exactly as the model decodes its last residual
         (final norm, unembedding, and any soft-cap or scale the family applies)."""

@@ -139,15 +139,6 @@ def _batches(docs: list, size: int):
         yield docs[start:start + size]
 
 
-def _residuals(model, token_lists: list[list[int]]) -> torch.Tensor:
-    """(L + 1, B, T, d) of right-padded token lists."""
-    width = max(len(ids) for ids in token_lists)
-    pad = model.tokenizer.pad_token_id or 0
-    ids = torch.tensor([t + [pad] * (width - len(t)) for t in token_lists], device=model.device)
-    mask = torch.tensor([[1] * len(t) + [0] * (width - len(t)) for t in token_lists], device=model.device)
-    return model.residuals(ids, mask)
-
-
 @torch.no_grad()
 def fit_cross_model_map(source, target, docs: list[AlignedDocument], source_layers: list[int],
                         target_layers: list[int], ridge: float = 1e-6, batch_size: int = 8,
@@ -170,8 +161,8 @@ def fit_cross_model_map(source, target, docs: list[AlignedDocument], source_laye
         rows = torch.tensor([b for b, pairs in enumerate(chosen) for _ in pairs])
         at_s = torch.tensor([i for pairs in chosen for i, _ in pairs])
         at_t = torch.tensor([j for pairs in chosen for _, j in pairs])
-        source_residuals = _residuals(source, [d.source_ids for d in batch])
-        target_residuals = source_residuals if target is source else _residuals(target, [d.target_ids for d in batch])
+        source_residuals = source.residuals_of([d.source_ids for d in batch])
+        target_residuals = source_residuals if target is source else target.residuals_of([d.target_ids for d in batch])
         h = source_residuals[s_index[:, None], rows[None], at_s[None]]  # (S, P, d)
         y = target_residuals[t_index[:, None], rows[None], at_t[None]]  # (T, P, d*)
         equations.update(h, y.permute(1, 0, 2).reshape(len(rows), num_t * d_target).to(h.device))
@@ -254,7 +245,7 @@ def evaluate_cross_model(source, target, mapping: CrossModelMap, docs: list[Alig
     for batch in tqdm(list(_batches(chosen, batch_size)), desc="Patching the evaluation documents", leave=False):
         rows = torch.arange(len(batch), device=source.device)
         at = torch.tensor([i for _, (i, _) in batch], device=source.device)
-        residuals = _residuals(source, [d.source_ids for d, _ in batch])
+        residuals = source.residuals_of([d.source_ids for d, _ in batch])
         states = residuals[s_index[:, None], rows[None], at[None]]  # (S, B, d)
         own = source.log_probs(residuals[-1][rows, at])  # (B, V) M's own prediction
         own_top = own.argmax(-1)
