@@ -214,3 +214,6 @@ def test_crossmodel_refuses_bad_settings_in_one_line(tiny_model_dir, corpus, cap
         cli.main(["patchscope", "crossmodel", "--model", str(tiny_model_dir), "--data", str(corpus), "--n_fit", "5000"])
     err = capsys.readouterr().err
     assert "has no evaluation documents" in err and "lower --n_fit" in err and "--data." not in err
+    with pytest.raises(SystemExit):
+        cli.main(["patchscope", "crossmodel", "--model", str(tiny_model_dir), "--data", str(corpus), "--seq_len", "999"])
+    assert "--seq_len is 999 but the model's context is 256; lower --seq_len" in capsys.readouterr().err

@@ -238,17 +238,18 @@ def crossmodel(model: str = EMBEDDED_MODEL, target_model: str | None = None, dat
     source = FrozenModel.load(model)
     target = FrozenModel.load(target_model) if target_model else source
     contexts = [c for c in (source.context_length, target.context_length) if c]
-    max_tokens = seq_len or min(contexts, default=1024)
     source_layers = source_layers if source_layers is not None else source.layers[::layer_step]
     target_layers = target_layers if target_layers is not None else target.layers[::layer_step]
     for layers, which, m in ((source_layers, "source", source), (target_layers, "target", target)):
         bad = [layer for layer in layers if not 0 <= layer <= m.num_layers]
         if bad:
             raise ConfigError(f"--{which}_layers {bad} out of range: residual indices are 0..{m.num_layers}")
-    try:
+    try:  # the protocol's own checks: --seq_len within both contexts, enough documents
+        protocol.bind(source.tokenizer, min(contexts, default=None))
         fit_texts, eval_texts = protocol.documents()
-    except DataSourceError as err:  # the protocol's own advice names evaluate's flags (--data.n_fit): name these
-        raise DataSourceError(str(err).replace("--data.", "--")) from None
+    except (ConfigError, DataSourceError) as err:  # their advice names evaluate's flags (--data.n_fit): name these
+        raise type(err)(str(err).replace("--data.", "--")) from None
+    max_tokens = protocol.seq_len
     print(f"fitting {len(source_layers)} × {len(target_layers)} maps on {len(fit_texts)} documents", flush=True)
     mapping = fit_cross_model_map(source, target, aligned_documents(source, target, fit_texts, max_tokens),
                                   source_layers, target_layers, ridge, batch_size, fit_positions, seed)
