@@ -200,15 +200,19 @@ def multi_hop_markdown(result: MultiHopResult, examples: int = 8) -> str:
 def write_multi_hop_report(result: MultiHopResult, out_dir: Path, meta: dict) -> list[Path]:
     out_dir = Path(out_dir)
     solved = result.solved()
-    pairs = [(s, t) for s in result.source_layers for t in result.target_layers]
+    pairs = [[s, t] for s in result.source_layers for t in result.target_layers]
+
+    def hit_pairs(grid) -> list[list[int]]:
+        """The (ℓ, ℓ*) pairs a query's (S, T) grid marks."""
+        return [p for p, hit in zip(pairs, grid.flatten().tolist(), strict=True) if hit]
+
     queries = [{"query": q.query, "answer": q.answer, "bridge": q.first.object,
                 "relations": [q.first.relation, q.second.relation],
                 "vanilla": result.vanilla[k], "step_by_step": result.step_by_step[k],
                 "solved": {m: bool(v[k]) for m, v in solved.items()},
-                "cot_patchscope_pairs": [list(p) for p, hit in zip(pairs, result.grid[k].flatten().tolist(), strict=True) if hit],
+                "cot_patchscope_pairs": hit_pairs(result.grid[k]),
                 **({"control_query": result.controls[k].query if result.controls[k] else None,
-                    "control_pairs": [list(p) for p, hit in zip(pairs, result.control[k].flatten().tolist(), strict=True) if hit]}
-                   if result.control is not None else {})}
+                    "control_pairs": hit_pairs(result.control[k])} if result.control is not None else {})}
                for k, q in enumerate(result.kept)]
     data = {**meta, **result.summary(), "source_layers": result.source_layers, "target_layers": result.target_layers,
             "heatmap": result.heatmap().tolist() if result.kept else None, "queries": queries}
