@@ -16,6 +16,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from lenscope.model.adapter import ArchitectureAdapter
+from lenscope.model.heads import AttentionHeads
 from lenscope.model.loading import (
     EMBEDDED_MODEL,
     BaseModelSettings,
@@ -103,6 +104,19 @@ class FrozenModel:
         input_ids = torch.tensor([ids + [pad] * (width - len(ids)) for ids in token_lists], device=self.device)
         mask = torch.tensor([[1] * len(ids) + [0] * (width - len(ids)) for ids in token_lists], device=self.device)
         return self.residuals(input_ids, mask)
+
+    @property
+    def heads(self) -> AttentionHeads:
+        """Where every block's attention heads are (found on first use; ``HeadsError`` where the
+        model has none)."""
+        return self.engine.heads
+
+    def head_outputs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                     layers: list[int] | None = None) -> torch.Tensor:
+        """Every attention head's output (the input of the attention output projection, split by
+        head): (len(layers), batch, seq, num_heads, head_dim); ``layers`` are block indices (default:
+        every block with attention)."""
+        return self.engine.head_outputs(input_ids, attention_mask, layers)
 
     def decode(self, h: torch.Tensor) -> torch.Tensor:
         """(..., d_model) → (..., vocab) logits, exactly as the model decodes its last residual

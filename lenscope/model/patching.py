@@ -17,10 +17,13 @@ that is the logit lens as a patchscope.
 from __future__ import annotations
 
 import inspect
+from dataclasses import dataclass
 
+import nnsight
 import torch
 
-from lenscope.model.residuals import ResidualReader
+from lenscope.model.heads import AttentionHeads
+from lenscope.model.residuals import ResidualReader, envoy_at
 
 
 def cache_argument(model) -> str:
@@ -29,11 +32,40 @@ def cache_argument(model) -> str:
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
+@dataclass
+class Intervention:
+    """One change to a forward pass: row ``rows[k]`` at position ``positions[k]`` gets ``values[k]``.
+
+    Without ``heads``, at residual index ``layer`` (the whole state, (k, d_model) values). With
+    ``heads`` (k,), at attention head ``heads[k]`` of block ``layer`` (its slice of the attention
+    output projection's input, (k, head_dim) values; see ``lenscope.model.heads``). ``add``: the
+    values are added to what is there instead of replacing it (a steering vector).
+    """
+
+    layer: int
+    rows: torch.Tensor
+    positions: torch.Tensor
+    values: torch.Tensor
+    heads: torch.Tensor | None = None
+    add: bool = False
+
+    @property
+    def order(self) -> int:
+        """When its site runs in the forward pass: residual j (block j − 1's output) after the heads
+        of block j − 1, which run after residual j − 1 (block j − 1's input)."""
+        return 2 * self.layer + 1 if self.heads is not None else 2 * self.layer
+
+    def at_new_token(self) -> Intervention:
+        """The same change on a generated token: every row, at position 0 of a one-token step."""
+        return Intervention(self.layer, self.rows, torch.zeros_like(self.positions), self.values, self.heads, self.add)
+
+
 class PatchingEngine:
     def __init__(self, reader: ResidualReader):
         self.reader = reader
         self.traced = reader.traced
         self.adapter = reader.adapter
+        self._heads: AttentionHeads | None = None
 
     def _hidden(self, layer: int):
         """The proxy of the residual at ``layer`` inside a trace (written in place)."""
@@ -64,11 +96,24 @@ class PatchingEngine:
         n = prompt.shape[0]
         if not (layers.shape == write_positions.shape == read_positions.shape == (n,)) or states.shape[0] != n:
             raise ValueError("layers, write_positions, read_positions need shape (N,) and states (N, d_model)")
-        if int(layers.min()) < 0 or int(layers.max()) > self.adapter.num_layers:
-            raise ValueError(f"patch layers must be residual indices 0..{self.adapter.num_layers}")
+        writes = []
+        for layer in layers.unique().tolist():
+            rows = (layers == layer).nonzero(as_tuple=True)[0]
+            writes.append(Intervention(int(layer), rows, write_positions[rows], states[rows]))
+        return self.forward(input_ids, attention_mask, writes, read_positions, past_key_values, inputs_embeds, return_cache)
+
+    def forward(self, input_ids: torch.Tensor | None, attention_mask: torch.Tensor | None,
+                interventions: list[Intervention], read_positions: torch.Tensor, past_key_values=None,
+                inputs_embeds: torch.Tensor | None = None, return_cache: bool = False):
+        """Next-token logits (N, vocab) of row n at read_positions[n] of a pass changed by
+        ``interventions`` (any number, at residuals and at attention heads, on any rows); with
+        ``return_cache`` also the pass's key/value cache. Inputs as :meth:`run`."""
+        prompt = input_ids if input_ids is not None else inputs_embeds
+        n = prompt.shape[0]
+        for change in interventions:
+            self._check(change)
         if attention_mask is None:
             attention_mask = torch.ones(prompt.shape[:2], dtype=torch.long, device=prompt.device)
-        rows_by_layer = {int(j): (layers == j).nonzero(as_tuple=True)[0] for j in layers.unique().tolist()}
         all_rows = torch.arange(n, device=prompt.device)
         inputs = {"input_ids": input_ids} if input_ids is not None else {"inputs_embeds": inputs_embeds}
         inputs["attention_mask"] = attention_mask
@@ -76,14 +121,93 @@ class PatchingEngine:
             inputs.update({cache_argument(self.adapter.model): past_key_values, "use_cache": True})
         if return_cache:
             inputs["use_cache"] = True
-        differentiable = states.requires_grad or (inputs_embeds is not None and inputs_embeds.requires_grad)
+        differentiable = any(c.values.requires_grad for c in interventions) or (
+            inputs_embeds is not None and inputs_embeds.requires_grad)
+        sites: dict[tuple[int, bool], list[Intervention]] = {}
+        for change in sorted(interventions, key=lambda c: c.order):
+            sites.setdefault((change.layer, change.heads is not None), []).append(change)
         with torch.set_grad_enabled(differentiable and torch.is_grad_enabled()), self.traced.trace(inputs):
-            # Modules run in order, so the writes must be made in increasing layer order.
-            for layer in sorted(rows_by_layer):
-                rows = rows_by_layer[layer]
-                hidden = self._hidden(layer)
-                hidden[rows, write_positions[rows]] = states[rows].to(hidden.dtype)
+            # Modules run in order, so the sites are visited in the order the pass reaches them.
+            for (layer, at_heads), changes in sites.items():
+                target = self._head_input(layer) if at_heads else self._hidden(layer)
+                for change in changes:
+                    index = (change.rows, change.positions)
+                    if at_heads:
+                        dh = self.heads.head_dim
+                        columns = change.heads[:, None] * dh + torch.arange(dh, device=change.heads.device)
+                        index = (change.rows[:, None], change.positions[:, None], columns)
+                    values = change.values.to(target.dtype)
+                    target[index] = target[index] + values if change.add else values
             logits = self.traced.output.logits[all_rows, read_positions].save()
             if return_cache:
                 cache = getattr(self.traced.output, cache_argument(self.adapter.model)).save()
         return (logits, cache) if return_cache else logits
+
+    def _check(self, change: Intervention) -> None:
+        k = change.rows.shape[0]
+        if change.positions.shape != (k,) or change.values.shape[0] != k or (
+                change.heads is not None and change.heads.shape != (k,)):
+            raise ValueError("an intervention needs rows, positions (and heads) of shape (k,) and values (k, width)")
+        if change.heads is None:
+            if not 0 <= change.layer <= self.adapter.num_layers:
+                raise ValueError(f"patch layers must be residual indices 0..{self.adapter.num_layers}")
+            return
+        for head in change.heads.unique().tolist():
+            self.heads.check(change.layer, int(head))
+
+    @property
+    def heads(self) -> AttentionHeads:
+        """The attention heads of every block, found on first use (three forward passes)."""
+        if self._heads is None:
+            self._heads = AttentionHeads.discover(self.adapter)
+        return self._heads
+
+    def _head_input(self, layer: int):
+        """The proxy of block ``layer``'s attention output projection's input (heads side by side)."""
+        return envoy_at(self.traced, self.heads.path(layer)).input
+
+    @torch.no_grad()
+    def head_outputs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                     layers: list[int] | None = None) -> torch.Tensor:
+        """Every head's output (the output projection's input, split by head) at every position:
+        (len(layers), batch, seq, num_heads, head_dim); ``layers``: block indices (default: every
+        block with heads)."""
+        heads = self.heads
+        layers = heads.layers if layers is None else layers
+        for layer in layers:
+            heads.check(layer)
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        with self.traced.trace({"input_ids": input_ids, "attention_mask": attention_mask}) as tracer:
+            saved = nnsight.save([envoy_at(self.traced, heads.path(layer)).input for layer in sorted(layers)])
+            tracer.stop()
+        by_layer = dict(zip(sorted(layers), saved, strict=True))
+        b, t = input_ids.shape
+        return torch.stack([by_layer[layer].reshape(b, t, heads.num_heads, heads.head_dim) for layer in layers])
+
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor, interventions: list[Intervention] = (), max_new_tokens: int = 20,
+                 hold: bool = True, eos_token_id: int | None = None) -> torch.Tensor:  # type: ignore[assignment]
+        """Greedy generation with interventions: (N, T) prompts of equal length (no padding) →
+        (N, ≤ max_new_tokens) new tokens. ``interventions`` apply to the prompt pass at their own
+        positions and, with ``hold``, to every generated token as it is read (the steering of
+        Todd et al.'s and nnsight's demos: a vector added at every new position). Rows stop after
+        ``eos_token_id``; a row that stopped keeps generating but is ignored by its caller.
+        """
+        n = input_ids.shape[0]
+        at_end = torch.full((n,), input_ids.shape[1] - 1, device=input_ids.device)
+        logits, cache = self.forward(input_ids, None, list(interventions), at_end, return_cache=True)
+        held = [change.at_new_token() for change in interventions] if hold else []
+        mask = torch.ones_like(input_ids)
+        out, done = [], torch.zeros(n, dtype=torch.bool, device=input_ids.device)
+        for step in range(max_new_tokens):
+            token = logits.argmax(-1)
+            out.append(token)
+            if eos_token_id is not None:
+                done |= token == eos_token_id
+            if bool(done.all()) or step == max_new_tokens - 1:
+                break
+            mask = torch.cat([mask, mask.new_ones(n, 1)], 1)
+            logits, cache = self.forward(token[:, None], mask, held, torch.zeros_like(at_end), past_key_values=cache,
+                                         return_cache=True)
+        return torch.stack(out, 1) if out else input_ids.new_zeros(n, 0)
