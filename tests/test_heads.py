@@ -149,7 +149,7 @@ def test_heads_out_of_range_and_a_model_without_attention_are_refused_in_one_lin
             model.engine.forward(ids, None, [Intervention(layer, torch.tensor([0]), torch.tensor([3]), value,
                                                           heads=torch.tensor([head]))], torch.tensor([3]))
     with pytest.raises(HeadsError, match="no num_attention_heads in its config"):
-        frozen("mamba", tokenizer).engine.heads
+        _ = frozen("mamba", tokenizer).engine.heads
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2", "gpt_neox"])

@@ -171,7 +171,7 @@ def _find_projections(adapter: ArchitectureAdapter, names: dict[int, str]) -> li
             h.remove()
 
     found: list[tuple[str, int] | None] = []
-    for b, block in enumerate(adapter.blocks):
+    for block in adapter.blocks:
         prefix = names[id(block)] + "."
         candidates = sorted((n for n in seen[0] if n.startswith(prefix)), key=order.__getitem__)
         path = None
