@@ -6,6 +6,7 @@
     lenscope show "The capital of France is" --lens artifacts/quickstart/tuned
     lenscope push artifacts/quickstart/tuned me/smollm2-lenses --path-in-repo tuned
     lenscope patchscope attribute --config configs/patchscopes/attribute_extraction.yaml
+    lenscope steer --config configs/steering/icl_tasks.yaml
     torchrun --nproc_per_node 8 -m lenscope train ...         # a launcher that wants a module
 """
 
@@ -21,6 +22,7 @@ commands:
   show       what every layer predicts for a prompt: table, HTML, PNG (`lenscope show --help`)
   push       upload a lens to the Hugging Face Hub with a model card (`lenscope push --help`)
   patchscope any patchscope from options or YAML, and the paper's experiments (`lenscope patchscope --help`)
+  steer      h-vectors and function vectors on in-context tasks, held through generation (`lenscope steer --help`)
 
 start with: lenscope train --config configs/quickstart.yaml"""
 
@@ -63,8 +65,12 @@ def main(argv: list[str] | None = None) -> None:
         from lenscope.cli import patchscope
 
         patchscope.main(rest)
+    elif command == "steer":
+        from lenscope.cli import steer
+
+        steer.main(rest)
     else:
-        _usage_error(f"lenscope has no command {command!r}: use one of train, evaluate, show, push, patchscope "
+        _usage_error(f"lenscope has no command {command!r}: use one of train, evaluate, show, push, patchscope, steer "
                      "(see `lenscope --help`)")
 
 

@@ -268,12 +268,16 @@ def _check_step(layer_step: int) -> None:
         raise ConfigError(f"--layer_step must be at least 1, got {layer_step}")
 
 
-def _publish(job: str, result, out: str, meta: dict, wandb_project: str | None, also: list[Path] = ()) -> None:  # noqa: B006
-    """An experiment's files (``report.REPORTS[job]``), its W&B run if asked for, and its table on
-    the terminal. ``also``: files the command wrote itself, named with the others."""
-    from lenscope.patchscopes.report import REPORTS
+def _publish(job: str, result, out: str, meta: dict, wandb_project: str | None, also: list[Path] = (),  # noqa: B006
+             report=None) -> None:
+    """An experiment's files (``report``: its (write, log to W&B, markdown) functions, by default
+    ``lenscope.patchscopes.report.REPORTS[job]``), its W&B run if asked for, and its table on the
+    terminal. ``also``: files the command wrote itself, named with the others."""
+    if report is None:
+        from lenscope.patchscopes.report import REPORTS
 
-    write, log, markdown = REPORTS[job]
+        report = REPORTS[job]
+    write, log, markdown = report
     written = [*also, *write(result, Path(out), meta)]
     if wandb_project:
         import wandb

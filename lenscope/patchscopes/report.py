@@ -52,14 +52,16 @@ def table_csv(results: list[RelationResult]) -> str:
 
 
 def grid_png(grid, source_layers: list[int], target_layers: list[int], title: str, label: str,
-             vmin: float | None = 0.0, vmax: float | None = 1.0, cmap: str = "viridis") -> bytes:
-    """An (ℓ, ℓ*) heatmap: source layers up, target layers across."""
+             vmin: float | None = 0.0, vmax: float | None = 1.0, cmap: str = "viridis",
+             xlabel: str = "target layer ℓ* (residual index)", ylabel: str = "source layer ℓ (residual index)") -> bytes:
+    """An (ℓ, ℓ*) heatmap: source layers up, target layers across (or any rows and columns, named
+    by ``ylabel`` and ``xlabel``)."""
     fig, ax = plt.subplots(figsize=(6, 5))
     image = ax.imshow(grid.numpy(), origin="lower", vmin=vmin, vmax=vmax, cmap=cmap, aspect="auto")
     ax.set_xticks(range(len(target_layers)), [str(t) for t in target_layers], fontsize=7)
     ax.set_yticks(range(len(source_layers)), [str(s) for s in source_layers], fontsize=7)
-    ax.set_xlabel("target layer ℓ* (residual index)")
-    ax.set_ylabel("source layer ℓ (residual index)")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=10)
     fig.colorbar(image, ax=ax, label=label)
     buffer = io.BytesIO()

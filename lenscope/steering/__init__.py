@@ -1,0 +1,1 @@
+"""Steering through the patching engine: in-context tasks, h-vectors and function vectors."""
