@@ -51,6 +51,8 @@ def test_prompts_are_seeded_and_keep_the_test_queries_apart(tmp_path):
     a, b = build_prompts(task, n_shots=4, n_prompts=6, seed=3), build_prompts(task, n_shots=4, n_prompts=6, seed=3)
     assert [p.text for p in a.clean] == [p.text for p in b.clean] and [p.text for p in a.icl] == [p.text for p in b.icl]
     assert [p.text for p in build_prompts(task, n_shots=4, n_prompts=6, seed=4).clean] != [p.text for p in a.clean]
+    more = build_prompts(task, n_shots=4, n_prompts=9, seed=3)  # more clean prompts: the test prompts stay
+    assert [p.text for p in more.icl] == [p.text for p in a.icl] and more.clean[:6] == a.clean
     test_inputs = {p.query for p in a.zero_shot}
     assert len(test_inputs) == round(0.3 * 40)
     assert a.zero_shot[0].text == f"Q: {a.zero_shot[0].query}\nA:"

@@ -105,9 +105,11 @@ def build_prompts(task: IclTask, n_shots: int = 10, n_prompts: int = 50, test_sh
         raise ConfigError(f"--n_prompts must be at least 1, got {n_prompts}")
     if not 0 < test_share < 1:
         raise ConfigError(f"--test_share must be between 0 and 1, got {test_share}")
-    rng = random.Random(seed)
+    # One generator per kind of prompt: the test queries' demonstrations do not move when
+    # --n_prompts changes, nor the split.
+    split, draws, tests = (random.Random(f"{seed}/{kind}") for kind in ("split", "clean", "test"))
     pairs = list(task.pairs)
-    rng.shuffle(pairs)
+    split.shuffle(pairs)
     n_test = max(1, round(test_share * len(pairs)))
     test, train = pairs[:n_test], pairs[n_test:]
     if len(train) < n_shots + 1:
@@ -115,14 +117,14 @@ def build_prompts(task: IclTask, n_shots: int = 10, n_prompts: int = 50, test_sh
                           f"--n_shots {n_shots} + 1 query; lower --n_shots or --test_share, or add pairs")
     clean, shuffled = [], []
     for _ in range(n_prompts):
-        *demos, (qx, qy) = rng.sample(train, n_shots + 1)
+        *demos, (qx, qy) = draws.sample(train, n_shots + 1)
         outputs = [y for _, y in demos]
-        rng.shuffle(outputs)
+        draws.shuffle(outputs)
         clean.append(IclPrompt("".join(example(x, y) for x, y in demos) + query(qx), qy, qx))
         shuffled.append(IclPrompt("".join(example(x, y) for (x, _), y in zip(demos, outputs, strict=True)) + query(qx), qy, qx))
     zero_shot = [IclPrompt(query(x), y, x) for x, y in test]
     icl = []
     for x, y in test:
-        demos = rng.sample(train, n_shots)
+        demos = tests.sample(train, n_shots)
         icl.append(IclPrompt("".join(example(dx, dy) for dx, dy in demos) + query(x), y, x))
     return TaskPrompts(task, n_shots, clean, shuffled, zero_shot, icl)
