@@ -13,6 +13,9 @@ patchscope mappings, and inspect models with them. The command line is ``lenscop
 * ``lenscope.datamodules``: documents in, batches out (training and evaluation data);
 * ``lenscope.training``: the LightningModule that trains lenses, its callbacks and checks;
 * ``lenscope.evaluation``: the Patchscopes protocol, metrics and reports;
+* ``lenscope.patchscopes``: the Patchscopes paper's experiments (attribute extraction, entity
+  description, multi-hop, cross-model);
+* ``lenscope.steering``: in-context tasks, h-vectors and function vectors;
 * ``lenscope.cli``: the command lines.
 """
 

@@ -27,7 +27,7 @@ def run_example(name: str, *argv: str, monkeypatch) -> None:
 
 
 def test_every_example_is_tested():
-    tested = {"prediction_depth.py"}
+    tested = {"prediction_depth.py", "steer_generation.py"}
     assert {p.name for p in EXAMPLES.glob("*.py")} == tested
 
 
@@ -58,3 +58,18 @@ def test_settles_at_reads_the_last_layers_first():
     assert mod["settles_at"](panel) == 2
     panel.top_ids = torch.tensor([7, 7, 7, 7, 3]).view(5, 1, 1)
     assert mod["settles_at"](panel) is None
+
+
+def test_steer_generation(tmp_path, model, monkeypatch, capsys):
+    import json
+
+    task = tmp_path / "next.json"
+    task.write_text(json.dumps({"pairs": [[f"w{i}", f"w{i + 50}"] for i in range(10, 40)]}))
+    run_example("steer_generation.py", "--model", str(model.name), "--task", str(task), "--layer", "2",
+                "--query", "w11", "--query", "w12", "--prompts", "4", "--aie-prompts", "2", "--top-heads", "3",
+                "--max-new-tokens", "3", monkeypatch=monkeypatch)
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("function vector of ") and lines[0].endswith("added at residual 2")
+    assert lines[0].count("(") == 4  # three (block, head) pairs in a list
+    assert [line.split()[1] for line in lines[1:]] == ["'w11'", "'w12'"]
+    assert all("plain:" in line and "steered:" in line for line in lines[1:])
