@@ -24,6 +24,7 @@ import torch
 
 from lenscope.model.heads import AttentionHeads
 from lenscope.model.residuals import ResidualReader, envoy_at
+from lenscope.model.sublayers import Sublayers
 
 
 def cache_argument(model) -> str:
@@ -36,10 +37,12 @@ def cache_argument(model) -> str:
 class Intervention:
     """One change to a forward pass: row ``rows[k]`` at position ``positions[k]`` gets ``values[k]``.
 
-    Without ``heads``, at residual index ``layer`` (the whole state, (k, d_model) values). With
-    ``heads`` (k,), at attention head ``heads[k]`` of block ``layer`` (its slice of the attention
-    output projection's input, (k, head_dim) values; see ``lenscope.model.heads``). ``add``: the
-    values are added to what is there instead of replacing it (a steering vector).
+    Where, by default: residual index ``layer`` (the whole state, (k, d_model) values). With
+    ``heads`` (k,): attention head ``heads[k]`` of block ``layer`` (its slice of the attention output
+    projection's input, (k, head_dim) values; see ``lenscope.model.heads``). With ``sublayer``
+    "attention" or "mlp": that sublayer's output in block ``layer``, what it adds to the residual
+    stream ((k, d_model) values; see ``lenscope.model.sublayers``). ``add``: the values are added
+    to what is there instead of replacing it (a steering vector).
     """
 
     layer: int
@@ -48,16 +51,24 @@ class Intervention:
     values: torch.Tensor
     heads: torch.Tensor | None = None
     add: bool = False
+    sublayer: str | None = None
+
+    @property
+    def site(self) -> str:
+        return "heads" if self.heads is not None else self.sublayer or "residual"
 
     @property
     def order(self) -> int:
-        """When its site runs in the forward pass: residual j (block j − 1's output) after the heads
-        of block j − 1, which run after residual j − 1 (block j − 1's input)."""
-        return 2 * self.layer + 1 if self.heads is not None else 2 * self.layer
+        """When its site runs in the forward pass. Block b runs its heads, its attention output,
+        its MLP output, then gives residual b + 1 (residual 0 is block 0's input); a parallel
+        block calls its attention before its MLP too."""
+        step = {"residual": 0, "heads": 1, "attention": 2, "mlp": 3}[self.site]
+        return 4 * self.layer + step
 
     def at_new_token(self) -> Intervention:
         """The same change on a generated token: every row, at position 0 of a one-token step."""
-        return Intervention(self.layer, self.rows, torch.zeros_like(self.positions), self.values, self.heads, self.add)
+        return Intervention(self.layer, self.rows, torch.zeros_like(self.positions), self.values, self.heads, self.add,
+                            self.sublayer)
 
 
 class PatchingEngine:
@@ -66,6 +77,7 @@ class PatchingEngine:
         self.traced = reader.traced
         self.adapter = reader.adapter
         self._heads: AttentionHeads | None = None
+        self._sublayers: Sublayers | None = None
 
     def _hidden(self, layer: int):
         """The proxy of the residual at ``layer`` inside a trace (written in place)."""
@@ -123,13 +135,19 @@ class PatchingEngine:
             inputs["use_cache"] = True
         differentiable = any(c.values.requires_grad for c in interventions) or (
             inputs_embeds is not None and inputs_embeds.requires_grad)
-        sites: dict[tuple[int, bool], list[Intervention]] = {}
+        sites: dict[tuple[int, str], list[Intervention]] = {}
         for change in sorted(interventions, key=lambda c: c.order):
-            sites.setdefault((change.layer, change.heads is not None), []).append(change)
+            sites.setdefault((change.layer, change.site), []).append(change)
         with torch.set_grad_enabled(differentiable and torch.is_grad_enabled()), self.traced.trace(inputs):
             # Modules run in order, so the sites are visited in the order the pass reaches them.
-            for (layer, at_heads), changes in sites.items():
-                target = self._head_input(layer) if at_heads else self._hidden(layer)
+            for (layer, site), changes in sites.items():
+                at_heads = site == "heads"
+                if site == "residual":
+                    target = self._hidden(layer)
+                elif at_heads:
+                    target = self._head_input(layer)
+                else:
+                    target = self._sublayer_output(site, layer)
                 for change in changes:
                     index = (change.rows, change.positions)
                     if at_heads:
@@ -148,6 +166,9 @@ class PatchingEngine:
         if change.positions.shape != (k,) or change.values.shape[0] != k or (
                 change.heads is not None and change.heads.shape != (k,)):
             raise ValueError("an intervention needs rows, positions (and heads) of shape (k,) and values (k, width)")
+        if change.sublayer is not None:
+            self.sublayers.path(change.sublayer, change.layer)
+            return
         if change.heads is None:
             if not 0 <= change.layer <= self.adapter.num_layers:
                 raise ValueError(f"patch layers must be residual indices 0..{self.adapter.num_layers}")
@@ -161,6 +182,36 @@ class PatchingEngine:
         if self._heads is None:
             self._heads = AttentionHeads.discover(self.adapter)
         return self._heads
+
+    @property
+    def sublayers(self) -> Sublayers:
+        """Each block's attention and MLP output sites, found on first use."""
+        if self._sublayers is None:
+            self._sublayers = Sublayers.discover(self.adapter, self.heads)
+        return self._sublayers
+
+    def _sublayer_output(self, kind: str, layer: int):
+        """The proxy of block ``layer``'s attention or MLP output (written in place)."""
+        path = self.sublayers.path(kind, layer)
+        output = envoy_at(self.traced, path).output
+        return output[0] if path in self.sublayers.tuple_outputs else output
+
+    @torch.no_grad()
+    def sublayer_outputs(self, kind: str, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                         layers: list[int] | None = None) -> torch.Tensor:
+        """What each block's ``kind`` ("attention" or "mlp") adds to the residual stream:
+        (len(layers), batch, seq, d_model); ``layers``: block indices (default: every block)."""
+        layers = list(range(self.adapter.num_layers)) if layers is None else layers
+        for layer in layers:
+            self.sublayers.path(kind, layer)
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        order = sorted(set(layers))
+        with self.traced.trace({"input_ids": input_ids, "attention_mask": attention_mask}) as tracer:
+            saved = nnsight.save([self._sublayer_output(kind, layer) for layer in order])
+            tracer.stop()
+        by_layer = dict(zip(order, saved, strict=True))
+        return torch.stack([by_layer[layer] for layer in layers])
 
     def _head_input(self, layer: int):
         """The proxy of block ``layer``'s attention output projection's input (heads side by side)."""
