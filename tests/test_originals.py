@@ -182,3 +182,90 @@ def test_the_knockout_curves_match_one_blocked_pass_each(arch, tokenizer):
             assert result.change[name][i].item() == pytest.approx(100 * (p - result.probability) / result.probability,
                                                                   abs=1e-3)
     assert result.change["non-subject"].abs().max() > 1e-3
+
+
+# --- LRE ----------------------------------------------------------------------------------------------
+def word_facts(tmp_path, n: int = 8):
+    import json
+
+    from lenscope.patchscopes.facts import load_facts
+
+    facts = [{"relation": "r", "subject": f"w{40 + i}", "object": f"w{80 + i}", "source": f"w1 w{40 + i}"} for i in range(n)]
+    path = tmp_path / "facts.json"
+    path.write_text(json.dumps({"relations": {"r": {"template": "w10 w11 x"}}, "facts": facts}))
+    return load_facts(path)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "gpt_neox", "gptj"])
+def test_the_batched_jacobian_is_autograd_s(arch, tokenizer):
+    from lenscope.patchscopes.lre import jacobian_at
+
+    model = frozen(arch, tokenizer)
+    prompt, subject, layer = "w3 w4 w5 w6 w7", "w5", 1
+    jacobian, h, z = jacobian_at(model, prompt, subject, layer, rows_per_pass=7)  # chunks of 7 rows
+    ids = model.tokenize(prompt)
+    blocks = model.adapter.blocks
+
+    def f(state: torch.Tensor) -> torch.Tensor:
+        caught = {}
+
+        def write(module, args, output):
+            hidden = (output[0] if isinstance(output, tuple) else output).clone()
+            hidden[:, 2] = state
+            return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
+
+        def catch(module, args, output):
+            caught["z"] = (output[0] if isinstance(output, tuple) else output)[0, -1]
+
+        handles = [blocks[layer - 1].register_forward_hook(write), blocks[-1].register_forward_hook(catch)]
+        try:
+            model.hf(input_ids=ids)
+        finally:
+            for handle in handles:
+                handle.remove()
+        return caught["z"]
+
+    expected = torch.autograd.functional.jacobian(f, h)
+    torch.testing.assert_close(jacobian, expected, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(z, model.residuals(ids)[-1, 0, -1])
+    assert jacobian.abs().max() > 1e-3
+
+
+def test_one_training_fact_gives_back_its_own_output_and_the_lens_decodes_every_state(tmp_path, tokenizer):
+    from lenscope.patchscopes.lre import (
+        attribute_lens,
+        faithfulness,
+        fit_relation,
+        jacobian_at,
+        lre_prompt,
+    )
+
+    model = frozen("llama", tokenizer)
+    facts = word_facts(tmp_path)
+    operator, test = fit_relation(model, facts, "r", layer=2, n_train=1, beta=1.0, connector=" w12")
+    assert len(test) == 7 and operator.weight.shape == (model.d_model, model.d_model)
+    train = next(f for f in facts.of("r") if f.subject in operator.facts)
+    prompt = lre_prompt(facts.relations["r"], [], train.subject, " w12")
+    assert prompt == f"w10 w11 {train.subject} w12"
+    _, h, z = jacobian_at(model, prompt, train.subject, 2)
+    torch.testing.assert_close(operator(h), z, atol=1e-4, rtol=1e-4)  # first-order fit, exact at its own point
+    result = faithfulness(model, facts, operator, test, connector=" w12")
+    assert len(result.tested) == len(result.correct) == len(result.predictions) <= 7
+    assert result.faithfulness is None or 0 <= result.faithfulness <= 1
+    tokens, top = attribute_lens(model, operator, "w3 w4 w5", k=2)
+    assert tokens == ["w3", "w4", "w5"] and top.shape == (LAYERS, 3, 2)
+
+
+def test_lre_prefix_rule_and_bad_input(tmp_path, tokenizer):
+    from lenscope.patchscopes.lre import fit_relation, is_nontrivial_prefix
+
+    assert is_nontrivial_prefix(" Par", "Paris") and is_nontrivial_prefix("paris", "Paris")
+    assert not is_nontrivial_prefix(" ", "Paris") and not is_nontrivial_prefix("Lyon", "Paris")
+    model = frozen("llama", tokenizer)
+    facts = word_facts(tmp_path, n=3)
+    with pytest.raises(ConfigError, match="layer 3 out of range"):
+        fit_relation(model, facts, "r", layer=3)
+    with pytest.raises(ConfigError, match="relation 'q' is not in the fact set"):
+        fit_relation(model, facts, "q", layer=1)
+    with pytest.raises(ConfigError, match="has 3 facts, fewer than n_train 5 \\+ 1"):
+        fit_relation(model, facts, "r", layer=1)
