@@ -269,3 +269,49 @@ def test_lre_prefix_rule_and_bad_input(tmp_path, tokenizer):
         fit_relation(model, facts, "q", layer=1)
     with pytest.raises(ConfigError, match="has 3 facts, fewer than n_train 5 \\+ 1"):
         fit_relation(model, facts, "r", layer=1)
+
+
+# --- the command lines ----------------------------------------------------------------------------------
+def test_lenscope_patchscope_trace_knockout_and_lre_write_their_files(tiny_model_dir, tmp_path, capsys):
+    import json
+
+    from lenscope import cli
+
+    cli.main(["patchscope", "trace", "--model", str(tiny_model_dir), "--prompt", PROMPT, "--subject", SUBJECT,
+              "--samples", "2", "--window", "2", "--out", str(tmp_path / "trace")])
+    printed = capsys.readouterr().out
+    assert "clean p =" in printed and "residual: largest indirect effect" in printed
+    trace = json.loads((tmp_path / "trace" / "trace.json").read_text())
+    assert set(trace["scores"]) == {"residual", "mlp", "attention"} and len(trace["scores"]["mlp"]) == 7
+    assert (tmp_path / "trace" / "trace.png").read_bytes()[:4] == b"\x89PNG"
+
+    cli.main(["patchscope", "knockout", "--model", str(tiny_model_dir), "--prompt", PROMPT, "--subject", SUBJECT,
+              "--window", "2", "--out", str(tmp_path / "knockout")])
+    assert "the subject positions: largest drop" in capsys.readouterr().out
+    knocked = json.loads((tmp_path / "knockout" / "knockout.json").read_text())
+    assert set(knocked["change_percent"]) == {"subject", "non-subject", "last"} and knocked["layers"] == [0, 1, 2]
+    assert (tmp_path / "knockout" / "knockout.png").read_bytes()[:4] == b"\x89PNG"
+
+    word_facts(tmp_path)
+    cli.main(["patchscope", "lre", "--model", str(tiny_model_dir), "--facts", str(tmp_path / "facts.json"),
+              "--layers", "[1, 2]", "--n_train", "2", "--connector", " w12", "--out", str(tmp_path / "lre")])
+    printed = capsys.readouterr().out
+    assert "r at layer 1:" in printed and "| relation | kind | ℓ=1 | ℓ=2 |" in printed
+    rows = json.loads((tmp_path / "lre" / "results.json").read_text())["relations"]
+    assert [(r["relation"], r["layer"]) for r in rows] == [("r", 1), ("r", 2)]
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["trace", "--prompt", PROMPT, "--subject", "w99"], "subject 'w99' is not in the prompt"),
+    (["knockout", "--prompt", PROMPT, "--subject", SUBJECT, "--layers", "[5]"], "layers [5] out of range"),
+    (["lre", "--layers", "[7]"], "--layers [7] out of range"),
+    (["lre", "--relations", "[nope]"], "--relations has ['nope'], which the fact set lacks"),
+])
+def test_the_originals_bad_input_is_one_line(tiny_model_dir, tmp_path, capsys, args, message):
+    from lenscope import cli
+
+    with pytest.raises(SystemExit) as stop:
+        cli.main(["patchscope", *args, "--model", str(tiny_model_dir), "--out", str(tmp_path / "o")])
+    assert stop.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1

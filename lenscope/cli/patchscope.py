@@ -8,6 +8,9 @@ Patchscopes paper's experiments.
     lenscope patchscope describe --config configs/patchscopes/entity_description.yaml
     lenscope patchscope multihop --config configs/patchscopes/multi_hop.yaml
     lenscope patchscope crossmodel --config configs/patchscopes/cross_model.yaml
+    lenscope patchscope trace --prompt "The Eiffel Tower is located in the city of" --subject "The Eiffel Tower"
+    lenscope patchscope knockout --prompt "The Eiffel Tower is located in the city of" --subject "The Eiffel Tower"
+    lenscope patchscope lre --relations '[country_capital]' --layers '[6, 10]'
 
 Every option is also a YAML key (``--print_config`` writes the file to start from).
 """
@@ -263,6 +266,102 @@ def crossmodel(model: str = EMBEDDED_MODEL, target_model: str | None = None, dat
     _publish("cross-model", result, out, meta, wandb_project, also=[Path(out) / MAP_FILE])
 
 
+def trace(prompt: str, subject: str, model: str = EMBEDDED_MODEL, kinds: list[str] | None = None, samples: int = 10,
+          noise: float = 3.0, seed: int = 1, window: int = 10, layers: list[int] | None = None,
+          rows_per_pass: int = 128, out: str = "results/causal_trace", wandb_project: str | None = None) -> None:
+    """Causal tracing (Meng et al. 2022): which states, MLPs and attentions carry the prompt's answer.
+
+    Args:
+        prompt: text the model completes with the answer ("The Eiffel Tower is located in the city of").
+        subject: the span of the prompt whose input states are corrupted ("The Eiffel Tower").
+        model: hub id, folder or embedded:smollm2-135m.
+        kinds: what is restored: residual, mlp, attention (default: all three).
+        samples: noise draws averaged over (ROME: 10).
+        noise: noise standard deviation in units of the input states' σ (ROME: 3).
+        seed: seeds the noise (the same draws for every restoration).
+        window: blocks an MLP or attention restoration spans, centred on the column (ROME: 10).
+        layers: blocks traced (default: all).
+        rows_per_pass: (sample, token, block) rows per forward pass.
+        out: folder for trace.json, trace.md and trace.png.
+        wandb_project: also log the heatmaps to this W&B project.
+    """
+    from lenscope.model.frozen import FrozenModel
+    from lenscope.patchscopes.causal_tracing import KINDS, causal_trace
+
+    loaded = FrozenModel.load(model)
+    result = causal_trace(loaded, prompt, subject, tuple(kinds) if kinds else KINDS, samples, noise, seed, window, layers,
+                          rows_per_pass)
+    meta = {"model": model, "revision": loaded.revision, "samples": samples, "noise": noise, "seed": seed}
+    _publish("causal-trace", result, out, meta, wandb_project)
+
+
+def knockout(prompt: str, subject: str, model: str = EMBEDDED_MODEL, window: int = 9, layers: list[int] | None = None,
+             rows_per_pass: int = 64, out: str = "results/attention_knockout", wandb_project: str | None = None) -> None:
+    """Attention knockout (Geva et al. 2023): what the last position reads, and from where, per layer.
+
+    Args:
+        prompt: text the model completes with the answer.
+        subject: the span of the prompt that names the subject.
+        model: hub id, folder or embedded:smollm2-135m.
+        window: blocks whose edges are blocked, centred on each layer (the paper: 9).
+        layers: window centres (default: every block).
+        rows_per_pass: (blocked set, layer) rows per forward pass.
+        out: folder for knockout.json, knockout.md and knockout.png.
+        wandb_project: also log the curves to this W&B project.
+    """
+    from lenscope.model.frozen import FrozenModel
+    from lenscope.patchscopes.attention_knockout import attention_knockout
+
+    loaded = FrozenModel.load(model)
+    result = attention_knockout(loaded, prompt, subject, window, layers, rows_per_pass)
+    _publish("attention-knockout", result, out, {"model": model, "revision": loaded.revision}, wandb_project)
+
+
+def lre(model: str = EMBEDDED_MODEL, facts: str | None = None, relations: list[str] | None = None,
+        layers: list[int] | None = None, n_train: int = 5, beta: float = 2.25, seed: int = 0, connector: str = " is",
+        out: str = "results/lre", wandb_project: str | None = None) -> None:
+    """LRE (Hernandez et al. 2023): each relation as an affine map of the subject's state, and its faithfulness.
+
+    Args:
+        model: hub id, folder or embedded:smollm2-135m.
+        facts: a fact-set JSON file (default: the one lenscope ships).
+        relations: the relations fitted (default: all of the set's).
+        layers: residual indices of the subject's state (default: every 4th, from 2).
+        n_train: facts whose Jacobians are averaged (the paper's code: 5).
+        beta: scale of W h (the paper: 2.25 for GPT-J and GPT-2 XL).
+        seed: seeds the train/test split per relation.
+        connector: text between a template and its object ("The capital city of France" + " is" + " Paris").
+        out: folder for results.json, table.md and table.csv.
+        wandb_project: also log the table to this W&B project.
+    """
+    from lenscope.model.frozen import FrozenModel
+    from lenscope.patchscopes.facts import load_facts
+    from lenscope.patchscopes.lre import faithfulness, fit_relation
+
+    fact_set = load_facts(facts)
+    unknown = sorted(set(relations or []) - set(fact_set.relations))
+    if unknown:
+        raise ConfigError(f"--relations has {unknown}, which the fact set lacks; it has {sorted(fact_set.relations)}")
+    if n_train < 1:
+        raise ConfigError(f"--n_train must be at least 1, got {n_train}")
+    loaded = FrozenModel.load(model)
+    layers = layers if layers is not None else list(range(2, loaded.num_layers, 4))
+    bad = [layer for layer in layers if not 0 <= layer < loaded.num_layers]
+    if bad:
+        raise ConfigError(f"--layers {bad} out of range: residual indices are 0..{loaded.num_layers - 1}")
+    results = []
+    for name in relations or list(fact_set.relations):
+        for layer in layers:
+            operator, test = fit_relation(loaded, fact_set, name, layer, n_train, beta, seed, connector)
+            result = faithfulness(loaded, fact_set, operator, test, connector)
+            shown = "—" if result.faithfulness is None else f"{result.faithfulness:.2f}"
+            print(f"{name} at layer {layer}: {len(result.correct)} answered test facts, faithfulness {shown}", flush=True)
+            results.append(result)
+    meta = {"model": model, "revision": loaded.revision, "facts": facts or "shipped", "n_train": n_train, "beta": beta,
+            "seed": seed, "connector": connector}
+    _publish("lre", results, out, meta, wandb_project)
+
+
 def _check_step(layer_step: int) -> None:
     if layer_step < 1:
         raise ConfigError(f"--layer_step must be at least 1, got {layer_step}")
@@ -292,7 +391,8 @@ def _publish(job: str, result, out: str, meta: dict, wandb_project: str | None, 
     print(f"\nwritten: {', '.join(shown)}")
 
 
-COMMANDS = {"run": run, "attribute": attribute, "describe": describe, "multihop": multihop, "crossmodel": crossmodel}
+COMMANDS = {"run": run, "attribute": attribute, "describe": describe, "multihop": multihop, "crossmodel": crossmodel,
+            "trace": trace, "knockout": knockout, "lre": lre}
 
 
 def main(argv: list[str] | None = None, prog: str = "lenscope patchscope") -> None:

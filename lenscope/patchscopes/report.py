@@ -18,6 +18,7 @@ import json
 from pathlib import Path
 
 import matplotlib
+import torch
 
 matplotlib.use("Agg")  # files only, no display needed
 import matplotlib.pyplot as plt  # noqa: E402
@@ -310,10 +311,154 @@ def log_cross_model_to_wandb(run, result: CrossModelResult, out_dir: Path) -> No
     run.summary["cross_model/positions"] = result.positions
 
 
+
+
+# --- the originals: causal tracing, attention knockout, LRE ---------------------------------------------
+TRACE_COLOURS = {"residual": "Purples", "mlp": "Greens", "attention": "Reds"}
+
+
+def trace_png(trace) -> bytes:
+    """ROME's heatmaps: one panel per kind, tokens down (the subject starred), blocks across, the
+    restored p(answer) from the corrupted level up."""
+    kinds = list(trace.scores)
+    fig, axes = plt.subplots(1, len(kinds), figsize=(4.2 * len(kinds), 0.35 * len(trace.tokens) + 1.8), squeeze=False)
+    labels = [f"{tok!r}*" if trace.subject[0] <= i < trace.subject[1] else repr(tok) for i, tok in enumerate(trace.tokens)]
+    for ax, kind in zip(axes[0], kinds, strict=True):
+        scores = trace.scores[kind].numpy()
+        image = ax.imshow(scores, cmap=TRACE_COLOURS[kind], vmin=trace.corrupted, vmax=max(trace.clean, scores.max()),
+                          aspect="auto")
+        ax.set_yticks(range(len(labels)), labels, fontsize=7)
+        step = max(1, len(trace.layers) // 10)
+        ax.set_xticks(range(0, len(trace.layers), step), [str(layer) for layer in trace.layers[::step]], fontsize=7)
+        ax.set_xlabel("block" if kind == "residual" else f"centre of {trace.window} blocks")
+        ax.set_title(f"restoring the {kind if kind != 'residual' else 'hidden state'}", fontsize=9)
+        fig.colorbar(image, ax=ax, label=f"p({trace.answer.strip()!r})" if kind == kinds[-1] else None)
+    fig.suptitle(f"Causal trace: clean p = {trace.clean:.3f}, corrupted {trace.corrupted:.3f}", fontsize=10)
+    buffer = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buffer, format="png", dpi=120)
+    plt.close(fig)
+    return buffer.getvalue()
+
+
+def trace_markdown(trace) -> str:
+    lines = [f"Prompt {trace.prompt!r}, subject tokens {trace.subject[0]}..{trace.subject[1] - 1}, answer "
+             f"{trace.answer!r}: clean p = {trace.clean:.4f}, corrupted (noise {trace.noise_std:.4g} × 3) "
+             f"p = {trace.corrupted:.4f}.", ""]
+    for kind, scores in trace.scores.items():
+        effect = scores - trace.corrupted
+        t, j = divmod(int(effect.argmax()), effect.shape[1])
+        lines.append(f"{kind}: largest indirect effect {float(effect.max()):+.4f} restoring token {t} "
+                     f"({trace.tokens[t]!r}) at block {trace.layers[j]}.")
+    return "\n".join(lines)
+
+
+def write_trace_report(trace, out_dir: Path, meta: dict) -> list[Path]:
+    out_dir = Path(out_dir)
+    data = {**meta, "prompt": trace.prompt, "tokens": trace.tokens, "subject": list(trace.subject),
+            "answer": trace.answer, "clean": trace.clean, "corrupted": trace.corrupted, "noise_std": trace.noise_std,
+            "layers": trace.layers, "window": trace.window, "scores": {k: v.tolist() for k, v in trace.scores.items()}}
+    return [atomic_write(out_dir / "trace.json", json.dumps(data, indent=2) + "\n"),
+            atomic_write(out_dir / "trace.md", trace_markdown(trace) + "\n"),
+            atomic_write(out_dir / "trace.png", trace_png(trace))]
+
+
+def log_trace_to_wandb(run, trace, out_dir: Path) -> None:
+    import wandb
+
+    run.log({"causal_trace/heatmaps": wandb.Image(str(Path(out_dir) / "trace.png"))})
+    run.summary["causal_trace/clean"] = trace.clean
+    run.summary["causal_trace/corrupted"] = trace.corrupted
+
+
+def knockout_png(result) -> bytes:
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for name, change in result.change.items():
+        ax.plot(result.layers, change.numpy(), marker="o", markersize=3, label=f"last → {name}")
+    ax.axhline(0, color="grey", linewidth=0.8)
+    ax.set_xlabel(f"block (centre of a window of {result.window})")
+    ax.set_ylabel(f"% change in p({result.answer.strip()!r})")
+    ax.set_title("Attention knockout: edges from the last position blocked", fontsize=10)
+    ax.legend(fontsize=8)
+    buffer = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buffer, format="png", dpi=120)
+    plt.close(fig)
+    return buffer.getvalue()
+
+
+def knockout_markdown(result) -> str:
+    lines = [f"Prompt {result.prompt!r}, answer {result.answer!r} (p = {result.probability:.4f}), window "
+             f"{result.window}: % change in p when the last position cannot read …", ""]
+    for name, change in result.change.items():
+        if torch.isnan(change).all():
+            continue
+        i = int(change.nan_to_num(0).argmin())
+        lines.append(f"- the {name} positions: largest drop {float(change[i]):+.1f}% at block {result.layers[i]}")
+    return "\n".join(lines)
+
+
+def write_knockout_report(result, out_dir: Path, meta: dict) -> list[Path]:
+    out_dir = Path(out_dir)
+    data = {**meta, "prompt": result.prompt, "tokens": result.tokens, "subject": list(result.subject),
+            "answer": result.answer, "probability": result.probability, "layers": result.layers,
+            "window": result.window, "change_percent": {k: v.tolist() for k, v in result.change.items()}}
+    return [atomic_write(out_dir / "knockout.json", json.dumps(data, indent=2) + "\n"),
+            atomic_write(out_dir / "knockout.md", knockout_markdown(result) + "\n"),
+            atomic_write(out_dir / "knockout.png", knockout_png(result))]
+
+
+def log_knockout_to_wandb(run, result, out_dir: Path) -> None:
+    import wandb
+
+    run.log({"attention_knockout/curves": wandb.Image(str(Path(out_dir) / "knockout.png"))})
+
+
+def lre_markdown(results) -> str:
+    layers = sorted({r.layer for r in results})
+    relations = list(dict.fromkeys(r.relation for r in results))
+    by = {(r.relation, r.layer): r for r in results}
+    lines = ["LRE faithfulness (share of answered test facts whose operator top-1 starts the object), per layer:", "",
+             "| relation | kind | " + " | ".join(f"ℓ={layer}" for layer in layers) + " |",
+             "|---|---|" + "---:|" * len(layers)]
+    for name in relations:
+        cells = []
+        for layer in layers:
+            r = by.get((name, layer))
+            cells.append("—" if r is None or r.faithfulness is None else f"{r.faithfulness:.2f} ({len(r.correct)})")
+        lines.append(f"| {name} | {by[(name, layers[0])].kind if (name, layers[0]) in by else ''} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def write_lre_report(results, out_dir: Path, meta: dict) -> list[Path]:
+    out_dir = Path(out_dir)
+    rows = [{"relation": r.relation, "kind": r.kind, "layer": r.layer, "beta": r.beta, "train": r.train,
+             "answered_test_facts": len(r.correct), "faithfulness": r.faithfulness,
+             "predictions": dict(zip(r.tested, r.predictions, strict=True))} for r in results]
+    table = io.StringIO()
+    writer = csv.writer(table)
+    writer.writerow(["relation", "kind", "layer", "answered_test_facts", "faithfulness"])
+    writer.writerows([r["relation"], r["kind"], r["layer"], r["answered_test_facts"],
+                      "" if r["faithfulness"] is None else f"{r['faithfulness']:.4f}"] for r in rows)
+    return [atomic_write(out_dir / "results.json", json.dumps({**meta, "relations": rows}, indent=2) + "\n"),
+            atomic_write(out_dir / "table.md", lre_markdown(results) + "\n"),
+            atomic_write(out_dir / "table.csv", table.getvalue())]
+
+
+def log_lre_to_wandb(run, results, out_dir: Path) -> None:
+    import wandb
+
+    run.log({"lre/faithfulness": wandb.Table(columns=["relation", "layer", "answered", "faithfulness"],
+                                             data=[[r.relation, r.layer, len(r.correct), r.faithfulness] for r in results])})
+
+
 REPORTS = {
     "attribute-extraction": (write_report, log_attribute_to_wandb, table_markdown),
     "entity-description": (write_description_report, log_description_to_wandb, description_markdown),
     "multi-hop": (write_multi_hop_report, log_multi_hop_to_wandb, multi_hop_markdown),
     "cross-model": (write_cross_model_report, log_cross_model_to_wandb, cross_model_markdown),
+    "causal-trace": (write_trace_report, log_trace_to_wandb, trace_markdown),
+    "attention-knockout": (write_knockout_report, log_knockout_to_wandb, knockout_markdown),
+    "lre": (write_lre_report, log_lre_to_wandb, lre_markdown),
 }
 """Per experiment (its W&B job type): write the files, log to a W&B run, the terminal table."""
