@@ -99,6 +99,13 @@ def test_the_wheel_installs_one_package_and_trains_from_outside_the_checkout(tmp
     counted = subprocess.run([str(python), "-c", "from lenscope.patchscopes.facts import load_facts; "
                               "print(len(load_facts().facts))"], cwd=outside, capture_output=True, text=True)
     assert counted.returncode == 0 and int(counted.stdout) >= 300, counted.stderr[-2000:]
+    # every subpackage of the checkout is in the wheel (a new folder missing from pyproject.toml's list)
+    ours = {p.parent.name for p in (ROOT / "lenscope").glob("*/__init__.py")} | {"lenses", "datamodules"}
+    installed = {p.parent.name for p in (site / "lenscope").glob("*/__init__.py")}
+    assert installed == ours, f"missing from the wheel: {sorted(ours - installed)}"
+    tasks = subprocess.run([str(python), "-c", "from lenscope.steering.tasks import shipped_tasks; print(shipped_tasks())"],
+                           cwd=outside, capture_output=True, text=True)
+    assert tasks.returncode == 0 and "antonyms" in tasks.stdout, tasks.stderr[-2000:]
 
     shown = subprocess.run([str(lenscope_command), "train", "--help"], cwd=outside, capture_output=True, text=True)
     assert shown.returncode == 0 and "--model.lens_type" in shown.stdout, shown.stderr[-2000:]
