@@ -60,11 +60,13 @@ class Trace:
     corrupted: float
     """p(answer) with the subject corrupted, nothing restored (the mean over noise samples)."""
     noise_std: float
+    """σ of the model's input states; the noise drawn has standard deviation ``noise`` · σ."""
     layers: list[int]
     """Block indices (columns): a residual row restores block ℓ's output (residual ℓ + 1)."""
     scores: dict[str, torch.Tensor] = field(default_factory=dict)
     """Per kind, (tokens, layers): p(answer) with that state restored, mean over noise samples."""
     window: int = 10
+    noise: float = 3.0
 
     def indirect_effect(self, kind: str) -> torch.Tensor:
         return self.scores[kind] - self.corrupted
@@ -103,7 +105,7 @@ def causal_trace(model, prompt: str, subject: str, kinds: tuple[str, ...] = KIND
     corrupted = restored_probabilities(model, ids, draws, start, [[]], answer_id, rows_per_pass)[0]
     trace = Trace(prompt, [model.tokenizer.decode([i]) for i in ids[0].tolist()], (start, end),
                   model.tokenizer.decode([answer_id]), answer_id, float(clean_probs[answer_id]), corrupted,
-                  sigma, layers, window=window)
+                  sigma, layers, window=window, noise=noise)
     for kind in kinds:
         restorations, cells = [], []
         for t in range(start, t_len):

@@ -343,7 +343,7 @@ def trace_png(trace) -> bytes:
 
 def trace_markdown(trace) -> str:
     lines = [f"Prompt {trace.prompt!r}, subject tokens {trace.subject[0]}..{trace.subject[1] - 1}, answer "
-             f"{trace.answer!r}: clean p = {trace.clean:.4f}, corrupted (noise {trace.noise_std:.4g} × 3) "
+             f"{trace.answer!r}: clean p = {trace.clean:.4f}, corrupted (noise {trace.noise:g} × σ = {trace.noise_std:.4g}) "
              f"p = {trace.corrupted:.4f}.", ""]
     for kind, scores in trace.scores.items():
         effect = scores - trace.corrupted
@@ -356,7 +356,8 @@ def trace_markdown(trace) -> str:
 def write_trace_report(trace, out_dir: Path, meta: dict) -> list[Path]:
     out_dir = Path(out_dir)
     data = {**meta, "prompt": trace.prompt, "tokens": trace.tokens, "subject": list(trace.subject),
-            "answer": trace.answer, "clean": trace.clean, "corrupted": trace.corrupted, "noise_std": trace.noise_std,
+            "answer": trace.answer, "clean": trace.clean, "corrupted": trace.corrupted, "noise": trace.noise,
+            "noise_std": trace.noise_std,
             "layers": trace.layers, "window": trace.window, "scores": {k: v.tolist() for k, v in trace.scores.items()}}
     return [atomic_write(out_dir / "trace.json", json.dumps(data, indent=2) + "\n"),
             atomic_write(out_dir / "trace.md", trace_markdown(trace) + "\n"),
@@ -394,7 +395,8 @@ def knockout_markdown(result) -> str:
         if torch.isnan(change).all():
             continue
         i = int(change.nan_to_num(0).argmin())
-        lines.append(f"- the {name} positions: largest drop {float(change[i]):+.1f}% at block {result.layers[i]}")
+        where = "the last position itself" if name == "last" else f"the {name} positions"
+        lines.append(f"- {where}: largest drop {float(change[i]):+.1f}% at block {result.layers[i]}")
     return "\n".join(lines)
 
 
