@@ -21,7 +21,7 @@ commands:
   evaluate   score lenses as patchscope mappings (`lenscope evaluate --help`)
   show       what every layer predicts for a prompt: table, HTML, PNG (`lenscope show --help`)
   push       upload a lens to the Hugging Face Hub with a model card (`lenscope push --help`)
-  patchscope any patchscope from options or YAML, and the paper's experiments (`lenscope patchscope --help`)
+  patchscope any patchscope, the paper's experiments, causal tracing, attention knockout, LRE (`lenscope patchscope --help`)
   steer      h-vectors and function vectors on in-context tasks, held through generation (`lenscope steer --help`)
 
 start with: lenscope train --config configs/quickstart.yaml"""
