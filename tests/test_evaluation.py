@@ -135,7 +135,7 @@ def eval_args(out: Path, model_dir: Path, source: Path, *extra: str) -> list[str
             "--data.source", str(source), "--data.n_fit", "40", "--data.n_eval", "24", "--data.batch_size", "8", *extra]
 
 
-def test_evaluate_scores_every_method_and_writes_json_csv_and_plots(tmp_path, tiny_model_dir, corpus):
+def test_evaluate_scores_every_method_and_writes_json_csv_and_plots(tmp_path, tiny_model_dir, corpus, capsys):
     train.main(fit_args(tmp_path / "train", tiny_model_dir, corpus, "--model.offsets", "[0, 1]"))
     lenses = [str(tmp_path / "train" / "out" / name) for name in ("tuned", "tuned+1")]
     # An untrained (zero) tuned lens is the logit lens: it must score exactly like it.
@@ -166,6 +166,14 @@ def test_evaluate_scores_every_method_and_writes_json_csv_and_plots(tmp_path, ti
     pngs = sorted(p.name for p in (tmp_path / "eval").glob("*.png"))
     assert len(pngs) == len(metrics) and "precision_at_1.png" in pngs
     assert all((tmp_path / "eval" / p).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in pngs)
+    # One line per method on the terminal: its mean KL and precision@1 at a few layers, from the results.
+    printed = capsys.readouterr().out
+    assert f"Summary on 24 positions of {corpus}:" in printed
+    for method in ("logit", "affine", "token_identity", "tuned", "tuned:zero"):
+        line = next(line for line in printed.splitlines() if line.strip().startswith(method + " "))
+        kl = metrics["kl_nats"][method]
+        assert f"mean KL {sum(kl) / len(kl):6.3f} nats" in line
+        assert line.endswith("precision@1 at layers 0/1/2: " + "/".join(f"{v:.2f}" for v in metrics["precision@1"][method]))
     # A rerun gives identical numbers (seeded shuffle and positions).
     evaluate.main(eval_args(tmp_path / "again", tiny_model_dir, corpus, "--lenses", *lenses, str(zero)))
     assert json.loads((tmp_path / "again" / "results.json").read_text())["metrics"] == metrics

@@ -38,7 +38,7 @@ from tqdm.auto import tqdm
 from lenscope.datamodules.preprocessing import OffsetPairs, offset_pairs
 from lenscope.errors import ConfigError, check_finite
 from lenscope.evaluation.baselines import bigram_successors
-from lenscope.evaluation.report import markdown_tables, write_report
+from lenscope.evaluation.report import markdown_tables, summary_lines, write_report
 from lenscope.lenses.artifact import load_lens
 from lenscope.lenses.learned_prompt import IDENTITY_PROMPT
 from lenscope.lenses.least_squares import NormalEquations
@@ -283,5 +283,6 @@ class PatchscopeEvaluation(L.LightningModule):
         written = write_report(self.results, out, wandb_runs)
         pngs = [p for p in written if p.suffix == ".png"]
         print(f"\n{markdown_tables(self.results)}")
+        print("\n".join(summary_lines(self.results)))
         print("\n".join([f"Results:         {out / 'results.md'}, {out / 'results.json'}, {out / 'results.csv'}",
                          f"Plots:           {len(pngs)} PNGs in {out}", *wandb_locations(self.trainer)]))

@@ -114,6 +114,24 @@ def markdown_tables(results: dict) -> str:
     return "\n".join(parts)
 
 
+def summary_lines(results: dict, shown: int = 5) -> list[str]:
+    """One line per method (each lens, each baseline): mean KL over the layers and precision@1 at
+    ``shown`` evenly spaced layers, the first and the last among them."""
+    layers, metrics = results["layers"], results["metrics"]
+    if "precision@1" not in metrics or not layers:
+        return []
+    picks = sorted({round(i * (len(layers) - 1) / max(1, shown - 1)) for i in range(shown)})
+    at = "/".join(str(layers[i]) for i in picks)
+    lines = [f"Summary on {results['documents']['eval']} positions of {results['protocol']['source']}:"]
+    width = max(len(m) for m in metrics["precision@1"])
+    for method, precision in metrics["precision@1"].items():
+        kl = metrics.get("kl_nats", {}).get(method)
+        mean_kl = f"mean KL {sum(kl) / len(kl):6.3f} nats" if kl else "mean KL      —     "
+        values = "/".join(f"{precision[i]:.2f}" for i in picks)
+        lines.append(f"  {method:<{width}}  {mean_kl}, precision@1 at layers {at}: {values}")
+    return lines
+
+
 def write_report(results: dict, out_dir: Path, wandb_runs: list = ()) -> list[Path]:
     """Write results.json, results.csv, results.md (tables) and one PNG per metric; log them to
     the given W&B runs."""
