@@ -133,7 +133,7 @@ class Trajectory:
     def to_html(self, path: str | Path, stat: str = "entropy") -> Path:
         """An interactive heatmap per lens, side by side on one colour scale: the top token written
         in every cell, the top-k with probabilities on hover."""
-        figure = self._figure(stat)
+        figure = self.figure(stat)
         path = Path(path)
         with atomic_path(path, suffix=".html") as tmp:
             # The plotting library is embedded in the page, so it opens offline.
@@ -175,7 +175,8 @@ class Trajectory:
         plt.close(fig)
         return path
 
-    def _figure(self, stat: str):
+    def figure(self, stat: str = "entropy"):
+        """The interactive heatmaps as a plotly figure (what ``to_html`` writes; a web app shows it)."""
         import plotly.graph_objects as go
         from plotly.subplots import make_subplots
 

@@ -23,6 +23,7 @@ commands:
   push       upload a lens to the Hugging Face Hub with a model card (`lenscope push --help`)
   patchscope any patchscope, the paper's experiments, causal tracing, attention knockout, LRE (`lenscope patchscope --help`)
   steer      h-vectors and function vectors on in-context tasks, held through generation (`lenscope steer --help`)
+  tutorial   the Patchscopes tutorial as a web app in the browser (`lenscope tutorial --help`)
 
 start with: lenscope train --config configs/quickstart.yaml"""
 
@@ -69,8 +70,12 @@ def main(argv: list[str] | None = None) -> None:
         from lenscope.cli import steer
 
         steer.main(rest)
+    elif command == "tutorial":
+        from lenscope.cli import tutorial
+
+        tutorial.main(rest)
     else:
-        _usage_error(f"lenscope has no command {command!r}: use one of train, evaluate, show, push, patchscope, steer "
+        _usage_error(f"lenscope has no command {command!r}: use one of train, evaluate, show, push, patchscope, steer, tutorial "
                      "(see `lenscope --help`)")
 
 
