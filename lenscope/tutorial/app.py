@@ -58,6 +58,14 @@ def load_lens(path: str, model_name: str):
     return on_worker(load, path, load_model(model_name))
 
 
+@st.cache_resource
+def identity_lens(model_name: str):
+    """The token-identity lens of the model, kept with its prompt prefix's cache between prompts."""
+    from lenscope.lenses.token_identity import TokenIdentityLens
+
+    return TokenIdentityLens.for_model(load_model(model_name))
+
+
 @st.cache_resource(show_spinner="Fitting the relation's LRE operator (mean Jacobian over 3 facts)…")
 def lre_operator(model_name: str, relation: str, layer: int):
     from lenscope.patchscopes.facts import load_facts
@@ -91,12 +99,12 @@ def page_intro() -> None:
         "time. Pick a section in the sidebar.")
 
 
-def page_decoding(model, lenses) -> None:
+def page_decoding(model, model_name: str, lenses) -> None:
     st.header("1 · Decoding next-token predictions")
     prompt = st.text_input("Prompt", sections.DEFAULT_PROMPT, key="decoding_prompt")
     stat = st.selectbox("Colour", ["entropy", "top_prob", "kl", "target_prob"], key="decoding_stat")
     try:
-        trajectory = on_worker(sections.decoding, model, prompt, lenses)
+        trajectory = on_worker(sections.decoding, model, prompt, lenses, identity=identity_lens(model_name))
     except UserError as err:
         show_error(err)
         return
@@ -240,7 +248,7 @@ def main() -> None:
     if section == SECTIONS[0]:
         page_intro()
     elif section == SECTIONS[1]:
-        page_decoding(model, lenses)
+        page_decoding(model, model_name.strip(), lenses)
     elif section == SECTIONS[2]:
         page_attribute(model, model_name.strip(), layer_step)
     elif section == SECTIONS[3]:

@@ -53,15 +53,17 @@ def layers_every(model, step: int) -> list[int]:
 
 
 # --- 1. decoding ----------------------------------------------------------------------------------------
-def decoding(model, prompt: str, lenses: list, k: int = 5):
+def decoding(model, prompt: str, lenses: list, k: int = 5, identity=None):
     """The prediction trajectory of the logit lens (original), the token-identity patchscope and
-    every lens given, side by side."""
+    every lens given, side by side. ``identity``: a token-identity lens to reuse (it keeps its
+    prompt's prefix cache between prompts)."""
     from lenscope.lenses.lens import LogitLens
     from lenscope.lenses.token_identity import TokenIdentityLens
     from lenscope.lenses.trajectory import Trajectory
 
     check_prompt(model, prompt)
-    chosen = [LogitLens(model.layers, model.d_model), *lenses, TokenIdentityLens.for_model(model)]
+    identity = identity if identity is not None else TokenIdentityLens.for_model(model)
+    chosen = [LogitLens(model.layers, model.d_model), *lenses, identity]
     return Trajectory.of(model, prompt, chosen, k)
 
 
