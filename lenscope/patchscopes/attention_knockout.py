@@ -24,7 +24,7 @@ import torch
 
 from lenscope.errors import ConfigError
 from lenscope.model.heads import HeadsError
-from lenscope.patchscopes.causal_tracing import subject_tokens
+from lenscope.patchscopes.causal_tracing import blocks_or_all, subject_tokens, window_blocks
 
 SETS = ("subject", "non-subject", "last")
 
@@ -113,10 +113,7 @@ def attention_knockout(model, prompt: str, subject: str, window: int = 9, layers
         raise ConfigError(f"window must be at least 1, got {window}")
     heads = model.heads
     num_blocks = model.num_layers
-    layers = list(range(num_blocks)) if layers is None else layers
-    bad = [layer for layer in layers if not 0 <= layer < num_blocks]
-    if bad:
-        raise ConfigError(f"layers {bad} out of range: blocks are 0..{num_blocks - 1}")
+    layers = blocks_or_all(model, layers)
     ids = model.tokenize(prompt)
     t = ids.shape[1]
     start, end = subject_tokens(model.tokenizer, prompt, subject)
@@ -132,8 +129,7 @@ def attention_knockout(model, prompt: str, subject: str, window: int = 9, layers
             continue
         for i, layer in enumerate(layers):
             edges = torch.zeros(num_blocks, t, t, dtype=torch.bool)
-            low, high = max(0, layer - window // 2), min(num_blocks, layer - (-window // 2))
-            for b in range(low, high):
+            for b in window_blocks(layer, window, num_blocks):
                 if b in heads.layers:  # a recurrent layer of a hybrid has no edges to block
                     edges[b, t - 1, keys[name]] = True
             rows.append(edges)

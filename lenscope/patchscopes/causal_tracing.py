@@ -39,6 +39,21 @@ def subject_tokens(tokenizer, prompt: str, subject: str) -> tuple[int, int]:
     return inside[0], inside[-1] + 1
 
 
+def blocks_or_all(model, layers: list[int] | None) -> list[int]:
+    """``layers`` (block indices, checked in one line), or every block."""
+    num_blocks = model.num_layers
+    layers = list(range(num_blocks)) if layers is None else layers
+    bad = [layer for layer in layers if not 0 <= layer < num_blocks]
+    if bad:
+        raise ConfigError(f"layers {bad} out of range: blocks are 0..{num_blocks - 1}")
+    return layers
+
+
+def window_blocks(layer: int, window: int, num_blocks: int) -> range:
+    """The ``window`` blocks centred on ``layer`` (ROME's and Geva et al.'s rule), cut at the ends."""
+    return range(max(0, layer - window // 2), min(num_blocks, layer - (-window // 2)))
+
+
 def input_state_std(model) -> float:
     """σ of the model's input states (residual 0: embeddings with any scale and position embedding
     the family adds), over a fixed sequence of up to 256 tokens spread over the vocabulary."""
@@ -83,10 +98,7 @@ def causal_trace(model, prompt: str, subject: str, kinds: tuple[str, ...] = KIND
     if samples < 1 or window < 1:
         raise ConfigError(f"samples and window must be at least 1, got {samples} and {window}")
     num_blocks = model.num_layers
-    layers = list(range(num_blocks)) if layers is None else layers
-    bad = [layer for layer in layers if not 0 <= layer < num_blocks]
-    if bad:
-        raise ConfigError(f"layers {bad} out of range: blocks are 0..{num_blocks - 1}")
+    layers = blocks_or_all(model, layers)
     ids = model.tokenize(prompt)
     if model.context_length and ids.shape[1] > model.context_length:
         raise ConfigError(f"the prompt has {ids.shape[1]} tokens, more than the model's context of {model.context_length}")
@@ -113,8 +125,8 @@ def causal_trace(model, prompt: str, subject: str, kinds: tuple[str, ...] = KIND
                 if kind == "residual":
                     restorations.append([Restore(layer + 1, t, clean[kind][layer + 1, t])])
                 else:
-                    low, high = max(0, layer - window // 2), min(num_blocks, layer - (-window // 2))
-                    restorations.append([Restore(b, t, clean[kind][b, t], kind) for b in range(low, high)])
+                    restorations.append([Restore(b, t, clean[kind][b, t], kind)
+                                         for b in window_blocks(layer, window, num_blocks)])
                 cells.append((t, j))
         scores = torch.full((t_len, len(layers)), corrupted)
         restored = restored_probabilities(model, ids, draws, start, restorations, answer_id, rows_per_pass)
