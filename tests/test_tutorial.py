@@ -220,4 +220,8 @@ def test_the_app_in_headless_chromium(tiny_model_dir, tmp_path):
             server.wait(timeout=30)
         except subprocess.TimeoutExpired:
             server.kill()
+            server.wait(timeout=30)
         log.close()
+    # `lenscope tutorial` is the server itself: stopping it leaves nothing listening behind.
+    with pytest.raises(OSError):
+        socket.create_connection(("127.0.0.1", port), timeout=2).close()

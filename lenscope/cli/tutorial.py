@@ -7,7 +7,7 @@
 from __future__ import annotations
 
 import argparse
-import subprocess
+import os
 import sys
 from pathlib import Path
 
@@ -42,4 +42,6 @@ def main(argv: list[str] | None = None, prog: str = "lenscope tutorial") -> None
     except ImportError:
         print("error: the tutorial needs streamlit: pip install streamlit", file=sys.stderr)
         raise SystemExit(2) from None
-    raise SystemExit(subprocess.call(command(args)))
+    cmd = command(args)
+    # Become the server (no child process): stopping `lenscope tutorial` stops Streamlit with it.
+    os.execv(cmd[0], cmd)
