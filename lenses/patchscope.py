@@ -315,8 +315,7 @@ class Patchscope:
         if key not in prefixes:
             cache = None
             try:
-                out = model.hf(input_ids=torch.tensor([group.ids[: group.write_at]], device=model.device), use_cache=True)
-                cache = getattr(out, "cache", None) or getattr(out, "past_key_values", None)
+                cache = model.prompt_cache(torch.tensor([group.ids[: group.write_at]], device=model.device))
                 if cache is not None and not self._prefix_agrees(model, group, cache):
                     cache = None
             except Exception:  # noqa: BLE001 (any failure of a cache type means: do not use it)

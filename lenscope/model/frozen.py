@@ -25,7 +25,7 @@ from lenscope.model.loading import (
     load_base_model,
     tensor_fingerprint,
 )
-from lenscope.model.patching import PatchingEngine
+from lenscope.model.patching import PatchingEngine, cache_argument
 from lenscope.model.residuals import ResidualReader
 
 
@@ -95,15 +95,27 @@ class FrozenModel:
         """The residual stream at every block boundary: (num_layers + 1, batch, seq, d_model)."""
         return self.reader.read(input_ids, attention_mask)
 
-    def residuals_of(self, token_lists: list[list[int]]) -> torch.Tensor:
-        """The residual stream of several token lists of different lengths, right-padded into one
-        batch: (num_layers + 1, batch, longest, d_model); a list's positions are as if it ran alone
-        (causal attention never sees the padding after them)."""
+    def right_padded(self, token_lists: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token lists of different lengths as one right-padded batch: (input_ids, attention_mask),
+        both (batch, longest); a list's positions are as if it ran alone (causal attention never
+        sees the padding after them)."""
         width = max(len(ids) for ids in token_lists)
         pad = self.tokenizer.pad_token_id or 0
         input_ids = torch.tensor([ids + [pad] * (width - len(ids)) for ids in token_lists], device=self.device)
         mask = torch.tensor([[1] * len(ids) + [0] * (width - len(ids)) for ids in token_lists], device=self.device)
-        return self.residuals(input_ids, mask)
+        return input_ids, mask
+
+    def residuals_of(self, token_lists: list[list[int]]) -> torch.Tensor:
+        """The residual stream of several token lists of different lengths, right-padded into one
+        batch (:meth:`right_padded`): (num_layers + 1, batch, longest, d_model)."""
+        return self.residuals(*self.right_padded(token_lists))
+
+    @torch.no_grad()
+    def prompt_cache(self, input_ids: torch.Tensor):
+        """The key/value cache of one unpatched pass over ``input_ids`` (batch, T), for rows that
+        continue it; None when the model returns none."""
+        out = self.hf(input_ids=input_ids, use_cache=True)
+        return getattr(out, cache_argument(self.hf), None) or getattr(out, "past_key_values", None)
 
     @property
     def heads(self) -> AttentionHeads:

@@ -81,11 +81,7 @@ def jacobian_at(model, prompt: str, subject: str, layer: int, rows_per_pass: int
     h, z = residuals[layer, 0, at], residuals[-1, 0, -1]
     d = model.d_model
     rows_per_pass = rows_per_pass or d
-    prefix = None
-    if at > 0:
-        with torch.no_grad():
-            out = model.hf(input_ids=ids[:, :at], use_cache=True)
-        prefix = getattr(out, cache_argument(model.hf), None) or getattr(out, "past_key_values", None)
+    prefix = model.prompt_cache(ids[:, :at]) if at > 0 else None
     suffix = ids[:, at:]
     jacobian = torch.empty(d, d, dtype=torch.float32)
     for first in range(0, d, rows_per_pass):

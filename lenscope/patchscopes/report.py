@@ -30,6 +30,15 @@ from lenscope.patchscopes.entity_description import DescriptionResult  # noqa: E
 from lenscope.patchscopes.multi_hop import MultiHopResult  # noqa: E402
 
 
+def png_bytes(fig) -> bytes:
+    """A finished figure as PNG bytes (laid out tight, 120 dpi), and closed."""
+    buffer = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buffer, format="png", dpi=120)
+    plt.close(fig)
+    return buffer.getvalue()
+
+
 def _cell(mean: float | None, std: float | None) -> str:
     return "—" if mean is None else f"{mean:.2f} ± {std:.2f}"
 
@@ -65,11 +74,7 @@ def grid_png(grid, source_layers: list[int], target_layers: list[int], title: st
     ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=10)
     fig.colorbar(image, ax=ax, label=label)
-    buffer = io.BytesIO()
-    fig.tight_layout()
-    fig.savefig(buffer, format="png", dpi=120)
-    plt.close(fig)
-    return buffer.getvalue()
+    return png_bytes(fig)
 
 
 def heatmap_png(result: RelationResult) -> bytes:
@@ -103,11 +108,7 @@ def description_curve_png(result: DescriptionResult) -> bytes:
     ax.set_ylim(0, max(0.05, max(float(c.max()) for c in result.splits.values()) * 1.15))
     ax.set_title("Entity description from the name's state, per layer")
     ax.legend(loc="upper left", fontsize=8)
-    buffer = io.BytesIO()
-    fig.tight_layout()
-    fig.savefig(buffer, format="png", dpi=120)
-    plt.close(fig)
-    return buffer.getvalue()
+    return png_bytes(fig)
 
 
 def description_markdown(result: DescriptionResult, examples: int = 3) -> str:
@@ -334,11 +335,7 @@ def trace_png(trace) -> bytes:
         ax.set_title(f"restoring the {kind if kind != 'residual' else 'hidden state'}", fontsize=9)
         fig.colorbar(image, ax=ax, label=f"p({trace.answer.strip()!r})" if kind == kinds[-1] else None)
     fig.suptitle(f"Causal trace: clean p = {trace.clean:.3f}, corrupted {trace.corrupted:.3f}", fontsize=10)
-    buffer = io.BytesIO()
-    fig.tight_layout()
-    fig.savefig(buffer, format="png", dpi=120)
-    plt.close(fig)
-    return buffer.getvalue()
+    return png_bytes(fig)
 
 
 def trace_markdown(trace) -> str:
@@ -381,11 +378,7 @@ def knockout_png(result) -> bytes:
     ax.set_ylabel(f"% change in p({result.answer.strip()!r})")
     ax.set_title("Attention knockout: edges from the last position blocked", fontsize=10)
     ax.legend(fontsize=8)
-    buffer = io.BytesIO()
-    fig.tight_layout()
-    fig.savefig(buffer, format="png", dpi=120)
-    plt.close(fig)
-    return buffer.getvalue()
+    return png_bytes(fig)
 
 
 def knockout_markdown(result) -> str:

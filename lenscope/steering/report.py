@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 
 from lenscope.files import atomic_write
-from lenscope.patchscopes.report import grid_png, plt
+from lenscope.patchscopes.report import grid_png, plt, png_bytes
 from lenscope.steering.vectors import SteeringResult
 
 
@@ -57,11 +57,7 @@ def accuracy_png(result: SteeringResult) -> bytes:
     ax.set_ylim(-0.02, 1.02)
     ax.set_title(f"{result.task}: zero-shot prompts with a task vector added")
     ax.legend(loc="upper right", fontsize=8)
-    buffer = io.BytesIO()
-    fig.tight_layout()
-    fig.savefig(buffer, format="png", dpi=120)
-    plt.close(fig)
-    return buffer.getvalue()
+    return png_bytes(fig)
 
 
 def aie_png(result: SteeringResult) -> bytes:

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 import torch
 
 from lenscope.errors import ConfigError
-from lenscope.model.patching import Intervention, cache_argument
+from lenscope.model.patching import Intervention
 from lenscope.steering.tasks import IclPrompt, TaskPrompts
 
 
@@ -45,10 +45,7 @@ def encode(model, prompts: list[IclPrompt]) -> tuple[list[list[int]], torch.Tens
 
 def _padded(model, token_lists: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Right-padded (ids, mask, index of each row's last token)."""
-    width = max(len(t) for t in token_lists)
-    pad = model.tokenizer.pad_token_id or 0
-    ids = torch.tensor([t + [pad] * (width - len(t)) for t in token_lists], device=model.device)
-    mask = torch.tensor([[1] * len(t) + [0] * (width - len(t)) for t in token_lists], device=model.device)
+    ids, mask = model.right_padded(token_lists)
     return ids, mask, torch.tensor([len(t) - 1 for t in token_lists], device=model.device)
 
 
@@ -116,7 +113,7 @@ def indirect_effects(model, token_lists: list[list[int]], answers: torch.Tensor,
         ids = torch.tensor([tokens], device=model.device)
         base = model.engine.forward(ids, None, [], torch.tensor([len(tokens) - 1], device=model.device))
         p_base = torch.softmax(base.float(), -1)[0, answer].item()
-        prefix = _prefix_cache(model, ids) if share_prefix and len(tokens) > 1 else None
+        prefix = model.prompt_cache(ids[:, :-1]) if share_prefix and len(tokens) > 1 else None
         for part in _chunks(len(sites), rows_per_pass):
             chunk = sites[part]
             k = len(chunk)
@@ -138,11 +135,6 @@ def indirect_effects(model, token_lists: list[list[int]], answers: torch.Tensor,
             logits = model.engine.forward(step, mask, changes, read, **kwargs)
             total[part] += torch.softmax(logits.float(), -1)[:, answer].double().cpu() - p_base
     return (total / len(token_lists)).reshape(len(layers), heads.num_heads).float()
-
-
-def _prefix_cache(model, ids: torch.Tensor):
-    out = model.hf(input_ids=ids[:, :-1], use_cache=True)
-    return getattr(out, cache_argument(model.hf), None) or getattr(out, "past_key_values", None)
 
 
 def top_heads(aie: torch.Tensor, layers: list[int], k: int) -> list[tuple[int, int]]:
