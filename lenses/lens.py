@@ -72,6 +72,11 @@ class Lens(nn.Module):
         decoder_dtype = model.adapter.unembedding_weight.dtype
         return model.decode(self(h.float()).to(decoder_dtype)).float()
 
+    def prompt_logits(self, model: FrozenModel, h: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """``logits`` of one prompt's residuals h (num_layers, 1, T, d_model), given the prompt's
+        tokens ids (1, T): a lens that writes into the prompt it reads needs them; the others decode h alone."""
+        return self.logits(model, h)
+
     # Training and validation score a lens against the model's own distribution without forming
     # (layers × tokens × vocab) logits: the head's inputs go to the fused KL of lenscope.lenses.unembed.
     def head_inputs(self, model: FrozenModel, h: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

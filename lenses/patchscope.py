@@ -170,11 +170,13 @@ class _Group:
 class Patchscope:
     """A patchscope spec and its batched execution: ``run(model)`` reads the source prompts and
     patches; ``patch(model, states, layers)`` patches states read elsewhere (then ``source`` may be
-    None). ``share_prefix`` False runs every row over its whole target prompt (for checking)."""
+    None). ``share_prefix`` False runs every row over its whole target prompt, and
+    ``decode_directly`` False runs the patched forward pass even for a write into the last block's
+    output read where it was written (both for checking the shortcuts)."""
 
     def __init__(self, source: Source | None = None, target: Target = Target(),  # noqa: B008
                  mapping: Mapping | Lens | None = None, readout: Readout = NextToken(),  # noqa: B008
-                 rows_per_pass: int = 256, share_prefix: bool = True):
+                 rows_per_pass: int = 256, share_prefix: bool = True, decode_directly: bool = True):
         if rows_per_pass < 1:
             raise ConfigError(f"rows_per_pass must be at least 1, got {rows_per_pass}")
         if isinstance(readout, Generate) and readout.max_new_tokens < 1:
@@ -187,6 +189,7 @@ class Patchscope:
         self.readout = readout
         self.rows_per_pass = rows_per_pass
         self.share_prefix = share_prefix
+        self.decode_directly = decode_directly
         self._prefixes: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model → {target tokens: cache}
 
     # --- layers --------------------------------------------------------------------------------------
@@ -252,7 +255,7 @@ class Patchscope:
         if mapped.shape[-1] != model.d_model:
             raise ConfigError(f"the source states have width {mapped.shape[-1]} and the target model {model.d_model}; "
                               "patching across models of different widths needs a mapping between them")
-        decoded = self.target.prompt is None and isinstance(self.readout, NextToken)
+        decoded = self.decode_directly and self.target.prompt is None and isinstance(self.readout, NextToken)
         if decoded and all(t == model.num_layers for _, t in pairs):
             logits = model.decode(mapped.to(model.adapter.unembedding_weight.dtype)).float()
             return PatchscopeResult(pairs, [""] * n, logits=logits)
@@ -393,3 +396,41 @@ class Patchscope:
         stop = self.readout.stop if isinstance(self.readout, Generate) else None
         return text.split(stop)[0] if stop else text
 
+
+
+class LensPatchscope(Lens):
+    """An affine lens asked as a patchscope (Patchscopes §3: every lens is one): h_ℓ at position t,
+    mapped by the lens, written into the last block's output of the same prompt at t, and the
+    model's next token read there. Its distributions equal the lens's own (the final norm and the
+    head are all that act after the write), so by default the patchscope decodes the written state
+    directly, as any patchscope into the last block does; ``decode_directly`` False runs the
+    patched forward pass of every position instead, to show the two agree (a pass per position). It needs the prompt it reads, so it decodes in a trajectory
+    (``Trajectory.of``), not from states alone."""
+
+    lens_type = "patchscope"
+
+    def __init__(self, lens: Lens, decode_directly: bool = True, rows_per_pass: int = 256):
+        super().__init__(lens.layers, lens.d_model)
+        self.lens = lens
+        self.offset = lens.offset
+        self._scope = Patchscope(target=Target(layers="last"), mapping=lens, rows_per_pass=rows_per_pass,
+                                 decode_directly=decode_directly)
+
+    @property
+    def key(self) -> str:
+        return f"{self.lens.key} via patchscope"
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        raise TypeError("a lens asked as a patchscope writes into the prompt it reads: use it in Trajectory.of")
+
+    def logits(self, model: FrozenModel, h: torch.Tensor) -> torch.Tensor:
+        raise TypeError("a lens asked as a patchscope writes into the prompt it reads: call "
+                        "lens.prompt_logits(model, h, ids) or use it in Trajectory.of")
+
+    @torch.no_grad()
+    def prompt_logits(self, model: FrozenModel, h: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """h (num_layers, 1, T, d) the residuals of the prompt ``ids`` (1, T) at ``self.layers`` →
+        (num_layers, 1, T, vocab): position t's state written at t of the prompt cut after t."""
+        tokens = ids[0].tolist()
+        own = [tokens[: t + 1] for t in range(len(tokens))]
+        return self._scope.patch(model, h[:, 0], self.layers, own_prompts=own).logits.float().unsqueeze(1)

@@ -96,7 +96,7 @@ class Trajectory:
             if layers is not None and lens.layers != layers:
                 raise ConfigError(f"the lenses cover different layers ({layers} and {lens.layers}); show lenses of one model")
             layers = lens.layers
-            logp = torch.log_softmax(lens.logits(model, h[lens.layers])[:, 0], dim=-1).cpu()  # (L, T, V)
+            logp = torch.log_softmax(lens.prompt_logits(model, h[lens.layers], ids)[:, 0], dim=-1).cpu()  # (L, T, V)
             name = lens.key if names.count(lens.key) == 1 else f"{lens.key} #{len(panels) + 1}"
             panels.append(_panel(name, lens.offset, lens.layers, logp, model_logp, token_ids, k))
         # Drawn top to bottom: the model's output, then the last lensed layer down to the embeddings.
@@ -104,6 +104,15 @@ class Trajectory:
         return cls([model.tokenizer.decode([t]) for t in token_ids], panels, model.tokenizer.decode, rows)
 
     # --- what it shows --------------------------------------------------------------------------
+    def select(self, names: list[str]) -> Trajectory:
+        """The same trajectory with only the panels named (in that order), e.g. to draw the
+        originals and their patchscope versions as two figures."""
+        by_name = {panel.name: panel for panel in self.panels}
+        missing = [name for name in names if name not in by_name]
+        if missing:
+            raise ConfigError(f"no panel named {missing}; this trajectory has {list(by_name)}")
+        return Trajectory(self.tokens, [by_name[name] for name in names], self._decode, self.row_names)
+
     def grid(self, panel: Panel, stat: str) -> torch.Tensor:
         """(rows, positions) of ``stat``, in drawing order (output first, then last layer first)."""
         if stat not in STATISTICS:
@@ -206,31 +215,56 @@ class Trajectory:
         return fig
 
 
+def _entropy(logp: torch.Tensor) -> torch.Tensor:
+    """Entropy in nats over the last dimension. As a contraction (one pass, no (…, V) temporary);
+    where that is not finite (a token of probability 0 has log p = −inf, and 0 · −inf is NaN) the
+    row is recomputed exactly: 0 · log 0 = 0, while a NaN (a diverged lens) stays NaN."""
+    entropy = -torch.einsum("...v,...v->...", logp.exp(), logp)
+    bad = ~entropy.isfinite()
+    if bad.any():
+        p = logp[bad].exp()
+        entropy[bad] = -torch.special.xlogy(p, p).sum(-1)
+    return entropy
+
+
+def _kl_from(model_logp: torch.Tensor, model_entropy: torch.Tensor, logq: torch.Tensor) -> torch.Tensor:
+    """KL(model ‖ q) in nats: −H(model) − Σ p log q, the cross term as a contraction over the
+    vocabulary; rows where that is not finite are recomputed by ``kl_divergence`` (a token the
+    model gives 0 adds 0, a NaN stays NaN). model_logp (T, V), logq (L, T, V) → (L, T)."""
+    kl = -model_entropy - torch.einsum("tv,ltv->lt", model_logp.exp(), logq)
+    bad = ~kl.isfinite()
+    if bad.any():
+        rows = bad.nonzero(as_tuple=True)
+        kl[bad] = kl_divergence(model_logp[rows[1]], logq[bad])
+    return kl
+
+
 def _panel(name: str, offset: int, layers: list[int], logp: torch.Tensor, model_logp: torch.Tensor,
            token_ids: list[int], k: int) -> Panel:
-    """Statistics of one lens (``logp``: (L, T, V)) with the model's output as row 0."""
-    all_logp = torch.cat([model_logp[None], logp])  # (1 + L, T, V)
+    """Statistics of one lens (``logp``: (L, T, V)) with the model's output as row 0. Each statistic
+    is one pass over the (L, T, V) log-probabilities: a trajectory's panels are memory-bound."""
     n = len(token_ids)
-    probs = all_logp.exp()
-    # xlogy: 0 · log 0 = 0 for tokens of probability 0, while a NaN (a diverged lens) stays NaN.
-    entropy = -torch.special.xlogy(probs, probs).sum(-1) / NATS_PER_BIT
+    model_entropy = _entropy(model_logp)
+    entropy = torch.cat([model_entropy[None], _entropy(logp)]) / NATS_PER_BIT
     # What the lens predicts at t is the model's distribution at t + offset (row 0: the model at t).
     kl = torch.full(entropy.shape, float("nan"))
     kl[0] = 0.0
     if n > offset:
-        kl[1:, : n - offset] = kl_divergence(model_logp[offset:], all_logp[1:, : n - offset]) / NATS_PER_BIT
+        kl[1:, : n - offset] = _kl_from(model_logp[offset:], model_entropy[offset:], logp[:, : n - offset]) / NATS_PER_BIT
     # The real token: at t + 1 for the model's own row, at t + 1 + offset for the lens.
     target_prob = torch.full(entropy.shape, float("nan"))
     target_rank = torch.full(entropy.shape, float("nan"))
-    for row, ahead in ((slice(0, 1), 1), (slice(1, None), 1 + offset)):
+    for row, lp_all, ahead in ((slice(0, 1), model_logp[None], 1), (slice(1, None), logp, 1 + offset)):
         if n > ahead:
             real = torch.tensor(token_ids[ahead:])  # (n - ahead,)
-            lp = all_logp[row, : n - ahead]  # (rows, n - ahead, V)
+            lp = lp_all[:, : n - ahead]  # (rows, n - ahead, V)
             real_lp = lp.gather(-1, real.view(1, -1, 1).expand(lp.shape[0], -1, 1))
             target_prob[row, : n - ahead] = real_lp[..., 0].exp()
-            rank = (lp > real_lp).sum(-1).float() + 1
+            rank = (lp > real_lp).float().sum(-1) + 1
             target_rank[row, : n - ahead] = torch.where(real_lp[..., 0].isnan(), float("nan"), rank)
-    top_probs, top_ids = probs.topk(k, dim=-1)
+    top_lp = torch.cat([model_logp[None].topk(k, dim=-1).values, logp.topk(k, dim=-1).values])
+    top_ids = torch.cat([model_logp[None].topk(k, dim=-1).indices, logp.topk(k, dim=-1).indices])
+    top_probs = top_lp.exp()
     return Panel(name=name, offset=offset, layers=list(layers), top_ids=top_ids, top_probs=top_probs,
                  stats={"entropy": entropy, "kl": kl, "target_prob": target_prob, "target_rank": target_rank,
                         "top_prob": top_probs[..., 0]})

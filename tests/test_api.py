@@ -104,6 +104,32 @@ def test_a_trajectory_holds_each_layers_prediction(model):
     assert [p for _, p in top[0][0]] == sorted((p for _, p in top[0][0]), reverse=True)
 
 
+def test_trajectory_statistics_handle_impossible_tokens_and_diverged_lenses():
+    """Entropy and KL are contractions over the vocabulary, with exact fallbacks: a token of
+    probability 0 (log p = −inf) adds 0, and a NaN row (a diverged lens) stays NaN, not 0."""
+    from lenscope.lenses.trajectory import _panel
+
+    torch.manual_seed(0)
+    logits = torch.randn(2, 3, 7)
+    logits[0, 1, :3] = -float("inf")  # three impossible tokens for the lens
+    logits[1, 2] = float("nan")
+    model_logits = torch.randn(3, 7)
+    model_logits[0, 4:] = -float("inf")  # and for the model
+    logp, model_logp = logits.log_softmax(-1), model_logits.log_softmax(-1)
+    panel = _panel("lens", 0, [0, 1], logp, model_logp, [1, 2, 3], k=2)
+    bits = torch.log(torch.tensor(2.0))
+    p, m = logp[0, 1].exp(), model_logp[1].exp()
+    expected_entropy = -(p[3:] * logp[0, 1, 3:]).sum() / bits
+    torch.testing.assert_close(panel.stats["entropy"][1, 1], expected_entropy)
+    expected_kl = (m * (model_logp[1] - logp[0, 1])).sum() / bits  # the lens gives 0 where the model does not
+    assert torch.isinf(expected_kl) and torch.isinf(panel.stats["kl"][1, 1])
+    q = model_logp[0].exp()
+    expected_kl = (q[:4] * (model_logp[0, :4] - logp[0, 0, :4])).sum() / bits  # the model's zeros add 0
+    torch.testing.assert_close(panel.stats["kl"][1, 0], expected_kl)
+    assert torch.isfinite(panel.stats["entropy"][0]).all()
+    assert torch.isnan(panel.stats["entropy"][2, 2]) and torch.isnan(panel.stats["kl"][2, 2])
+
+
 def test_a_trajectory_renders_as_table_page_and_picture(model, tmp_path):
     traj = TunedLens(model.layers, model.d_model).trajectory(model, "w1 w2 w3")
     table = str(traj)

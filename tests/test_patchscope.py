@@ -8,7 +8,15 @@ import torch
 import lenscope
 from lenscope.errors import ConfigError
 from lenscope.lenses.lens import AffineLens
-from lenscope.lenses.patchscope import Generate, NextToken, Patchscope, Source, Target
+from lenscope.lenses.patchscope import (
+    Generate,
+    LensPatchscope,
+    NextToken,
+    Patchscope,
+    Source,
+    Target,
+)
+from lenscope.lenses.trajectory import Trajectory
 
 PROMPTS = ["w1 w2 w3 w4 w5", "w7 w8 w9", "w10 w11 w12 w13 w14 w15 w16"]
 
@@ -111,6 +119,32 @@ def test_a_lens_as_the_mapping_decodes_as_the_lens_does(model):
     result = Patchscope(Source(PROMPTS[:1], model.layers), Target(layers="last"), mapping=lens).run(model)
     h = model.residuals(model.tokenize(PROMPTS[0]))[: model.num_layers, 0, -1]  # (layers, d)
     torch.testing.assert_close(result.logits[:, 0], lens.logits(model, h[:, None])[:, 0], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("offset", [0, 2])
+def test_a_lens_asked_as_a_patchscope_reads_what_the_lens_reads_at_every_position(model, offset):
+    """Patchscopes §3: a lens is the patchscope writing its mapped state into the last block's output
+    of the same prompt. Run as real patched passes (one per position) and decoded directly, both
+    equal the lens, at every layer and position, in a trajectory beside it."""
+    torch.manual_seed(offset)
+    lens = AffineLens(model.layers, model.d_model, offset=offset)
+    with torch.no_grad():
+        lens.weight.normal_(std=0.1)
+        lens.bias.normal_(std=0.1)
+    text = PROMPTS[2]
+    ids = model.tokenize(text)
+    h = model.residuals(ids)[model.layers]  # (layers, 1, T, d)
+    expected = lens.logits(model, h)
+    for directly in (False, True):
+        scoped = LensPatchscope(lens, decode_directly=directly, rows_per_pass=2)
+        assert scoped.key == f"{lens.key} via patchscope" and scoped.offset == offset
+        torch.testing.assert_close(scoped.prompt_logits(model, h, ids), expected, rtol=1e-5, atol=1e-5)
+    trajectory = Trajectory.of(model, text, [lens, LensPatchscope(lens, decode_directly=False)])
+    original, scoped_panel = trajectory.panels
+    assert torch.equal(original.top_ids, scoped_panel.top_ids)
+    torch.testing.assert_close(original.stats["kl"], scoped_panel.stats["kl"], rtol=1e-4, atol=1e-5, equal_nan=True)
+    with pytest.raises(TypeError, match="writes into the prompt it reads"):
+        scoped.logits(model, h)
 
 
 def test_patching_a_prompt_with_its_own_state_generates_what_the_model_generates(model):

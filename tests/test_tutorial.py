@@ -35,16 +35,24 @@ def model():
 
 
 # --- the sections' computing ------------------------------------------------------------------------------
-def test_decoding_puts_the_logit_lens_any_lens_and_the_token_identity_patchscope_side_by_side(model):
+def test_decoding_puts_each_lens_beside_its_patchscope_and_the_token_identity_patchscope(model):
+    torch.manual_seed(0)
     lens = TunedLens(model.layers, model.d_model)
-    trajectory = sections.decoding(model, "w5 w6 w7", [lens])
-    assert [p.name for p in trajectory.panels] == ["logit", "tuned", "token_identity"]
-    assert trajectory.tokens == ["w5", "w6", "w7"]
-    figure = trajectory.figure("entropy")
-    assert len(figure.data) == 3
-    # A zero tuned lens is the logit lens: the same top tokens in every cell.
-    logit, tuned, _ = trajectory.panels
-    assert torch.equal(logit.top_ids, tuned.top_ids)
+    with torch.no_grad():
+        lens.weight.normal_(0, 0.05)
+        lens.bias.normal_(0, 0.1)
+    for run_passes in (False, True):
+        view = sections.decoding(model, "w5 w6 w7", [lens], run_passes=run_passes)
+        assert view.originals == ["logit", "tuned"]
+        assert view.patchscopes == ["logit via patchscope", "tuned via patchscope", "token_identity"]
+        assert view.trajectory.tokens == ["w5", "w6", "w7"]
+        assert len(view.trajectory.select(view.originals).figure("entropy").data) == 2
+        assert len(view.trajectory.select(view.patchscopes).figure("entropy").data) == 3
+        # Each lens and its patchscope version read the same distributions (run or decoded).
+        assert set(view.max_difference) == {"logit", "tuned"}
+        assert all(gap < 1e-4 for gap in view.max_difference.values())
+    with pytest.raises(ConfigError, match="no panel named"):
+        view.trajectory.select(["future"])
 
 
 def test_attribute_entity_and_multi_hop_sections_give_a_row_per_layer(model):
@@ -98,7 +106,7 @@ def test_every_section_renders_without_an_error(app):
         assert not app.error, (name, [e.value for e in app.error])
         assert app.header[0].value.startswith(name)
     app.sidebar.radio(key="section").set_value(SECTION_NAMES[0]).run()
-    assert len(app.get("plotly_chart")) == 1
+    assert len(app.get("plotly_chart")) == 2
 
 
 def test_bad_input_in_the_page_is_a_message_not_a_stack_trace(app, tmp_path):

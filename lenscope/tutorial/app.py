@@ -103,16 +103,26 @@ def page_decoding(model, model_name: str, lenses) -> None:
     st.header("1 · Decoding next-token predictions")
     prompt = st.text_input("Prompt", sections.DEFAULT_PROMPT, key="decoding_prompt")
     stat = st.selectbox("Colour", ["entropy", "top_prob", "kl", "target_prob"], key="decoding_stat")
+    run_passes = st.checkbox("Run the lenses' patchscopes as patched forward passes (one per position, seconds per "
+                             "lens) instead of decoding the written state directly", key="decoding_passes")
     try:
-        trajectory = on_worker(sections.decoding, model, prompt, lenses, identity=identity_lens(model_name))
+        view = on_worker(sections.decoding, model, prompt, lenses, identity=identity_lens(model_name),
+                         run_passes=run_passes)
     except UserError as err:
         show_error(err)
         return
-    st.plotly_chart(trajectory.figure(stat), key="decoding_figure")
-    explain("Left, the logit lens (original); then any lens you loaded; right, the token-identity patchscope, "
-            "which writes each state into \"cat → cat; … x\" and reads what the model repeats. Look for the "
-            "layer where each row settles on the model's own answer: the patchscope usually settles earlier "
-            "than the logit lens, because the model itself decodes the state.")
+    st.subheader("Originals: the logit lens and the lenses loaded")
+    st.plotly_chart(view.trajectory.select(view.originals).figure(stat), key="decoding_originals")
+    st.subheader("Patchscopes: each lens's mapped state written into the last layer, and token identity")
+    st.plotly_chart(view.trajectory.select(view.patchscopes).figure(stat), key="decoding_patchscopes")
+    agreement = ", ".join(f"{name}: {'same top tokens, probabilities within ' + format(gap, '.1e') if gap != float('inf') else 'different top tokens'}"
+                          for name, gap in view.max_difference.items())
+    st.write(f"Each lens beside its patchscope version: {agreement}.")
+    explain("A lens is a patchscope whose target is the last layer of the same prompt: the state, mapped by the lens, "
+            "is written where the model's own last state was, and only the final norm and the head act on it. So "
+            "the two rows of figures agree. The token-identity patchscope instead writes each state into "
+            "\"cat → cat; … x\" at its own layer and lets the rest of the model decode it. Look for the layer where "
+            "each row settles on the model's own answer: token identity usually settles earlier than the logit lens.")
 
 
 def page_attribute(model, model_name: str, layer_step: int) -> None:

@@ -26,12 +26,14 @@ import torch
 from lenscope.errors import ConfigError
 from lenscope.lenses.patchscope import (
     Generate,
+    LensPatchscope,
     Patchscope,
     Source,
     Target,
     token_ending,
     token_position,
 )
+from lenscope.lenses.trajectory import Trajectory
 
 DEFAULT_PROMPT = "The Eiffel Tower is located in the city of"
 DEFAULT_SUBJECT = "The Eiffel Tower"
@@ -53,18 +55,39 @@ def layers_every(model, step: int) -> list[int]:
 
 
 # --- 1. decoding ----------------------------------------------------------------------------------------
-def decoding(model, prompt: str, lenses: list, k: int = 5, identity=None):
-    """The prediction trajectory of the logit lens (original), the token-identity patchscope and
-    every lens given, side by side. ``identity``: a token-identity lens to reuse (it keeps its
-    prompt's prefix cache between prompts)."""
+@dataclass
+class DecodingView:
+    trajectory: Trajectory
+    """Every panel: the originals, then their patchscope versions, then the token-identity patchscope."""
+    originals: list[str]
+    """Panel names of the lenses as they are (the logit lens first)."""
+    patchscopes: list[str]
+    """Panel names of the same lenses asked as patchscopes, in the same order, then token identity."""
+    max_difference: dict[str, float]
+    """Original → the largest difference of its top-k probabilities from its patchscope version's."""
+
+
+def decoding(model, prompt: str, lenses: list, k: int = 5, identity=None, run_passes: bool = False) -> DecodingView:
+    """The prediction trajectory of the logit lens and every lens given (originals), each also asked
+    as a patchscope (its state mapped by the lens and written into the last block's output of the
+    same prompt), and the token-identity patchscope. ``identity``: a token-identity lens to reuse (it
+    keeps its prompt's prefix cache between prompts); ``run_passes``: run the patchscopes' forward
+    passes (one per position) instead of decoding the written state directly."""
     from lenscope.lenses.lens import LogitLens
     from lenscope.lenses.token_identity import TokenIdentityLens
-    from lenscope.lenses.trajectory import Trajectory
 
     check_prompt(model, prompt)
     identity = identity if identity is not None else TokenIdentityLens.for_model(model)
-    chosen = [LogitLens(model.layers, model.d_model), *lenses, identity]
-    return Trajectory.of(model, prompt, chosen, k)
+    originals = [LogitLens(model.layers, model.d_model), *lenses]
+    scoped = [LensPatchscope(lens, decode_directly=not run_passes) for lens in originals]
+    trajectory = Trajectory.of(model, prompt, [*originals, *scoped, identity], k)
+    count = len(originals)
+    names = [panel.name for panel in trajectory.panels]
+    difference = {
+        original.name: float((original.top_probs - scope.top_probs).abs().max())
+        if bool((original.top_ids == scope.top_ids).all()) else float("inf")
+        for original, scope in zip(trajectory.panels[:count], trajectory.panels[count:2 * count], strict=True)}
+    return DecodingView(trajectory, names[:count], names[count:], difference)
 
 
 # --- 2. attribute extraction ----------------------------------------------------------------------------
