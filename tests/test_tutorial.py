@@ -67,6 +67,23 @@ def test_attribute_entity_and_multi_hop_sections_give_a_row_per_layer(model):
     assert hop.query == "w10 w11 w12 w13 w14" and len(hop.patched) == 3 and isinstance(hop.vanilla, str)
 
 
+def test_cross_model_section_fits_layer_to_layer_maps_of_one_model_when_no_map_is_given(model):
+    generator = torch.Generator().manual_seed(0)
+    texts = [" ".join(f"w{int(i)}" for i in torch.randint(3, 60, (40,), generator=generator)) for _ in range(8)]
+    fitted = sections.self_map(model, layer_step=1, texts=texts)
+    assert fitted.source_layers == fitted.target_layers == [0, 1, 2] and fitted.meta["fit_positions"] > 100
+    # From a layer into itself the least-squares map is the identity (up to the ridge term).
+    for i in range(3):
+        torch.testing.assert_close(fitted.weight[i, i], torch.eye(model.d_model), atol=1e-3, rtol=0)
+    pairs, texts = sections.cross_model(model, model, fitted, "w5 w6", max_new_tokens=3)
+    assert pairs == [(0, 0), (1, 1), (2, 2)] and len(texts) == 3
+    pairs, texts = sections.cross_model(model, model, fitted, "w5 w6", target_layer=1, max_new_tokens=3)
+    assert pairs == [(0, 1), (1, 1), (2, 1)] and len(texts) == 3
+    # At ℓ* = ℓ the description is section 3's entity-description patchscope of the same subject.
+    _, own = sections.entity_description(model, "w5 w6", layer_step=1, max_new_tokens=3)
+    assert sections.cross_model(model, model, fitted, "w5 w6", max_new_tokens=3)[1] == own
+
+
 @pytest.mark.parametrize(("call", "message"), [
     (lambda m: sections.decoding(m, "   ", []), "the prompt is empty"),
     (lambda m: sections.decoding(m, " ".join(["w5"] * 300), []), "the prompt has 300 tokens, more than the model's context of 256"),
@@ -74,7 +91,9 @@ def test_attribute_entity_and_multi_hop_sections_give_a_row_per_layer(model):
     (lambda m: sections.attribute(m, load_facts(), "country_capital", "w5 w6", "Atlantis"),
      "the subject 'Atlantis' is not in the sentence"),
     (lambda m: sections.knockout(m, "w5 w6 w7", "w9"), "subject 'w9' is not in the prompt"),
-    (lambda m: sections.cross_model(m, m, "missing/map.safetensors", "w5"), "no cross-model map at"),
+    (lambda m: sections.load_cross_model_map("missing/map.safetensors"), "no cross-model map at"),
+    (lambda m: sections.cross_model(m, m, sections.self_map(m, layer_step=2, documents=2), "w5", target_layer=1),
+     r"the map writes into target layers \[0, 2\], not 1"),
 ])
 def test_bad_input_is_one_line(model, call, message):
     with pytest.raises(ConfigError, match=message) as err:
@@ -100,9 +119,6 @@ def test_every_section_renders_without_an_error(app):
     for name in SECTION_NAMES:
         app.sidebar.radio(key="section").set_value(name).run()
         assert not app.exception, (name, [e.value for e in app.exception])
-        if name.startswith("4"):  # no fitted map in a fresh checkout: said in the page
-            assert "no cross-model map at" in app.error[0].value
-            continue
         assert not app.error, (name, [e.value for e in app.error])
         assert app.header[0].value.startswith(name)
     app.sidebar.radio(key="section").set_value(SECTION_NAMES[0]).run()
@@ -118,6 +134,12 @@ def test_bad_input_in_the_page_is_a_message_not_a_stack_trace(app, tmp_path):
     app.sidebar.radio(key="section").set_value(SECTION_NAMES[1]).run()
     app.text_input(key="attribute_subject").input("Atlantis").run()
     assert "the subject 'Atlantis' is not in the sentence" in app.error[0].value
+    app.sidebar.radio(key="section").set_value(SECTION_NAMES[3]).run()
+    app.text_input(key="cross_mapping").input("missing/map.safetensors").run()
+    assert "no cross-model map at 'missing/map.safetensors'" in app.error[0].value
+    app.text_input(key="cross_mapping").input("").run()
+    app.text_input(key="cross_target").input("some/other-model").run()
+    assert "must be fitted first" in app.error[0].value
     app.sidebar.radio(key="section").set_value(SECTION_NAMES[2]).run()
     app.text_input(key="entity_subject").input("Atlantis").run()
     assert "subject 'Atlantis' is not in the prompt" in app.error[0].value
@@ -207,7 +229,7 @@ def test_the_app_in_headless_chromium(tiny_model_dir, tmp_path):
         browser.save_screenshot(str(shots / "1_decoding.png"))
         for i, name in enumerate(SECTION_NAMES[1:], start=2):
             section(name)
-            own = {"2": "Originals: LRE attribute lens", "3": "Originals: attention knockout", "4": "no cross-model map",
+            own = {"2": "Originals: LRE attribute lens", "3": "Originals: attention knockout", "4": "The map: ",
                    "5": "Original: the query as it is"}[name[0]]
             wait.until(ec.text_to_be_present_in_element((By.CSS_SELECTOR, '[data-testid="stMain"]'), own))
             settled()

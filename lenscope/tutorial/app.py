@@ -14,7 +14,7 @@ from pathlib import Path
 import pandas as pd
 import streamlit as st
 
-from lenscope.errors import UserError, one_line
+from lenscope.errors import ConfigError, UserError, one_line
 from lenscope.model.loading import EMBEDDED_MODEL
 from lenscope.tutorial import sections
 
@@ -193,25 +193,52 @@ def page_entity(model, layer_step: int) -> None:
             "the subject at each layer: generic words early, the entity itself from the middle layers on.")
 
 
-def page_cross_model(model, model_name: str) -> None:
+@st.cache_resource(show_spinner="Fitting the model's layer-to-layer maps on the embedded demo text (once per process)…")
+def self_map(model_name: str, layer_step: int):
+    return on_worker(sections.self_map, load_model(model_name), layer_step)
+
+
+@st.cache_resource(show_spinner="Loading the cross-model map…")
+def cross_map(path: str):
+    return sections.load_cross_model_map(path)
+
+
+def page_cross_model(model, model_name: str, layer_step: int) -> None:
     st.header("4 · Cross-model patching")
-    mapping = st.text_input("A cross-model map (map.safetensors from `lenscope patchscope crossmodel`)",
-                            "results/cross_model/map.safetensors", key="cross_mapping")
-    target_name = st.text_input("Target model (the map's M*)", model_name, key="cross_target")
+    mapping = st.text_input("A cross-model map (map.safetensors from `lenscope patchscope crossmodel`); empty: fit "
+                            "maps from this model's layers to its own", "", key="cross_mapping").strip()
+    target_name = st.text_input("Target model (the map's M*)", model_name, key="cross_target").strip()
     subject = st.text_input("Subject", "Marie Curie", key="cross_subject")
     try:
+        if mapping:
+            fitted = cross_map(mapping)
+        elif target_name != model_name:
+            raise ConfigError(f"a map from {model_name} into {target_name} must be fitted first: `lenscope patchscope "
+                              f"crossmodel --config configs/patchscopes/cross_model.yaml --target_model {target_name}`, "
+                              "then give its map.safetensors")
+        else:
+            fitted = self_map(model_name, layer_step)
+        choices = ["ℓ* = ℓ (the same layer)", *(f"ℓ* = {layer}" for layer in fitted.target_layers)]
+        chosen = st.selectbox("Write into the target's layer", choices, key="cross_target_layer")
+        target_layer = None if chosen == choices[0] else fitted.target_layers[choices.index(chosen) - 1]
         target = load_model(target_name) if target_name != model_name else model
-        pairs, texts = on_worker(sections.cross_model, model, target, mapping, subject)
+        pairs, texts = on_worker(sections.cross_model, model, target, fitted, subject, target_layer)
     except UserError as err:
         show_error(err)
         return
     except Exception as err:  # noqa: BLE001 (a model that cannot load offline: one line in the page)
         show_error(err)
         return
-    st.dataframe(pd.DataFrame({"source layer": [s for s, _ in pairs], "target layer": [t for _, t in pairs],
+    st.dataframe(pd.DataFrame({"source layer ℓ": [s for s, _ in pairs], "target layer ℓ*": [t for _, t in pairs],
                                "description in the target model": texts}), hide_index=True, key="cross_table")
-    explain("The source model's state of the subject is mapped by the fitted affine map and written into the "
-            "target model's description prompt. Look for the layers where the target model still recognises the entity.")
+    fitted_on = fitted.meta.get("fit_positions")
+    st.caption(f"The map: {fitted.meta.get('source_model', '?')} → {fitted.meta.get('target_model', '?')}, least squares"
+               + (f" on {fitted_on:,} positions" if fitted_on else "") + ".")
+    explain("The source model's state of the subject is mapped by the fitted affine map and written into the target "
+            "model's description prompt at ℓ*. Between two models (the paper: Vicuna 7B → 13B), look for the layers "
+            "where the target still recognises the entity. With one model, the map goes from layer ℓ to layer ℓ*: "
+            "at ℓ* = ℓ it is nearly the identity (section 3's patchscope); a state mapped into an earlier layer shows "
+            "whether the rest of the network can still use what a later layer knows.")
 
 
 def page_multi_hop(model, layer_step: int) -> None:
@@ -264,7 +291,7 @@ def main() -> None:
     elif section == SECTIONS[3]:
         page_entity(model, layer_step)
     elif section == SECTIONS[4]:
-        page_cross_model(model, model_name.strip())
+        page_cross_model(model, model_name.strip(), layer_step)
     else:
         page_multi_hop(model, layer_step)
 

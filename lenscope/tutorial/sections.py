@@ -10,7 +10,8 @@ patchscope (Ghandeharioun et al. 2024):
 2. attribute extraction: the LRE attribute lens and a linear probe, beside the attribute-extraction
    patchscope;
 3. entity resolution: causal tracing and attention knockout, beside the entity-description patchscope;
-4. cross-model patching: a fitted map from another model's states into this one;
+4. cross-model patching: a fitted map from another model's states into this one (or, with one
+   model, from one of its layers into another);
 5. multi-hop reasoning: the plain answer beside the CoT patchscope.
 
 Bad input raises ``UserError`` with one line; the page shows it as a message.
@@ -173,21 +174,54 @@ def knockout(model, prompt: str, subject: str, window: int = 9):
 
 
 # --- 4. cross-model -------------------------------------------------------------------------------------
-def cross_model(source, target, mapping_path: str, subject: str, max_new_tokens: int = 20) -> tuple[list[tuple[int, int]], list[str]]:
-    """The entity-description patchscope across models: the subject's state in ``source`` at each
-    mapped layer, mapped and written into ``target``'s description prompt."""
+DEMO_MAP_DOCUMENTS = 16
+
+
+def load_cross_model_map(path: str):
+    """A map written by ``lenscope patchscope crossmodel`` (its map.safetensors)."""
     from lenscope.patchscopes.cross_model import CrossModelMap
+
+    if not Path(path).is_file():
+        raise ConfigError(f"no cross-model map at {path!r}: fit one with `lenscope patchscope crossmodel "
+                          "--config configs/patchscopes/cross_model.yaml` and give its map.safetensors, or leave "
+                          "the field empty to fit one of this model onto itself")
+    return CrossModelMap.load(path)
+
+
+def self_map(model, layer_step: int = 3, documents: int = DEMO_MAP_DOCUMENTS, max_tokens: int = 256,
+             texts: list[str] | None = None):
+    """Affine maps from every ``layer_step``-th residual of ``model`` to every other, fitted by least
+    squares on ``texts`` (default: the first ``documents`` of the embedded demo text, the
+    interpreter's help topics), every position: the within-model version of cross-model
+    patching, for a machine with one model."""
+    from lenscope.datamodules.sources import demo_documents
+    from lenscope.patchscopes.cross_model import aligned_documents, fit_cross_model_map
+
+    texts = list(enumerate(texts if texts is not None else demo_documents()[:documents]))
+    layers = layers_every(model, layer_step)
+    return fit_cross_model_map(model, model, aligned_documents(model, model, texts, max_tokens), layers, layers)
+
+
+def cross_model(source, target, fitted, subject: str, target_layer: int | None = None,
+                max_new_tokens: int = 20) -> tuple[list[tuple[int, int]], list[str]]:
+    """The entity-description patchscope across models: the subject's last-token state in ``source``
+    at each mapped layer ℓ, mapped by ``fitted`` and written into ``target``'s description prompt at
+    ℓ* (``target_layer``, or ℓ itself when None)."""
     from lenscope.patchscopes.entity_description import load_entities
     from lenscope.patchscopes.facts import PLACEHOLDER
 
-    if not mapping_path or not Path(mapping_path).is_file():
-        raise ConfigError(f"no cross-model map at {mapping_path!r}: fit one with `lenscope patchscope crossmodel "
-                          "--config configs/patchscopes/cross_model.yaml` and give its map.safetensors")
     check_prompt(source, subject, "subject")
-    fitted = CrossModelMap.load(mapping_path)
     fitted.check(source, target)
-    layers = [layer for layer in fitted.source_layers if layer in fitted.target_layers]
-    scope = Patchscope(Source([subject], layers, position=-1), Target(load_entities().prompt(), layers="same",
+    if target_layer is None:
+        layers = [layer for layer in fitted.source_layers if layer in fitted.target_layers]
+        written = "same"
+    else:
+        if target_layer not in fitted.target_layers:
+            raise ConfigError(f"the map writes into target layers {fitted.target_layers}, not {target_layer}: choose one of them")
+        layers, written = fitted.source_layers, [target_layer]
+    if not layers:
+        raise ConfigError("the map has no source layer that is also a target layer: choose a target layer")
+    scope = Patchscope(Source([subject], layers, position=-1), Target(load_entities().prompt(), layers=written,
                                                                       placeholder=PLACEHOLDER),
                        mapping=fitted, readout=Generate(max_new_tokens=max_new_tokens, stop=","))
     result = scope.run(source, target)
