@@ -174,11 +174,13 @@ class TunedLens(Lens):
     def set_affine(self, a: torch.Tensor, b: torch.Tensor | None) -> None:
         """Make this lens the affine map h ↦ A h + b (A: (num_layers, d, d), b: (num_layers, d)), in
         the residual parametrisation: W = A − I. How a least-squares fit becomes a lens."""
-        self.weight.copy_(a - torch.eye(a.shape[-1], dtype=a.dtype, device=a.device))
+        # Written through .data: under FSDP the parameters are views of one flat parameter, and an
+        # in-place write through the autograd view would make the next training forward refuse them.
+        self.weight.data.copy_(a - torch.eye(a.shape[-1], dtype=a.dtype, device=a.device))
         if b is not None:
             if self.bias is None:
                 raise ValueError("this lens has no bias to hold b")
-            self.bias.copy_(b)
+            self.bias.data.copy_(b)
 
 
 class AffineLens(TunedLens):

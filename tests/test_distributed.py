@@ -130,6 +130,8 @@ def test_fsdp_ranks_run_the_model_together_when_their_cache_hits_differ(tmp_path
     small = write_corpus(tmp_path / "small.jsonl", 9, seed=3)
     fsdp = ("--config", str(strategy_config(tmp_path, "fsdp")), "--trainer.devices", "2")
     record = ("--trainer.callbacks+=tests.cpu_fsdp.CacheHitRecorder", f"--trainer.callbacks.dirpath={tmp_path / 'hits'}")
+    # From zero: a warm start's batches would fill both ranks' caches before the first recorded step.
+    fsdp = (*fsdp, "--model.warm_start_batches", "0")
     run_train(fit_args(tmp_path / "cached", tiny_model_dir, small, *fsdp, *record, steps=12), cwd=tmp_path)
     hits = [json.loads((tmp_path / "hits" / f"hits_rank{r}.json").read_text()) for r in (0, 1)]
     assert len(hits[0]) == len(hits[1]) == 12

@@ -166,3 +166,32 @@ def test_affine_lens_is_the_least_squares_fit_of_the_last_block(tiny_model_dir):
     for layer in range(3):
         solution = torch.linalg.lstsq(x[layer], final).solution  # (d+1, d)
         torch.testing.assert_close(predicted[layer], x[layer] @ solution, atol=2e-3, rtol=1e-3)
+
+
+def test_a_tuned_lens_starts_from_the_least_squares_fit_of_the_batches_before_its_first_step(tiny_model_dir, corpus):
+    """The default recipe: the stream's first ``warm_start_batches`` batches fit the lens in closed
+    form, the KL steps train on the batches after them. With lr 0 the one KL step leaves the fit
+    as it is: it must equal the affine lens fitted on the same first batches."""
+    import lightning as L
+
+    from lenscope.datamodules.lens_data import LensDataModule
+
+    def run(steps: int, **kwargs) -> LensTrainingModule:
+        module = LensTrainingModule(base=str(tiny_model_dir), lens_dtype="float32", cache="none", ridge=1e-3, **kwargs)
+        data = LensDataModule(source=str(corpus), seq_len=16, batch_size=2, num_workers=0)
+        trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=steps, limit_val_batches=0, logger=False,
+                            enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+        trainer.fit(module, datamodule=data)
+        return module
+
+    warm = run(1, warm_start_batches=3, lr=0.0)
+    affine = run(3, lens_type="affine")
+    affine.on_validation_epoch_start()  # solves the fit
+    torch.testing.assert_close(warm.lenses["tuned"].weight, affine.lenses["affine"].weight, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(warm.lenses["tuned"].bias, affine.lenses["affine"].bias, atol=1e-5, rtol=1e-4)
+    assert warm.lenses["tuned"].weight.abs().max() > 0.01, "the fit moved the lens away from the logit lens"
+    # The KL step read one more batch, after the three of the fit.
+    assert warm.tokens_seen == affine.tokens_seen + 2 * 16
+    # The paper's recipe starts from zero: with lr 0 its lens stays the logit lens.
+    cold = run(1, warm_start_batches=0, lr=0.0)
+    assert cold.lenses["tuned"].weight.abs().max() == 0 and cold.tokens_seen == 2 * 16

@@ -79,6 +79,7 @@ class LensTrainingModule(L.LightningModule):
         cache_max_gb: float = 8.0,
         cache_dtype: str | None = None,
         init_lens: str | None = None,
+        warm_start_batches: int = 16,
         ridge: float = 1e-3,
         prompt_length: int = 10,
         prompt_lr: float = 1e-3,
@@ -116,7 +117,13 @@ class LensTrainingModule(L.LightningModule):
             init_lens: lens artifact folder to start the lens of the same offset from (continue
                 training a lens, or warm-start a tuned lens from an affine one); it must have been
                 made for this model.
-            ridge: relative ridge term of the least-squares fit (``lens_type: affine``).
+            warm_start_batches: training batches on which a tuned or future lens is first fitted by
+                least squares, in closed form (the affine lens), before its first KL step; the KL
+                steps then train on the batches after them, so the two never share a batch. The
+                fit costs only the model passes, and starts the KL steps where hundreds of steps from
+                zero would reach (docs/results.md). 0: the paper's recipe, from zero (the logit
+                lens). Not used with ``init_lens``, nor by the other lens types.
+            ridge: relative ridge term of the least-squares fits (``lens_type: affine`` and the warm start).
             prompt_length: soft-prompt vectors of a learned-prompt lens (Future Lens: 10).
             prompt_lr: Adam learning rate of the learned prompt (its own optimizer: a soft prompt
                 is not an affine map near the identity, the SGD recipe above does not apply).
@@ -151,6 +158,8 @@ class LensTrainingModule(L.LightningModule):
         for flag, value in (("prompt_length", prompt_length), ("prompt_positions", prompt_positions)):
             if value < 1:
                 raise ConfigError(f"--model.{flag} must be at least 1, got {value}")
+        if warm_start_batches < 0:
+            raise ConfigError(f"--model.warm_start_batches must be >= 0 (0: start from zero), got {warm_start_batches}")
         for flag, value in (("lens_dtype", lens_dtype), ("eval_dtype", eval_dtype), ("cache_dtype", cache_dtype)):
             if value is not None and not (value == "auto" and flag != "cache_dtype"):
                 resolve_dtype(value, f"--model.{flag}")
@@ -187,6 +196,7 @@ class LensTrainingModule(L.LightningModule):
         self.cache: HiddenStateCache | None = None
         self.last_results: dict | None = None
         self.tokens_seen = 0  # this process's training positions so far (a lens artifact records the sum)
+        self._warm_started = False
 
     def train(self, mode: bool = True):
         """The frozen model stays in eval mode (no dropout) while the lens trains."""
@@ -276,14 +286,16 @@ class LensTrainingModule(L.LightningModule):
         """Training positions seen by all processes together (a collective: call it on every rank)."""
         return sum(self._gather_from_ranks(self.tokens_seen))
 
-    def _summed_normal_equations(self) -> dict[str, NormalEquations]:
-        """The least-squares fit so far over all ranks (each accumulates its own share)."""
+    def _summed_normal_equations(self, equations: dict[str, NormalEquations] | None = None) -> dict[str, NormalEquations]:
+        """A least-squares fit so far over all ranks (each accumulates its own share): the closed-form
+        lens's (default), or ``equations``."""
         def sum_over_ranks(t: torch.Tensor) -> torch.Tensor:
             if self._trainer is None:  # used on its own (a notebook, a unit test): one process
                 return t
             return self.trainer.strategy.reduce(t.to(self.device), reduce_op="sum")
 
-        return {key: eq.summed(sum_over_ranks) for key, eq in self.normal_equations.items()}
+        equations = self.normal_equations if equations is None else equations
+        return {key: eq.summed(sum_over_ranks) for key, eq in equations.items()}
 
     @property
     def lens_compute_dtype(self) -> torch.dtype:
@@ -405,6 +417,8 @@ class LensTrainingModule(L.LightningModule):
         # The batch is pulled here rather than handed in: Lightning otherwise fetches one batch
         # ahead, so the data position saved in a checkpoint would be one batch past the last step
         # trained, and a resumed run would skip that batch.
+        if self.warm_start_due:
+            self._warm_start(dataloader_iter)
         batch, _batch_idx, _loader_idx = next(dataloader_iter)
         batch = self.transfer_batch_to_device(batch, self.device, 0)
         states = self.hidden_states(batch)  # one model pass (or cache hit) serves every offset
@@ -430,6 +444,46 @@ class LensTrainingModule(L.LightningModule):
             self.log_dict({f"train/{key}/kl/layer_{layer:02d}": kl[i] for i, layer in enumerate(self.layers)},
                           batch_size=m)
         return loss
+
+    @property
+    def warm_start_due(self) -> bool:
+        """Before the first KL step of a trainer's run that starts from nothing (a resumed run has
+        its lens in the checkpoint, and ``init_lens`` gives one). A step called by hand, outside a
+        trainer, is just that step."""
+        hp = self.hparams
+        return (self._trainer is not None and self.recipe.warm_starts and hp.warm_start_batches > 0
+                and hp.init_lens is None and self.global_step == 0 and not self._warm_started)
+
+    @torch.no_grad()
+    def _warm_start(self, dataloader_iter) -> None:
+        """Fit every lens by least squares on the stream's next ``warm_start_batches`` batches (h_ℓ(t)
+        against the last block's output at t + k, as the affine lens), and start it there. The
+        batches are consumed from the training stream itself: the KL steps train on the ones after
+        them, and the loader state in a checkpoint counts them, so a resumed run neither refits
+        nor reuses them."""
+        equations = {key: NormalEquations(lens.num_layers, lens.d_model, self.device) for key, lens in self.lenses.items()}
+        fitted = 0
+        for _ in range(self.hparams.warm_start_batches):
+            try:
+                batch, _, _ = next(dataloader_iter)
+            except StopIteration:  # a finite stream shorter than the fit: fit on what there was
+                break
+            batch = self.transfer_batch_to_device(batch, self.device, 0)
+            states = self.hidden_states(batch)
+            self.tokens_seen += states.shape[1]
+            fitted += 1
+            for key, lens in self.lenses.items():
+                h, final, _ = self.lens_examples(batch, states, lens.offset)
+                equations[key].update(h, final)
+        # Every rank fitted its own share of the batches: the fit is over their sum.
+        summed = self._summed_normal_equations(equations)
+        for key, eq in summed.items():
+            if eq.count:
+                eq.fit(self.lenses[key], self.hparams.ridge)
+        self._warm_started = True
+        positions = next(iter(summed.values())).count
+        rank_zero_info(f"Warm start: least-squares fit of the lens on {fitted} batches ({positions:,} positions); "
+                       f"the KL steps start from it")
 
     def _fit_step(self, batch: dict[str, torch.Tensor], states: torch.Tensor) -> None:
         """One step of a closed-form fit: the batch's (h_ℓ(t), last residual at t + k) pairs go to

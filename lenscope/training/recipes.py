@@ -29,6 +29,8 @@ class Recipe:
     """The setting to lower when training diverges."""
     starts_from: tuple[str, ...] = ()
     """Kinds of lens artifact ``--model.init_lens`` may start this kind from."""
+    warm_starts = False
+    """Starts from the least-squares affine fit of the run's first batches (``--model.warm_start_batches``)."""
 
     def __init__(self, hparams):
         self.hp = hparams
@@ -57,6 +59,7 @@ class TunedRecipe(Recipe):
 
     lens_type = "tuned"
     starts_from = ("tuned", "affine")  # an affine fit is a tuned lens's best starting point
+    warm_starts = True
 
     def make_lens(self, model, layers, offset):
         return TunedLens(layers, model.d_model, bias=self.hp.bias, offset=offset)
