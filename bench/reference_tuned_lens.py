@@ -114,6 +114,14 @@ def parse_args() -> argparse.Namespace:
     )
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--save-lens", type=Path, default=None, help="keep the lens here")
+    p.add_argument(
+        "--snapshot-steps",
+        default="",
+        help="comma-separated optimizer steps after which to keep the lens's translators "
+        "(held in memory during the loop, written after it, so keeping them costs no loop time)",
+    )
+    p.add_argument("--snapshot-dir", type=Path, default=None, help="where the snapshots go")
+    p.add_argument("--skip-eval", action="store_true", help="no evaluation after training")
     return p.parse_args()
 
 
@@ -163,12 +171,21 @@ def autocast_disabled():
 class ArrayTrain(Train):
     """The reference ``Train`` with ``setup`` fed by an in-order token array."""
 
-    def bind(self, model: PreTrainedModel, chunks: np.ndarray) -> ArrayTrain:
+    def bind(self, model: PreTrainedModel, chunks: np.ndarray, snapshot_steps: set[int] = frozenset()) -> ArrayTrain:
         self.base_model = model
         self.chunks = chunks
         self.step_ends: list[float] = []
         self.loop_start = math.nan
+        self.snapshot_steps = set(snapshot_steps)
+        self.snapshots: dict[int, dict] = {}
         return self
+
+    def _after_step(self) -> None:
+        self.step_ends.append(time.perf_counter())
+        step = len(self.step_ends)
+        if step in self.snapshot_steps:
+            state = {k: v.detach().clone() for k, v in self.lens.layer_translators.state_dict().items()}
+            self.snapshots[step] = state
 
     def setup(self):
         # Same order of operations as Train.setup, minus dataset loading,
@@ -187,7 +204,7 @@ class ArrayTrain(Train):
         )
         grad_acc_steps = self.calculate_gradient_accumulation_steps(self.chunks.shape[1])
         self.lens = lens
-        opt.register_step_post_hook(lambda *_: self.step_ends.append(time.perf_counter()))
+        opt.register_step_post_hook(lambda *_: self._after_step())
         self.loop_start = time.perf_counter()
         return state, self.base_model, grad_acc_steps
 
@@ -295,7 +312,7 @@ def main() -> None:
             num_steps=steps,
             tokens_per_step=args.batch_size * seq_len,
             loss=LossChoice.KL,
-        ).bind(model, train)
+        ).bind(model, train, {int(x) for x in args.snapshot_steps.split(",") if x.strip()})
         precision = autocast_disabled() if args.autocast == "off" else nullcontext()
         with precision:
             trainer.execute()  # the reference training loop, unmodified
@@ -304,9 +321,18 @@ def main() -> None:
         raise RuntimeError(f"expected {steps} optimizer steps, saw {len(trainer.step_ends)}")
     seconds = trainer.step_ends[-1] - trainer.loop_start
     step_seconds = np.diff([trainer.loop_start, *trainer.step_ends])
+    if args.snapshot_dir is not None:
+        args.snapshot_dir.mkdir(parents=True, exist_ok=True)
+        for step, state in trainer.snapshots.items():
+            th.save(state, args.snapshot_dir / f"step_{step}.pt")
+        (args.snapshot_dir / "times.json").write_text(json.dumps({
+            str(step): trainer.step_ends[step - 1] - trainer.loop_start for step in sorted(trainer.snapshots)}))
 
     lenses = {"tuned": trainer.lens, "logit": LogitLens.from_model(model)}
-    metrics = evaluate(model, lenses, val, args.eval_batch_size or args.batch_size, args.model_dir)
+    if args.skip_eval:
+        metrics = {}
+    else:
+        metrics = evaluate(model, lenses, val, args.eval_batch_size or args.batch_size, args.model_dir)
 
     num_layers = model.config.num_hidden_layers
     result = {
@@ -354,6 +380,8 @@ def main() -> None:
         f"\n{IMPLEMENTATION}: {train_tokens} tokens, {steps} steps, {seconds:.2f} s, "
         f"{result['tokens_per_s']:.1f} tok/s, median step {result['step_seconds_median']:.3f} s"
     )
+    if args.skip_eval:
+        return
     print(f"{'layer':>12} {'KL tuned':>9} {'KL logit':>9} {'CE tuned':>9} {'CE logit':>9}  (nats)")
     for i, name in enumerate(result["layers"]):
         print(
