@@ -170,6 +170,13 @@ def _weights_of(config_path: Path) -> list[str]:
 
 # --- push ------------------------------------------------------------------------------------------
 
+def _warm_start(config: dict) -> str:
+    batches = config.get("warm_start_batches")
+    if not isinstance(batches, int):
+        return "not recorded"
+    return f"on the first {batches} batches, before the optimizer steps" if batches else "none (the steps started elsewhere)"
+
+
 def model_card(folder: str | Path, repo_id: str, path_in_repo: str = "") -> str:
     """A Hub model card (README.md with YAML metadata) for the lens artifact in ``folder``: what it
     is, how to load it, what it was trained on and its held-out KL per layer."""
@@ -199,6 +206,7 @@ def model_card(folder: str | Path, repo_id: str, path_in_repo: str = "") -> str:
         ("training data", data_text),
         ("tokens seen", f"{tokens:,}" if isinstance(tokens, int) else "not recorded"),
         ("optimizer steps", str(config.get("trained_steps", "not recorded"))),
+        ("least-squares warm start", _warm_start(config)),
     ]
     lines = [
         "---", metadata.to_yaml(), "---", "",

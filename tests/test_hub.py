@@ -122,7 +122,7 @@ def test_model_card_says_what_the_lens_is(tmp_path, model):
     from huggingface_hub import ModelCard
 
     kl = [3.0 - 0.5 * i for i in range(len(model.layers))]
-    folder = _save(_lens(model, 0), tmp_path / "tuned", model, trained_steps=60, tokens_seen=30720,
+    folder = _save(_lens(model, 0), tmp_path / "tuned", model, trained_steps=60, tokens_seen=30720, warm_start_batches=24,
                    training_data={"source": "pile.jsonl.zst", "mode": "pack", "seq_len": 128},
                    held_out={"step": 60, "kl_bits": kl, "ce_bits": [k + 1 for k in kl]})
     card = model_card(folder, "me/lenses", "tuned")
@@ -130,6 +130,7 @@ def test_model_card_says_what_the_lens_is(tmp_path, model):
     assert parsed.data.library_name == "lenscope" and "tuned-lens" in parsed.data.tags
     assert 'lenscope.load_lens("hub:me/lenses:tuned", model)' in card
     assert "| tokens seen | 30,720 |" in card and "source pile.jsonl.zst" in card
+    assert "| least-squares warm start | on the first 24 batches, before the optimizer steps |" in card
     assert "## Held-out KL per layer (step 60)" in card
     rows = [f"| {layer} | {residual_name(layer)} | {value:.3f} | {value + 1:.3f} |" for layer, value in zip(model.layers, kl, strict=True)]
     assert all(row in card.splitlines() for row in rows)

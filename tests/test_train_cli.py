@@ -96,6 +96,7 @@ def test_resume_from_last_matches_uninterrupted_run(tmp_path, tiny_model_dir, co
     results = json.loads((full / "out" / "results.json").read_text())
     assert configs[0]["held_out"] == {"step": 6, "kl_bits": results["tuned"]["kl_bits"], "ce_bits": results["tuned"]["ce_bits"]}
     assert configs[0]["training_data"]["source"] == str(corpus) and configs[0]["training_data"]["seq_len"] == 16
+    assert configs[0]["warm_start_batches"] == configs[1]["warm_start_batches"] == 16
 
 
 def test_wandb_receives_per_layer_metrics_and_table(tmp_path, tiny_model_dir, corpus, wandb_spy):

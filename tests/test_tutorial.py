@@ -183,7 +183,9 @@ def test_the_app_in_headless_chromium(tiny_model_dir, tmp_path):
     log = (tmp_path / "server.log").open("wb")  # a file, not a pipe: an unread pipe fills and stalls the server
     server = subprocess.Popen([sys.executable, "-m", "lenscope", "tutorial", "--model", str(tiny_model_dir),
                                "--port", str(port), "--address", "127.0.0.1", "--headless"],
-                              stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "WANDB_MODE": "disabled"})
+                              stdout=log, stderr=subprocess.STDOUT,
+                              # No lens from the working folder (a quickstart run leaves one there).
+                              env={**os.environ, "WANDB_MODE": "disabled", "LENSCOPE_TUTORIAL_LENS": ""})
     options = webdriver.ChromeOptions()
     options.binary_location = chromium
     for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1500,1100"):
@@ -226,6 +228,10 @@ def test_the_app_in_headless_chromium(tiny_model_dir, tmp_path):
         wait.until(ec.presence_of_element_located((By.CSS_SELECTOR, ".js-plotly-plot")))
         settled()
         assert "w8" in browser.find_element(By.CSS_SELECTOR, ".js-plotly-plot").text
+        # The lenses asked as patchscopes are drawn when their expander opens.
+        browser.find_element(By.XPATH, "//summary[.//p[starts-with(text(), 'Each lens asked as a patchscope')]]").click()
+        wait.until(lambda b: len(b.find_elements(By.CSS_SELECTOR, ".js-plotly-plot")) == 2
+                   and "w8" in b.find_elements(By.CSS_SELECTOR, ".js-plotly-plot")[1].text)
         browser.save_screenshot(str(shots / "1_decoding.png"))
         for i, name in enumerate(SECTION_NAMES[1:], start=2):
             section(name)

@@ -64,6 +64,7 @@ class LensArtifactWriter(L.Callback):
             revision=pl_module.frozen.revision, unembed_hash=pl_module.frozen.unembed_hash,
             num_hidden_layers=pl_module.frozen.num_layers,
             extra={"trained_steps": trainer.global_step, "tokens_seen": tokens_seen,
+                   "warm_start_batches": pl_module.warm_start_batches,
                    "training_data": training_data(trainer),
                    "held_out": held_out(pl_module.last_results, key),
                    "lenscope_lens_dtype": str(pl_module.lens_compute_dtype).removeprefix("torch.")},

@@ -446,13 +446,18 @@ class LensTrainingModule(L.LightningModule):
         return loss
 
     @property
+    def warm_start_batches(self) -> int:
+        """Batches this run's lens was first fitted on by least squares (0: it started elsewhere)."""
+        hp = self.hparams
+        return hp.warm_start_batches if self.recipe.warm_starts and hp.init_lens is None else 0
+
+    @property
     def warm_start_due(self) -> bool:
         """Before the first KL step of a trainer's run that starts from nothing (a resumed run has
         its lens in the checkpoint, and ``init_lens`` gives one). A step called by hand, outside a
         trainer, is just that step."""
-        hp = self.hparams
-        return (self._trainer is not None and self.recipe.warm_starts and hp.warm_start_batches > 0
-                and hp.init_lens is None and self.global_step == 0 and not self._warm_started)
+        return (self._trainer is not None and self.warm_start_batches > 0 and self.global_step == 0
+                and not self._warm_started)
 
     @torch.no_grad()
     def _warm_start(self, dataloader_iter) -> None:

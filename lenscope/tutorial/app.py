@@ -111,16 +111,17 @@ def page_decoding(model, model_name: str, lenses) -> None:
     except UserError as err:
         show_error(err)
         return
-    st.subheader("Originals: the logit lens and the lenses loaded")
-    st.plotly_chart(view.trajectory.select(view.originals).figure(stat), key="decoding_originals")
-    st.subheader("Patchscopes: each lens's mapped state written into the last layer, and token identity")
-    st.plotly_chart(view.trajectory.select(view.patchscopes).figure(stat), key="decoding_patchscopes")
-    agreement = ", ".join(f"{name}: {'same top tokens, probabilities within ' + format(gap, '.1e') if gap != float('inf') else 'different top tokens'}"
+    identity = view.patchscopes[-1]
+    st.subheader("The logit lens and the lenses loaded (originals), and the token-identity patchscope")
+    st.plotly_chart(view.trajectory.select([*view.originals, identity]).figure(stat), key="decoding_figure")
+    agreement = ", ".join(f"{name}: {'the same top tokens, probabilities within ' + format(gap, '.1e') if gap != float('inf') else 'different top tokens'}"
                           for name, gap in view.max_difference.items())
-    st.write(f"Each lens beside its patchscope version: {agreement}.")
+    st.write(f"Each lens asked as a patchscope, against the lens itself: {agreement}.")
+    with st.expander("Each lens asked as a patchscope: its mapped state written into the last layer of the same prompt"):
+        st.plotly_chart(view.trajectory.select(view.patchscopes[:-1]).figure(stat), key="decoding_patchscopes")
     explain("A lens is a patchscope whose target is the last layer of the same prompt: the state, mapped by the lens, "
-            "is written where the model's own last state was, and only the final norm and the head act on it. So "
-            "the two rows of figures agree. The token-identity patchscope instead writes each state into "
+            "is written where the model's own last state was, and only the final norm and the head act on it, so "
+            "the figure under \"Each lens asked as a patchscope\" equals the originals. The token-identity patchscope instead writes each state into "
             "\"cat → cat; … x\" at its own layer and lets the rest of the model decode it. Look for the layer where "
             "each row settles on the model's own answer: token identity usually settles earlier than the logit lens.")
 
