@@ -41,6 +41,9 @@ import lightning as L
 import numpy as np
 import torch
 
+# The same chunks from the same stream as the throughput bench (bench/ is on the path when run).
+from train_throughput import chunks
+
 from lenscope.datamodules.lens_data import LensDataModule
 from lenscope.lenses.lens import TunedLens
 from lenscope.model.frozen import FrozenModel
@@ -100,15 +103,6 @@ class Snapshots(L.Callback):
         self.step_ends.append(time.perf_counter() - self.start)
         if trainer.global_step in self.steps:
             self.take(trainer.global_step, module)
-
-
-def train_chunks(data: LensDataModule, n: int) -> np.ndarray:
-    out = []
-    for sample in data.train_stream:
-        out.append(sample["input_ids"])
-        if len(out) == n:
-            return np.asarray(out, dtype=np.int64)
-    raise SystemExit(f"the corpus gives only {len(out)} chunks, {n} needed; lower the steps")
 
 
 def run_lenscope(args, data: LensDataModule) -> dict:
@@ -245,7 +239,7 @@ def main(argv: list[str] | None = None) -> None:
     data.bind(model.tokenizer, model.context_length)
     data.setup("fit")
     ours_chunks = (args.warm_start_batches + args.steps) * args.batch_size
-    train = train_chunks(data, max(ours_chunks, args.reference_steps * args.batch_size))
+    train = chunks(data.train_stream, max(ours_chunks, args.reference_steps * args.batch_size))
     val = np.asarray([s["input_ids"] for s in data.val_stream][: args.val_chunks], dtype=np.int64)
     if len(val) < args.val_chunks:
         raise SystemExit(f"only {len(val)} held-out chunks; lower --val-chunks")

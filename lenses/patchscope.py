@@ -397,15 +397,15 @@ class Patchscope:
         return text.split(stop)[0] if stop else text
 
 
-
 class LensPatchscope(Lens):
     """An affine lens asked as a patchscope (Patchscopes §3: every lens is one): h_ℓ at position t,
     mapped by the lens, written into the last block's output of the same prompt at t, and the
     model's next token read there. Its distributions equal the lens's own (the final norm and the
     head are all that act after the write), so by default the patchscope decodes the written state
     directly, as any patchscope into the last block does; ``decode_directly`` False runs the
-    patched forward pass of every position instead, to show the two agree (a pass per position). It needs the prompt it reads, so it decodes in a trajectory
-    (``Trajectory.of``), not from states alone."""
+    patched forward pass of every position instead, to show the two agree (a pass per position).
+    It needs the prompt it reads, so it decodes in a trajectory (``Trajectory.of``), not from
+    states alone."""
 
     lens_type = "patchscope"
 

@@ -262,9 +262,9 @@ def _panel(name: str, offset: int, layers: list[int], logp: torch.Tensor, model_
             target_prob[row, : n - ahead] = real_lp[..., 0].exp()
             rank = (lp > real_lp).float().sum(-1) + 1
             target_rank[row, : n - ahead] = torch.where(real_lp[..., 0].isnan(), float("nan"), rank)
-    top_lp = torch.cat([model_logp[None].topk(k, dim=-1).values, logp.topk(k, dim=-1).values])
-    top_ids = torch.cat([model_logp[None].topk(k, dim=-1).indices, logp.topk(k, dim=-1).indices])
-    top_probs = top_lp.exp()
+    model_top, lens_top = model_logp[None].topk(k, dim=-1), logp.topk(k, dim=-1)
+    top_ids = torch.cat([model_top.indices, lens_top.indices])
+    top_probs = torch.cat([model_top.values, lens_top.values]).exp()
     return Panel(name=name, offset=offset, layers=list(layers), top_ids=top_ids, top_probs=top_probs,
                  stats={"entropy": entropy, "kl": kl, "target_prob": target_prob, "target_rank": target_rank,
                         "top_prob": top_probs[..., 0]})

@@ -224,10 +224,7 @@ def page_cross_model(model, model_name: str, layer_step: int) -> None:
         target_layer = None if chosen == choices[0] else fitted.target_layers[choices.index(chosen) - 1]
         target = load_model(target_name) if target_name != model_name else model
         pairs, texts = on_worker(sections.cross_model, model, target, fitted, subject, target_layer)
-    except UserError as err:
-        show_error(err)
-        return
-    except Exception as err:  # noqa: BLE001 (a model that cannot load offline: one line in the page)
+    except Exception as err:  # noqa: BLE001 (bad input, or a model that cannot load offline: one line in the page)
         show_error(err)
         return
     st.dataframe(pd.DataFrame({"source layer ℓ": [s for s, _ in pairs], "target layer ℓ*": [t for _, t in pairs],
