@@ -53,6 +53,10 @@ def test_decoding_puts_each_lens_beside_its_patchscope_and_the_token_identity_pa
         assert all(gap < 1e-4 for gap in view.max_difference.values())
     with pytest.raises(ConfigError, match="no panel named"):
         view.trajectory.select(["future"])
+    # Not asked as patchscopes: the originals and token identity only.
+    view = sections.decoding(model, "w5 w6 w7", [lens], as_patchscopes=False)
+    assert view.patchscopes == ["token_identity"] and view.max_difference == {}
+    assert [panel.name for panel in view.trajectory.panels] == ["logit", "tuned", "token_identity"]
 
 
 def test_attribute_entity_and_multi_hop_sections_give_a_row_per_layer(model):
@@ -122,7 +126,11 @@ def test_every_section_renders_without_an_error(app):
         assert not app.error, (name, [e.value for e in app.error])
         assert app.header[0].value.startswith(name)
     app.sidebar.radio(key="section").set_value(SECTION_NAMES[0]).run()
-    assert len(app.get("plotly_chart")) == 2
+    # The lenses asked as patchscopes are computed and drawn only once asked for.
+    assert len(app.get("plotly_chart")) == 1
+    app.toggle(key="decoding_as_patchscopes").set_value(True).run()
+    assert len(app.get("plotly_chart")) == 2 and not app.exception
+    assert any("Against the lens itself: logit: the same top tokens" in md.value for md in app.markdown)
 
 
 def test_bad_input_in_the_page_is_a_message_not_a_stack_trace(app, tmp_path):
@@ -228,8 +236,8 @@ def test_the_app_in_headless_chromium(tiny_model_dir, tmp_path):
         wait.until(ec.presence_of_element_located((By.CSS_SELECTOR, ".js-plotly-plot")))
         settled()
         assert "w8" in browser.find_element(By.CSS_SELECTOR, ".js-plotly-plot").text
-        # The lenses asked as patchscopes are drawn when their expander opens.
-        browser.find_element(By.XPATH, "//summary[.//p[starts-with(text(), 'Each lens asked as a patchscope')]]").click()
+        # The lenses asked as patchscopes are computed and drawn when their toggle is switched on.
+        browser.find_element(By.XPATH, "//label[.//p[starts-with(text(), 'Also ask each lens as a patchscope')]]").click()
         wait.until(lambda b: len(b.find_elements(By.CSS_SELECTOR, ".js-plotly-plot")) == 2
                    and "w8" in b.find_elements(By.CSS_SELECTOR, ".js-plotly-plot")[1].text)
         browser.save_screenshot(str(shots / "1_decoding.png"))

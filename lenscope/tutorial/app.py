@@ -103,27 +103,34 @@ def page_decoding(model, model_name: str, lenses) -> None:
     st.header("1 · Decoding next-token predictions")
     prompt = st.text_input("Prompt", sections.DEFAULT_PROMPT, key="decoding_prompt")
     stat = st.selectbox("Colour", ["entropy", "top_prob", "kl", "target_prob"], key="decoding_stat")
-    run_passes = st.checkbox("Run the lenses' patchscopes as patched forward passes (one per position, seconds per "
-                             "lens) instead of decoding the written state directly", key="decoding_passes")
+    # Off by default: the lenses asked as patchscopes cost a head product and the statistics per
+    # lens (about 1 s here), and the first figure is what a new prompt is typed for.
+    as_patchscopes = st.toggle("Also ask each lens as a patchscope: its mapped state written into the last layer of "
+                               "the same prompt", key="decoding_as_patchscopes")
+    run_passes = as_patchscopes and st.checkbox(
+        "Run them as patched forward passes (one per position, seconds per lens) instead of decoding the written "
+        "state directly", key="decoding_passes")
     try:
         view = on_worker(sections.decoding, model, prompt, lenses, identity=identity_lens(model_name),
-                         run_passes=run_passes)
+                         as_patchscopes=as_patchscopes, run_passes=run_passes)
     except UserError as err:
         show_error(err)
         return
     identity = view.patchscopes[-1]
     st.subheader("The logit lens and the lenses loaded (originals), and the token-identity patchscope")
     st.plotly_chart(view.trajectory.select([*view.originals, identity]).figure(stat), key="decoding_figure")
-    agreement = ", ".join(f"{name}: {'the same top tokens, probabilities within ' + format(gap, '.1e') if gap != float('inf') else 'different top tokens'}"
-                          for name, gap in view.max_difference.items())
-    st.write(f"Each lens asked as a patchscope, against the lens itself: {agreement}.")
-    with st.expander("Each lens asked as a patchscope: its mapped state written into the last layer of the same prompt"):
+    if as_patchscopes:
+        agreement = ", ".join(f"{name}: {'the same top tokens, probabilities within ' + format(gap, '.1e') if gap != float('inf') else 'different top tokens'}"
+                              for name, gap in view.max_difference.items())
+        st.subheader("Each lens asked as a patchscope")
+        st.write(f"Against the lens itself: {agreement}.")
         st.plotly_chart(view.trajectory.select(view.patchscopes[:-1]).figure(stat), key="decoding_patchscopes")
     explain("A lens is a patchscope whose target is the last layer of the same prompt: the state, mapped by the lens, "
             "is written where the model's own last state was, and only the final norm and the head act on it, so "
-            "the figure under \"Each lens asked as a patchscope\" equals the originals. The token-identity patchscope instead writes each state into "
-            "\"cat → cat; … x\" at its own layer and lets the rest of the model decode it. Look for the layer where "
-            "each row settles on the model's own answer: token identity usually settles earlier than the logit lens.")
+            "each lens asked as a patchscope (the toggle) reads what the lens reads. The token-identity patchscope "
+            "instead writes each state into \"cat → cat; … x\" at its own layer and lets the rest of the model decode "
+            "it. Look for the layer where each row settles on the model's own answer: token identity usually settles "
+            "earlier than the logit lens.")
 
 
 def page_attribute(model, model_name: str, layer_step: int) -> None:

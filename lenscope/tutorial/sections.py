@@ -63,31 +63,35 @@ class DecodingView:
     originals: list[str]
     """Panel names of the lenses as they are (the logit lens first)."""
     patchscopes: list[str]
-    """Panel names of the same lenses asked as patchscopes, in the same order, then token identity."""
+    """Panel names of the same lenses asked as patchscopes, in the same order (none when they were not
+    asked), then token identity."""
     max_difference: dict[str, float]
-    """Original → the largest difference of its top-k probabilities from its patchscope version's."""
+    """Original → the largest difference of its top-k probabilities from its patchscope version's
+    (empty when the lenses were not asked as patchscopes)."""
 
 
-def decoding(model, prompt: str, lenses: list, k: int = 5, identity=None, run_passes: bool = False) -> DecodingView:
+def decoding(model, prompt: str, lenses: list, k: int = 5, identity=None, as_patchscopes: bool = True,
+             run_passes: bool = False) -> DecodingView:
     """The prediction trajectory of the logit lens and every lens given (originals), each also asked
     as a patchscope (its state mapped by the lens and written into the last block's output of the
-    same prompt), and the token-identity patchscope. ``identity``: a token-identity lens to reuse (it
-    keeps its prompt's prefix cache between prompts); ``run_passes``: run the patchscopes' forward
-    passes (one per position) instead of decoding the written state directly."""
+    same prompt) unless ``as_patchscopes`` is False, and the token-identity patchscope.
+    ``identity``: a token-identity lens to reuse (it keeps its prompt's prefix cache between
+    prompts); ``run_passes``: run the patchscopes' forward passes (one per position) instead of
+    decoding the written state directly."""
     from lenscope.lenses.lens import LogitLens
     from lenscope.lenses.token_identity import TokenIdentityLens
 
     check_prompt(model, prompt)
     identity = identity if identity is not None else TokenIdentityLens.for_model(model)
     originals = [LogitLens(model.layers, model.d_model), *lenses]
-    scoped = [LensPatchscope(lens, decode_directly=not run_passes) for lens in originals]
+    scoped = [LensPatchscope(lens, decode_directly=not run_passes) for lens in originals] if as_patchscopes else []
     trajectory = Trajectory.of(model, prompt, [*originals, *scoped, identity], k)
     count = len(originals)
     names = [panel.name for panel in trajectory.panels]
     difference = {
         original.name: float((original.top_probs - scope.top_probs).abs().max())
         if bool((original.top_ids == scope.top_ids).all()) else float("inf")
-        for original, scope in zip(trajectory.panels[:count], trajectory.panels[count:2 * count], strict=True)}
+        for original, scope in zip(trajectory.panels[:count], trajectory.panels[count:-1], strict=True)} if scoped else {}
     return DecodingView(trajectory, names[:count], names[count:], difference)
 
 
