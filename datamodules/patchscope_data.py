@@ -211,5 +211,9 @@ class PatchscopeDataModule(L.LightningDataModule):
     def fit_dataloader(self) -> DataLoader:
         return self._loader(self._shard(self.fit_samples))
 
+    def test_samples(self) -> list[dict]:
+        """This rank's evaluation samples: the ones ``test_dataloader`` batches."""
+        return self._shard(self.eval_samples)
+
     def test_dataloader(self) -> DataLoader:
-        return self._loader(self._shard(self.eval_samples))
+        return self._loader(self.test_samples())

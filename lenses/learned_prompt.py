@@ -9,15 +9,22 @@ It is a patchscope whose target prompt is learned, so it runs through the same b
 ``PatchingEngine`` as the token-identity patchscope: one target pass evaluates every (layer,
 example) pair of a batch. Unlike the affine lenses it needs the model to decode, so ``forward``
 (residual → residual) does not exist; ``logits(model, h)`` does.
+
+The prompt's first ``prompt_length − 1`` vectors are the same for every state of a layer: they run
+once per layer, and each (layer, state) row runs only the last position on their key/value cache
+(~10× less compute for a 10-vector prompt, in training as in evaluation), once that has been
+checked against full passes on this model.
 """
 
 from __future__ import annotations
 
+import copy
 from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
+from lenscope.errors import ConfigError
 from lenscope.lenses.lens import LENS_TYPES, Lens
 from lenscope.lenses.unembed import kl_divergence, logit_metrics
 
@@ -41,6 +48,10 @@ class LearnedPromptLens(Lens):
         self.rows_per_pass = 4096
         """(layer, state) pairs per patched forward pass of ``logits`` (memory, not results)."""
         self.prompt = nn.Parameter(torch.zeros(len(layers), prompt_length, d_model))
+        self.share_prefix = True
+        """Run every layer's prompt prefix once per pass (False: every row over the whole prompt)."""
+        self._prefix_works: dict[int, bool] = {}
+        """id(model) → whether its key/value cache can stand in for the prompt's prefix."""
 
     def extra_config(self) -> dict:
         return {"offset": self.offset, "prompt_length": self.prompt_length}
@@ -69,25 +80,74 @@ class LearnedPromptLens(Lens):
         """h: (num_layers, ..., d) source states at this lens's layers → (num_layers, ..., V) logits
         at the prompt's last position, each state patched into the model running on the prompt
         (``rows_per_pass`` per forward pass); differentiable with respect to the prompt."""
+        width = model.hf.get_input_embeddings().embedding_dim
+        if width != self.d_model:
+            raise ConfigError(f"this model's input embeddings have width {width}, its residual stream {self.d_model} "
+                              "(it projects its embeddings, as some OPT models do); a learned prompt needs the two "
+                              "equal: use another lens for this model")
         shape = h.shape
         h = h.reshape(shape[0], -1, shape[-1])
         num_layers, n, d = h.shape
         device = h.device
-        engine = model.engine
         if n == 0:  # no read position in the batch has its target k tokens ahead read too
-            return torch.zeros(*shape[:-1], engine.adapter.vocab_size, device=device)
+            return torch.zeros(*shape[:-1], model.engine.adapter.vocab_size, device=device)
         layer_index = torch.arange(num_layers, device=device).repeat_interleave(n)
-        residual_index = torch.tensor(self.layers, device=device)[layer_index]
         flat = h.reshape(num_layers * n, d)
-        last = self.prompt_length - 1
-        out = []
-        for start in range(0, flat.shape[0], self.rows_per_pass):
-            rows = slice(start, min(start + self.rows_per_pass, flat.shape[0]))
-            count = rows.stop - rows.start
-            at = torch.full((count,), last, device=device)
-            embeds = self.prompt[layer_index[rows]].to(engine.adapter.unembedding_weight.dtype)
-            out.append(engine.run(None, None, residual_index[rows], at, flat[rows], at, inputs_embeds=embeds).float())
+        shared = self._shares_prefix(model)
+        training = torch.is_grad_enabled() and self.prompt.requires_grad
+        # Each pass extends the cache it is given. Outside training one prefix pass serves every
+        # chunk through a copy; in training each chunk runs its own, so gradients reach the prompt.
+        kept = self._prefix_cache(model) if shared and not training else None
+
+        def prefix():
+            if not shared:
+                return None
+            return self._prefix_cache(model) if training else copy.deepcopy(kept)
+
+        out = [self._pass(model, layer_index[start:start + self.rows_per_pass], flat[start:start + self.rows_per_pass],
+                          prefix()) for start in range(0, flat.shape[0], self.rows_per_pass)]
         return torch.cat(out).view(*shape[:-1], -1)
+
+    def _prefix_cache(self, model: FrozenModel):
+        """The key/value cache of every layer's prompt without its last vector (batch = layers)."""
+        return model.prompt_cache(inputs_embeds=self.prompt[:, :-1].to(model.engine.adapter.unembedding_weight.dtype))
+
+    def _pass(self, model: FrozenModel, layer_index: torch.Tensor, states: torch.Tensor, prefix=None) -> torch.Tensor:
+        """Logits (rows, V) of states[r] written at the last prompt position of layer layer_index[r]:
+        over the whole prompt, or only the last position on ``prefix`` (a cache of
+        :meth:`_prefix_cache`, which the pass extends)."""
+        engine = model.engine
+        count, device = states.shape[0], states.device
+        residual_index = torch.tensor(self.layers, device=device)[layer_index]
+        embeds = self.prompt[layer_index].to(engine.adapter.unembedding_weight.dtype)
+        if prefix is None:
+            at = torch.full((count,), self.prompt_length - 1, device=device)
+            return engine.run(None, None, residual_index, at, states, at, inputs_embeds=embeds).float()
+        prefix.batch_select_indices(layer_index)
+        at = torch.zeros(count, dtype=torch.long, device=device)
+        mask = torch.ones(count, self.prompt_length, dtype=torch.long, device=device)
+        return engine.run(None, mask, residual_index, at, states, at, past_key_values=prefix,
+                          inputs_embeds=embeds[:, -1:]).float()
+
+    @torch.no_grad()
+    def _shares_prefix(self, model: FrozenModel) -> bool:
+        """Whether the rows run only the prompt's last position on a cache of the rest: where the
+        prompt has more than one vector and this model's cache gives what full passes give
+        (checked once per model on two rows: different states, different layers)."""
+        if not self.share_prefix or self.prompt_length < 2:
+            return False
+        if id(model) not in self._prefix_works:
+            generator = torch.Generator().manual_seed(0)
+            states = torch.randn(2, self.d_model, generator=generator).to(self.prompt.device)
+            layers = torch.tensor([0, len(self.layers) - 1], device=self.prompt.device)
+            try:
+                cache = self._prefix_cache(model)
+                works = cache is not None and torch.allclose(self._pass(model, layers, states, cache),
+                                                             self._pass(model, layers, states), atol=1e-3, rtol=1e-3)
+            except Exception:  # noqa: BLE001 (any failure of a cache type means: do not use it)
+                works = False
+            self._prefix_works[id(model)] = works
+        return self._prefix_works[id(model)]
 
 
 LENS_TYPES[LearnedPromptLens.lens_type] = LearnedPromptLens

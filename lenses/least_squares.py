@@ -10,6 +10,8 @@ directions the data never visit. The result maps to the residual parametrisation
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
 from lenscope.lenses.lens import TunedLens
@@ -29,12 +31,15 @@ class NormalEquations:
     def update(self, h: torch.Tensor, target: torch.Tensor) -> None:
         """h: (num_layers, N, d) inputs; target: (N, d_out), the same for every layer (the last
         block's raw output, for a lens)."""
-        if self.xtx.device != h.device:
-            self.xtx, self.xty = self.xtx.to(h.device), self.xty.to(h.device)
-        x = torch.cat([h.double(), h.new_ones(*h.shape[:2], 1, dtype=torch.float64)], dim=-1)
+        self._to(h.device)
+        x = _with_ones(h)
         self.xtx += x.transpose(1, 2) @ x
         self.xty += x.transpose(1, 2) @ target.double().expand(h.shape[0], *target.shape)
         self.count += h.shape[1]
+
+    def _to(self, device: torch.device) -> None:
+        if self.xtx.device != device:
+            self.xtx, self.xty = self.xtx.to(device), self.xty.to(device)
 
     def summed(self, sum_over_processes) -> NormalEquations:
         """New equations holding these summed over processes, each of which accumulated its own
@@ -75,6 +80,51 @@ class NormalEquations:
         warm-start) and return it: the one place a fit becomes a lens."""
         lens.set_affine(*self.solve(ridge))
         return lens
+
+
+def _with_ones(h: torch.Tensor) -> torch.Tensor:
+    """x̃ = [h, 1] in float64: (num_layers, N, d) → (num_layers, N, d + 1)."""
+    return torch.cat([h.double(), h.new_ones(*h.shape[:2], 1, dtype=torch.float64)], dim=-1)
+
+
+def update_on_subsets(equations: Sequence[NormalEquations], h: torch.Tensor,
+                      subsets: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> None:
+    """Update several fits whose inputs are subsets of the same states, as
+    ``eq.update(h[:, index], target)`` for each ``(index, target)`` would, at a fraction of the
+    cost: the future lenses' fits take the read positions whose t + k is in the document, nearly
+    the same set for every offset k.
+
+    h: (num_layers, N, d); ``index``: positions of h the fit takes (distinct); ``target``:
+    (len(index), d_out). Σ x̃ x̃ᵀ is formed once over all N positions and each fit subtracts the few
+    rows it lacks; every Σ x̃ yᵀ comes from one product with the targets side by side (zero where a
+    fit lacks the position). Equal to separate updates up to float64 rounding; for 4 fits of width
+    d it does ~60% of their multiplications and converts h to float64 once instead of 4 times."""
+    if not equations:
+        return
+    x = _with_ones(h)
+    n = h.shape[1]
+    gram = x.transpose(1, 2) @ x
+    widths = [target.shape[-1] for _, target in subsets]
+    y = torch.zeros(n, sum(widths), dtype=torch.float64, device=h.device)
+    start = 0
+    for (index, target), width in zip(subsets, widths, strict=True):
+        y[index, start:start + width] = target.double()
+        start += width
+    products = x.transpose(1, 2) @ y  # (num_layers, d + 1, Σ d_out)
+    start = 0
+    for eq, (index, _), width in zip(equations, subsets, widths, strict=True):
+        eq._to(h.device)
+        if 2 * len(index) < n:  # fewer rows taken than lacking: their own product is cheaper
+            taken = x[:, index]
+            eq.xtx += taken.transpose(1, 2) @ taken
+        else:
+            lacking = torch.ones(n, dtype=torch.bool, device=h.device)
+            lacking[index] = False
+            missing = x[:, lacking]
+            eq.xtx += gram - missing.transpose(1, 2) @ missing if missing.shape[1] else gram
+        eq.xty += products[..., start:start + width]
+        eq.count += len(index)
+        start += width
 
 
 class LeastSquaresFit(torch.optim.Optimizer):

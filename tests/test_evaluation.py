@@ -15,7 +15,7 @@ from lenscope.datamodules.patchscope_data import PatchscopeDataModule, collate_d
 from lenscope.datamodules.preprocessing import offset_pairs
 from lenscope.evaluation.baselines import bigram_successors
 from lenscope.lenses.artifact import save_lens
-from lenscope.lenses.learned_prompt import IDENTITY_PROMPT
+from lenscope.lenses.learned_prompt import IDENTITY_PROMPT, LearnedPromptLens
 from lenscope.lenses.lens import TunedLens
 from lenscope.lenses.metrics import PerLayerMeans
 from lenscope.lenses.token_identity import token_identity
@@ -213,6 +213,57 @@ def test_batching_documents_by_length_changes_no_result(tmp_path, tiny_model_dir
     widths = [batch["input_ids"].shape[1] for batch in protocol(corpus, n_fit=40, n_eval=24).test_dataloader()]
     unsorted = [batch["input_ids"].shape[1] for batch in protocol(corpus, n_fit=40, n_eval=24, by_length=False).test_dataloader()]
     assert widths == sorted(widths) and sum(widths) < sum(unsorted)
+
+
+def test_the_shared_products_change_no_result(tmp_path, tiny_model_dir, corpus, monkeypatch):
+    """What makes the evaluation fast gives its numbers: the future offsets' affine fits sharing one
+    product, and a learned prompt's prefix run once per layer, against separate fits and whole-prompt
+    passes (float rounding aside; every precision exactly)."""
+    from lenscope.evaluation import patchscope_module
+
+    adapter = ArchitectureAdapter.discover(load_base_model(str(tiny_model_dir), None, "float32").model)
+    lens = LearnedPromptLens([0, 1, 2], adapter.d_model, offset=2, prompt_length=5)
+    with torch.no_grad():
+        lens.prompt.normal_(0, float(adapter.model.get_input_embeddings().weight.std()),
+                            generator=torch.Generator().manual_seed(0))
+    prompt = save_lens(lens, tmp_path / "prompt", base_model="tiny", revision="",
+                       unembed_hash=tensor_fingerprint(adapter.unembedding_weight), num_hidden_layers=3)
+    args = ("--lenses", str(prompt), "--model.methods", "[logit, affine]", "--data.fit_positions", "all")
+    evaluate.main(eval_args(tmp_path / "shared", tiny_model_dir, corpus, *args))
+
+    def separately(equations, h, subsets):
+        for eq, (index, target) in zip(equations, subsets, strict=True):
+            eq.update(h[:, index], target)
+
+    monkeypatch.setattr(patchscope_module, "update_on_subsets", separately)
+    monkeypatch.setattr(LearnedPromptLens, "_shares_prefix", lambda self, model: False)
+    evaluate.main(eval_args(tmp_path / "separate", tiny_model_dir, corpus, *args))
+    shared, separate = (json.loads((tmp_path / name / "results.json").read_text()) for name in ("shared", "separate"))
+    assert shared["counts"] == separate["counts"] and shared["affine_fit_positions"] == separate["affine_fit_positions"]
+    assert set(shared["metrics"]["future+2/precision@1_model"]) >= {"affine+2", "learned_prompt+2"}
+    for metric, by_method in separate["metrics"].items():
+        for method, values in by_method.items():
+            exact = "precision" in metric
+            assert shared["metrics"][metric][method] == (values if exact else pytest.approx(values, abs=1e-5)), (metric, method)
+
+
+def test_a_greedy_continuation_makes_the_model_and_the_text_the_same_target(tmp_path, tiny_model_dir, corpus):
+    """``--model.continuation greedy`` (Future Lens's labels): after the read position the document
+    is the model's own greedy continuation, so the token after t + k is the model's argmax at t + k
+    and the "model" and "real" columns agree; on the real text they do not."""
+    results = {}
+    for continuation in ("text", "greedy"):
+        evaluate.main(eval_args(tmp_path / continuation, tiny_model_dir, corpus, "--model.methods", "[logit, bigram]",
+                                "--model.continuation", continuation))
+        results[continuation] = json.loads((tmp_path / continuation / "results.json").read_text())
+    assert results["greedy"]["protocol"]["continuation"] == "greedy"
+    for k in (1, 2, 3):
+        greedy = results["greedy"]["metrics"]
+        for method in ("logit", "bigram"):
+            assert greedy[f"future+{k}/precision@1_model"][method] == greedy[f"future+{k}/precision@1_real"][method]
+    text = results["text"]["metrics"]
+    assert any(text[f"future+{k}/precision@1_model"]["logit"] != text[f"future+{k}/precision@1_real"]["logit"]
+               for k in (1, 2, 3))
 
 
 def test_evaluate_scores_patchscopes_given_in_the_config(tmp_path, tiny_model_dir, corpus):

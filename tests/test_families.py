@@ -10,6 +10,8 @@ import pytest
 import torch
 
 from lenscope.datamodules.preprocessing import collate
+from lenscope.errors import ConfigError
+from lenscope.lenses.learned_prompt import LearnedPromptLens
 from lenscope.lenses.token_identity import token_identity
 from lenscope.lenses.unembed import lens_kl, reference_kl
 from lenscope.model.adapter import ArchitectureAdapter
@@ -75,6 +77,27 @@ def test_token_identity_equals_full_passes(arch, tokenizer):
     shared = token_identity(prompt, rows_per_pass=4).patch(model, states, layers).logits
     full = token_identity(prompt, rows_per_pass=4, share_prefix=False).patch(model, states, layers).logits
     torch.testing.assert_close(shared, full, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("arch", FAMILIES)
+def test_a_learned_prompt_on_its_shared_prefix_equals_full_passes(arch, tokenizer):
+    model = FrozenModel(LoadedModel(build(arch), tokenizer, arch, "local"))
+    lens = LearnedPromptLens(model.layers, model.d_model, offset=1, prompt_length=4)
+    embeddings = model.hf.get_input_embeddings().weight
+    if embeddings.shape[1] != model.d_model:  # a projected embedding (OPT's project_in): a clear refusal
+        with pytest.raises(ConfigError, match="a learned prompt needs the two equal"):
+            lens.logits(model, torch.zeros(len(model.layers), 1, model.d_model))
+        return
+    with torch.no_grad():  # a prompt at the scale of the model's embeddings, different per layer
+        lens.prompt.normal_(0, float(embeddings.std()), generator=torch.Generator().manual_seed(4))
+    states = model.residuals(random_ids(3, 6, seed=2))[: len(model.layers), :, -1]
+    lens.rows_per_pass = 4  # chunks that cut across layers
+    shared = lens.logits(model, states)
+    lens.share_prefix = False
+    full = lens.logits(model, states)
+    torch.testing.assert_close(shared, full, atol=1e-4, rtol=1e-4)
+    if arch == "llama":
+        assert lens._prefix_works[id(model)], "the shared prefix must be used where the cache works"
 
 
 @pytest.fixture(scope="module")

@@ -45,6 +45,28 @@ def test_a_prompt_of_token_embeddings_gives_the_patchscope_of_those_tokens(modul
         torch.testing.assert_close(got[i], expected, atol=1e-4, rtol=0)
 
 
+def test_the_shared_prompt_prefix_gives_the_same_logits_and_gradients_as_whole_prompts(module):
+    lens = module.lenses["learned_prompt+1"]
+    with torch.no_grad():
+        lens.prompt.normal_(0, 0.5, generator=torch.Generator().manual_seed(1))
+    h = torch.randn(3, 5, module.frozen.adapter.d_model, generator=torch.Generator().manual_seed(2))
+    target = torch.log_softmax(torch.randn(3, 5, module.frozen.adapter.vocab_size), -1)
+    lens.rows_per_pass = 4  # chunks that cut across layers
+    got = {}
+    for share in (True, False):
+        lens.share_prefix = share
+        lens.prompt.grad = None
+        with torch.no_grad():
+            logits = lens.logits(module.frozen, h)
+        lens.kl(module.frozen, h, target, torch.float32).sum().backward()
+        got[share] = logits, lens.prompt.grad.clone()
+    assert lens._prefix_works[id(module.frozen)], "the tiny LLaMA's cache must stand in for the prefix"
+    torch.testing.assert_close(got[True][0], got[False][0], atol=1e-4, rtol=1e-4)
+    scale = float(got[False][1].abs().max())
+    assert scale > 0, "the prefix vectors must get gradients"
+    torch.testing.assert_close(got[True][1], got[False][1], atol=1e-4 * scale, rtol=1e-4)
+
+
 def test_training_moves_only_the_prompt_through_the_patching_engine_and_lowers_the_kl(module, monkeypatch):
     calls = []
     run = PatchingEngine.run

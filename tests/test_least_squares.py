@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lenscope.lenses.least_squares import LeastSquaresFit, NormalEquations
+from lenscope.lenses.least_squares import LeastSquaresFit, NormalEquations, update_on_subsets
 from lenscope.lenses.lens import AffineLens, TunedLens
 
 
@@ -26,6 +26,30 @@ def test_recovers_an_exact_affine_map_batch_by_batch():
     torch.testing.assert_close(b[0], b_true[0], atol=1e-3, rtol=0)
     prediction = h[1] @ a[1].T + b[1]
     torch.testing.assert_close(prediction, h[0] @ a_true[0].T + b_true[0], atol=1e-3, rtol=0)
+
+
+def test_fits_on_subsets_of_shared_inputs_equal_separate_fits():
+    """The future offsets' fits share one product (update_on_subsets): every subset size, from all
+    positions to a few and none, and targets of different widths."""
+    g = torch.Generator().manual_seed(1)
+    widths, n = [6, 6, 6, 3, 6], 50
+    shared = [NormalEquations(3, 8, d_out=w) for w in widths]
+    separate = [NormalEquations(3, 8, d_out=w) for w in widths]
+    for _ in range(3):
+        h = torch.randn(3, n, 8, generator=g)
+        subsets = [(torch.arange(n), torch.randn(n, 6, generator=g)),
+                   (torch.arange(n - 2), torch.randn(n - 2, 6, generator=g)),  # all but the last k
+                   (torch.tensor([3, 9, 11]), torch.randn(3, 6, generator=g)),  # a few
+                   (torch.randperm(n, generator=g)[:30], torch.randn(30, 3, generator=g)),
+                   (torch.tensor([], dtype=torch.long), torch.randn(0, 6, generator=g))]  # none
+        update_on_subsets(shared, h, subsets)
+        for eq, (index, target) in zip(separate, subsets, strict=True):
+            eq.update(h[:, index], target)
+    for a, b in zip(shared, separate, strict=True):
+        assert a.count == b.count
+        torch.testing.assert_close(a.xtx, b.xtx, rtol=1e-12, atol=1e-10)
+        torch.testing.assert_close(a.xty, b.xty, rtol=1e-12, atol=1e-10)
+    assert shared[-1].count == 0 and not shared[-1].xtx.any()
 
 
 def test_ridge_keeps_unvisited_directions_finite():

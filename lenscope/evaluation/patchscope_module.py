@@ -20,7 +20,9 @@ Metrics per layer, averaged over evaluation documents (one position each):
 * future offset k (``future+k/...``): ``precision@1_model``, against the model's own prediction at
   t + k (teacher-forced on the real text), and ``precision@1_real``, against the real token at
   t + k + 1. Methods whose output is a next-token guess (logit, token identity) are scored here
-  too, as the baselines a future lens must beat.
+  too, as the baselines a future lens must beat. With ``continuation: greedy`` the tokens after t
+  are the model's own greedy continuation instead of the real text, as Future Lens labels its test
+  set (GPT-J's ``generate``); the two columns then agree.
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ from lenscope.evaluation.baselines import bigram_successors
 from lenscope.evaluation.report import markdown_tables, summary_lines, write_report
 from lenscope.lenses.artifact import load_lens
 from lenscope.lenses.learned_prompt import IDENTITY_PROMPT
-from lenscope.lenses.least_squares import NormalEquations
+from lenscope.lenses.least_squares import NormalEquations, update_on_subsets
 from lenscope.lenses.lens import AffineLens, Lens, lens_key
 from lenscope.lenses.metrics import PerLayerMeans
 from lenscope.lenses.patchscope import Patchscope, Target
@@ -67,6 +69,7 @@ class PatchscopeEvaluation(L.LightningModule):
         patchscopes: dict[str, Target] = {},  # noqa: B006 (never mutated)
         ridge: float = 1e-3,
         rows_per_pass: int = 256,
+        continuation: str = "text",
         output_dir: str = "results/patchscopes",
     ):
         """
@@ -84,6 +87,9 @@ class PatchscopeEvaluation(L.LightningModule):
                 ``placeholder``), read as the next-token distribution at the written position.
             ridge: relative ridge term of the least-squares fit.
             rows_per_pass: (layer, example) pairs per batched token-identity forward pass.
+            continuation: what follows each evaluated read position t, for the future offsets:
+                ``text`` (the real text) or ``greedy`` (the model's own greedy continuation of the
+                document up to t, as Future Lens labels its test set).
             output_dir: folder for results.json, results.csv, results.md and one PNG per metric.
         """
         super().__init__()
@@ -98,6 +104,8 @@ class PatchscopeEvaluation(L.LightningModule):
             raise ConfigError(f"--model.future_offsets must all be >= 1, got {future_offsets}")
         if rows_per_pass < 1:
             raise ConfigError(f"--model.rows_per_pass must be at least 1, got {rows_per_pass}")
+        if continuation not in ("text", "greedy"):
+            raise ConfigError(f"--model.continuation must be 'text' or 'greedy', got {continuation!r}")
         check_finite("--model.ridge", ridge)
         self.frozen = FrozenModel.load(base)
         self.base = self.frozen.hf  # registered as a submodule: Lightning places it on the device
@@ -176,6 +184,8 @@ class PatchscopeEvaluation(L.LightningModule):
 
     def on_test_start(self) -> None:
         datamodule = self.trainer.datamodule
+        if self.hparams.continuation == "greedy" and self.future_offsets:
+            self._continue_greedily(datamodule.test_samples(), datamodule.hparams.max_offset + 1)
         if "bigram" in self.hparams.methods and self.future_offsets:
             self.bigram = bigram_successors(datamodule.fit_tokens, self.frozen.adapter.vocab_size).to(self.device)
         if not self.fit_offsets:
@@ -186,10 +196,11 @@ class PatchscopeEvaluation(L.LightningModule):
         for batch in tqdm(loader, desc="Fitting the affine lens", disable=self.global_rank != 0, leave=False):
             batch = self.transfer_batch_to_device(batch, self.device, 0)
             residuals = self.frozen.reader.read(batch["input_ids"], batch["attention_mask"])
-            for k, eq in equations.items():
-                pairs = offset_pairs(batch, k)
-                if len(pairs.rows):  # every read position whose t + k is in the document
-                    eq.update(self._sources(residuals, pairs, k), residuals[-1][pairs.rows, pairs.at])
+            # Offset k fits on the read positions whose t + k is in the document: subsets of the
+            # read positions, so their equations share one product (update_on_subsets).
+            pairs = {k: offset_pairs(batch, k) for k in equations}
+            update_on_subsets(list(equations.values()), self._sources(residuals, offset_pairs(batch, 0), 0),
+                              [(pairs[k].source, residuals[-1][pairs[k].rows, pairs[k].at]) for k in equations])
         for k in equations:
             # Each rank fitted on its share of the documents: sum the normal equations once.
             eq = equations[k] = equations[k].summed(lambda t: self.trainer.strategy.reduce(t, reduce_op="sum"))
@@ -200,6 +211,16 @@ class PatchscopeEvaluation(L.LightningModule):
             self.scopes[key] = self._lens_scope(self.fitted[key])
         self.fit_positions = {k: eq.count for k, eq in equations.items()}
         log.info("affine lenses fitted on %s positions (by offset)", self.fit_positions)
+
+    @torch.no_grad()
+    def _continue_greedily(self, samples: list[dict], length: int) -> None:
+        """Replace the tokens after each sample's last read position by the model's greedy
+        continuation of ``length`` tokens (in place: the samples the test loader batches)."""
+        for sample in tqdm(samples, desc="Greedy continuations", disable=self.global_rank != 0, leave=False):
+            end = sample["positions"][-1] + 1
+            prefix = torch.tensor([sample["input_ids"][:end]], device=self.device)
+            sample["input_ids"] = [*sample["input_ids"][:end], *self.frozen.engine.generate(prefix, max_new_tokens=length)[0].tolist()]
+            sample["labels"] = [sample["input_ids"][t + 1] for t in sample["positions"]]
 
     def _sources(self, residuals: torch.Tensor, pairs: OffsetPairs, k: int) -> torch.Tensor:
         """h (num_layers, M, d) at the pairs' read positions t = at − k, gathered in one indexing
@@ -267,7 +288,8 @@ class PatchscopeEvaluation(L.LightningModule):
         self.results = {
             "model": self.hparams.base["name"], "revision": self.frozen.revision, "layers": self.layers,
             "protocol": {k: datamodule.hparams[k] for k in ("source", "seed", "n_fit", "n_eval", "max_words", "max_chars",
-                                                             "holdout_every", "fit_positions", "seq_len")},
+                                                             "holdout_every", "fit_positions", "seq_len")}
+            | {"continuation": self.hparams.continuation},
             "documents": {"fit": len(datamodule.fit_samples), "eval": len(datamodule.eval_samples)},
             "affine_fit_positions": {f"+{k}" if k else "0": n for k, n in self.fit_positions.items()},
             "lenses": self.artifacts,

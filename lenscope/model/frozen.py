@@ -110,11 +110,15 @@ class FrozenModel:
         batch (:meth:`right_padded`): (num_layers + 1, batch, longest, d_model)."""
         return self.residuals(*self.right_padded(token_lists))
 
-    @torch.no_grad()
-    def prompt_cache(self, input_ids: torch.Tensor):
-        """The key/value cache of one unpatched pass over ``input_ids`` (batch, T), for rows that
-        continue it; None when the model returns none."""
-        out = self.hf(input_ids=input_ids, use_cache=True)
+    def prompt_cache(self, input_ids: torch.Tensor | None = None, inputs_embeds: torch.Tensor | None = None):
+        """The key/value cache of one unpatched pass over ``input_ids`` (batch, T), or over prompts
+        given as embeddings (batch, T, d_model), for rows that continue it; None when the model
+        returns none. Differentiable with respect to ``inputs_embeds`` when they require grad (a
+        learned prompt in training), otherwise without autograd."""
+        inputs = {"input_ids": input_ids} if inputs_embeds is None else {"inputs_embeds": inputs_embeds}
+        differentiable = inputs_embeds is not None and inputs_embeds.requires_grad and torch.is_grad_enabled()
+        with torch.set_grad_enabled(differentiable):
+            out = self.hf(**inputs, use_cache=True)
         return getattr(out, cache_argument(self.hf), None) or getattr(out, "past_key_values", None)
 
     @property

@@ -1,0 +1,147 @@
+"""Where the Patchscopes evaluation spends its time.
+
+Runs ``lenscope evaluate`` in process (any config, lenses and options after ``--``) with timers
+around its phases: the model passes over the fitting documents, the affine fits' normal
+equations, the model passes over the evaluated documents, and each method's decoding (a
+learned-prompt lens and the token-identity patchscope run the model; the other lenses decode with
+its head). ``--reference`` runs it the way it ran before the shared products: every future
+offset's fit on its own, every learned-prompt row over the whole prompt. ``--compare FILE`` checks
+the results against another run's results.json (the same numbers: every precision equal, the rest
+within float rounding).
+
+    python bench/evaluation_speed.py -- --config configs/eval/patchscopes_pile_sample.yaml \\
+        --lenses artifacts/future-pile-sample/tuned ...
+
+Prints a table and writes JSON (``--out``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+from lenscope.cli import evaluate
+from lenscope.evaluation import patchscope_module
+from lenscope.evaluation.patchscope_module import PatchscopeEvaluation
+from lenscope.lenses.learned_prompt import LearnedPromptLens
+from lenscope.model.residuals import ResidualReader
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+class Timers:
+    def __init__(self):
+        self.seconds: dict[str, float] = defaultdict(float)
+        self.fitting = False
+
+    @contextlib.contextmanager
+    def phase(self, name: str):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] += time.perf_counter() - start
+
+    def wrap(self, owner, attribute: str, name_of):
+        original = getattr(owner, attribute)
+
+        def timed(*args, **kwargs):
+            with self.phase(name_of(*args)):
+                return original(*args, **kwargs)
+
+        setattr(owner, attribute, timed)
+
+
+def separately(equations, h, subsets) -> None:
+    """The fits as they were: each offset's equations updated on its own subset of the states."""
+    for eq, (index, target) in zip(equations, subsets, strict=True):
+        eq.update(h[:, index], target)
+
+
+def compare(results: dict, other: dict) -> dict:
+    """Largest difference per metric family, and whether every precision is equal."""
+    worst: dict[str, float] = defaultdict(float)
+    unequal = []
+    for metric, by_method in other["metrics"].items():
+        for method, values in by_method.items():
+            mine = results["metrics"][metric][method]
+            gap = max(abs(a - b) for a, b in zip(mine, values, strict=True))
+            family = "precision" if "precision" in metric else metric
+            worst[family] = max(worst[family], gap)
+            if family == "precision" and gap:
+                unequal.append(f"{metric}/{method}")
+    return {"max_abs_difference": dict(worst), "precision_unequal": unequal,
+            "counts_equal": results["counts"] == other["counts"]}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--reference", action="store_true", help="separate fits, whole-prompt learned-prompt passes")
+    parser.add_argument("--compare", type=Path, help="results.json of another run to check the numbers against")
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "evaluation_speed.json")
+    parser.add_argument("evaluate_args", nargs=argparse.REMAINDER, help="after --: the arguments of lenscope evaluate")
+    args = parser.parse_args(argv)
+    evaluate_args = [a for a in args.evaluate_args if a != "--"]
+    if args.compare and "--model.output_dir" not in evaluate_args:
+        parser.error("--compare reads this run's results.json: give --model.output_dir after --")
+
+    timers = Timers()
+    start_fit = PatchscopeEvaluation.on_test_start
+
+    def on_test_start(module):
+        timers.fitting = True
+        try:
+            with timers.phase("fitting, in all"):
+                return start_fit(module)
+        finally:
+            timers.fitting = False
+
+    PatchscopeEvaluation.on_test_start = on_test_start
+    timers.wrap(ResidualReader, "read", lambda *a: "model passes: fitting documents" if timers.fitting
+                else "model passes: evaluated documents")
+    if args.reference:
+        patchscope_module.update_on_subsets = separately
+        LearnedPromptLens._shares_prefix = lambda self, model: False
+    timers.wrap(patchscope_module, "update_on_subsets", lambda *a: "normal equations")
+    timers.wrap(PatchscopeEvaluation, "_decode", lambda module, method, h: f"decode: {method}")
+    timers.wrap(PatchscopeEvaluation, "_score_next_token", lambda *a: "scores (log-softmax, top-5, KL)")
+
+    start = time.perf_counter()
+    evaluate.main(evaluate_args)
+    total = time.perf_counter() - start
+
+    seconds = dict(timers.seconds)
+    fitting = seconds.pop("fitting, in all", 0.0)
+    seconds["fitting: the rest (gathering states, solving)"] = fitting - seconds.get(
+        "model passes: fitting documents", 0.0) - seconds.get("normal equations", 0.0)
+    seconds["everything else (loading, data, reports)"] = total - fitting - sum(
+        v for k, v in seconds.items() if not k.startswith(("fitting", "model passes: fitting", "normal")))
+    rows = sorted(seconds.items(), key=lambda kv: -kv[1])
+    print(f"\n{'phase':<52} {'seconds':>9} {'share':>7}")
+    for name, value in rows:
+        print(f"{name:<52} {value:9.1f} {value / total:7.1%}")
+    print(f"{'whole run':<52} {total:9.1f}")
+
+    report = {"date": time.strftime("%Y-%m-%d"), "machine": platform.processor() or platform.machine(),
+              "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "reference": args.reference,
+              "evaluate_args": evaluate_args, "total_s": total, "phases_s": dict(rows)}
+    if args.compare:
+        output_dir = Path(next(evaluate_args[i + 1] for i, a in enumerate(evaluate_args) if a == "--model.output_dir"))
+        report["agreement"] = compare(json.loads((output_dir / "results.json").read_text()),
+                                      json.loads(args.compare.read_text()))
+        print(json.dumps(report["agreement"], indent=1))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=1))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
