@@ -19,6 +19,7 @@ checked against full passes on this model.
 from __future__ import annotations
 
 import copy
+import weakref
 from typing import TYPE_CHECKING
 
 import torch
@@ -50,8 +51,16 @@ class LearnedPromptLens(Lens):
         self.prompt = nn.Parameter(torch.zeros(len(layers), prompt_length, d_model))
         self.share_prefix = True
         """Run every layer's prompt prefix once per pass (False: every row over the whole prompt)."""
-        self._prefix_works: dict[int, bool] = {}
-        """id(model) → whether its key/value cache can stand in for the prompt's prefix."""
+        self._prefix_works: weakref.WeakKeyDictionary[FrozenModel, bool] = weakref.WeakKeyDictionary()
+        """Model → whether its key/value cache can stand in for the prompt's prefix."""
+
+    def __getstate__(self) -> dict:
+        # The cache verdicts hold weak references (not picklable) and belong to this process's models.
+        return {**super().__getstate__(), "_prefix_works": None}
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        self._prefix_works = weakref.WeakKeyDictionary()
 
     def extra_config(self) -> dict:
         return {"offset": self.offset, "prompt_length": self.prompt_length}
@@ -136,7 +145,7 @@ class LearnedPromptLens(Lens):
         (checked once per model on two rows: different states, different layers)."""
         if not self.share_prefix or self.prompt_length < 2:
             return False
-        if id(model) not in self._prefix_works:
+        if model not in self._prefix_works:
             generator = torch.Generator().manual_seed(0)
             states = torch.randn(2, self.d_model, generator=generator).to(self.prompt.device)
             layers = torch.tensor([0, len(self.layers) - 1], device=self.prompt.device)
@@ -146,8 +155,8 @@ class LearnedPromptLens(Lens):
                                                              self._pass(model, layers, states), atol=1e-3, rtol=1e-3)
             except Exception:  # noqa: BLE001 (any failure of a cache type means: do not use it)
                 works = False
-            self._prefix_works[id(model)] = works
-        return self._prefix_works[id(model)]
+            self._prefix_works[model] = works
+        return self._prefix_works[model]
 
 
 LENS_TYPES[LearnedPromptLens.lens_type] = LearnedPromptLens

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import pickle
 
 import pytest
 import torch
@@ -60,7 +61,9 @@ def test_the_shared_prompt_prefix_gives_the_same_logits_and_gradients_as_whole_p
             logits = lens.logits(module.frozen, h)
         lens.kl(module.frozen, h, target, torch.float32).sum().backward()
         got[share] = logits, lens.prompt.grad.clone()
-    assert lens._prefix_works[id(module.frozen)], "the tiny LLaMA's cache must stand in for the prefix"
+    assert lens._prefix_works[module.frozen], "the tiny LLaMA's cache must stand in for the prefix"
+    copy = pickle.loads(pickle.dumps(lens))  # the verdicts (weak references to models) are not pickled
+    assert torch.equal(copy.prompt, lens.prompt) and not copy._prefix_works
     torch.testing.assert_close(got[True][0], got[False][0], atol=1e-4, rtol=1e-4)
     scale = float(got[False][1].abs().max())
     assert scale > 0, "the prefix vectors must get gradients"
