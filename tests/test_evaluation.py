@@ -291,6 +291,8 @@ def test_evaluate_scores_patchscopes_given_in_the_config(tmp_path, tiny_model_di
     pytest.param(["--model.patchscopes", '{"grid": {"layers": [1, 2]}}'], "--model.patchscopes 'grid': layers must be "
                  "'same', 'last' or one residual index", id="patchscope-with-two-target-layers"),
     pytest.param(["--model.ridge", "-1"], "--model.ridge must be a finite number >= 0, got -1.0", id="negative-ridge"),
+    pytest.param(["--model.continuation", "sampled"], "--model.continuation must be 'text' or 'greedy', got 'sampled'",
+                 id="unknown-continuation"),
     pytest.param(["--lenses", "/nonexistent/last.ckpt"], "is not a lens artifact", id="missing-lens"),
     pytest.param(["--model.methods", "[logit]", "--model.rows_per_pass", "many"],
                  "--model.rows_per_pass: Expected a int. Got value: many (see `python evaluate.py --help`)",
