@@ -128,15 +128,16 @@ class LearnedPromptLens(Lens):
         engine = model.engine
         count, device = states.shape[0], states.device
         residual_index = torch.tensor(self.layers, device=device)[layer_index]
-        embeds = self.prompt[layer_index].to(engine.adapter.unembedding_weight.dtype)
+        dtype = engine.adapter.unembedding_weight.dtype
         if prefix is None:
             at = torch.full((count,), self.prompt_length - 1, device=device)
-            return engine.run(None, None, residual_index, at, states, at, inputs_embeds=embeds).float()
+            return engine.run(None, None, residual_index, at, states, at,
+                              inputs_embeds=self.prompt[layer_index].to(dtype)).float()
         prefix.batch_select_indices(layer_index)
         at = torch.zeros(count, dtype=torch.long, device=device)
         mask = torch.ones(count, self.prompt_length, dtype=torch.long, device=device)
         return engine.run(None, mask, residual_index, at, states, at, past_key_values=prefix,
-                          inputs_embeds=embeds[:, -1:]).float()
+                          inputs_embeds=self.prompt[layer_index, -1:].to(dtype)).float()
 
     @torch.no_grad()
     def _shares_prefix(self, model: FrozenModel) -> bool:

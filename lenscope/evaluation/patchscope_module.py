@@ -197,9 +197,10 @@ class PatchscopeEvaluation(L.LightningModule):
             batch = self.transfer_batch_to_device(batch, self.device, 0)
             residuals = self.frozen.reader.read(batch["input_ids"], batch["attention_mask"])
             # Offset k fits on the read positions whose t + k is in the document: subsets of the
-            # read positions, so their equations share one product (update_on_subsets).
+            # read positions (offset 0's pairs, always fitted), so their equations share one
+            # product (update_on_subsets).
             pairs = {k: offset_pairs(batch, k) for k in equations}
-            update_on_subsets(list(equations.values()), self._sources(residuals, offset_pairs(batch, 0), 0),
+            update_on_subsets(list(equations.values()), self._sources(residuals, pairs[0], 0),
                               [(pairs[k].source, residuals[-1][pairs[k].rows, pairs[k].at]) for k in equations])
         for k in equations:
             # Each rank fitted on its share of the documents: sum the normal equations once.
