@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import csv
+import itertools
 import json
+import random
 from pathlib import Path
 
 import pytest
@@ -11,7 +13,11 @@ import torch
 import transformers as T
 
 from lenscope.cli import evaluate, train
-from lenscope.datamodules.patchscope_data import PatchscopeDataModule, collate_documents
+from lenscope.datamodules.patchscope_data import (
+    PatchscopeDataModule,
+    collate_documents,
+    length_batches,
+)
 from lenscope.datamodules.preprocessing import offset_pairs
 from lenscope.evaluation.baselines import bigram_successors
 from lenscope.lenses.artifact import save_lens
@@ -209,10 +215,40 @@ def test_batching_documents_by_length_changes_no_result(tmp_path, tiny_model_dir
     for metric, by_method in results["false"]["metrics"].items():
         for method, values in by_method.items():
             assert results["true"]["metrics"][metric][method] == pytest.approx(values, abs=1e-5), (metric, method)
-    # ... while the batches did change: by length, each batch pads less
+    # ... while the batches did change: by length, they pad less
     widths = [batch["input_ids"].shape[1] for batch in protocol(corpus, n_fit=40, n_eval=24).test_dataloader()]
-    unsorted = [batch["input_ids"].shape[1] for batch in protocol(corpus, n_fit=40, n_eval=24, by_length=False).test_dataloader()]
-    assert widths == sorted(widths) and sum(widths) < sum(unsorted)
+    slots = sum(batch["input_ids"].numel() for batch in protocol(corpus, n_fit=40, n_eval=24).test_dataloader())
+    unsorted = sum(batch["input_ids"].numel() for batch in protocol(corpus, n_fit=40, n_eval=24, by_length=False).test_dataloader())
+    assert widths == sorted(widths) and slots < unsorted
+
+
+def cut_cost(lengths: list[int], cuts: list[int], max_batch: int, pass_cost: int) -> int | None:
+    """Padded slots plus passes of sorted ``lengths`` cut before each index in ``cuts`` (None: a run
+    longer than max_batch)."""
+    bounds = [0, *cuts, len(lengths)]
+    if any(b - a > max_batch for a, b in itertools.pairwise(bounds)):
+        return None
+    return sum((b - a) * lengths[b - 1] + pass_cost for a, b in itertools.pairwise(bounds))
+
+
+def test_length_batches_pad_least():
+    """The cut of sorted lengths into runs: every document once, in order, at most max_batch per run,
+    and no other cut (all of them, by brute force) costs fewer slots plus passes."""
+    rng = random.Random(0)
+    for _ in range(40):
+        lengths = sorted(rng.randint(1, 60) for _ in range(rng.randint(1, 9)))
+        max_batch, pass_cost = rng.randint(1, 4), rng.choice([0, 5, 50])
+        runs = length_batches(lengths, max_batch, pass_cost)
+        assert [i for run in runs for i in run] == list(range(len(lengths)))
+        assert all(1 <= len(run) <= max_batch for run in runs)
+        costs = [cut_cost(lengths, list(cuts), max_batch, pass_cost) for k in range(len(lengths))
+                 for cuts in itertools.combinations(range(1, len(lengths)), k)]
+        best = min(c for c in costs if c is not None)
+        assert cut_cost(lengths, [run[0] for run in runs[1:]], max_batch, pass_cost) == best, (lengths, max_batch)
+    # a long document goes alone rather than pad fifteen short ones
+    assert length_batches([10] * 15 + [900], 16) == [list(range(15)), [15]]
+    # documents in protocol order are batched as sorted by length, stably
+    assert length_batches([30, 10, 20, 10], 2, pass_cost=0) == [[1, 3], [2], [0]]
 
 
 def test_the_shared_products_change_no_result(tmp_path, tiny_model_dir, corpus, monkeypatch):

@@ -1,0 +1,40 @@
+"""How to cut work into passes when a pass costs as much as its widest row.
+
+A padded batch of documents costs its rows × its longest document; a patched pass whose blocks below
+the lowest layer written are skipped costs its rows × the blocks its lowest-layer row needs. Both
+are rows of one width each, sorted by width, cut into runs: the narrow rows should not ride in a
+pass with a wide one, yet every pass has a fixed cost of its own.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+
+def cheapest_runs(widths: list[int], max_run: int, pass_cost: float) -> list[list[int]]:
+    """Cut rows sorted by width (``widths`` ascending) into runs of at most ``max_run`` consecutive
+    rows with the least Σ (rows in the run × its widest row) + ``pass_cost`` per run. Exact, by
+    dynamic programming over where the runs end (n × max_run steps). Returns the runs as lists of
+    indices into ``widths``, in order."""
+    if any(a > b for a, b in itertools.pairwise(widths)):
+        raise ValueError("cheapest_runs needs the widths sorted ascending")
+    n = len(widths)
+    best: list[float] = [0.0] + [float("inf")] * n  # best[i]: the cost of the first i rows
+    start = [0] * (n + 1)
+    for end in range(1, n + 1):
+        for begin in range(max(0, end - max_run), end):
+            cost = best[begin] + (end - begin) * widths[end - 1] + pass_cost
+            if cost < best[end]:
+                best[end], start[end] = cost, begin
+    runs, end = [], n
+    while end:
+        runs.append(list(range(start[end], end)))
+        end = start[end]
+    return runs[::-1]
+
+
+def cheapest_passes(widths: list[int], max_run: int, pass_cost: float) -> list[list[int]]:
+    """Rows in any order, one width each → passes (lists of row indices, each sorted by width):
+    the rows sorted by width (stably), cut by :func:`cheapest_runs`."""
+    order = sorted(range(len(widths)), key=widths.__getitem__)
+    return [[order[i] for i in run] for run in cheapest_runs([widths[i] for i in order], max_run, pass_cost)]
