@@ -4,8 +4,9 @@ Runs ``lenscope evaluate`` in process (any config, lenses and options after ``--
 around its phases: the model passes over the fitting documents, the affine fits' normal
 equations, the model passes over the evaluated documents, and each method's decoding (a
 learned-prompt lens and the token-identity patchscope run the model; the other lenses decode with
-its head). ``--reference`` runs it the way it ran before the shared products: every future
-offset's fit on its own, every learned-prompt row over the whole prompt. ``--compare FILE`` checks
+its head). ``--reference`` runs it the way it ran before issue 13's changes: every future
+offset's fit on its own, every learned-prompt row over the whole prompt and through every block,
+documents sorted by length ``--data.batch_size`` at a time. ``--compare FILE`` checks
 the results against another run's results.json (the same numbers: every precision equal, the rest
 within float rounding).
 
@@ -29,9 +30,11 @@ from pathlib import Path
 import torch
 
 from lenscope.cli import evaluate
+from lenscope.datamodules import patchscope_data
 from lenscope.evaluation import patchscope_module
 from lenscope.evaluation.patchscope_module import PatchscopeEvaluation
 from lenscope.lenses.learned_prompt import LearnedPromptLens
+from lenscope.model.patching import PatchingEngine
 from lenscope.model.residuals import ResidualReader
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -66,6 +69,12 @@ def separately(equations, h, subsets) -> None:
         eq.update(h[:, index], target)
 
 
+def fixed_batches(lengths: list[int], max_batch: int) -> list[list[int]]:
+    """The batches as they were: documents sorted by length, ``max_batch`` at a time."""
+    order = sorted(range(len(lengths)), key=lengths.__getitem__)
+    return [order[start:start + max_batch] for start in range(0, len(order), max_batch)]
+
+
 def compare(results: dict, other: dict) -> dict:
     """Largest difference per metric family, and whether every precision is equal."""
     worst: dict[str, float] = defaultdict(float)
@@ -84,7 +93,7 @@ def compare(results: dict, other: dict) -> dict:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--reference", action="store_true", help="separate fits, whole-prompt learned-prompt passes")
+    parser.add_argument("--reference", action="store_true", help="as before issue 13: separate fits, whole-prompt learned-prompt passes, every block, fixed-size batches")
     parser.add_argument("--compare", type=Path, help="results.json of another run to check the numbers against")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "evaluation_speed.json")
     parser.add_argument("evaluate_args", nargs=argparse.REMAINDER, help="after --: the arguments of lenscope evaluate")
@@ -110,6 +119,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.reference:
         patchscope_module.update_on_subsets = separately
         LearnedPromptLens._shares_prefix = lambda self, model: False
+        PatchingEngine.skippable_blocks = staticmethod(lambda *args: 0)
+        patchscope_data.length_batches = fixed_batches
     timers.wrap(patchscope_module, "update_on_subsets", lambda *a: "normal equations")
     timers.wrap(PatchscopeEvaluation, "_decode", lambda module, method, h: f"decode: {method}")
     timers.wrap(PatchscopeEvaluation, "_score_next_token", lambda *a: "scores (log-softmax, top-5, KL)")

@@ -13,7 +13,8 @@ example) pair of a batch. Unlike the affine lenses it needs the model to decode,
 The prompt's first ``prompt_length − 1`` vectors are the same for every state of a layer: they run
 once per layer, and each (layer, state) row runs only the last position on their key/value cache
 (~10× less compute for a 10-vector prompt, in training as in evaluation), once that has been
-checked against full passes on this model.
+checked against full passes on this model. Such a row writes its state at the one position it runs,
+so the patching engine skips the blocks below the layer written (half of them on average).
 """
 
 from __future__ import annotations
@@ -25,9 +26,11 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from lenscope.batching import cheapest_passes
 from lenscope.errors import ConfigError
 from lenscope.lenses.lens import LENS_TYPES, Lens
 from lenscope.lenses.unembed import kl_divergence, logit_metrics
+from lenscope.model.patching import PASS_COST_BLOCK_ROWS
 
 if TYPE_CHECKING:
     from lenscope.model.frozen import FrozenModel
@@ -53,14 +56,17 @@ class LearnedPromptLens(Lens):
         """Run every layer's prompt prefix once per pass (False: every row over the whole prompt)."""
         self._prefix_works: weakref.WeakKeyDictionary[FrozenModel, bool] = weakref.WeakKeyDictionary()
         """Model → whether its key/value cache can stand in for the prompt's prefix."""
+        self._prefixes: weakref.WeakKeyDictionary[FrozenModel, tuple] = weakref.WeakKeyDictionary()
+        """Model → (the prompt's version, its prefix cache): kept between calls outside training."""
 
     def __getstate__(self) -> dict:
-        # The cache verdicts hold weak references (not picklable) and belong to this process's models.
-        return {**super().__getstate__(), "_prefix_works": None}
+        # The caches and verdicts hold weak references (not picklable) and belong to this process's models.
+        return {**super().__getstate__(), "_prefix_works": None, "_prefixes": None}
 
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)
         self._prefix_works = weakref.WeakKeyDictionary()
+        self._prefixes = weakref.WeakKeyDictionary()
 
     def extra_config(self) -> dict:
         return {"offset": self.offset, "prompt_length": self.prompt_length}
@@ -105,26 +111,50 @@ class LearnedPromptLens(Lens):
         shared = self._shares_prefix(model)
         training = torch.is_grad_enabled() and self.prompt.requires_grad
         # Each pass extends the cache it is given. Outside training one prefix pass serves every
-        # chunk through a copy; in training each chunk runs its own, so gradients reach the prompt.
-        kept = self._prefix_cache(model) if shared and not training else None
+        # pass, and every call until the prompt changes, through a copy; in training each pass runs
+        # its own, of its own layers' prompts, so gradients reach the prompt.
+        kept = self._kept_prefix(model) if shared and not training else None
 
-        def prefix():
+        def run(rows: torch.Tensor) -> torch.Tensor:
+            index = layer_index[rows]
             if not shared:
-                return None
-            return self._prefix_cache(model) if training else copy.deepcopy(kept)
+                return self._pass(model, index, flat[rows])
+            if not training:
+                return self._pass(model, index, flat[rows], copy.deepcopy(kept))
+            own = index.unique()  # sorted
+            return self._pass(model, index, flat[rows], self._prefix_cache(model, own), torch.searchsorted(own, index))
 
-        out = [self._pass(model, layer_index[start:start + self.rows_per_pass], flat[start:start + self.rows_per_pass],
-                          prefix()) for start in range(0, flat.shape[0], self.rows_per_pass)]
-        return torch.cat(out).view(*shape[:-1], -1)
+        # A row on the shared prefix runs the blocks from its layer on (the engine skips those below
+        # the lowest layer of its pass): rows of nearby layers share a pass.
+        num_blocks = model.engine.adapter.num_layers
+        widths = [num_blocks - self.layers[i] if shared else num_blocks for i in range(num_layers) for _ in range(n)]
+        passes = [torch.tensor(rows, device=device)
+                  for rows in cheapest_passes(widths, self.rows_per_pass, PASS_COST_BLOCK_ROWS)]
+        out = torch.cat([run(rows) for rows in passes])
+        return out[torch.cat(passes).argsort()].view(*shape[:-1], -1)  # back to layer-major order
 
-    def _prefix_cache(self, model: FrozenModel):
-        """The key/value cache of every layer's prompt without its last vector (batch = layers)."""
-        return model.prompt_cache(inputs_embeds=self.prompt[:, :-1].to(model.engine.adapter.unembedding_weight.dtype))
+    @torch.no_grad()
+    def _kept_prefix(self, model: FrozenModel):
+        """Every layer's prefix cache, computed again only when the prompt has changed (an optimizer
+        step or a loaded state writes it in place, which bumps its version)."""
+        version = (self.prompt._version, self.prompt.data_ptr(), self.prompt.device, model.engine.adapter.model.dtype)
+        kept = self._prefixes.get(model)
+        if kept is None or kept[0] != version:
+            kept = self._prefixes[model] = (version, self._prefix_cache(model))
+        return kept[1]
 
-    def _pass(self, model: FrozenModel, layer_index: torch.Tensor, states: torch.Tensor, prefix=None) -> torch.Tensor:
+    def _prefix_cache(self, model: FrozenModel, layer_index: torch.Tensor | None = None):
+        """The key/value cache of each layer's prompt without its last vector (batch = the layers
+        of ``layer_index``, default all)."""
+        prompts = self.prompt if layer_index is None else self.prompt[layer_index]
+        return model.prompt_cache(inputs_embeds=prompts[:, :-1].to(model.engine.adapter.unembedding_weight.dtype))
+
+    def _pass(self, model: FrozenModel, layer_index: torch.Tensor, states: torch.Tensor, prefix=None,
+              prefix_rows: torch.Tensor | None = None) -> torch.Tensor:
         """Logits (rows, V) of states[r] written at the last prompt position of layer layer_index[r]:
         over the whole prompt, or only the last position on ``prefix`` (a cache of
-        :meth:`_prefix_cache`, which the pass extends)."""
+        :meth:`_prefix_cache`, which the pass extends; row r continues its row ``prefix_rows[r]``,
+        default ``layer_index[r]``)."""
         engine = model.engine
         count, device = states.shape[0], states.device
         residual_index = torch.tensor(self.layers, device=device)[layer_index]
@@ -133,7 +163,7 @@ class LearnedPromptLens(Lens):
             at = torch.full((count,), self.prompt_length - 1, device=device)
             return engine.run(None, None, residual_index, at, states, at,
                               inputs_embeds=self.prompt[layer_index].to(dtype)).float()
-        prefix.batch_select_indices(layer_index)
+        prefix.batch_select_indices(layer_index if prefix_rows is None else prefix_rows)
         at = torch.zeros(count, dtype=torch.long, device=device)
         mask = torch.ones(count, self.prompt_length, dtype=torch.long, device=device)
         return engine.run(None, mask, residual_index, at, states, at, past_key_values=prefix,
@@ -143,13 +173,14 @@ class LearnedPromptLens(Lens):
     def _shares_prefix(self, model: FrozenModel) -> bool:
         """Whether the rows run only the prompt's last position on a cache of the rest: where the
         prompt has more than one vector and this model's cache gives what full passes give
-        (checked once per model on two rows: different states, different layers)."""
+        (checked once per model on two rows: different states, different layers, neither at the
+        first, so that the pass also skips the blocks below them as the engine does)."""
         if not self.share_prefix or self.prompt_length < 2:
             return False
         if model not in self._prefix_works:
             generator = torch.Generator().manual_seed(0)
             states = torch.randn(2, self.d_model, generator=generator).to(self.prompt.device)
-            layers = torch.tensor([0, len(self.layers) - 1], device=self.prompt.device)
+            layers = torch.tensor([len(self.layers) // 2, len(self.layers) - 1], device=self.prompt.device)
             try:
                 cache = self._prefix_cache(model)
                 works = cache is not None and torch.allclose(self._pass(model, layers, states, cache),

@@ -35,9 +35,10 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from lenscope.batching import cheapest_passes
 from lenscope.errors import ConfigError
 from lenscope.lenses.lens import Lens
-from lenscope.model.patching import cache_argument
+from lenscope.model.patching import PASS_COST_BLOCK_ROWS, cache_argument
 
 if TYPE_CHECKING:
     from lenscope.model.frozen import FrozenModel
@@ -262,7 +263,7 @@ class Patchscope:
         groups = self._groups(model, n, len(pairs), own_prompts)
         flat = mapped.reshape(len(pairs) * n, -1)
         layer_of_row = torch.tensor([t for _, t in pairs], device=flat.device).repeat_interleave(n)
-        chunks = list(self._chunks(groups, flat.device))
+        chunks = list(self._chunks(model, groups, layer_of_row))
         if isinstance(self.readout, NextToken):
             logits = torch.empty(len(pairs) * n, model.vocab_size, device=flat.device)
             for group, chunk in chunks:
@@ -278,12 +279,17 @@ class Patchscope:
         shaped_tokens = [tokens[p * n:(p + 1) * n] for p in range(len(pairs))]
         return PatchscopeResult(pairs, [""] * n, texts=shaped_texts, tokens=shaped_tokens)
 
-    def _chunks(self, groups: list[_Group], device: torch.device):
-        """(group, rows) for every pass: each group's rows, ``rows_per_pass`` at a time."""
+    def _chunks(self, model: FrozenModel, groups: list[_Group], layer_of_row: torch.Tensor):
+        """(group, rows) for every pass: each group's rows, at most ``rows_per_pass`` at a time. Where
+        a pass runs only the written token on the shared prefix, the engine skips the blocks below
+        its lowest written layer, so rows of nearby layers share a pass."""
+        layers = layer_of_row.tolist()
         for group in groups:
-            rows = torch.tensor(group.rows, device=device)
-            for start in range(0, len(rows), self.rows_per_pass):
-                yield group, rows[start:start + self.rows_per_pass]
+            one_token = (isinstance(self.readout, NextToken) and self.share_prefix
+                         and 1 <= group.write_at == len(group.ids) - 1)
+            widths = [model.num_layers - layers[row] if one_token else model.num_layers for row in group.rows]
+            for run in cheapest_passes(widths, self.rows_per_pass, PASS_COST_BLOCK_ROWS):
+                yield group, torch.tensor([group.rows[i] for i in run], device=layer_of_row.device)
 
     def _groups(self, model: FrozenModel, n: int, num_pairs: int, own_prompts) -> list[_Group]:
         """Rows (pair-major: row = pair × N + example) grouped by their target tokens."""

@@ -69,6 +69,39 @@ def test_writing_back_the_models_own_state_changes_nothing(arch, tokenizer):
 
 
 @pytest.mark.parametrize("arch", FAMILIES)
+def test_a_one_token_pass_skips_the_blocks_below_its_writes(arch, tokenizer, monkeypatch):
+    """A one-token pass (on a prompt's cache, where the model has one), every row written at
+    residual index ≥ 2: the engine runs no block below 2, and reads what the same pass running every
+    block reads, and what the whole prompt's pass with the same writes reads."""
+    model = FrozenModel(LoadedModel(build(arch), tokenizer, arch, "local"))
+    engine = model.engine
+    ids = random_ids(1, 6, seed=3).expand(3, -1)
+    layers = torch.tensor([2, LAYERS, 2])  # the row written at L runs blocks 2.. on its own state
+    states = torch.randn(3, model.d_model, generator=torch.Generator().manual_seed(5))
+    first = torch.zeros(3, dtype=torch.long)
+
+    def one_token_pass(count_block_1: list | None = None):
+        cache = model.prompt_cache(ids[:, :5])
+        mask = None if cache is None else torch.ones(3, 6, dtype=torch.long)
+        block = list(model.adapter.blocks[1].modules())[1:] if count_block_1 is not None else []
+        hooks = [m.register_forward_pre_hook(lambda *a: count_block_1.append(1)) for m in block]
+        try:
+            return engine.run(ids[:, 5:], mask, layers, first, states, first, past_key_values=cache)
+        finally:
+            for hook in hooks:
+                hook.remove()
+
+    calls = []
+    skipped = one_token_pass(calls)
+    assert not calls, "block 1 ran although every row's state is written above it"
+    monkeypatch.setattr(PatchingEngine, "skippable_blocks", staticmethod(lambda *args: 0))
+    torch.testing.assert_close(skipped, one_token_pass(), atol=1e-4, rtol=1e-4)
+    if model.prompt_cache(ids[:, :5]) is not None:
+        last = torch.full((3,), 5)
+        torch.testing.assert_close(skipped, engine.run(ids, None, layers, last, states, last), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("arch", FAMILIES)
 def test_token_identity_equals_full_passes(arch, tokenizer):
     model = FrozenModel(LoadedModel(build(arch), tokenizer, arch, "local"))
     states = model.residuals(random_ids(3, 6, seed=2))[:LAYERS, :, -1]  # (layers, 3, d)

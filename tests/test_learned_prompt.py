@@ -63,11 +63,35 @@ def test_the_shared_prompt_prefix_gives_the_same_logits_and_gradients_as_whole_p
         got[share] = logits, lens.prompt.grad.clone()
     assert lens._prefix_works[module.frozen], "the tiny LLaMA's cache must stand in for the prefix"
     copy = pickle.loads(pickle.dumps(lens))  # the verdicts (weak references to models) are not pickled
-    assert torch.equal(copy.prompt, lens.prompt) and not copy._prefix_works
+    assert torch.equal(copy.prompt, lens.prompt) and not copy._prefix_works and not copy._prefixes
     torch.testing.assert_close(got[True][0], got[False][0], atol=1e-4, rtol=1e-4)
     scale = float(got[False][1].abs().max())
     assert scale > 0, "the prefix vectors must get gradients"
     torch.testing.assert_close(got[True][1], got[False][1], atol=1e-4 * scale, rtol=1e-4)
+
+
+def test_the_kept_prefix_follows_the_prompt(module):
+    """Outside training the prefix cache is kept between calls, and made again once the prompt
+    changes (an optimizer step writes it in place): the logits are always the current prompt's."""
+    lens = module.lenses["learned_prompt+1"]
+    h = torch.randn(3, 2, module.frozen.adapter.d_model, generator=torch.Generator().manual_seed(2))
+    optimizer = torch.optim.SGD(lens.parameters(), lr=10.0)
+    before = None
+    for step in range(2):
+        with torch.no_grad():
+            lens.share_prefix = True
+            shared = lens.logits(module.frozen, h)
+            lens.share_prefix = False
+            full = lens.logits(module.frozen, h)
+        torch.testing.assert_close(shared, full, atol=1e-4, rtol=1e-4)
+        if step == 0:
+            before = shared
+            assert len(lens._prefixes) == 1
+            optimizer.zero_grad()
+            lens.share_prefix = True
+            lens.logits(module.frozen, h).logsumexp(-1).sum().neg().backward()
+            optimizer.step()
+    assert (shared - before).abs().max() > 1e-3, "the step must have changed the prompt's logits"
 
 
 def test_training_moves_only_the_prompt_through_the_patching_engine_and_lowers_the_kl(module, monkeypatch):

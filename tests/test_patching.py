@@ -7,7 +7,7 @@ import torch
 import transformers as T
 
 from lenscope.model.adapter import ArchitectureAdapter
-from lenscope.model.patching import PatchingEngine
+from lenscope.model.patching import Intervention, PatchingEngine
 from lenscope.model.residuals import ResidualReader
 from tests.conftest import TINY_DECODER, make_tokenizer
 
@@ -109,3 +109,44 @@ def test_bad_layer_is_refused(engine):
     with pytest.raises(ValueError, match="residual indices"):
         engine.run(x, None, torch.full((4,), 99), torch.zeros(4, dtype=torch.long), torch.zeros(4, 32),
                    torch.zeros(4, dtype=torch.long))
+
+
+def test_only_passes_whose_every_row_is_overwritten_skip_blocks():
+    """Blocks below the lowest write go only in a one-token pass whose every row's residual is
+    replaced; an addition, a head, a row left alone or a second token keep every block."""
+    rows, at, values = torch.arange(2), torch.zeros(2, dtype=torch.long), torch.zeros(2, 8)
+    skippable = PatchingEngine.skippable_blocks
+    assert skippable([Intervention(3, rows[:1], at[:1], values[:1]), Intervention(2, rows[1:], at[1:], values[1:])], 1, 2) == 2
+    assert skippable([Intervention(3, rows, at, values)], 2, 2) == 0  # a second token reads the blocks below
+    assert skippable([Intervention(3, rows[:1], at[:1], values[:1])], 1, 2) == 0  # row 1 is not written
+    assert skippable([Intervention(3, rows, at, values, add=True)], 1, 2) == 0  # adds to what the blocks give
+    assert skippable([Intervention(3, rows, at, values[:, :4], heads=torch.zeros(2, dtype=torch.long))], 1, 2) == 0
+    assert skippable([Intervention(3, rows, at, values), Intervention(5, rows, at, values)], 1, 2) == 0  # row twice
+
+
+def test_a_differentiable_write_at_the_embeddings_of_one_row(engine):
+    """One row, its state written (or added) at residual 0 of a pass on input embeddings that require
+    grad (a learned prompt of one row): the write takes, and gradients reach the embeddings."""
+    model = engine.adapter.model
+    embeds = model.get_input_embeddings()(ids(1, 5)).detach().requires_grad_(True)
+    state = torch.randn(1, embeds.shape[-1], generator=torch.Generator().manual_seed(2))
+    zero, at = torch.zeros(1, dtype=torch.long), torch.full((1,), 4)
+    for add in (False, True):
+        change = Intervention(0, zero, zero + 2, state, add=add)
+        logits = engine.forward(None, None, [change], at, inputs_embeds=embeds)
+
+        def edit(module, args, kwargs, add=add):  # block 0's input, changed by a plain hook
+            hidden = (args[0] if args else kwargs["hidden_states"]).clone()
+            hidden[0, 2] = hidden[0, 2] + state[0] if add else state[0]
+            return ((hidden, *args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": hidden})
+
+        hook = engine.adapter.blocks[0].register_forward_pre_hook(edit, with_kwargs=True)
+        try:
+            with torch.no_grad():
+                expected = model(inputs_embeds=embeds).logits[:, 4]
+        finally:
+            hook.remove()
+        torch.testing.assert_close(logits, expected, atol=1e-5, rtol=1e-5)
+        (grad,) = torch.autograd.grad(logits.sum(), embeds)
+        assert grad[0, 2].abs().sum() == 0 if not add else grad[0, 2].abs().sum() > 0  # the write replaced it
+        assert grad[0, 3].abs().sum() > 0

@@ -9,6 +9,10 @@ Batched: row n of the target batch gets its own state, layer, write position and
 so one target forward pass evaluates many (example, layer) pairs. Reading and writing are separate
 traces, so the source layer may come after the target layer (one trace cannot go back in time).
 
+A pass of one token per row whose every row is written (a target prompt's last token on the cache of
+the rest: token identity, a learned prompt) skips the blocks below the lowest layer written: nothing
+they compute there survives the writes.
+
 Layers are residual indices (REFERENCE.md): 0 = the input of block 0, j ≥ 1 = the output of block
 j − 1. Writing at index L (the last block's output) leaves only the final norm and the head to act:
 that is the logit lens as a patchscope.
@@ -25,6 +29,11 @@ import torch
 from lenscope.model.heads import AttentionHeads
 from lenscope.model.residuals import ResidualReader, envoy_at
 from lenscope.model.sublayers import Sublayers
+
+PASS_COST_BLOCK_ROWS = 512
+"""What one more patched pass costs, in (row, block) steps of a one-token pass: its fixed overhead
+(tracing, launching every block, copying a shared prefix's cache), for cutting rows into passes
+(``lenscope.batching.cheapest_passes``). Measured on the embedded model on a 2-core CPU."""
 
 
 def cache_argument(model) -> str:
@@ -135,13 +144,27 @@ class PatchingEngine:
             inputs["use_cache"] = True
         differentiable = any(c.values.requires_grad for c in interventions) or (
             inputs_embeds is not None and inputs_embeds.requires_grad)
+        skipped = 0 if return_cache else self.skippable_blocks(interventions, prompt.shape[1], n)
         sites: dict[tuple[int, str], list[Intervention]] = {}
         for change in sorted(interventions, key=lambda c: c.order):
-            sites.setdefault((change.layer, change.site), []).append(change)
+            if not skipped or change.layer > skipped:  # a write at the first block kept: the skipped blocks give it
+                sites.setdefault((change.layer, change.site), []).append(change)
         with torch.set_grad_enabled(differentiable and torch.is_grad_enabled()), self.traced.trace(inputs):
+            if skipped:
+                self._skip_blocks(skipped, interventions, n)
             # Modules run in order, so the sites are visited in the order the pass reaches them.
             for (layer, site), changes in sites.items():
                 at_heads = site == "heads"
+                if site == "residual" and layer == 0 and differentiable:
+                    # Block 0's input can be a view autograd will not let a write change in place
+                    # (one row of a learned prompt): write into a copy and pass that instead.
+                    block = self.reader._blocks[0]
+                    hidden = block.input.clone()
+                    for change in changes:
+                        index, values = (change.rows, change.positions), change.values.to(hidden.dtype)
+                        hidden[index] = hidden[index] + values if change.add else values
+                    block.input = hidden
+                    continue
                 if site == "residual":
                     target = self._hidden(layer)
                 elif at_heads:
@@ -160,6 +183,31 @@ class PatchingEngine:
             if return_cache:
                 cache = getattr(self.traced.output, cache_argument(self.adapter.model)).save()
         return (logits, cache) if return_cache else logits
+
+    @staticmethod
+    def skippable_blocks(interventions: list[Intervention], length: int, n: int) -> int:
+        """How many blocks a pass need not run: with one input token per row, a row whose whole state
+        is written at residual index ℓ needs no block below ℓ (what they would compute there is
+        overwritten, and a one-token pass leaves no later position to read their keys and values), so
+        blocks below the lowest written index of the pass can go. 0 when some row is not written,
+        or a change adds to a state or sits elsewhere than the residual stream."""
+        if length != 1 or not interventions or any(c.site != "residual" or c.add for c in interventions):
+            return 0
+        rows = torch.cat([c.rows for c in interventions])
+        if rows.numel() != n or rows.unique().numel() != n:
+            return 0
+        return min(c.layer for c in interventions)
+
+    def _skip_blocks(self, count: int, interventions: list[Intervention], n: int) -> None:
+        """Inside a trace: blocks 0..count − 1 return, instead of running, each row's written state
+        (a row written higher up carries its own state until its write replaces it)."""
+        values = interventions[0].values
+        states = values.new_empty(n, 1, values.shape[-1], dtype=self.adapter.model.dtype)
+        for change in interventions:
+            states = states.index_put((change.rows, change.positions), change.values.to(states.dtype))
+        output = (states,) if self.adapter.block_output_is_tuple else states
+        for block in range(count):
+            self.reader._blocks[block].skip(output)
 
     def _check(self, change: Intervention) -> None:
         k = change.rows.shape[0]
