@@ -83,8 +83,15 @@ class NormalEquations:
 
 
 def _with_ones(h: torch.Tensor) -> torch.Tensor:
-    """x̃ = [h, 1] in float64: (num_layers, N, d) → (num_layers, N, d + 1)."""
-    return torch.cat([h.double(), h.new_ones(*h.shape[:2], 1, dtype=torch.float64)], dim=-1)
+    """x̃ = [h, 1] in float64: (num_layers, N, d) → (num_layers, N, d + 1), in one copy."""
+    x = torch.empty(*h.shape[:-1], h.shape[-1] + 1, dtype=torch.float64, device=h.device)
+    x[..., :-1] = h
+    x[..., -1] = 1.0
+    return x
+
+
+ROWS_PER_PRODUCT = 2048
+"""Positions per float64 product in :func:`update_on_subsets` (memory and speed, not results)."""
 
 
 def update_on_subsets(equations: Sequence[NormalEquations], h: torch.Tensor,
@@ -101,27 +108,35 @@ def update_on_subsets(equations: Sequence[NormalEquations], h: torch.Tensor,
     d it does ~60% of their multiplications and converts h to float64 once instead of 4 times."""
     if not equations:
         return
-    x = _with_ones(h)
-    n = h.shape[1]
-    gram = x.transpose(1, 2) @ x
+    num_layers, n, d = h.shape
     widths = [target.shape[-1] for _, target in subsets]
     y = torch.zeros(n, sum(widths), dtype=torch.float64, device=h.device)
     start = 0
     for (index, target), width in zip(subsets, widths, strict=True):
         y[index, start:start + width] = target.double()
         start += width
-    products = x.transpose(1, 2) @ y  # (num_layers, d + 1, Σ d_out)
+    # Σ x̃ x̃ᵀ over all positions and every Σ x̃ yᵀ side by side, ROWS_PER_PRODUCT positions at a
+    # time: the float64 copy of h stays small (its whole size would grow with the batch and slow
+    # every product down).
+    gram = torch.zeros(num_layers, d + 1, d + 1, dtype=torch.float64, device=h.device)
+    products = torch.zeros(num_layers, d + 1, y.shape[1], dtype=torch.float64, device=h.device)
+    for start in range(0, n, ROWS_PER_PRODUCT):
+        x = _with_ones(h[:, start:start + ROWS_PER_PRODUCT])
+        gram.baddbmm_(x.transpose(1, 2), x)
+        products += x.transpose(1, 2) @ y[start:start + ROWS_PER_PRODUCT]
     start = 0
     for eq, (index, _), width in zip(equations, subsets, widths, strict=True):
         eq._to(h.device)
         if 2 * len(index) < n:  # fewer rows taken than lacking: their own product is cheaper
-            taken = x[:, index]
-            eq.xtx += taken.transpose(1, 2) @ taken
+            taken = _with_ones(h[:, index])
+            eq.xtx.baddbmm_(taken.transpose(1, 2), taken)
         else:
             lacking = torch.ones(n, dtype=torch.bool, device=h.device)
             lacking[index] = False
-            missing = x[:, lacking]
-            eq.xtx += gram - missing.transpose(1, 2) @ missing if missing.shape[1] else gram
+            eq.xtx += gram
+            if bool(lacking.any()):
+                missing = _with_ones(h[:, lacking])
+                eq.xtx.baddbmm_(missing.transpose(1, 2), missing, alpha=-1)
         eq.xty += products[..., start:start + width]
         eq.count += len(index)
         start += width
