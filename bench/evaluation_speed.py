@@ -6,7 +6,8 @@ equations, the model passes over the evaluated documents, and each method's deco
 learned-prompt lens and the token-identity patchscope run the model; the other lenses decode with
 its head). ``--reference`` runs it the way it ran before issue 13's changes: every future
 offset's fit on its own, every learned-prompt row over the whole prompt and through every block,
-documents sorted by length ``--data.batch_size`` at a time. ``--compare FILE`` checks
+patched rows ``rows_per_pass`` at a time in their order, documents sorted by length
+``--data.batch_size`` at a time. ``--compare FILE`` checks
 the results against another run's results.json (the same numbers: every precision equal, the rest
 within float rounding).
 
@@ -33,6 +34,7 @@ from lenscope.cli import evaluate
 from lenscope.datamodules import patchscope_data
 from lenscope.evaluation import patchscope_module
 from lenscope.evaluation.patchscope_module import PatchscopeEvaluation
+from lenscope.lenses import learned_prompt, patchscope
 from lenscope.lenses.learned_prompt import LearnedPromptLens
 from lenscope.model.patching import PatchingEngine
 from lenscope.model.residuals import ResidualReader
@@ -73,6 +75,11 @@ def fixed_batches(lengths: list[int], max_batch: int) -> list[list[int]]:
     """The batches as they were: documents sorted by length, ``max_batch`` at a time."""
     order = sorted(range(len(lengths)), key=lengths.__getitem__)
     return [order[start:start + max_batch] for start in range(0, len(order), max_batch)]
+
+
+def in_order(widths: list[int], max_run: int, pass_cost: float) -> list[list[int]]:
+    """Patched rows as they were cut: in their order, ``max_run`` at a time."""
+    return [list(range(start, min(start + max_run, len(widths)))) for start in range(0, len(widths), max_run)]
 
 
 def compare(results: dict, other: dict) -> dict:
@@ -121,6 +128,7 @@ def main(argv: list[str] | None = None) -> None:
         LearnedPromptLens._shares_prefix = lambda self, model: False
         PatchingEngine.skippable_blocks = staticmethod(lambda *args: 0)
         patchscope_data.length_batches = fixed_batches
+        learned_prompt.cheapest_passes = patchscope.cheapest_passes = in_order
     timers.wrap(patchscope_module, "update_on_subsets", lambda *a: "normal equations")
     timers.wrap(PatchscopeEvaluation, "_decode", lambda module, method, h: f"decode: {method}")
     timers.wrap(PatchscopeEvaluation, "_score_next_token", lambda *a: "scores (log-softmax, top-5, KL)")

@@ -16,6 +16,8 @@ def cheapest_runs(widths: list[int], max_run: int, pass_cost: float) -> list[lis
     rows with the least Σ (rows in the run × its widest row) + ``pass_cost`` per run. Exact, by
     dynamic programming over where the runs end (n × max_run steps). Returns the runs as lists of
     indices into ``widths``, in order."""
+    if max_run < 1:
+        raise ValueError(f"cheapest_runs needs max_run >= 1, got {max_run}")
     if any(a > b for a, b in itertools.pairwise(widths)):
         raise ValueError("cheapest_runs needs the widths sorted ascending")
     n = len(widths)

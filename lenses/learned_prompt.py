@@ -57,7 +57,7 @@ class LearnedPromptLens(Lens):
         self._prefix_works: weakref.WeakKeyDictionary[FrozenModel, bool] = weakref.WeakKeyDictionary()
         """Model → whether its key/value cache can stand in for the prompt's prefix."""
         self._prefixes: weakref.WeakKeyDictionary[FrozenModel, tuple] = weakref.WeakKeyDictionary()
-        """Model → (the prompt's version, its prefix cache): kept between calls outside training."""
+        """Model → (the prompt, the model's dtype, their prefix cache): kept between calls outside training."""
 
     def __getstate__(self) -> dict:
         # The caches and verdicts hold weak references (not picklable) and belong to this process's models.
@@ -94,7 +94,7 @@ class LearnedPromptLens(Lens):
     def logits(self, model: FrozenModel, h: torch.Tensor) -> torch.Tensor:
         """h: (num_layers, ..., d) source states at this lens's layers → (num_layers, ..., V) logits
         at the prompt's last position, each state patched into the model running on the prompt
-        (``rows_per_pass`` per forward pass); differentiable with respect to the prompt."""
+        (at most ``rows_per_pass`` per forward pass); differentiable with respect to the prompt."""
         width = model.hf.get_input_embeddings().embedding_dim
         if width != self.d_model:
             raise ConfigError(f"this model's input embeddings have width {width}, its residual stream {self.d_model} "
@@ -131,17 +131,21 @@ class LearnedPromptLens(Lens):
         passes = [torch.tensor(rows, device=device)
                   for rows in cheapest_passes(widths, self.rows_per_pass, PASS_COST_BLOCK_ROWS)]
         out = torch.cat([run(rows) for rows in passes])
+        if training and not out.requires_grad:  # no row depends on the prompt (every one written at L)
+            out = out + 0 * self.prompt.sum()
         return out[torch.cat(passes).argsort()].view(*shape[:-1], -1)  # back to layer-major order
 
     @torch.no_grad()
     def _kept_prefix(self, model: FrozenModel):
-        """Every layer's prefix cache, computed again only when the prompt has changed (an optimizer
-        step or a loaded state writes it in place, which bumps its version)."""
-        version = (self.prompt._version, self.prompt.data_ptr(), self.prompt.device, model.engine.adapter.model.dtype)
+        """Every layer's prefix cache, computed again only when the prompt has changed (it is small:
+        the prompt it was made from is kept and compared, which no in-place write can escape)."""
+        prompt, dtype = self.prompt.detach(), model.engine.adapter.unembedding_weight.dtype
         kept = self._prefixes.get(model)
-        if kept is None or kept[0] != version:
-            kept = self._prefixes[model] = (version, self._prefix_cache(model))
-        return kept[1]
+        fresh = (kept is not None and kept[1] == dtype and kept[0].shape == prompt.shape
+                 and kept[0].device == prompt.device and torch.equal(kept[0], prompt))
+        if not fresh:
+            kept = self._prefixes[model] = (prompt.clone(), dtype, self._prefix_cache(model))
+        return kept[2]
 
     def _prefix_cache(self, model: FrozenModel, layer_index: torch.Tensor | None = None):
         """The key/value cache of each layer's prompt without its last vector (batch = the layers
@@ -173,20 +177,25 @@ class LearnedPromptLens(Lens):
     def _shares_prefix(self, model: FrozenModel) -> bool:
         """Whether the rows run only the prompt's last position on a cache of the rest: where the
         prompt has more than one vector and this model's cache gives what full passes give
-        (checked once per model on two rows: different states, different layers, neither at the
-        first, so that the pass also skips the blocks below them as the engine does)."""
+        (checked once per model on two rows of different states: once from the first layer, once
+        from a higher one, whose pass skips the blocks below as the engine does)."""
         if not self.share_prefix or self.prompt_length < 2:
             return False
         if model not in self._prefix_works:
             generator = torch.Generator().manual_seed(0)
             states = torch.randn(2, self.d_model, generator=generator).to(self.prompt.device)
-            layers = torch.tensor([len(self.layers) // 2, len(self.layers) - 1], device=self.prompt.device)
-            try:
-                cache = self._prefix_cache(model)
-                works = cache is not None and torch.allclose(self._pass(model, layers, states, cache),
-                                                             self._pass(model, layers, states), atol=1e-3, rtol=1e-3)
-            except Exception:  # noqa: BLE001 (any failure of a cache type means: do not use it)
-                works = False
+            last = len(self.layers) - 1
+            works = True
+            # Two passes: one from the first layer, and one whose lowest layer is above it, where
+            # the engine skips the blocks below.
+            for layers in ([0, last], [max(last // 2, min(1, last)), last]):
+                layers = torch.tensor(layers, device=self.prompt.device)
+                try:
+                    cache = self._prefix_cache(model)
+                    works = works and cache is not None and torch.allclose(
+                        self._pass(model, layers, states, cache), self._pass(model, layers, states), atol=1e-3, rtol=1e-3)
+                except Exception:  # noqa: BLE001 (any failure of a cache type means: do not use it)
+                    works = False
             self._prefix_works[model] = works
         return self._prefix_works[model]
 

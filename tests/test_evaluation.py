@@ -249,6 +249,8 @@ def test_length_batches_pad_least():
     assert length_batches([10] * 15 + [900], 16) == [list(range(15)), [15]]
     # documents in protocol order are batched as sorted by length, stably
     assert length_batches([30, 10, 20, 10], 2, pass_cost=0) == [[1, 3], [2], [0]]
+    with pytest.raises(ValueError, match="max_run >= 1"):
+        length_batches([1, 2], 0)
 
 
 def test_the_shared_products_change_no_result(tmp_path, tiny_model_dir, corpus, monkeypatch):

@@ -77,6 +77,14 @@ def test_the_kept_prefix_follows_the_prompt(module):
     h = torch.randn(3, 2, module.frozen.adapter.d_model, generator=torch.Generator().manual_seed(2))
     optimizer = torch.optim.SGD(lens.parameters(), lr=10.0)
     before = None
+    with torch.no_grad():
+        lens.logits(module.frozen, h)
+        kept = lens._prefixes[module.frozen][2]
+        lens.logits(module.frozen, h)
+        assert lens._prefixes[module.frozen][2] is kept, "an unchanged prompt keeps its cache"
+        lens.prompt.data.mul_(1.5)  # a write that bumps no version
+        lens.logits(module.frozen, h)
+        assert lens._prefixes[module.frozen][2] is not kept, "a changed prompt makes its cache again"
     for step in range(2):
         with torch.no_grad():
             lens.share_prefix = True
@@ -92,6 +100,16 @@ def test_the_kept_prefix_follows_the_prompt(module):
             lens.logits(module.frozen, h).logsumexp(-1).sum().neg().backward()
             optimizer.step()
     assert (shared - before).abs().max() > 1e-3, "the step must have changed the prompt's logits"
+
+
+def test_a_one_vector_prompt_trains_with_a_zero_gradient(module):
+    """A prompt of one vector is overwritten by the state written there: nothing depends on it, its
+    gradient is zero, and a training step still runs (above layer 0 the engine skips the blocks
+    below the write, so the logits have no path to the prompt at all)."""
+    lens = LearnedPromptLens(module.frozen.layers[1:], module.frozen.adapter.d_model, offset=1, prompt_length=1)
+    h = torch.randn(len(lens.layers), 2, lens.d_model)
+    lens.logits(module.frozen, h).logsumexp(-1).sum().backward()
+    assert lens.prompt.grad is not None and not lens.prompt.grad.any()
 
 
 def test_training_moves_only_the_prompt_through_the_patching_engine_and_lowers_the_kl(module, monkeypatch):

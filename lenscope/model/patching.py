@@ -106,7 +106,8 @@ class PatchingEngine:
         (N,) per row; states: (N, d_model) written at (layers[n], write_positions[n]) of row n.
         past_key_values: an optional cache of an unpatched prompt prefix (batch N) that input_ids
         continue; positions then count from the first token after it, and attention_mask covers
-        prefix and input. inputs_embeds: (N, T, d_model) target prompts as embeddings instead of
+        prefix and input. The pass extends it in place, except in the blocks it skips (a one-token
+        pass whose every row is written, without ``return_cache``): pass a copy to keep it. inputs_embeds: (N, T, d_model) target prompts as embeddings instead of
         input_ids (a learned soft prompt). Returns (N, vocab) logits of row n at read_positions[n];
         with ``return_cache``, also the key/value cache of the patched pass (to continue it greedily).
 
@@ -151,7 +152,9 @@ class PatchingEngine:
                 sites.setdefault((change.layer, change.site), []).append(change)
         with torch.set_grad_enabled(differentiable and torch.is_grad_enabled()), self.traced.trace(inputs):
             if skipped:
-                self._skip_blocks(skipped, interventions, n)
+                residual_dtype = (inputs_embeds if inputs_embeds is not None
+                                  else self.adapter.model.get_input_embeddings().weight).dtype
+                self._skip_blocks(skipped, interventions, n, residual_dtype)
             # Modules run in order, so the sites are visited in the order the pass reaches them.
             for (layer, site), changes in sites.items():
                 at_heads = site == "heads"
@@ -198,11 +201,12 @@ class PatchingEngine:
             return 0
         return min(c.layer for c in interventions)
 
-    def _skip_blocks(self, count: int, interventions: list[Intervention], n: int) -> None:
+    def _skip_blocks(self, count: int, interventions: list[Intervention], n: int, dtype: torch.dtype) -> None:
         """Inside a trace: blocks 0..count − 1 return, instead of running, each row's written state
-        (a row written higher up carries its own state until its write replaces it)."""
+        in the residual stream's ``dtype`` (a row written higher up carries its own state until its
+        write replaces it)."""
         values = interventions[0].values
-        states = values.new_empty(n, 1, values.shape[-1], dtype=self.adapter.model.dtype)
+        states = values.new_empty(n, 1, values.shape[-1], dtype=dtype)
         for change in interventions:
             states = states.index_put((change.rows, change.positions), change.values.to(states.dtype))
         output = (states,) if self.adapter.block_output_is_tuple else states
