@@ -71,15 +71,15 @@ def separately(equations, h, subsets) -> None:
         eq.update(h[:, index], target)
 
 
+def in_order(widths: list[int], max_run: int, pass_cost: float = 0) -> list[list[int]]:
+    """Patched rows as they were cut: in their order, ``max_run`` at a time."""
+    return [list(range(start, min(start + max_run, len(widths)))) for start in range(0, len(widths), max_run)]
+
+
 def fixed_batches(lengths: list[int], max_batch: int) -> list[list[int]]:
     """The batches as they were: documents sorted by length, ``max_batch`` at a time."""
     order = sorted(range(len(lengths)), key=lengths.__getitem__)
-    return [order[start:start + max_batch] for start in range(0, len(order), max_batch)]
-
-
-def in_order(widths: list[int], max_run: int, pass_cost: float) -> list[list[int]]:
-    """Patched rows as they were cut: in their order, ``max_run`` at a time."""
-    return [list(range(start, min(start + max_run, len(widths)))) for start in range(0, len(widths), max_run)]
+    return [[order[i] for i in run] for run in in_order(order, max_batch)]
 
 
 def compare(results: dict, other: dict) -> dict:

@@ -107,8 +107,9 @@ class PatchingEngine:
         past_key_values: an optional cache of an unpatched prompt prefix (batch N) that input_ids
         continue; positions then count from the first token after it, and attention_mask covers
         prefix and input. The pass extends it in place, except in the blocks it skips (a one-token
-        pass whose every row is written, without ``return_cache``): pass a copy to keep it. inputs_embeds: (N, T, d_model) target prompts as embeddings instead of
-        input_ids (a learned soft prompt). Returns (N, vocab) logits of row n at read_positions[n];
+        pass whose every row is written, without ``return_cache``): pass a copy to keep it.
+        inputs_embeds: (N, T, d_model) target prompts as embeddings instead of input_ids (a learned
+        soft prompt). Returns (N, vocab) logits of row n at read_positions[n];
         with ``return_cache``, also the key/value cache of the patched pass (to continue it greedily).
 
         Differentiable with respect to ``states`` and ``inputs_embeds`` when either requires grad
@@ -158,17 +159,12 @@ class PatchingEngine:
             # Modules run in order, so the sites are visited in the order the pass reaches them.
             for (layer, site), changes in sites.items():
                 at_heads = site == "heads"
-                if site == "residual" and layer == 0 and differentiable:
-                    # Block 0's input can be a view autograd will not let a write change in place
-                    # (one row of a learned prompt): write into a copy and pass that instead.
-                    block = self.reader._blocks[0]
-                    hidden = block.input.clone()
-                    for change in changes:
-                        index, values = (change.rows, change.positions), change.values.to(hidden.dtype)
-                        hidden[index] = hidden[index] + values if change.add else values
-                    block.input = hidden
-                    continue
-                if site == "residual":
+                # Block 0's input can be a view autograd will not let a write change in place (one
+                # row of a learned prompt): a differentiable pass writes into a copy and passes that.
+                into_copy = site == "residual" and layer == 0 and differentiable
+                if into_copy:
+                    target = self.reader._blocks[0].input.clone()
+                elif site == "residual":
                     target = self._hidden(layer)
                 elif at_heads:
                     target = self._head_input(layer)
@@ -182,6 +178,8 @@ class PatchingEngine:
                         index = (change.rows[:, None], change.positions[:, None], columns)
                     values = change.values.to(target.dtype)
                     target[index] = target[index] + values if change.add else values
+                if into_copy:
+                    self.reader._blocks[0].input = target
             logits = self.traced.output.logits[all_rows, read_positions].save()
             if return_cache:
                 cache = getattr(self.traced.output, cache_argument(self.adapter.model)).save()
