@@ -255,8 +255,9 @@ def test_length_batches_pad_least():
 
 def test_the_shared_products_change_no_result(tmp_path, tiny_model_dir, corpus, monkeypatch):
     """What makes the evaluation fast gives its numbers: the future offsets' affine fits sharing one
-    product, and a learned prompt's prefix run once per layer, against separate fits and whole-prompt
-    passes (float rounding aside; every precision exactly)."""
+    product, a learned prompt's prefix run once per layer, and every batch's read positions decoded
+    together, against separate fits, whole-prompt passes and decoding batch by batch (float rounding
+    aside; every precision exactly)."""
     from lenscope.evaluation import patchscope_module
 
     adapter = ArchitectureAdapter.discover(load_base_model(str(tiny_model_dir), None, "float32").model)
@@ -266,7 +267,8 @@ def test_the_shared_products_change_no_result(tmp_path, tiny_model_dir, corpus, 
                             generator=torch.Generator().manual_seed(0))
     prompt = save_lens(lens, tmp_path / "prompt", base_model="tiny", revision="",
                        unembed_hash=tensor_fingerprint(adapter.unembedding_weight), num_hidden_layers=3)
-    args = ("--lenses", str(prompt), "--model.methods", "[logit, affine]", "--data.fit_positions", "all")
+    args = ("--lenses", str(prompt), "--model.methods", "[logit, affine, token_identity, bigram]",
+            "--data.fit_positions", "all")
     evaluate.main(eval_args(tmp_path / "shared", tiny_model_dir, corpus, *args))
 
     def separately(equations, h, subsets):
@@ -275,7 +277,7 @@ def test_the_shared_products_change_no_result(tmp_path, tiny_model_dir, corpus, 
 
     monkeypatch.setattr(patchscope_module, "update_on_subsets", separately)
     monkeypatch.setattr(LearnedPromptLens, "_shares_prefix", lambda self, model: False)
-    evaluate.main(eval_args(tmp_path / "separate", tiny_model_dir, corpus, *args))
+    evaluate.main(eval_args(tmp_path / "separate", tiny_model_dir, corpus, *args, "--model.positions_per_decode", "1"))
     shared, separate = (json.loads((tmp_path / name / "results.json").read_text()) for name in ("shared", "separate"))
     assert shared["counts"] == separate["counts"] and shared["affine_fit_positions"] == separate["affine_fit_positions"]
     assert set(shared["metrics"]["future+2/precision@1_model"]) >= {"affine+2", "learned_prompt+2"}
@@ -324,6 +326,8 @@ def test_evaluate_scores_patchscopes_given_in_the_config(tmp_path, tiny_model_di
     pytest.param(["--data.source", "/nonexistent/corpus.jsonl"], "no data found at '/nonexistent/corpus.jsonl'",
                  id="missing-data-path"),
     pytest.param(["--model.rows_per_pass", "0"], "--model.rows_per_pass must be at least 1, got 0", id="zero-rows-per-pass"),
+    pytest.param(["--model.positions_per_decode", "0"], "--model.positions_per_decode must be at least 1, got 0",
+                 id="zero-positions-per-decode"),
     pytest.param(["--model.identity_prompt", ""], "has no token to write the state at; pass a prompt ending in a "
                  "placeholder token as --model.identity_prompt", id="empty-identity-prompt"),
     pytest.param(["--model.patchscopes", '{"grid": {"layers": [1, 2]}}'], "--model.patchscopes 'grid': layers must be "

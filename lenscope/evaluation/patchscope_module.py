@@ -28,7 +28,7 @@ Metrics per layer, averaged over evaluation documents (one position each):
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import lightning as L
@@ -58,6 +58,66 @@ log = logging.getLogger(__name__)
 BUILT_IN = ("logit", "affine", "token_identity", "bigram")
 
 
+def states_at(residuals: torch.Tensor, layers: list[int], pairs: OffsetPairs) -> torch.Tensor:
+    """h (len(layers), M, d) at the pairs' read positions t, gathered in one indexing (picking the
+    layers first would copy every residual of the batch)."""
+    index = torch.tensor(layers, device=residuals.device)
+    return residuals[index[:, None], pairs.rows[None, :], pairs.at[None, :]]
+
+
+@dataclass
+class Ahead:
+    """The read positions t whose document has the real token after t + k, for offset k."""
+
+    source: torch.Tensor
+    """(n,) index of t among the read positions."""
+    final: torch.Tensor
+    """(n, d) the last block's output at t + k (the model's own guess there)."""
+    token: torch.Tensor
+    """(n,) the real token at t + k (the bigram baseline reads it)."""
+    next_token: torch.Tensor
+    """(n,) the real token after t + k."""
+
+
+@dataclass
+class ReadPositions:
+    """What scoring needs of read positions: kept from each batch's model pass until enough are
+    gathered to decode them together."""
+
+    h: torch.Tensor
+    """(num_layers, P, d) the source states at every lensed layer."""
+    final: torch.Tensor
+    """(P, d) the last block's output at t (the model's own distribution there)."""
+    ahead: dict[int, Ahead]
+
+    @property
+    def count(self) -> int:
+        return self.h.shape[1]
+
+    @classmethod
+    def of(cls, batch: dict, residuals: torch.Tensor, layers: list[int], offsets: list[int]) -> ReadPositions:
+        """A batch's read positions (every one, in row-major order), from its residual stream."""
+        here = offset_pairs(batch, 0)
+        ahead = {}
+        for k in offsets:
+            pairs = offset_pairs(batch, k)
+            scored = pairs.next_token >= 0
+            rows, at = pairs.rows[scored], pairs.at[scored]
+            ahead[k] = Ahead(pairs.source[scored], residuals[-1][rows, at], batch["input_ids"][rows, at],
+                             pairs.next_token[scored])
+        return cls(states_at(residuals, layers, here), residuals[-1][here.rows, here.at], ahead)
+
+    @staticmethod
+    def cat(parts: list[ReadPositions]) -> ReadPositions:
+        """Several batches' read positions as one (each batch's ``source`` indices shifted by the
+        positions before it)."""
+        starts = torch.tensor([0, *(p.count for p in parts)]).cumsum(0).tolist()
+        ahead = {k: Ahead(torch.cat([p.ahead[k].source + start for p, start in zip(parts, starts[:-1], strict=True)]),
+                          *(torch.cat([getattr(p.ahead[k], name) for p in parts]) for name in ("final", "token", "next_token")))
+                 for k in parts[0].ahead}
+        return ReadPositions(torch.cat([p.h for p in parts], 1), torch.cat([p.final for p in parts]), ahead)
+
+
 class PatchscopeEvaluation(L.LightningModule):
     def __init__(
         self,
@@ -69,6 +129,7 @@ class PatchscopeEvaluation(L.LightningModule):
         patchscopes: dict[str, Target] = {},  # noqa: B006 (never mutated)
         ridge: float = 1e-3,
         rows_per_pass: int = 256,
+        positions_per_decode: int = 256,
         continuation: str = "text",
         output_dir: str = "results/patchscopes",
     ):
@@ -87,6 +148,9 @@ class PatchscopeEvaluation(L.LightningModule):
                 ``placeholder``), read as the next-token distribution at the written position.
             ridge: relative ridge term of the least-squares fit.
             rows_per_pass: (layer, example) pairs per batched token-identity forward pass.
+            positions_per_decode: read positions gathered (over batches of documents) before the
+                methods decode them, all at once (memory, not results: each method's logits for
+                ``num_layers × positions_per_decode`` states are held together).
             continuation: what follows each evaluated read position t, for the future offsets:
                 ``text`` (the real text) or ``greedy`` (the model's own greedy continuation of the
                 document up to t, as Future Lens labels its test set).
@@ -104,6 +168,8 @@ class PatchscopeEvaluation(L.LightningModule):
             raise ConfigError(f"--model.future_offsets must all be >= 1, got {future_offsets}")
         if rows_per_pass < 1:
             raise ConfigError(f"--model.rows_per_pass must be at least 1, got {rows_per_pass}")
+        if positions_per_decode < 1:
+            raise ConfigError(f"--model.positions_per_decode must be at least 1, got {positions_per_decode}")
         if continuation not in ("text", "greedy"):
             raise ConfigError(f"--model.continuation must be 'text' or 'greedy', got {continuation!r}")
         check_finite("--model.ridge", ridge)
@@ -152,6 +218,7 @@ class PatchscopeEvaluation(L.LightningModule):
         self.fit_positions: dict[int, int] = {}
         self.metrics = PerLayerMeans(self._series(), len(self.layers))
         self.results: dict | None = None
+        self._pending: list[ReadPositions] = []  # read positions not yet decoded
 
     def _next_token_methods(self) -> list[str]:
         methods = [m for m in ("logit", "affine", "token_identity") if m in self.hparams.methods]
@@ -184,6 +251,7 @@ class PatchscopeEvaluation(L.LightningModule):
 
     def on_test_start(self) -> None:
         datamodule = self.trainer.datamodule
+        self._pending = []
         if self.hparams.continuation == "greedy" and self.future_offsets:
             self._continue_greedily(datamodule.test_samples(), datamodule.hparams.max_offset + 1)
         if "bigram" in self.hparams.methods and self.future_offsets:
@@ -200,7 +268,7 @@ class PatchscopeEvaluation(L.LightningModule):
             # read positions (offset 0's pairs, always fitted), so their equations share one
             # product (update_on_subsets).
             pairs = {k: offset_pairs(batch, k) for k in equations}
-            update_on_subsets(list(equations.values()), self._sources(residuals, pairs[0], 0),
+            update_on_subsets(list(equations.values()), states_at(residuals, self.layers, pairs[0]),
                               [(pairs[k].source, residuals[-1][pairs[k].rows, pairs[k].at]) for k in equations])
         for k in equations:
             # Each rank fitted on its share of the documents: sum the normal equations once.
@@ -223,12 +291,6 @@ class PatchscopeEvaluation(L.LightningModule):
             sample["input_ids"] = [*sample["input_ids"][:end], *self.frozen.engine.generate(prefix, max_new_tokens=length)[0].tolist()]
             sample["labels"] = [sample["input_ids"][t + 1] for t in sample["positions"]]
 
-    def _sources(self, residuals: torch.Tensor, pairs: OffsetPairs, k: int) -> torch.Tensor:
-        """h (num_layers, M, d) at the pairs' read positions t = at − k, gathered in one indexing
-        (picking the layers first would copy every residual of the batch)."""
-        layers = torch.tensor(self.layers, device=residuals.device)
-        return residuals[layers[:, None], pairs.rows[None, :], (pairs.at - k)[None, :]]
-
     # --- scoring --------------------------------------------------------------------------------------
     @staticmethod
     def _lens_scope(lens: Lens) -> Patchscope:
@@ -242,32 +304,40 @@ class PatchscopeEvaluation(L.LightningModule):
         return self.lenses[method].logits(self.frozen, h)  # a learned target prompt
 
     def test_step(self, batch: dict, batch_idx: int) -> None:
+        # One model pass per batch of documents; the methods decode many batches' read positions
+        # at once (positions_per_decode): a patched method's passes then hold rows of few layers
+        # each, and every pass and product is larger.
         residuals = self.frozen.reader.read(batch["input_ids"], batch["attention_mask"])
-        here = offset_pairs(batch, 0)  # the documents' read positions (one each)
-        h = self._sources(residuals, here, 0)
-        model_logp = self.frozen.log_probs(residuals[-1][here.rows, here.at])  # (B, V) fp32
+        self._pending.append(ReadPositions.of(batch, residuals, self.layers, self.future_offsets))
+        if sum(p.count for p in self._pending) >= self.hparams.positions_per_decode:
+            self._score_pending()
+
+    def _score_pending(self) -> None:
+        if self._pending:
+            read, self._pending = ReadPositions.cat(self._pending), []
+            self._score(read)
+
+    def _score(self, read: ReadPositions) -> None:
+        """Update every metric with every method's decoding of the read positions."""
+        model_logp = self.frozen.log_probs(read.final)  # (P, V) fp32
         model_top1 = model_logp.argmax(-1)
-        top1: dict[str, torch.Tensor] = {}  # method → (num_layers, B) argmax, reused for future offsets
+        top1: dict[str, torch.Tensor] = {}  # method → (num_layers, P) argmax, reused for future offsets
         for method in self._next_token_methods():
-            logits = self._decode(method, h)
+            logits = self._decode(method, read.h)
             top1[method] = self._score_next_token(method, logits, model_logp, model_top1)
-        for k in self.future_offsets:
-            ahead = offset_pairs(batch, k)
-            scored = ahead.next_token >= 0  # the document has the real token after t + k
-            if not scored.any():
+        for k, ahead in read.ahead.items():
+            if len(ahead.source) == 0:  # no document has the real token after t + k
                 continue
-            rows, at, source = ahead.rows[scored], ahead.at[scored], ahead.source[scored]
-            model_k = self.frozen.adapter.decode(residuals[-1][rows, at]).argmax(-1)  # the model's own guess at t + k
-            real_k = ahead.next_token[scored]
+            model_k = self.frozen.adapter.decode(ahead.final).argmax(-1)  # the model's own guess at t + k
             for method in self._future_methods(k):
                 if method == "bigram":  # the most frequent successor of the real token at t + k
-                    guess = self.bigram[batch["input_ids"][rows, at]].expand(len(self.layers), -1)
+                    guess = self.bigram[ahead.token].expand(len(self.layers), -1)
                 elif method in top1:
-                    guess = top1[method][:, source]
+                    guess = top1[method][:, ahead.source]
                 else:
-                    guess = self._decode(method, h[:, source]).argmax(-1)
+                    guess = self._decode(method, read.h[:, ahead.source]).argmax(-1)
                 self.metrics.update(f"future+{k}/precision@1_model", method, guess == model_k)
-                self.metrics.update(f"future+{k}/precision@1_real", method, guess == real_k)
+                self.metrics.update(f"future+{k}/precision@1_real", method, guess == ahead.next_token)
 
     def _score_next_token(self, method: str, logits: torch.Tensor, model_logp: torch.Tensor,
                           model_top1: torch.Tensor) -> torch.Tensor:
@@ -282,6 +352,7 @@ class PatchscopeEvaluation(L.LightningModule):
         return top1
 
     def on_test_epoch_end(self) -> None:
+        self._score_pending()
         computed = self.metrics.compute()  # one synchronisation for every layer, method and metric
         values, counts = computed["means"], computed["counts"]
         self.metrics.reset()
