@@ -12,4 +12,6 @@ except ModuleNotFoundError as err:  # a checkout used without installing it
                      "`pip install -e .` (or `make install`)") from None
 
 if __name__ == "__main__":
-    main()
+    from lenscope.cli import run_as_command
+
+    run_as_command(main)

@@ -7,9 +7,11 @@ learned-prompt lens and the token-identity patchscope run the model; the other l
 its head). ``--reference`` runs it the way it ran before issue 13's changes: every future
 offset's fit on its own, every learned-prompt row over the whole prompt and through every block,
 patched rows ``rows_per_pass`` at a time in their order, documents sorted by length
-``--data.batch_size`` at a time. ``--compare FILE`` checks
-the results against another run's results.json (the same numbers: every precision equal, the rest
-within float rounding).
+``--data.batch_size`` at a time, each batch decoded on its own, freed memory returned to the
+system. Without it the run is the command's, which keeps freed memory (``lenscope.allocator``).
+``--compare FILE`` checks the results against another run's results.json (the same numbers:
+every precision equal, the rest within float rounding). A column gives each phase's CPU time in
+the kernel (page faults, mostly).
 
     python bench/evaluation_speed.py -- --config configs/eval/patchscopes_pile_sample.yaml \\
         --lenses artifacts/future-pile-sample/tuned ...
@@ -24,12 +26,14 @@ import contextlib
 import json
 import os
 import platform
+import resource
 import time
 from collections import defaultdict
 from pathlib import Path
 
 import torch
 
+from lenscope.allocator import keep_freed_memory
 from lenscope.cli import evaluate
 from lenscope.datamodules import patchscope_data
 from lenscope.evaluation import patchscope_module
@@ -42,18 +46,25 @@ from lenscope.model.residuals import ResidualReader
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def system_seconds() -> float:
+    """CPU seconds this process has spent in the kernel (page faults, mostly), every thread."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_stime
+
+
 class Timers:
     def __init__(self):
         self.seconds: dict[str, float] = defaultdict(float)
+        self.system: dict[str, float] = defaultdict(float)
         self.fitting = False
 
     @contextlib.contextmanager
     def phase(self, name: str):
-        start = time.perf_counter()
+        start, kernel = time.perf_counter(), system_seconds()
         try:
             yield
         finally:
             self.seconds[name] += time.perf_counter() - start
+            self.system[name] += system_seconds() - kernel
 
     def wrap(self, owner, attribute: str, name_of):
         original = getattr(owner, attribute)
@@ -109,6 +120,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.compare and "--model.output_dir" not in evaluate_args:
         parser.error("--compare reads this run's results.json: give --model.output_dir after --")
 
+    # As the lenscope command runs it: freed memory kept for the next allocation (not before issue 13).
+    kept = False if args.reference else keep_freed_memory()
     timers = Timers()
     start_fit = PatchscopeEvaluation.on_test_start
 
@@ -129,13 +142,14 @@ def main(argv: list[str] | None = None) -> None:
         PatchingEngine.skippable_blocks = staticmethod(lambda *args: 0)
         patchscope_data.length_batches = fixed_batches
         learned_prompt.cheapest_passes = patchscope.cheapest_passes = in_order
+        evaluate_args += ["--model.positions_per_decode", "1"]
     timers.wrap(patchscope_module, "update_on_subsets", lambda *a: "normal equations")
     timers.wrap(PatchscopeEvaluation, "_decode", lambda module, method, h: f"decode: {method}")
     timers.wrap(PatchscopeEvaluation, "_score_next_token", lambda *a: "scores (log-softmax, top-5, KL)")
 
-    start = time.perf_counter()
+    start, kernel = time.perf_counter(), system_seconds()
     evaluate.main(evaluate_args)
-    total = time.perf_counter() - start
+    total, total_system = time.perf_counter() - start, system_seconds() - kernel
 
     seconds = dict(timers.seconds)
     fitting = seconds.pop("fitting, in all", 0.0)
@@ -144,14 +158,16 @@ def main(argv: list[str] | None = None) -> None:
     seconds["everything else (loading, data, reports)"] = total - fitting - sum(
         v for k, v in seconds.items() if not k.startswith(("fitting", "model passes: fitting", "normal")))
     rows = sorted(seconds.items(), key=lambda kv: -kv[1])
-    print(f"\n{'phase':<52} {'seconds':>9} {'share':>7}")
+    print(f"\n{'phase':<52} {'seconds':>9} {'share':>7} {'kernel CPU s':>13}")
     for name, value in rows:
-        print(f"{name:<52} {value:9.1f} {value / total:7.1%}")
-    print(f"{'whole run':<52} {total:9.1f}")
+        kernel_time = f"{timers.system[name]:13.1f}" if name in timers.system else f"{'':13}"
+        print(f"{name:<52} {value:9.1f} {value / total:7.1%} {kernel_time}")
+    print(f"{'whole run':<52} {total:9.1f} {'':7} {total_system:13.1f}")
 
     report = {"date": time.strftime("%Y-%m-%d"), "machine": platform.processor() or platform.machine(),
               "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "reference": args.reference,
-              "evaluate_args": evaluate_args, "total_s": total, "phases_s": dict(rows)}
+              "evaluate_args": evaluate_args, "keeps_freed_memory": kept, "total_s": total,
+              "phases_s": dict(rows), "kernel_cpu_s": {"whole run": total_system, **timers.system}}
     if args.compare:
         output_dir = Path(next(evaluate_args[i + 1] for i, a in enumerate(evaluate_args) if a == "--model.output_dir"))
         report["agreement"] = compare(json.loads((output_dir / "results.json").read_text()),

@@ -256,8 +256,8 @@ def test_length_batches_pad_least():
 def test_the_shared_products_change_no_result(tmp_path, tiny_model_dir, corpus, monkeypatch):
     """What makes the evaluation fast gives its numbers: the future offsets' affine fits sharing one
     product, a learned prompt's prefix run once per layer, and every batch's read positions decoded
-    together, against separate fits, whole-prompt passes and decoding batch by batch (float rounding
-    aside; every precision exactly)."""
+    and scored together, against separate fits, whole-prompt passes, decoding batch by batch and
+    scoring layer by layer (float rounding aside; every precision exactly)."""
     from lenscope.evaluation import patchscope_module
 
     adapter = ArchitectureAdapter.discover(load_base_model(str(tiny_model_dir), None, "float32").model)
@@ -277,6 +277,7 @@ def test_the_shared_products_change_no_result(tmp_path, tiny_model_dir, corpus, 
 
     monkeypatch.setattr(patchscope_module, "update_on_subsets", separately)
     monkeypatch.setattr(LearnedPromptLens, "_shares_prefix", lambda self, model: False)
+    monkeypatch.setattr(patchscope_module, "SCORED_AT_ONCE", 1)  # one layer's logits scored at a time
     evaluate.main(eval_args(tmp_path / "separate", tiny_model_dir, corpus, *args, "--model.positions_per_decode", "1"))
     shared, separate = (json.loads((tmp_path / name / "results.json").read_text()) for name in ("shared", "separate"))
     assert shared["counts"] == separate["counts"] and shared["affine_fit_positions"] == separate["affine_fit_positions"]

@@ -4,7 +4,9 @@ environment, used from a folder outside the checkout."""
 from __future__ import annotations
 
 import importlib
+import os
 import pkgutil
+import platform
 import shutil
 import subprocess
 import sys
@@ -122,7 +124,7 @@ def test_the_wheel_installs_one_package_and_trains_from_outside_the_checkout(tmp
 
 
 # Each part may import only from the parts below it (and from itself): data flows one way.
-LAYERS = [{"errors", "files", "loggers", "batching"}, {"model"}, {"lenses", "datamodules"}, {"training", "evaluation", "patchscopes"},
+LAYERS = [{"errors", "files", "loggers", "batching", "allocator"}, {"model"}, {"lenses", "datamodules"}, {"training", "evaluation", "patchscopes"},
           {"steering"}, {"tutorial"}, {"cli"}]
 
 
@@ -132,7 +134,7 @@ def test_imports_only_run_downwards():
     level = {part: i for i, parts in enumerate(LAYERS) for part in parts}
     sources = {"lenses": ROOT / "lenses", "datamodules": ROOT / "datamodules"}
     sources.update({part: ROOT / "lenscope" / part for part in ("model", "training", "evaluation", "patchscopes", "steering", "tutorial", "cli")})
-    sources.update({part: ROOT / "lenscope" / f"{part}.py" for part in ("errors", "files", "loggers", "batching")})
+    sources.update({part: ROOT / "lenscope" / f"{part}.py" for part in ("errors", "files", "loggers", "batching", "allocator")})
     upward = []
     for part, where in sources.items():
         for path in ([where] if where.is_file() else sorted(where.glob("*.py"))):
@@ -150,3 +152,42 @@ def test_imports_only_run_downwards():
                     if other in level and other != part and level[other] >= level[part]:
                         upward.append(f"{path.relative_to(ROOT)} imports {module}")
     assert not upward, upward
+
+
+KEEPING = """
+import ctypes, sys
+import torch
+from lenscope.allocator import keep_freed_memory
+from lenscope.cli import run_as_command
+
+class MallInfo2(ctypes.Structure):  # glibc's mallinfo2(): what its allocator holds
+    _fields_ = [(name, ctypes.c_size_t) for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                                     "fsmblks", "uordblks", "fordblks", "keepcost")]
+mallinfo2 = ctypes.CDLL(None).mallinfo2
+mallinfo2.restype = MallInfo2
+kept = {"command": lambda: run_as_command(lambda: None) or True, "library": lambda: False,
+        "own": keep_freed_memory}[sys.argv[1]]()
+before = mallinfo2()
+block = torch.ones(25_000_000)  # 100 MB
+mapped = mallinfo2().hblkhd - before.hblkhd  # bytes in blocks mapped on their own
+del block
+print(kept, mapped >> 20, (mallinfo2().arena - before.arena) >> 20)  # MiB: mapped for it; heap kept once freed
+"""
+
+
+@pytest.mark.skipif(sys.platform != "linux" or platform.libc_ver()[0] != "glibc", reason="glibc's allocator")
+def test_a_command_keeps_the_memory_it_frees_for_its_next_allocation():
+    """In a command's process a 100 MB block comes from the heap and stays there once freed, for the
+    next one (no fresh pages from the kernel); in a process that only imports lenscope glibc maps it
+    on its own and unmaps it when freed; glibc settings in the environment win."""
+    def run(mode: str, **env: str) -> tuple[str, int, int]:
+        done = subprocess.run([sys.executable, "-c", KEEPING, mode], capture_output=True, text=True, check=True,
+                              env={**os.environ, **env})
+        kept, mapped, heap = done.stdout.split()
+        return kept, int(mapped), int(heap)
+
+    _, mapped, heap = run("command")
+    assert mapped == 0 and heap >= 95, (mapped, heap)
+    _, mapped, heap = run("library")
+    assert mapped >= 95 and heap < 5, (mapped, heap)
+    assert run("own", GLIBC_TUNABLES="glibc.malloc.trim_threshold=0")[0] == "False"

@@ -13,6 +13,9 @@
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
+
+from lenscope.allocator import keep_freed_memory
 
 USAGE = """usage: lenscope <command> [options]
 
@@ -28,6 +31,15 @@ commands:
 start with: lenscope train --config configs/quickstart.yaml"""
 
 TRAIN_SUBCOMMANDS = ("fit", "validate", "test", "predict")  # LightningCLI's own
+
+
+def run_as_command(main_function: Callable[[], None] | None = None) -> None:
+    """Run a command's ``main`` (default: the ``lenscope`` command's) as the process's own job: the
+    ``lenscope`` console script, ``python -m lenscope``, ``python train.py`` and ``python
+    evaluate.py``. Such a process keeps the memory it frees for its next allocation
+    (``lenscope.allocator``); calling ``main`` from Python changes nothing of the caller's process."""
+    keep_freed_memory()
+    (main_function or main)()
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -57,6 +57,9 @@ log = logging.getLogger(__name__)
 
 BUILT_IN = ("logit", "affine", "token_identity", "bigram")
 
+SCORED_AT_ONCE = 2**24
+"""Logits (layers × positions × vocabulary) scored at a time (memory, not results)."""
+
 
 def states_at(residuals: torch.Tensor, layers: list[int], pairs: OffsetPairs) -> torch.Tensor:
     """h (len(layers), M, d) at the pairs' read positions t, gathered in one indexing (picking the
@@ -342,13 +345,19 @@ class PatchscopeEvaluation(L.LightningModule):
     def _score_next_token(self, method: str, logits: torch.Tensor, model_logp: torch.Tensor,
                           model_top1: torch.Tensor) -> torch.Tensor:
         """Update the offset-0 metrics of ``method``; logits (num_layers, B, V). Returns its argmax."""
-        logq = torch.log_softmax(logits, -1)
-        top5 = logq.topk(5, dim=-1).indices  # (num_layers, B, 5)
+        # A few layers at a time: the log-softmax and KL of all of them at once would be several
+        # copies of the logits, each fresh memory.
+        top5, kl = [], []
+        for chunk in logits.split(max(1, SCORED_AT_ONCE // max(logits[0].numel(), 1))):
+            logq = torch.log_softmax(chunk, -1)
+            top5.append(logq.topk(5, dim=-1).indices)  # (layers, B, 5)
+            kl.append(kl_divergence(model_logp, logq))
+        top5 = torch.cat(top5)
         top1 = top5[..., 0]
         self.metrics.update("precision@1", method, top1 == model_top1)
         self.metrics.update("precision@5", method, (top5 == model_top1.unsqueeze(-1)).any(-1))
         self.metrics.update("surprisal_nats", method, -model_logp.gather(-1, top1.T).T)
-        self.metrics.update("kl_nats", method, kl_divergence(model_logp, logq))
+        self.metrics.update("kl_nats", method, torch.cat(kl))
         return top1
 
     def on_test_epoch_end(self) -> None:
