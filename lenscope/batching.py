@@ -10,24 +10,30 @@ from __future__ import annotations
 
 import itertools
 
+import numpy as np
+
 
 def cheapest_runs(widths: list[int], max_run: int, pass_cost: float) -> list[list[int]]:
     """Cut rows sorted by width (``widths`` ascending) into runs of at most ``max_run`` consecutive
     rows with the least Σ (rows in the run × its widest row) + ``pass_cost`` per run. Exact, by
-    dynamic programming over where the runs end (n × max_run steps). Returns the runs as lists of
-    indices into ``widths``, in order."""
+    dynamic programming over where the runs end (n steps of max_run candidates each, vectorised).
+    Returns the runs as lists of indices into ``widths``, in order."""
     if max_run < 1:
         raise ValueError(f"cheapest_runs needs max_run >= 1, got {max_run}")
     if any(a > b for a, b in itertools.pairwise(widths)):
         raise ValueError("cheapest_runs needs the widths sorted ascending")
     n = len(widths)
-    best: list[float] = [0.0] + [float("inf")] * n  # best[i]: the cost of the first i rows
+    width = np.asarray(widths, dtype=np.float64)
+    index = np.arange(n + 1)
+    best = np.full(n + 1, np.inf)  # best[i]: the cost of the first i rows
+    best[0] = 0.0
     start = [0] * (n + 1)
     for end in range(1, n + 1):
-        for begin in range(max(0, end - max_run), end):
-            cost = best[begin] + (end - begin) * widths[end - 1] + pass_cost
-            if cost < best[end]:
-                best[end], start[end] = cost, begin
+        # The last run is rows begin..end - 1; the first begin of the least cost wins a tie.
+        begin = max(0, end - max_run)
+        cost = best[begin:end] + (end - index[begin:end]) * width[end - 1] + pass_cost
+        at = int(cost.argmin())
+        best[end], start[end] = cost[at], begin + at
     runs, end = [], n
     while end:
         runs.append(list(range(start[end], end)))

@@ -106,7 +106,8 @@ def update_on_subsets(equations: Sequence[NormalEquations], h: torch.Tensor,
     rows it lacks; every Σ x̃ yᵀ comes from one product with the targets side by side (zero where a
     fit lacks the position). Equal to separate updates up to float64 rounding; for 4 fits of width
     d it does ~60% of their multiplications. The shared products take h in float64
-    ``ROWS_PER_PRODUCT`` positions at a time; the rows a fit takes or lacks are copied again."""
+    ``ROWS_PER_PRODUCT`` positions at a time, in one buffer; the rows a fit takes or lacks are
+    copied again."""
     if not equations:
         return
     num_layers, n, d = h.shape
@@ -117,14 +118,19 @@ def update_on_subsets(equations: Sequence[NormalEquations], h: torch.Tensor,
         y[index, start:start + width] = target.double()
         start += width
     # Σ x̃ x̃ᵀ over all positions and every Σ x̃ yᵀ side by side, ROWS_PER_PRODUCT positions at a
-    # time: the float64 copy of h stays small (its whole size would grow with the batch and slow
-    # every product down).
+    # time, copied to float64 into one buffer laid out position-major: each layer's Σ x̃ x̃ᵀ reads
+    # its slice in place, and every layer's Σ x̃ yᵀ is one matrix product (all layers side by side).
     gram = torch.zeros(num_layers, d + 1, d + 1, dtype=torch.float64, device=h.device)
-    products = torch.zeros(num_layers, d + 1, y.shape[1], dtype=torch.float64, device=h.device)
+    products = torch.zeros(num_layers * (d + 1), y.shape[1], dtype=torch.float64, device=h.device)
+    x = torch.empty(min(n, ROWS_PER_PRODUCT), num_layers, d + 1, dtype=torch.float64, device=h.device)
+    x[..., -1] = 1.0
     for start in range(0, n, ROWS_PER_PRODUCT):
-        x = _with_ones(h[:, start:start + ROWS_PER_PRODUCT])
-        gram.baddbmm_(x.transpose(1, 2), x)
-        products += x.transpose(1, 2) @ y[start:start + ROWS_PER_PRODUCT]
+        chunk = x[:min(ROWS_PER_PRODUCT, n - start)]
+        chunk[..., :-1] = h[:, start:start + len(chunk)].transpose(0, 1)
+        by_layer = chunk.transpose(0, 1)  # (num_layers, positions, d + 1), a view
+        gram.baddbmm_(by_layer.transpose(1, 2), by_layer)
+        products.addmm_(chunk.view(len(chunk), -1).T, y[start:start + len(chunk)])
+    products = products.view(num_layers, d + 1, -1)
     start = 0
     for eq, (index, _), width in zip(equations, subsets, widths, strict=True):
         eq._to(h.device)
