@@ -33,7 +33,7 @@ from pathlib import Path
 
 import torch
 
-from lenscope.allocator import keep_freed_memory
+from lenscope import allocator
 from lenscope.cli import evaluate
 from lenscope.datamodules import patchscope_data
 from lenscope.evaluation import patchscope_module
@@ -120,8 +120,16 @@ def main(argv: list[str] | None = None) -> None:
     if args.compare and "--model.output_dir" not in evaluate_args:
         parser.error("--compare reads this run's results.json: give --model.output_dir after --")
 
-    # As the lenscope command runs it: freed memory kept for the next allocation (not before issue 13).
-    kept = False if args.reference else keep_freed_memory()
+    if not args.reference:  # as the lenscope command runs it (on the CPU, freed memory is kept for reuse)
+        allocator.command_started()
+
+    def recorded(device_type: str) -> bool:
+        nonlocal kept
+        kept = keep(device_type)
+        return kept
+
+    keep, kept = allocator.keep_freed_memory, False
+    evaluate.keep_freed_memory = recorded  # what the evaluation decided, for the report
     timers = Timers()
     start_fit = PatchscopeEvaluation.on_test_start
 
@@ -143,6 +151,7 @@ def main(argv: list[str] | None = None) -> None:
         patchscope_data.length_batches = fixed_batches
         learned_prompt.cheapest_passes = patchscope.cheapest_passes = in_order
         evaluate_args += ["--model.positions_per_decode", "1"]
+        patchscope_module.SCORED_AT_ONCE = 2**62  # every layer's logits scored at once
     timers.wrap(patchscope_module, "update_on_subsets", lambda *a: "normal equations")
     timers.wrap(PatchscopeEvaluation, "_decode", lambda module, method, h: f"decode: {method}")
     timers.wrap(PatchscopeEvaluation, "_score_next_token", lambda *a: "scores (log-softmax, top-5, KL)")

@@ -130,7 +130,7 @@ def update_on_subsets(equations: Sequence[NormalEquations], h: torch.Tensor,
         by_layer = chunk.transpose(0, 1)  # (num_layers, positions, d + 1), a view
         gram.baddbmm_(by_layer.transpose(1, 2), by_layer)
         products.addmm_(chunk.view(len(chunk), -1).T, y[start:start + len(chunk)])
-    products = products.view(num_layers, d + 1, -1)
+    products = products.view(num_layers, d + 1, y.shape[1])
     start = 0
     for eq, (index, _), width in zip(equations, subsets, widths, strict=True):
         eq._to(h.device)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from lenscope.lenses import least_squares
 from lenscope.lenses.least_squares import LeastSquaresFit, NormalEquations, update_on_subsets
 from lenscope.lenses.lens import AffineLens, TunedLens
 
@@ -28,9 +29,12 @@ def test_recovers_an_exact_affine_map_batch_by_batch():
     torch.testing.assert_close(prediction, h[0] @ a_true[0].T + b_true[0], atol=1e-3, rtol=0)
 
 
-def test_fits_on_subsets_of_shared_inputs_equal_separate_fits():
+@pytest.mark.parametrize("rows_per_product", [2048, 16])
+def test_fits_on_subsets_of_shared_inputs_equal_separate_fits(rows_per_product, monkeypatch):
     """The future offsets' fits share one product (update_on_subsets): every subset size, from all
-    positions to a few and none, and targets of different widths."""
+    positions to a few and none, and targets of different widths; the positions in one product
+    or in several through the one buffer (16 at a time: three full, one partial)."""
+    monkeypatch.setattr(least_squares, "ROWS_PER_PRODUCT", rows_per_product)
     g = torch.Generator().manual_seed(1)
     widths, n = [6, 6, 6, 3, 6], 50
     shared = [NormalEquations(3, 8, d_out=w) for w in widths]

@@ -15,7 +15,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable
 
-from lenscope.allocator import keep_freed_memory
+from lenscope.allocator import command_started
 
 USAGE = """usage: lenscope <command> [options]
 
@@ -35,10 +35,10 @@ TRAIN_SUBCOMMANDS = ("fit", "validate", "test", "predict")  # LightningCLI's own
 
 def run_as_command(main_function: Callable[[], None] | None = None) -> None:
     """Run a command's ``main`` (default: the ``lenscope`` command's) as the process's own job: the
-    ``lenscope`` console script, ``python -m lenscope``, ``python train.py`` and ``python
-    evaluate.py``. Such a process keeps the memory it frees for its next allocation
-    (``lenscope.allocator``); calling ``main`` from Python changes nothing of the caller's process."""
-    keep_freed_memory()
+    ``lenscope`` script, ``python -m lenscope``, ``python train.py`` and ``python evaluate.py``.
+    Such a process may set process-wide things a library must not (a CPU evaluation keeps the
+    memory it frees: ``lenscope.allocator``); calling ``main`` from Python changes nothing."""
+    command_started()
     (main_function or main)()
 
 

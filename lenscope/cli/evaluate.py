@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from lenscope.allocator import keep_freed_memory
 from lenscope.cli.errors import (
     LenscopeCLI,
     run_with_clean_errors,
@@ -50,6 +51,7 @@ def main(argv: list[str] | None = None, prog: str = "python evaluate.py") -> Non
     def run() -> None:
         cli = EvaluateCLI(PatchscopeEvaluation, PatchscopeDataModule, run=False, args=argv, prog=prog,
                           save_config_callback=None, auto_configure_optimizers=False)
+        keep_freed_memory(cli.trainer.strategy.root_device.type)  # a command on the CPU only
         cli.trainer.test(cli.model, datamodule=cli.datamodule)
         finish_loggers(cli)
 

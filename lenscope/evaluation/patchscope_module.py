@@ -151,9 +151,10 @@ class PatchscopeEvaluation(L.LightningModule):
                 ``placeholder``), read as the next-token distribution at the written position.
             ridge: relative ridge term of the least-squares fit.
             rows_per_pass: (layer, example) pairs per batched token-identity forward pass.
-            positions_per_decode: read positions gathered (over batches of documents) before the
-                methods decode them, all at once (memory, not results: each method's logits for
-                ``num_layers × positions_per_decode`` states are held together).
+            positions_per_decode: the methods decode the read positions of several batches of
+                documents at once, as soon as at least this many are gathered (and the rest at the
+                end). Memory, not results: each method's logits (num_layers × positions × vocabulary,
+                float32) for up to this many positions plus one batch's are held together.
             continuation: what follows each evaluated read position t, for the future offsets:
                 ``text`` (the real text) or ``greedy`` (the model's own greedy continuation of the
                 document up to t, as Future Lens labels its test set).
@@ -325,22 +326,25 @@ class PatchscopeEvaluation(L.LightningModule):
         model_logp = self.frozen.log_probs(read.final)  # (P, V) fp32
         model_top1 = model_logp.argmax(-1)
         top1: dict[str, torch.Tensor] = {}  # method → (num_layers, P) argmax, reused for future offsets
+        ahead = {k: a for k, a in read.ahead.items() if len(a.source)}  # offsets some document has the real token after
+        decoded = [m for k in ahead for m in self._future_methods(k) if m != "bigram"]
+        progress = tqdm(total=len(self._next_token_methods()) + len(decoded), desc=f"Decoding {read.count} positions",
+                        disable=self.global_rank != 0, leave=False)
         for method in self._next_token_methods():
             logits = self._decode(method, read.h)
             top1[method] = self._score_next_token(method, logits, model_logp, model_top1)
-        for k, ahead in read.ahead.items():
-            if len(ahead.source) == 0:  # no document has the real token after t + k
-                continue
-            model_k = self.frozen.adapter.decode(ahead.final).argmax(-1)  # the model's own guess at t + k
+            progress.update()
+        for k, at_k in ahead.items():
+            model_k = self.frozen.adapter.decode(at_k.final).argmax(-1)  # the model's own guess at t + k
             for method in self._future_methods(k):
                 if method == "bigram":  # the most frequent successor of the real token at t + k
-                    guess = self.bigram[ahead.token].expand(len(self.layers), -1)
-                elif method in top1:
-                    guess = top1[method][:, ahead.source]
+                    guess = self.bigram[at_k.token].expand(len(self.layers), -1)
                 else:
-                    guess = self._decode(method, read.h[:, ahead.source]).argmax(-1)
+                    guess = top1[method][:, at_k.source] if method in top1 else self._decode(method, read.h[:, at_k.source]).argmax(-1)
+                    progress.update()
                 self.metrics.update(f"future+{k}/precision@1_model", method, guess == model_k)
-                self.metrics.update(f"future+{k}/precision@1_real", method, guess == ahead.next_token)
+                self.metrics.update(f"future+{k}/precision@1_real", method, guess == at_k.next_token)
+        progress.close()
 
     def _score_next_token(self, method: str, logits: torch.Tensor, model_logp: torch.Tensor,
                           model_top1: torch.Tensor) -> torch.Tensor:
