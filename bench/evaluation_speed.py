@@ -122,14 +122,13 @@ def main(argv: list[str] | None = None) -> None:
 
     if not args.reference:  # as the lenscope command runs it (on the CPU, freed memory is kept for reuse)
         allocator.command_started()
+    kept: list[bool] = []  # what the evaluation decided, for the report
 
-    def recorded(device_type: str) -> bool:
-        nonlocal kept
-        kept = keep(device_type)
-        return kept
+    def keep_freed_memory(device_type: str) -> bool:
+        kept.append(allocator.keep_freed_memory(device_type))
+        return kept[-1]
 
-    keep, kept = allocator.keep_freed_memory, False
-    evaluate.keep_freed_memory = recorded  # what the evaluation decided, for the report
+    evaluate.keep_freed_memory = keep_freed_memory
     timers = Timers()
     start_fit = PatchscopeEvaluation.on_test_start
 
@@ -175,7 +174,7 @@ def main(argv: list[str] | None = None) -> None:
 
     report = {"date": time.strftime("%Y-%m-%d"), "machine": platform.processor() or platform.machine(),
               "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "reference": args.reference,
-              "evaluate_args": evaluate_args, "keeps_freed_memory": kept, "total_s": total,
+              "evaluate_args": evaluate_args, "keeps_freed_memory": any(kept), "total_s": total,
               "phases_s": dict(rows), "kernel_cpu_s": {"whole run": total_system, **timers.system}}
     if args.compare:
         output_dir = Path(next(evaluate_args[i + 1] for i, a in enumerate(evaluate_args) if a == "--model.output_dir"))

@@ -82,9 +82,9 @@ class NormalEquations:
         return lens
 
 
-def _with_ones(h: torch.Tensor) -> torch.Tensor:
-    """x̃ = [h, 1] in float64: (num_layers, N, d) → (num_layers, N, d + 1), in one copy."""
-    x = torch.empty(*h.shape[:-1], h.shape[-1] + 1, dtype=torch.float64, device=h.device)
+def _with_ones(h: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """x̃ = [h, 1] in float64: (..., d) → (..., d + 1), in one copy (into ``out`` if given)."""
+    x = torch.empty(*h.shape[:-1], h.shape[-1] + 1, dtype=torch.float64, device=h.device) if out is None else out
     x[..., :-1] = h
     x[..., -1] = 1.0
     return x
@@ -123,10 +123,8 @@ def update_on_subsets(equations: Sequence[NormalEquations], h: torch.Tensor,
     gram = torch.zeros(num_layers, d + 1, d + 1, dtype=torch.float64, device=h.device)
     products = torch.zeros(num_layers * (d + 1), y.shape[1], dtype=torch.float64, device=h.device)
     x = torch.empty(min(n, ROWS_PER_PRODUCT), num_layers, d + 1, dtype=torch.float64, device=h.device)
-    x[..., -1] = 1.0
     for start in range(0, n, ROWS_PER_PRODUCT):
-        chunk = x[:min(ROWS_PER_PRODUCT, n - start)]
-        chunk[..., :-1] = h[:, start:start + len(chunk)].transpose(0, 1)
+        chunk = _with_ones(h[:, start:start + ROWS_PER_PRODUCT].transpose(0, 1), out=x[:min(ROWS_PER_PRODUCT, n - start)])
         by_layer = chunk.transpose(0, 1)  # (num_layers, positions, d + 1), a view
         gram.baddbmm_(by_layer.transpose(1, 2), by_layer)
         products.addmm_(chunk.view(len(chunk), -1).T, y[start:start + len(chunk)])

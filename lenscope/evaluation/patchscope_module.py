@@ -327,8 +327,8 @@ class PatchscopeEvaluation(L.LightningModule):
         model_top1 = model_logp.argmax(-1)
         top1: dict[str, torch.Tensor] = {}  # method → (num_layers, P) argmax, reused for future offsets
         ahead = {k: a for k, a in read.ahead.items() if len(a.source)}  # offsets some document has the real token after
-        decoded = [m for k in ahead for m in self._future_methods(k) if m != "bigram"]
-        progress = tqdm(total=len(self._next_token_methods()) + len(decoded), desc=f"Decoding {read.count} positions",
+        guessed = [m for k in ahead for m in self._future_methods(k) if m != "bigram"]  # from top1 or decoded
+        progress = tqdm(total=len(self._next_token_methods()) + len(guessed), desc=f"Decoding {read.count} positions",
                         disable=self.global_rank != 0, leave=False)
         for method in self._next_token_methods():
             logits = self._decode(method, read.h)
