@@ -43,9 +43,21 @@ from lenscope.model.patching import PASS_COST_BLOCK_ROWS, cache_argument
 if TYPE_CHECKING:
     from lenscope.model.frozen import FrozenModel
 
-Position = int | str
-"""A token index (negative counts from the end) or a text whose last token is meant (its last
-occurrence in the prompt: the subject of a fact, a placeholder)."""
+
+@dataclass(frozen=True)
+class Span:
+    """A span of a prompt's text, found on the prompt's token boundaries (``find_span``).
+    ``occurrence`` picks one of several token-aligned occurrences (0 the first, -1 the last); None
+    (the rule for a plain string) requires the span to occur exactly once."""
+
+    text: str
+    occurrence: int | None = None
+
+
+Position = int | str | Span
+"""A token index (negative counts from the end), or a span of the prompt whose last token is meant
+(the subject of a fact, a placeholder): a string that occurs exactly once on token boundaries, or a
+``Span`` that picks one of several occurrences."""
 
 
 @dataclass
@@ -63,7 +75,8 @@ class Target:
     """Where the states go: a prompt (None: each source prompt itself, cut after the read position),
     the residual indices written (``same``: the source's; ``last``: the last block's output L; or a
     list, crossed with the source layers), and the position written: the placeholder's last token (a
-    span of the prompt, its last occurrence) or a token index; None: the prompt's last token."""
+    span of the prompt, found on its token boundaries: see ``Position``) or a token index; None: the
+    prompt's last token."""
 
     prompt: str | None = None
     layers: Sequence[int] | str = "same"
@@ -131,32 +144,96 @@ class PatchscopeResult:
         return [[[tokenizer.decode([t]) for t in row] for row in pair] for pair in ids.tolist()]
 
 
+def find_span(tokenizer, text: str, span: str | Span, what: str = "span") -> tuple[int, int]:
+    """[start, end) token range of ``span`` in ``text`` (tokenized by ``tokenizer``).
+
+    An occurrence counts only where it is whole tokens: its first character starts a token (a
+    leading space that the tokenizer attaches to the token belongs to it, so " Paris" and "Paris"
+    both name the token " Paris") and its last character ends one; and it cuts no word of a
+    script that separates its words (no letter or digit of a cased script on both sides of either
+    edge), so "Paris" is not the " Paris" of " Parisian" and "x" not the end of " Texas". Space
+    around the span is ignored. A span found nowhere, or only inside tokens or words, is refused in
+    one line; so is one found more than once (a researcher who names a subject that the prompt
+    repeats means one of them, and guessing which would patch the wrong token silently) unless a
+    ``Span`` names the occurrence."""
+    occurrence = span.occurrence if isinstance(span, Span) else None
+    wanted = (span.text if isinstance(span, Span) else span).strip()
+    if not wanted:
+        raise ConfigError(f"{what} {span!r} is empty; name a span of the prompt {text!r} (or give a token index)")
+    offsets = tokenizer(text, return_offsets_mapping=True)["offset_mapping"]
+    found, inside = [], 0
+    start = text.find(wanted)
+    while start >= 0:
+        tokens = _whole_tokens(text, offsets, start, start + len(wanted))
+        if tokens is None:
+            inside += 1
+        else:
+            found.append(tokens)
+        start = text.find(wanted, start + 1)
+    fix = "name a longer span that occurs once, give a token index"
+    if not found:
+        if inside:
+            raise ConfigError(f"{what} {wanted!r} occurs in the prompt {text!r} only inside a word or token; "
+                              "name whole words of the prompt (or give a token index)")
+        raise ConfigError(f"{what} {wanted!r} is not in the prompt {text!r}; name a span of the prompt (or give a token index)")
+    if occurrence is None:
+        if len(found) > 1:
+            raise ConfigError(f"{what} {wanted!r} occurs {len(found)} times in the prompt {text!r} (ending at tokens "
+                              f"{[end - 1 for _, end in found]}); {fix}, or Span({wanted!r}, occurrence=k) to pick one "
+                              "(0 the first, -1 the last)")
+        return found[0]
+    if not -len(found) <= occurrence < len(found):
+        raise ConfigError(f"{what} {wanted!r} occurs {len(found)} time(s) in the prompt {text!r}, so there is no occurrence "
+                          f"{occurrence}; pick one of {-len(found)}..{len(found) - 1}")
+    return found[occurrence]
+
+
+def _whole_tokens(text: str, offsets, start: int, end: int) -> tuple[int, int] | None:
+    """[first, last + 1) of the tokens that hold exactly the characters start..end − 1 of ``text``,
+    with only whitespace beyond them in their edge tokens, and cutting no word; None otherwise."""
+    covering = [i for i, (a, b) in enumerate(offsets) if a < end and b > start]  # never a token without characters
+    if not covering:
+        return None
+    (first, _), (_, last) = offsets[covering[0]], offsets[covering[-1]]
+    if first > start or last < end or text[first:start].strip() or text[end:last].strip():
+        return None
+    if _joins_word(text, start) or _joins_word(text, end):
+        return None
+    return covering[0], covering[-1] + 1
+
+
+def _joins_word(text: str, at: int) -> bool:
+    """Whether characters at − 1 and at are both letters or digits of a script that separates its
+    words with spaces (cased letters, digits): then a span edge at ``at`` cuts a word. Scripts
+    without cases (Chinese, Japanese, Thai…) do not mark words in the text; there the tokens alone
+    decide."""
+    if at <= 0 or at >= len(text):
+        return False
+    return all(c.isdigit() or c.isupper() or c.islower() for c in (text[at - 1], text[at]))
+
+
 def token_position(tokenizer, text: str, ids: list[int], where: Position, what: str) -> int:
-    """Index into ``ids`` (the tokens of ``text``) of ``where``: an index, or the last token of the
-    last occurrence of a span. One-line error when the span is absent or the index out of range."""
+    """Index into ``ids`` (the tokens of ``text``) of ``where``: an index, or the last token of a
+    span found by ``find_span``. One-line error when the index is out of range or the span absent,
+    ambiguous or not on token boundaries."""
     n = len(ids)
     if isinstance(where, int):
         index = where + n if where < 0 else where
         if not 0 <= index < n:
             raise ConfigError(f"{what} position {where} is outside {text!r} ({n} tokens)")
         return index
-    start = text.rfind(where)
-    if not where or start < 0:
-        raise ConfigError(f"{what} {where!r} is not in {text!r}; name a span of the prompt (or give a token index)")
-    index = token_ending(tokenizer, text, start + len(where))
-    if index is None:
-        raise ConfigError(f"{what} {where!r} in {text!r} ends inside no token; give a token index instead")
-    return index
+    return find_span(tokenizer, text, where, what)[1] - 1
 
 
 def token_ending(tokenizer, text: str, end: int) -> int | None:
-    """Index of the token of ``text`` that holds character ``end − 1`` (the last character of a
-    span ending at ``end``), or None."""
+    """Index of the token of ``text`` that ends where the prefix ``text[:end]`` ends (whitespace
+    aside), or None when ``end`` falls inside a token or a word."""
+    prefix = text[:end]
+    if not prefix.strip():
+        return None
     offsets = tokenizer(text, return_offsets_mapping=True)["offset_mapping"]
-    for index, (a, b) in enumerate(offsets):
-        if a < end <= b:
-            return index
-    return None
+    tokens = _whole_tokens(text, offsets, len(prefix) - len(prefix.lstrip()), len(prefix.rstrip()))
+    return None if tokens is None else tokens[1] - 1
 
 
 @dataclass
@@ -229,7 +306,7 @@ class Patchscope:
             raise ConfigError("this patchscope has no source prompts to run; give a Source, or patch states with .patch")
         prompts = list(self.source.prompts)
         rules = self.source.position
-        rules = [rules] * len(prompts) if isinstance(rules, (int, str)) else list(rules)
+        rules = [rules] * len(prompts) if isinstance(rules, (int, str, Span)) else list(rules)
         if len(rules) != len(prompts):
             raise ConfigError(f"{len(rules)} source positions for {len(prompts)} prompts; give one rule or one per prompt")
         layers = list(self.source.layers)

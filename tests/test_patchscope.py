@@ -192,7 +192,7 @@ def test_cross_model_patching_writes_into_another_model(model, tmp_path):
 
 
 @pytest.mark.parametrize(("scope", "expected"), [
-    (lambda: Patchscope(Source(["w1 w2"], [1], position="w9"), Target("w3")), "source 'w9' is not in 'w1 w2'"),
+    (lambda: Patchscope(Source(["w1 w2"], [1], position="w9"), Target("w3")), "source 'w9' is not in the prompt 'w1 w2'"),
     (lambda: Patchscope(Source(["w1 w2"], [1], position=5), Target("w3")), "source position 5 is outside 'w1 w2'"),
     (lambda: Patchscope(Source(["w1 w2"], [9]), Target("w3")), "source layer 9 is out of range: residual indices are 0..3"),
     (lambda: Patchscope(Source(["w1 w2"], [1]), Target("w3 w4", layers=[7])), "target layer 7 is out of range"),

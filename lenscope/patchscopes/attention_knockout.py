@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 import torch
 
 from lenscope.errors import ConfigError
+from lenscope.lenses.patchscope import Span
 from lenscope.model.heads import HeadsError
 from lenscope.patchscopes.causal_tracing import blocks_or_all, subject_tokens, window_blocks
 
@@ -106,9 +107,10 @@ class Knockout:
     """Per blocked set, (layers,): 100 · (p_blocked − p) / p."""
 
 
-def attention_knockout(model, prompt: str, subject: str, window: int = 9, layers: list[int] | None = None,
+def attention_knockout(model, prompt: str, subject: str | Span, window: int = 9, layers: list[int] | None = None,
                        rows_per_pass: int = 64) -> Knockout:
-    """The knockout curves of one prompt whose answer is the clean top-1 token."""
+    """The knockout curves of one prompt whose answer is the clean top-1 token; ``subject`` is a span
+    of it (``subject_tokens``)."""
     if window < 1:
         raise ConfigError(f"window must be at least 1, got {window}")
     heads = model.heads

@@ -22,21 +22,16 @@ from dataclasses import dataclass, field
 import torch
 
 from lenscope.errors import ConfigError
+from lenscope.lenses.patchscope import Span, find_span
 from lenscope.model.patching import Intervention
 
 KINDS = ("residual", "mlp", "attention")
 
 
-def subject_tokens(tokenizer, prompt: str, subject: str) -> tuple[int, int]:
-    """[start, end) token range of the last occurrence of ``subject`` in ``prompt``."""
-    where = prompt.rfind(subject)
-    if not subject or where < 0:
-        raise ConfigError(f"subject {subject!r} is not in the prompt {prompt!r}; give a subject that appears in it")
-    offsets = tokenizer(prompt, return_offsets_mapping=True)["offset_mapping"]
-    inside = [i for i, (a, b) in enumerate(offsets) if b > where and a < where + len(subject) and b > a]
-    if not inside:
-        raise ConfigError(f"subject {subject!r} covers no token of {prompt!r}")
-    return inside[0], inside[-1] + 1
+def subject_tokens(tokenizer, prompt: str, subject: str | Span) -> tuple[int, int]:
+    """[start, end) token range of ``subject`` in ``prompt``, on token boundaries (``find_span``:
+    a subject the prompt repeats is refused unless a ``Span`` names its occurrence)."""
+    return find_span(tokenizer, prompt, subject, "subject")
 
 
 def blocks_or_all(model, layers: list[int] | None) -> list[int]:
@@ -88,10 +83,11 @@ class Trace:
 
 
 @torch.no_grad()
-def causal_trace(model, prompt: str, subject: str, kinds: tuple[str, ...] = KINDS, samples: int = 10,
+def causal_trace(model, prompt: str, subject: str | Span, kinds: tuple[str, ...] = KINDS, samples: int = 10,
                  noise: float = 3.0, seed: int = 1, window: int = 10, layers: list[int] | None = None,
                  rows_per_pass: int = 128, noise_std: float | None = None) -> Trace:
-    """Trace one fact: ``prompt`` ends where the model gives the answer, ``subject`` appears in it."""
+    """Trace one fact: ``prompt`` ends where the model gives the answer, ``subject`` is a span of it
+    (``subject_tokens``)."""
     unknown = [k for k in kinds if k not in KINDS]
     if unknown:
         raise ConfigError(f"kinds {unknown} unknown: choose among {list(KINDS)}")

@@ -33,14 +33,22 @@ from dataclasses import dataclass, field
 import torch
 
 from lenscope.errors import ConfigError
-from lenscope.lenses.patchscope import token_position
+from lenscope.lenses.patchscope import Span, token_position
 from lenscope.model.patching import cache_argument
 from lenscope.patchscopes.facts import Fact, FactSet, Relation
 
 
 def lre_prompt(relation: Relation, demonstrations: list[Fact], subject: str, connector: str = " is") -> str:
+    """The demonstrations, one per line, then the question about ``subject`` (its span in the prompt:
+    ``queried(subject)``)."""
     lines = [f"{relation.prompt(f.subject)}{connector} {f.object}" for f in demonstrations]
     return "\n".join([*lines, f"{relation.prompt(subject)}{connector}"])
+
+
+def queried(subject: str) -> Span:
+    """The queried subject of an ``lre_prompt``: its last occurrence, as the question comes last and
+    a demonstration may name the same entity (as its object)."""
+    return Span(subject, occurrence=-1)
 
 
 def is_nontrivial_prefix(prediction: str, target: str) -> bool:
@@ -71,7 +79,7 @@ class LinearRelation:
         return model.decode(self(h).to(model.adapter.unembedding_weight.dtype))
 
 
-def jacobian_at(model, prompt: str, subject: str, layer: int, rows_per_pass: int | None = None
+def jacobian_at(model, prompt: str, subject: str | Span, layer: int, rows_per_pass: int | None = None
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(J = ∂z/∂h (d, d), h (d,), z (d,)) for one prompt: h the residual ``layer`` at the subject's
     last token, z the last block's output at the prompt's last token."""
@@ -173,7 +181,7 @@ def fit_relation(model, facts: FactSet, relation: str, layer: int, n_train: int 
     jacobians, biases = [], []
     for i, fact in enumerate(train):
         others = train[:i] + train[i + 1:]
-        j, h, z = jacobian_at(model, lre_prompt(spec, others, fact.subject, connector), fact.subject, layer)
+        j, h, z = jacobian_at(model, lre_prompt(spec, others, fact.subject, connector), queried(fact.subject), layer)
         jacobians.append(j)
         biases.append(z - j @ h)
     operator = LinearRelation(relation, layer, torch.stack(jacobians).mean(0), torch.stack(biases).mean(0), beta,
@@ -194,7 +202,7 @@ def faithfulness(model, facts: FactSet, operator: LinearRelation, test: list[Fac
         own = model.tokenizer.decode([int(model.decode(residuals[-1, 0, -1]).argmax())])
         if not is_nontrivial_prefix(own, fact.object):
             continue
-        at = token_position(model.tokenizer, prompt, ids[0].tolist(), fact.subject, "subject")
+        at = token_position(model.tokenizer, prompt, ids[0].tolist(), queried(fact.subject), "subject")
         predicted = model.tokenizer.decode([int(operator.logits(model, residuals[operator.layer, 0, at]).argmax())])
         result.tested.append(fact.subject)
         result.predictions.append(predicted)

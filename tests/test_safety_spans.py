@@ -1,0 +1,221 @@
+"""Spans of prompts (subjects, placeholders, source positions) are found on token boundaries, on real
+tokenizers: the embedded SmolLM2 tokenizer (byte-level BPE, spaces inside tokens, digits one by one)
+and the word-level tokenizer of the tiny test models. Never a piece of another word (" Texas" for the
+placeholder "x", " Parisian" for "Paris"); an absent or repeated span is refused in one line."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from transformers import AutoTokenizer
+
+import lenscope
+from lenscope.errors import ConfigError
+from lenscope.lenses.patchscope import (
+    Patchscope,
+    Source,
+    Span,
+    Target,
+    find_span,
+    token_ending,
+    token_position,
+)
+from lenscope.model.loading import embedded_model_dir
+from lenscope.patchscopes.causal_tracing import subject_tokens
+from lenscope.patchscopes.lre import queried
+from tests.conftest import make_tokenizer
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    """The embedded model's own tokenizer (only the tokenizer is loaded)."""
+    return AutoTokenizer.from_pretrained(embedded_model_dir())
+
+
+@pytest.fixture(scope="module")
+def words():
+    return make_tokenizer()
+
+
+@pytest.fixture(params=["smollm2", "words"])
+def tokenizer(request):
+    return request.getfixturevalue(request.param)
+
+
+def tokens_of(tokenizer, text: str, span: tuple[int, int]) -> str:
+    """The text of the tokens [start, end) of ``text``, by their offsets."""
+    offsets = tokenizer(text, return_offsets_mapping=True)["offset_mapping"]
+    return text[offsets[span[0]][0]:offsets[span[1] - 1][1]]
+
+
+def test_the_placeholder_x_is_not_the_end_of_texas(tokenizer):
+    text = "x is a city in Texas"
+    ids = tokenizer(text)["input_ids"]
+    # the substring search found the "x" of " Texas"
+    assert text.rfind("x") > text.index(" Texas")
+    assert find_span(tokenizer, text, "x", "placeholder") == (0, 1)
+    assert token_position(tokenizer, text, ids, "x", "placeholder") == 0
+    with pytest.raises(ConfigError, match="occurs in the prompt 'Texas' only inside a word or token"):
+        find_span(tokenizer, "Texas", "x", "placeholder")
+
+
+def test_paris_is_not_found_inside_parisian(tokenizer):
+    text = "Paris is home to many Parisian cafes"
+    assert find_span(tokenizer, text, "Paris", "subject") == (0, 1)  # the substring search took " Parisian"
+    with pytest.raises(ConfigError, match="subject 'Paris' occurs in the prompt 'A Parisian cafe' only inside") as info:
+        find_span(tokenizer, "A Parisian cafe", "Paris", "subject")
+    assert "\n" not in str(info.value)
+
+
+def test_smollm2_splits_parisian_after_paris_and_the_word_still_decides(smollm2):
+    """" Parisian" is " Paris" + "ian" for SmolLM2: a token boundary, yet inside a word."""
+    text = "A Parisian cafe"
+    pieces = [smollm2.decode([i]) for i in smollm2(text)["input_ids"]]
+    assert pieces[1:3] == [" Paris", "ian"]
+    with pytest.raises(ConfigError, match="only inside a word or token"):
+        find_span(smollm2, text, "Paris", "subject")
+    assert token_ending(smollm2, text, len("A Paris")) is None
+    assert token_ending(smollm2, text, len("A Parisian")) == 2
+
+
+@pytest.mark.parametrize("span", ["Paris", " Paris", "Paris ", Span(" Paris")])
+def test_a_leading_space_belongs_to_the_token_it_starts(smollm2, span):
+    text = "We spent a week in Paris last spring"
+    start, end = find_span(smollm2, text, span, "subject")
+    assert end - start == 1 and smollm2.decode([smollm2(text)["input_ids"][start]]) == " Paris"
+
+
+def test_a_subject_at_the_start_of_the_prompt_has_no_leading_space(tokenizer):
+    text = "Paris is the capital of France"
+    for span in ("Paris", " Paris"):
+        start, end = find_span(tokenizer, text, span, "subject")
+        assert (start, end) == (0, 1) and tokens_of(tokenizer, text, (start, end)) == "Paris"
+    assert subject_tokens(tokenizer, text, "Paris is") == (0, 2)
+
+
+def test_a_repeated_span_is_refused_unless_an_occurrence_is_named(tokenizer):
+    text = "Paris then Lyon then Paris again"
+    with pytest.raises(ConfigError, match=r"subject 'Paris' occurs 2 times in the prompt .* \(ending at tokens \[0, ") as info:
+        find_span(tokenizer, text, "Paris", "subject")
+    assert "Span('Paris', occurrence=k)" in str(info.value) and "\n" not in str(info.value)
+    first, last = find_span(tokenizer, text, Span("Paris", 0)), find_span(tokenizer, text, Span("Paris", -1))
+    assert first == (0, 1) and last[0] > first[0] and tokens_of(tokenizer, text, last).strip() == "Paris"
+    assert find_span(tokenizer, text, Span("Paris", 1)) == last
+    with pytest.raises(ConfigError, match="occurs 2 time\\(s\\) in the prompt .*, so there is no occurrence 2"):
+        find_span(tokenizer, text, Span("Paris", 2))
+    # a longer span that occurs once needs no occurrence
+    assert find_span(tokenizer, text, "then Paris")[1] == last[1]
+
+
+def test_a_repetition_inside_other_words_does_not_make_a_span_ambiguous(tokenizer):
+    text = "Parisians love Paris"
+    start, end = find_span(tokenizer, text, "Paris", "subject")
+    assert tokens_of(tokenizer, text, (start, end)).strip() == "Paris" and end == len(tokenizer(text)["input_ids"])
+
+
+@pytest.mark.parametrize(("text", "span"), [
+    ("He moved to Zürich in 1984.", "Zürich"),
+    ("She flew from 東京 to 京都 last week.", "東京"),
+    ("Café Müller in Köln", "Müller"),
+])
+def test_non_ascii_spans(tokenizer, text, span):
+    found = find_span(tokenizer, text, span, "subject")
+    assert tokens_of(tokenizer, text, found).strip() == span
+
+
+def test_a_script_without_spaces_is_cut_where_the_tokens_are(smollm2):
+    """Japanese writes no spaces between words: there the tokens alone decide."""
+    text = "東京は日本の首都です"
+    assert tokens_of(smollm2, text, find_span(smollm2, text, "東京", "subject")) == "東京"
+
+
+def test_non_ascii_words_are_not_cut(smollm2):
+    with pytest.raises(ConfigError, match="only inside a word or token"):
+        find_span(smollm2, "He moved to Zürichberg.", "Zürich", "subject")
+
+
+def test_a_number_is_several_smollm2_tokens_and_is_found_whole(smollm2):
+    text = "Orwell published the novel in 1984."
+    start, end = find_span(smollm2, text, "1984", "subject")
+    ids = smollm2(text)["input_ids"][start:end]
+    assert [smollm2.decode([i]) for i in ids] == ["1", "9", "8", "4"]
+    assert token_position(smollm2, text, smollm2(text)["input_ids"], "1984", "subject") == end - 1
+    with pytest.raises(ConfigError, match="'198' occurs in the prompt .* only inside a word or token"):
+        find_span(smollm2, text, "198", "subject")  # the tokens of "198" exist, but the number is 1984
+
+
+def test_absent_and_empty_spans_are_one_line_errors(tokenizer):
+    with pytest.raises(ConfigError, match="subject 'Lyon' is not in the prompt 'Paris is lovely'; name a span"):
+        find_span(tokenizer, "Paris is lovely", "Lyon", "subject")
+    with pytest.raises(ConfigError, match="subject ' ' is empty"):
+        find_span(tokenizer, "Paris is lovely", " ", "subject")
+
+
+def test_token_ending_is_the_token_that_ends_a_prefix(smollm2):
+    query = "The capital city of the country of the city of Toronto"
+    at = token_ending(smollm2, query, len("The capital city of"))
+    assert smollm2.decode([smollm2(query)["input_ids"][at]]) == " of" and at == 3
+    assert token_ending(smollm2, query, len("The capital ci")) is None
+    assert token_ending(smollm2, query, 0) is None
+
+
+def test_the_lre_query_is_its_last_occurrence(smollm2):
+    prompt = "The capital of France is Paris\nThe capital of Texas is Austin\nThe country of Paris is"
+    start, _ = find_span(smollm2, prompt, queried("Paris"))
+    assert start == len(smollm2(prompt)["input_ids"]) - 2  # " Paris", then " is"
+
+
+# --- where the spans are used -------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def model(tiny_model_dir):
+    return lenscope.load_model(str(tiny_model_dir))
+
+
+def test_the_patchscope_reads_and_writes_whole_tokens(model):
+    # "w7" is a piece of the token "w70" (before it) and of "w17"; the substring search took the last
+    source = Patchscope(Source(["w7 w8 w70", "w17 w7 w9"], [1], position="w7"))
+    _, own = source.read(model)
+    assert [len(ids) - 1 for ids in own] == [0, 1]
+    scope = Patchscope(Source(["w1 w2"], [1]), Target("w30 w31 w3", layers="same", placeholder="w3"))
+    assert scope._groups(model, 1, 1, None)[0].write_at == 2
+    with pytest.raises(ConfigError, match="source 'w7' occurs 2 times in the prompt 'w7 w8 w7'"):
+        Patchscope(Source(["w7 w8 w7"], [1], position="w7")).read(model)
+    _, own = Patchscope(Source(["w7 w8 w7"], [1], position=Span("w7", occurrence=-1))).read(model)
+    assert len(own[0]) == 3
+
+
+def test_causal_tracing_corrupts_the_whole_subject_tokens(words):
+    assert subject_tokens(words, "w7 w8 w70 w9", "w7") == (0, 1)  # the substring search: the "w7" of "w70"
+    assert subject_tokens(words, "w5 w6 w7 w8 w9", "w7 w8") == (2, 4)
+    with pytest.raises(ConfigError, match="subject 'w7' occurs 2 times"):
+        subject_tokens(words, "w7 w8 w7", "w7")
+
+
+def test_the_command_line_refuses_an_ambiguous_span_in_one_line(tiny_model_dir, tmp_path, capsys):
+    from lenscope import cli
+
+    with pytest.raises(SystemExit) as stop:
+        cli.main(["patchscope", "trace", "--prompt", "w7 w8 w7 w9", "--subject", "w7", "--model", str(tiny_model_dir),
+                  "--out", str(tmp_path / "trace")])
+    err = capsys.readouterr().err.strip()
+    assert stop.value.code == 2 and len(err.splitlines()) == 1 and "subject 'w7' occurs 2 times" in err, err
+
+
+def test_a_yaml_position_can_name_an_occurrence(tiny_model_dir, tmp_path):
+    from lenscope import cli
+
+    config = tmp_path / "scope.yaml"
+    config.write_text(f"model: {tiny_model_dir}\nsource:\n  prompts: ['w2 w1 w2 w3']\n  layers: [1]\n"
+                      "  position: {text: w2, occurrence: -1}\ntarget:\n  layers: last\n"
+                      f"out: {tmp_path / 'scope.json'}\n")
+    cli.main(["patchscope", "run", "--config", str(config)])
+    rows = json.loads((tmp_path / "scope.json").read_text())["rows"]
+    model = lenscope.load_model(str(tiny_model_dir))
+
+    def top_tokens(position: int) -> list[str]:
+        scope = Patchscope(Source(["w2 w1 w2 w3"], [1], position=position), Target(layers="last"))
+        return scope.run(model).top_tokens(model.tokenizer, k=5)[0][0]
+
+    # read where the second "w2" is (token 2), not the first
+    assert rows[0]["top_tokens"] == top_tokens(2) != top_tokens(0)
