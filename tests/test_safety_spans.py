@@ -219,3 +219,20 @@ def test_a_yaml_position_can_name_an_occurrence(tiny_model_dir, tmp_path):
 
     # read where the second "w2" is (token 2), not the first
     assert rows[0]["top_tokens"] == top_tokens(2) != top_tokens(0)
+
+
+def test_every_shipped_span_is_found_where_docs_results_says(smollm2):
+    """bench/span_positions.py's list: every span of the documented experiments is found on token
+    boundaries, at the token the substring search found (docs/results.md: no number moved)."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "bench" / "span_positions.py"
+    spec = importlib.util.spec_from_file_location("span_positions", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    found = bench.spans(smollm2)
+    assert len(found) == 382 + 11 + 1 + 2 + 1 + 382
+    for _, prompt, span, _ in found:
+        text = span.text if isinstance(span, Span) else span
+        assert find_span(smollm2, prompt, span) == bench.old_range(smollm2, prompt, text), (prompt, span)
