@@ -236,3 +236,40 @@ def test_every_shipped_span_is_found_where_docs_results_says(smollm2):
     for _, prompt, span, _ in found:
         text = span.text if isinstance(span, Span) else span
         assert find_span(smollm2, prompt, span) == bench.old_range(smollm2, prompt, text), (prompt, span)
+
+
+def write_fact_set(tmp_path, template: str, facts: list[tuple[str, str, str]]):
+    from lenscope.patchscopes.facts import load_facts
+
+    path = tmp_path / "facts.json"
+    path.write_text(json.dumps({"relations": {"r": {"template": template}},
+                                "facts": [{"relation": "r", "subject": s, "object": o, "source": src} for s, o, src in facts]}))
+    return load_facts(path)
+
+
+def test_attribute_extraction_looks_up_every_subject_before_generating(model, tmp_path, monkeypatch):
+    from lenscope.patchscopes import attribute_extraction as module
+
+    def generate(*args, **kwargs):
+        raise AssertionError("generated before the spans were checked")
+
+    monkeypatch.setattr(module, "greedy_continuations", generate)
+    facts = write_fact_set(tmp_path, "w10 w11 x", [("w5", "w80", "w1 w5 w2"), ("w6", "w81", "w6 w2 w6")])
+    with pytest.raises(ConfigError, match="relation 'r': subject 'w6' occurs 2 times in the prompt 'w6 w2 w6'"):
+        module.attribute_extraction(model, facts, source_layers=[1], target_layers=[1], max_new_tokens=2)
+    facts = write_fact_set(tmp_path, "w10 w11 x", [("w5", "w80", "w1 w50 w2")])  # "w5" only inside "w50"
+    with pytest.raises(ConfigError, match="subject 'w5' occurs in the prompt 'w1 w50 w2' only inside a word or token"):
+        module.attribute_extraction(model, facts, source_layers=[1], target_layers=[1], max_new_tokens=2)
+
+
+def test_lre_refuses_a_question_that_does_not_hold_its_subject_whole(model, tmp_path, monkeypatch):
+    from lenscope.patchscopes import lre
+
+    def jacobian(*args, **kwargs):
+        raise AssertionError("a Jacobian was computed before the spans were checked")
+
+    monkeypatch.setattr(lre, "jacobian_at", jacobian)
+    facts = write_fact_set(tmp_path, "w10 w11 x", [(f"w{40 + i}", f"w{80 + i}", f"w1 w{40 + i}") for i in range(4)])
+    # without its space, the connector glues onto the subject: only the demonstrations would hold it whole
+    with pytest.raises(ConfigError, match="subject 'w4[0-3]' occurs in the prompt 'w10 w11 w4[0-3]is' only inside"):
+        lre.fit_relation(model, facts, "r", layer=1, n_train=2, connector="is")

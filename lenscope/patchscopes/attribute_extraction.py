@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from lenscope.lenses.patchscope import Generate, Patchscope, Source, Target
+from lenscope.lenses.patchscope import Generate, Patchscope, Source, Target, find_span
 from lenscope.patchscopes.facts import PLACEHOLDER, Fact, FactSet
 from lenscope.patchscopes.probe import probe_accuracy
 
@@ -80,8 +80,15 @@ def attribute_extraction(model, facts: FactSet, relations: list[str] | None = No
     each relation finishes (progress for a long sweep)."""
     source_layers = list(model.layers if source_layers is None else source_layers)
     target_layers = list(model.layers if target_layers is None else target_layers)
+    names = relations or list(facts.relations)
+    # Every span is looked up before any generation: a fact whose subject its sentence repeats, or
+    # holds only inside a word, stops the run at once and not after the relations before it.
+    for name in names:
+        find_span(model.tokenizer, facts.relations[name].template, PLACEHOLDER, f"relation {name!r}: placeholder")
+        for fact in facts.of(name):
+            find_span(model.tokenizer, fact.source, fact.subject, f"relation {name!r}: subject")
     results = []
-    for name in relations or list(facts.relations):
+    for name in names:
         relation = facts.relations[name]
         pool = facts.of(name)
         answers = greedy_continuations(model, [relation.prompt(f.subject) for f in pool], max_new_tokens)

@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 import torch
 
 from lenscope.errors import ConfigError
-from lenscope.lenses.patchscope import Span, token_position
+from lenscope.lenses.patchscope import Span, find_span, token_position
 from lenscope.model.patching import cache_argument
 from lenscope.patchscopes.facts import Fact, FactSet, Relation
 
@@ -174,10 +174,14 @@ def fit_relation(model, facts: FactSet, relation: str, layer: int, n_train: int 
     pool = facts.of(relation)
     if len(pool) < n_train + 1:
         raise ConfigError(f"relation {relation!r} has {len(pool)} facts, fewer than n_train {n_train} + 1 to test on")
+    spec = facts.relations[relation]
+    for fact in pool:
+        # Before any Jacobian: each question holds its subject as whole tokens (a connector such as
+        # "is" without its space would leave only a demonstration's occurrence to be found).
+        find_span(model.tokenizer, spec.prompt(fact.subject) + connector, queried(fact.subject), "subject")
     shuffled = list(pool)
     random.Random(f"{seed}/{relation}").shuffle(shuffled)
     train, test = shuffled[:n_train], shuffled[n_train:]
-    spec = facts.relations[relation]
     jacobians, biases = [], []
     for i, fact in enumerate(train):
         others = train[:i] + train[i + 1:]

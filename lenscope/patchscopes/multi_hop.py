@@ -129,6 +129,15 @@ def control_for(queries: list[TwoHop], k: int) -> int | None:
     return None
 
 
+def second_hop_end(tokenizer, query: TwoHop) -> int:
+    """Index of π2's last token in the query, where π1's state is written; refused in one line when
+    π2 ends inside a token or a word, or at the query's last token."""
+    write_at = token_ending(tokenizer, query.query, len(query.question))
+    if write_at is None or write_at == len(tokenizer(query.query)["input_ids"]) - 1:
+        raise ConfigError(f"query {query.query!r}: the second hop's question ends inside a token; reword its template")
+    return write_at
+
+
 @torch.no_grad()
 def multi_hop(model, facts: FactSet, source_layers: list[int] | None = None, target_layers: list[int] | None = None,
               max_new_tokens: int = 20, rows_per_pass: int = 256, control: bool = True, on_query=None) -> MultiHopResult:
@@ -141,6 +150,7 @@ def multi_hop(model, facts: FactSet, source_layers: list[int] | None = None, tar
     if not queries:
         raise ConfigError("the fact set has no two-hop chains (a fact whose object is another fact's subject); "
                           "add facts about the objects")
+    write_at = {q.query: second_hop_end(model.tokenizer, q) for q in queries}  # before any generation
     hops = sorted({(f.relation, f.subject) for q in queries for f in (q.first, q.second)})
     answers = dict(zip(hops, greedy_continuations(model, [facts.relations[r].prompt(s) for r, s in hops], max_new_tokens),
                        strict=True))
@@ -155,13 +165,9 @@ def multi_hop(model, facts: FactSet, source_layers: list[int] | None = None, tar
     # π1's last-token state of every query: each query's own, and another's for its control
     states, _ = Patchscope(Source([q.query for q in kept], source_layers, position=-1)).read(model)
     for k, q in enumerate(kept):
-        ids = model.tokenizer(q.query)["input_ids"]
-        write_at = token_ending(model.tokenizer, q.query, len(q.question))  # π2's last token
-        if write_at is None or write_at == len(ids) - 1:
-            raise ConfigError(f"query {q.query!r}: the second hop's question ends inside a token; reword its template")
         other = control_for(kept, k) if control else None
         rows = [k] if other is None else [k, other]
-        scope = Patchscope(target=Target(q.query, layers=target_layers, placeholder=write_at),
+        scope = Patchscope(target=Target(q.query, layers=target_layers, placeholder=write_at[q.query]),
                            readout=Generate(max_new_tokens=max_new_tokens, stop=None), rows_per_pass=rows_per_pass)
         texts = scope.patch(model, states[:, rows], source_layers).texts  # [pair][row]
         result.patched.append([pair[0] for pair in texts])
