@@ -273,3 +273,18 @@ def test_lre_refuses_a_question_that_does_not_hold_its_subject_whole(model, tmp_
     # without its space, the connector glues onto the subject: only the demonstrations would hold it whole
     with pytest.raises(ConfigError, match="subject 'w4[0-3]' occurs in the prompt 'w10 w11 w4[0-3]is' only inside"):
         lre.fit_relation(model, facts, "r", layer=1, n_train=2, connector="is")
+
+
+def test_the_tutorial_probe_learns_only_from_subjects_that_are_whole_tokens(model):
+    """The word-level tokenizer keeps "Canada," as one token: that fact has no state of "Canada"
+    alone, so the tutorial's probe leaves it out (the page says how many it used) instead of the
+    section failing, or reading "Canada," as the substring search did."""
+    from lenscope.patchscopes.facts import load_facts
+    from lenscope.tutorial import sections
+
+    facts = load_facts()
+    fact = facts.of("country_capital")[0]
+    view = sections.attribute(model, facts, "country_capital", fact.source, fact.subject, layer_step=2, max_new_tokens=2)
+    others = [f for f in facts.of("country_capital") if f.subject != fact.subject]
+    whole = [f for f in others if f" {f.subject} " in f" {f.source} "]  # whitespace-separated, as this tokenizer splits
+    assert 0 < view.probe_facts == len(whole) < len(others)

@@ -167,7 +167,7 @@ def page_attribute(model, model_name: str, layer_step: int) -> None:
         st.write(f"The fact set's answer: **{view.answer}**")
     explain(f"The subject's state is read at its last token in the sentence. The patchscope writes it over the x of "
             f"\"{facts.relations[relation].template}\" and lets the model continue; the probe is trained on the "
-            "relation's other facts; the LRE operator is the relation's mean Jacobian at its layer. Look for the "
+            f"relation's other facts ({view.probe_facts} whose subject is whole tokens of its sentence); the LRE operator is the relation's mean Jacobian at its layer. Look for the "
             "layers where the attribute first appears: the paper finds the patchscope reads it where a probe cannot.")
 
 

@@ -31,6 +31,7 @@ from lenscope.lenses.patchscope import (
     Patchscope,
     Source,
     Target,
+    find_span,
     token_ending,
     token_position,
 )
@@ -108,6 +109,9 @@ class AttributeView:
     lre_layer: int
     answer: str | None
     """The object the fact set gives, if the subject is one of its facts."""
+    probe_facts: int = 0
+    """Facts the probe was trained on: the relation's others whose subject the tokenizer holds as
+    whole tokens in their sentence (``find_span``)."""
 
 
 def attribute(model, facts, relation: str, sentence: str, subject: str, operator=None, layer_step: int = 3,
@@ -128,7 +132,7 @@ def attribute(model, facts, relation: str, sentence: str, subject: str, operator
     if operator is not None:
         lre = [model.tokenizer.decode([int(operator.logits(model, states[layer]).argmax())]) for layer in layers]
     # The probe: one class per object, trained on the relation's other facts' source sentences.
-    others = [f for f in facts.of(relation) if f.subject != subject]
+    others = [f for f in facts.of(relation) if f.subject != subject and _holds_whole(model.tokenizer, f.source, f.subject)]
     objects = sorted({f.object for f in others})
     probe: list[str | None] = [None] * len(layers)
     if len(others) >= 2 and len(objects) >= 2:
@@ -145,7 +149,17 @@ def attribute(model, facts, relation: str, sentence: str, subject: str, operator
                        readout=Generate(max_new_tokens=max_new_tokens, stop="\n"))
     texts = [pair[0] for pair in scope.run(model).texts]
     known = next((f.object for f in facts.of(relation) if f.subject == subject), None)
-    return AttributeView(layers, lre, probe, texts, operator.layer if operator is not None else -1, known)
+    return AttributeView(layers, lre, probe, texts, operator.layer if operator is not None else -1, known, len(others))
+
+
+def _holds_whole(tokenizer, text: str, span: str) -> bool:
+    """Whether ``span`` is whole tokens of ``text`` (once): a tokenizer that keeps "Canada," as one
+    token has no state of "Canada" alone to train the probe on."""
+    try:
+        find_span(tokenizer, text, span)
+    except ConfigError:
+        return False
+    return True
 
 
 # --- 3. entity resolution -------------------------------------------------------------------------------
