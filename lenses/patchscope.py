@@ -160,7 +160,7 @@ def find_span(tokenizer, text: str, span: str | Span, what: str = "span") -> tup
     wanted = (span.text if isinstance(span, Span) else span).strip()
     if not wanted:
         raise ConfigError(f"{what} {span!r} is empty; name a span of the prompt {text!r} (or give a token index)")
-    offsets = tokenizer(text, return_offsets_mapping=True)["offset_mapping"]
+    offsets = character_offsets(tokenizer, text)
     found, inside = [], 0
     start = text.find(wanted)
     while start >= 0:
@@ -186,6 +186,15 @@ def find_span(tokenizer, text: str, span: str | Span, what: str = "span") -> tup
         raise ConfigError(f"{what} {wanted!r} occurs {len(found)} time(s) in the prompt {text!r}, so there is no occurrence "
                           f"{occurrence}; pick one of {-len(found)}..{len(found) - 1}")
     return found[occurrence]
+
+
+def character_offsets(tokenizer, text: str) -> list[tuple[int, int]]:
+    """(start, end) characters of each token of ``text``; a tokenizer without offsets (a slow,
+    Python one) is refused in one line, as a span could not be placed on its tokens."""
+    if not getattr(tokenizer, "is_fast", False):
+        raise ConfigError(f"{type(tokenizer).__name__} gives no character offsets; a span of a prompt is found on "
+                          "the tokens of a fast (Rust) tokenizer: load the model's fast tokenizer, or give a token index")
+    return tokenizer(text, return_offsets_mapping=True)["offset_mapping"]
 
 
 def _whole_tokens(text: str, offsets, start: int, end: int) -> tuple[int, int] | None:
@@ -231,7 +240,7 @@ def token_ending(tokenizer, text: str, end: int) -> int | None:
     prefix = text[:end]
     if not prefix.strip():
         return None
-    offsets = tokenizer(text, return_offsets_mapping=True)["offset_mapping"]
+    offsets = character_offsets(tokenizer, text)
     tokens = _whole_tokens(text, offsets, len(prefix) - len(prefix.lstrip()), len(prefix.rstrip()))
     return None if tokens is None else tokens[1] - 1
 

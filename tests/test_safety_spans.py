@@ -288,3 +288,11 @@ def test_the_tutorial_probe_learns_only_from_subjects_that_are_whole_tokens(mode
     others = [f for f in facts.of("country_capital") if f.subject != fact.subject]
     whole = [f for f in others if f" {f.subject} " in f" {f.source} "]  # whitespace-separated, as this tokenizer splits
     assert 0 < view.probe_facts == len(whole) < len(others)
+
+
+def test_a_tokenizer_without_offsets_is_one_line():
+    class PythonTokenizer:  # a slow tokenizer: no character offsets to place a span on
+        is_fast = False
+
+    with pytest.raises(ConfigError, match="PythonTokenizer gives no character offsets; a span of a prompt is found on"):
+        find_span(PythonTokenizer(), "Paris is lovely", "Paris", "subject")
