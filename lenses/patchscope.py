@@ -170,7 +170,6 @@ def find_span(tokenizer, text: str, span: str | Span, what: str = "span") -> tup
         else:
             found.append(tokens)
         start = text.find(wanted, start + 1)
-    fix = "name a longer span that occurs once, give a token index"
     if not found:
         if inside:
             raise ConfigError(f"{what} {wanted!r} occurs in the prompt {text!r} only inside a word or token; "
@@ -179,7 +178,8 @@ def find_span(tokenizer, text: str, span: str | Span, what: str = "span") -> tup
     if occurrence is None:
         if len(found) > 1:
             raise ConfigError(f"{what} {wanted!r} occurs {len(found)} times in the prompt {text!r} (ending at tokens "
-                              f"{[end - 1 for _, end in found]}); {fix}, or Span({wanted!r}, occurrence=k) to pick one "
+                              f"{[end - 1 for _, end in found]}); name a longer span that occurs once, give a token index, "
+                              f"or Span({wanted!r}, occurrence=k) to pick one "
                               "(0 the first, -1 the last)")
         return found[0]
     if not -len(found) <= occurrence < len(found):
