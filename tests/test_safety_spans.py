@@ -236,6 +236,12 @@ def test_every_shipped_span_is_found_where_docs_results_says(smollm2):
     for _, prompt, span, _ in found:
         text = span.text if isinstance(span, Span) else span
         assert find_span(smollm2, prompt, span) == bench.old_range(smollm2, prompt, text), (prompt, span)
+    from lenscope.patchscopes.facts import load_facts
+    from lenscope.patchscopes.multi_hop import two_hop_queries
+
+    for query in two_hop_queries(load_facts()):
+        end = len(query.question)
+        assert token_ending(smollm2, query.query, end) == bench.old_ending(smollm2, query.query, end), query.query
 
 
 def write_fact_set(tmp_path, template: str, facts: list[tuple[str, str, str]]):
