@@ -31,7 +31,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from lenscope.errors import UserError
-from lenscope.files import atomic_dir, atomic_write
+from lenscope.files import atomic_dir, atomic_write, recover_dir
 from lenscope.lenses.hub import (
     is_hub_ref,
     is_local_path,
@@ -113,8 +113,17 @@ def save_lens(lens: Lens, path: str | Path, *, base_model: str, revision: str, u
     return Path(path)
 
 
+def _local_folder(path: str | Path) -> Path:
+    """The folder of a lens: a Hub lens's in the Hugging Face cache; a local one after recovering
+    what a killed replace of it left (``recover_dir``: the old artifact is put back)."""
+    if is_hub_ref(path):
+        return pull_lens(path)
+    recover_dir(path)
+    return Path(path)
+
+
 def read_config(path: str | Path) -> dict:
-    path = pull_lens(path) if is_hub_ref(path) else Path(path)
+    path = _local_folder(path)
     if path.is_file():
         what = "a training checkpoint" if path.suffix == ".ckpt" else "a file"
         raise LensArtifactError(f"{path} is {what}, not a lens artifact; pass the artifact folder `lenscope train` writes "
@@ -201,7 +210,7 @@ def model_named_by(path: str | Path) -> str:
     """The model a lens artifact names, to load when the user named none: a Hub id or
     ``embedded:…``. A lens never makes lenscope open a local path: a lens that names one (or names a
     model by a local folder's name) is refused in one line asking for the model (``--model``)."""
-    path = pull_lens(path) if is_hub_ref(path) else Path(path)
+    path = _local_folder(path)
     config = read_config(path)
     if not is_tuned_lens_folder(path):
         _check_seal(path, config)
@@ -228,7 +237,7 @@ def load_lens(path: str | Path, model: FrozenModel | None = None, *, unembed_has
     """
     if model is not None:
         unembed_hash, num_hidden_layers, map_location = model.unembed_hash, model.num_layers, model.device
-    path = pull_lens(path) if is_hub_ref(path) else Path(path)
+    path = _local_folder(path)
     if is_tuned_lens_folder(path):  # the reference's format (config.json + params.pt)
         lens, info = read_tuned_lens(path, LensArtifactError)
         trained_for = info["base_model_name_or_path"]

@@ -5,6 +5,7 @@ path it names, and nothing uploaded names the user's folders."""
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -227,3 +228,163 @@ def test_push_uploads_no_local_path(tmp_path, tmp_path_factory, model, tiny_mode
     load_lens(pulled, model)
     with pytest.raises(LensArtifactError, match="trained on a local model"):
         model_named_by(pulled)
+
+
+# --- a replace killed at any point loses nothing -----------------------------------------------------
+REPLACE_FOLDER = """
+import sys
+from pathlib import Path
+from lenscope.files import atomic_dir
+
+with atomic_dir(Path(sys.argv[1])) as tmp:
+    (tmp / "data.txt").write_text(sys.argv[2])
+"""
+
+REPLACE_LENS = """
+import sys
+import torch
+from lenscope.lenses.artifact import save_lens
+from lenscope.lenses.lens import TunedLens
+
+lens = TunedLens([0, 1, 2], 8)
+torch.nn.init.constant_(lens.weight, 1.0)
+save_lens(lens, sys.argv[1], base_model="m", revision="r", unembed_hash="h", num_hidden_layers=3)
+"""
+
+
+def _kill_held_writer(script: str, folder, point: str, *args: str) -> int:
+    """Run ``script`` writing ``folder`` with the writer held at ``point`` (files.HOLD_ENV); kill it
+    there with SIGKILL once it has said so (its marker file). Returns its pid."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from lenscope.files import HOLD_ENV
+
+    process = subprocess.Popen([sys.executable, "-c", script, str(folder), *args], env={**os.environ, HOLD_ENV: point},
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    marker = folder.with_name(f".{folder.name}.held-{point}")
+    deadline = time.monotonic() + 300  # a guard against a hang, not a timing assumption
+    try:
+        while not marker.exists():
+            assert process.poll() is None, f"the writer ended before its hold point: {process.stderr.read()[-3000:]}"
+            assert time.monotonic() < deadline, "timed out waiting for the hold point"
+            time.sleep(0.02)
+        os.kill(process.pid, signal.SIGKILL)
+    finally:
+        process.wait()
+        process.stderr.close()
+    marker.unlink()
+    return process.pid
+
+
+@pytest.mark.parametrize(("point", "survivor", "said"), [
+    ("filled", "old", r"recovered .*tuned: removed the unfinished new folder \.tuned\.tmp-\d+-\w+ of the killed process \d+$"),
+    ("moved-aside", "old", r"recovered .*tuned: put back the folder that the killed process \d+ had moved aside to "
+                           r"replace it; removed the unfinished new folder \.tuned\.tmp-\d+-\w+ of the killed process"),
+    ("replaced", "new", r"recovered .*tuned: removed the replaced old folder \.tuned\.old-\d+ of the killed process \d+$"),
+])
+def test_a_folder_replace_killed_at_any_point_is_recovered(tmp_path, caplog, point, survivor, said):
+    from lenscope.files import atomic_dir, recover_dir
+
+    folder = tmp_path / "tuned"
+    with atomic_dir(folder) as tmp:
+        (tmp / "data.txt").write_text("old")
+    pid = _kill_held_writer(REPLACE_FOLDER, folder, point, "new")
+    assert any(str(pid) in p.name for p in tmp_path.iterdir() if p.name != "tuned"), "the kill left its folder"
+    assert folder.exists() is (point != "moved-aside")  # the one window that two renames leave
+    with caplog.at_level("WARNING", logger="lenscope.files"):
+        line = recover_dir(folder)
+    assert re.search(said, line) and [r.getMessage() for r in caplog.records] == [line]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tuned"]
+    assert (folder / "data.txt").read_text() == survivor
+    assert recover_dir(folder) is None  # nothing left to recover
+
+
+def test_loading_an_artifact_whose_replace_was_killed_restores_it(tmp_path, caplog):
+    from lenscope.lenses.lens import TunedLens as Tuned
+
+    folder = save_lens(Tuned([0, 1, 2], 8), tmp_path / "tuned", base_model="m", revision="r", unembed_hash="h",
+                       num_hidden_layers=3)
+    _kill_held_writer(REPLACE_LENS, folder, "moved-aside")
+    assert not folder.exists()
+    with caplog.at_level("WARNING", logger="lenscope.files"):
+        lens = load_lens(folder)
+    assert torch.count_nonzero(lens.weight) == 0, "the old lens, complete"
+    assert ["put back" in r.getMessage() for r in caplog.records] == [True]
+    # A writer still alive is left alone: its folders are not leftovers.
+    import os
+    alive = tmp_path / f".tuned.old-{os.getppid()}"
+    alive.mkdir()
+    from lenscope.files import recover_dir
+    assert recover_dir(folder) is None and alive.is_dir()
+
+
+# --- a full disk or a file-size limit is one line naming the file --------------------------------------
+def test_a_full_disk_is_one_line_naming_the_file_and_the_earlier_file_is_intact(tmp_path, monkeypatch):
+    import errno
+    import pathlib
+
+    from lenscope.files import WriteError, atomic_dir, atomic_write
+
+    target = atomic_write(tmp_path / "results.json", "earlier")
+
+    def no_space(self, data):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(pathlib.Path, "write_bytes", no_space)
+    with pytest.raises(WriteError, match=rf"^could not write {re.escape(str(target))}: the disk is full \(.* free "
+                                         r"there\); free space or write to another disk") as info:
+        atomic_write(target, "later")
+    assert info.value.errno == errno.ENOSPC and isinstance(info.value, OSError) and "\n" not in str(info.value)
+    monkeypatch.undo()
+    assert target.read_text() == "earlier" and sorted(p.name for p in tmp_path.iterdir()) == ["results.json"]
+    # A quota, through a folder (safetensors quotes the system's message, with no errno).
+    with pytest.raises(WriteError, match=r"could not write .*tuned: the disk quota is exceeded .*within your quota"):
+        with atomic_dir(tmp_path / "tuned"):
+            raise RuntimeError("Error while serializing: IoError(Os { code: 122, kind: QuotaExceeded, "
+                               f"message: \"{__import__('os').strerror(errno.EDQUOT)}\" }})")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["results.json"]
+
+
+FILL_UNDER_A_SIZE_LIMIT = """
+import resource, signal, sys
+import torch
+from lenscope.files import WriteError, atomic_path
+from lenscope.lenses.artifact import save_lens
+from lenscope.lenses.lens import TunedLens
+
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit then fails with EFBIG instead of killing
+resource.setrlimit(resource.RLIMIT_FSIZE, (64 * 1024, resource.RLIM_INFINITY))
+lens = TunedLens([0, 1, 2], 128)  # 196 KiB of weights
+try:
+    save_lens(lens, sys.argv[1], base_model="m", revision="r", unembed_hash="h", num_hidden_layers=3)
+except WriteError as err:
+    print(err)
+try:
+    with atomic_path(sys.argv[2]) as tmp:
+        torch.save(lens.state_dict(), tmp)
+except WriteError as err:
+    print(err)
+"""
+
+
+def test_a_file_size_limit_is_one_line_naming_the_file_for_safetensors_and_torch(tmp_path):
+    import subprocess
+    import sys
+
+    earlier = save_lens(TunedLens([0, 1, 2], 8), tmp_path / "tuned", base_model="m", revision="r", unembed_hash="h",
+                        num_hidden_layers=3)
+    (tmp_path / "state.pt").write_bytes(b"earlier")
+    result = subprocess.run([sys.executable, "-c", FILL_UNDER_A_SIZE_LIMIT, str(earlier), str(tmp_path / "state.pt")],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = result.stdout.splitlines()
+    limit = r"the file-size limit \(ulimit -f: 64\.0 KiB\) was reached; raise the limit \(ulimit -f unlimited\)"
+    assert len(lines) == 2 and "enforce fail" not in result.stdout
+    assert re.fullmatch(rf"could not write {re.escape(str(earlier))}: {limit}.*", lines[0])
+    assert re.fullmatch(rf"could not write {re.escape(str(tmp_path / 'state.pt'))}: {limit}.*", lines[1])
+    assert load_lens(earlier).d_model == 8 and (tmp_path / "state.pt").read_bytes() == b"earlier"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["state.pt", "tuned"]
