@@ -7,10 +7,11 @@ the umask: ``mkstemp`` and ``mkdtemp`` make ``0600`` / ``0700``, which would hid
 results from its collaborators), and renamed into place. A reader sees the old version or the new
 one, never a mixture; a failed write removes its temporary and leaves the old version intact.
 
-A folder is replaced in two renames (the old one aside as ``.NAME.old-PID``, the new one
-``.NAME.tmp-PID-…`` into place): a process killed between them leaves no folder at the path, and
-the next write or load of it (``recover_dir``) puts the old one back, once its writer is dead, and
-removes what dead writers left; one line says what it recovered.
+A folder is replaced in two renames (the old one aside as ``.NAME.old-PID@HOST``, the new one
+``.NAME.tmp-PID@HOST-…`` into place): a process killed between them leaves no folder at the path,
+and the next write or load of it (``recover_dir``) puts the old one back, once its writer is dead,
+and removes what dead writers left; one line says what it recovered. Only this host's writers can
+be known dead: another host's leftovers (a shared filesystem) are left alone.
 
 A full disk, a full quota or a file-size limit (``ulimit -f``) is one line (``WriteError``) naming
 the file, the limit and the fix, whichever library was writing (torch says only "enforce fail at
@@ -26,6 +27,7 @@ import os
 import re
 import resource
 import shutil
+import socket
 import tempfile
 import threading
 import time
@@ -190,7 +192,16 @@ def _hold_for_test(path: Path, point: str) -> None:
             time.sleep(1)
 
 
-def _writer_is_dead(pid: int) -> bool:
+def _writer() -> str:
+    """``PID@HOST`` of this process, in the names of the folders it leaves beside the one it replaces."""
+    return f"{os.getpid()}@{socket.gethostname()}"
+
+
+def _writer_is_dead(pid: int, host: str | None) -> bool:
+    """Whether the writer of a leftover is known dead: a process of this host (``host`` None: a
+    leftover of an older lenscope, which named no host) that no longer runs."""
+    if host not in (None, socket.gethostname()):
+        return False  # another machine's process: it may be running
     if pid == os.getpid():
         return False  # this process's own: a replace under way (another thread)
     try:
@@ -204,7 +215,7 @@ def _writer_is_dead(pid: int) -> bool:
 
 def recover_dir(path: str | Path) -> str | None:
     """Undo what a killed ``atomic_dir`` left beside ``path``: with no folder at ``path``, the old
-    folder it had moved aside (``.NAME.old-PID``) goes back; the moved-aside and temporary folders
+    folder it had moved aside (``.NAME.old-PID@HOST``) goes back; the moved-aside and temporary folders
     of dead writers are removed. The folders of live writers are left alone. Says (logs) in one
     line what it recovered, and returns that line (None: nothing to recover)."""
     path = Path(path)
@@ -214,9 +225,14 @@ def recover_dir(path: str | Path) -> str | None:
         return None
     leftovers = []
     for entry in entries:
-        match = re.fullmatch(rf"\.{re.escape(path.name)}\.(old|tmp)-(\d+)(-.*)?", entry.name)
-        if match and entry.is_dir() and _writer_is_dead(int(match[2])):
-            leftovers.append((match[1] == "tmp", entry, int(match[2])))  # the moved-aside ones first
+        # .NAME.old-PID[@HOST] or .NAME.tmp-PID[@HOST]-RANDOM (mkdtemp's suffix has no '-')
+        match = re.fullmatch(rf"\.{re.escape(path.name)}\.(?:old-(\d+)(?:@(.+))?|tmp-(\d+)(?:@(.+))?-[\w]+)", entry.name)
+        if not match or not entry.is_dir():
+            continue
+        is_tmp = match[3] is not None
+        pid, host = (int(match[3]), match[4]) if is_tmp else (int(match[1]), match[2])
+        if _writer_is_dead(pid, host):
+            leftovers.append((is_tmp, entry, pid))  # the moved-aside ones first
     done = []
     for is_tmp, entry, pid in sorted(leftovers):
         if not is_tmp and not path.exists():
@@ -225,8 +241,9 @@ def recover_dir(path: str | Path) -> str | None:
                 done.append(f"put back the folder that the killed process {pid} had moved aside to replace it")
                 continue
         shutil.rmtree(entry, ignore_errors=True)
-        done.append(f"removed the {'unfinished new' if is_tmp else 'replaced old'} folder {entry.name} of the killed "
-                    f"process {pid}")
+        if not entry.exists():
+            done.append(f"removed the {'unfinished new' if is_tmp else 'replaced old'} folder {entry.name} of the "
+                        f"killed process {pid}")
     if not done:
         return None
     _fsync_dir(path.parent)
@@ -248,7 +265,7 @@ def atomic_dir(path: str | Path, replace: bool = True) -> Iterator[Path]:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     recover_dir(path)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-{os.getpid()}-", dir=path.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-{_writer()}-", dir=path.parent))
     try:
         yield tmp
         for child in tmp.iterdir():
@@ -263,7 +280,7 @@ def atomic_dir(path: str | Path, replace: bool = True) -> Iterator[Path]:
         if path.exists():
             # Two renames (POSIX has no portable exchange): killed between them, the path is empty
             # until the next write or load of it puts the old folder back (recover_dir).
-            old = path.with_name(f".{path.name}.old-{os.getpid()}")
+            old = path.with_name(f".{path.name}.old-{_writer()}")
             os.rename(path, old)
             _hold_for_test(path, "moved-aside")
             os.rename(tmp, path)

@@ -281,10 +281,10 @@ def _kill_held_writer(script: str, folder, point: str, *args: str) -> int:
 
 
 @pytest.mark.parametrize(("point", "survivor", "said"), [
-    ("filled", "old", r"recovered .*tuned: removed the unfinished new folder \.tuned\.tmp-\d+-\w+ of the killed process \d+$"),
+    ("filled", "old", r"recovered .*tuned: removed the unfinished new folder \.tuned\.tmp-\d+@\S+-\w+ of the killed process \d+$"),
     ("moved-aside", "old", r"recovered .*tuned: put back the folder that the killed process \d+ had moved aside to "
-                           r"replace it; removed the unfinished new folder \.tuned\.tmp-\d+-\w+ of the killed process"),
-    ("replaced", "new", r"recovered .*tuned: removed the replaced old folder \.tuned\.old-\d+ of the killed process \d+$"),
+                           r"replace it; removed the unfinished new folder \.tuned\.tmp-\d+@\S+-\w+ of the killed process"),
+    ("replaced", "new", r"recovered .*tuned: removed the replaced old folder \.tuned\.old-\d+@\S+ of the killed process \d+$"),
 ])
 def test_a_folder_replace_killed_at_any_point_is_recovered(tmp_path, caplog, point, survivor, said):
     from lenscope.files import atomic_dir, recover_dir
@@ -308,18 +308,25 @@ def test_loading_an_artifact_whose_replace_was_killed_restores_it(tmp_path, capl
 
     folder = save_lens(Tuned([0, 1, 2], 8), tmp_path / "tuned", base_model="m", revision="r", unembed_hash="h",
                        num_hidden_layers=3)
-    _kill_held_writer(REPLACE_LENS, folder, "moved-aside")
+    dead = _kill_held_writer(REPLACE_LENS, folder, "moved-aside")
     assert not folder.exists()
     with caplog.at_level("WARNING", logger="lenscope.files"):
         lens = load_lens(folder)
     assert torch.count_nonzero(lens.weight) == 0, "the old lens, complete"
     assert ["put back" in r.getMessage() for r in caplog.records] == [True]
-    # A writer still alive is left alone: its folders are not leftovers.
+    # A writer still alive is left alone, and so is one on another machine (a shared filesystem),
+    # which this one cannot know dead; a leftover of an older lenscope names no machine: this one's.
     import os
-    alive = tmp_path / f".tuned.old-{os.getppid()}"
-    alive.mkdir()
+
     from lenscope.files import recover_dir
-    assert recover_dir(folder) is None and alive.is_dir()
+
+    alive, elsewhere = tmp_path / f".tuned.old-{os.getppid()}", tmp_path / f".tuned.tmp-{dead}@elsewhere-1-2-abc"
+    alive.mkdir()
+    elsewhere.mkdir()
+    assert recover_dir(folder) is None and alive.is_dir() and elsewhere.is_dir()
+    older = tmp_path / f".tuned.old-{dead}"
+    older.mkdir()
+    assert "removed the replaced old folder" in recover_dir(folder) and not older.exists()
 
 
 # --- a full disk or a file-size limit is one line naming the file --------------------------------------
@@ -388,3 +395,15 @@ def test_a_file_size_limit_is_one_line_naming_the_file_for_safetensors_and_torch
     assert re.fullmatch(rf"could not write {re.escape(str(tmp_path / 'state.pt'))}: {limit}.*", lines[1])
     assert load_lens(earlier).d_model == 8 and (tmp_path / "state.pt").read_bytes() == b"earlier"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["state.pt", "tuned"]
+
+
+def test_a_learned_prompt_lens_loaded_without_a_model_refuses_another_model(tmp_path, model, other_model):
+    from lenscope.lenses.learned_prompt import LearnedPromptLens
+
+    lens = LearnedPromptLens(model.layers, model.d_model, offset=0, prompt_length=2)
+    torch.nn.init.normal_(lens.prompt, std=0.02)
+    loaded = load_lens(_save(lens, tmp_path / "learned", model))
+    h = other_model.residuals(other_model.tokenize("w3 w4"))[loaded.layers][:, 0, -1]
+    with pytest.raises(WrongModelError, match="the learned_prompt lens was made for"):
+        loaded.logits(other_model, h)
+    loaded.logits(model, model.residuals(model.tokenize("w3 w4"))[loaded.layers][:, 0, -1])
