@@ -11,8 +11,7 @@ warning that says how to seal them (``reseal``).
 
 A lens names its model by an id (a Hub id, ``embedded:…``, or for a local folder the id it was
 converted from or its name, never its path, with ``base_model_local``) and the fingerprint of its
-unembedding; a loaded lens is bound to that fingerprint and
-refuses any other model (``Lens.bind``).
+unembedding; a loaded lens is bound to that fingerprint and refuses any other model (``Lens.bind``).
 
 The folder is written next to its final place and renamed into it, so readers never see half an
 artifact, and an earlier artifact at the same path stays intact until the new one is complete.
@@ -37,7 +36,6 @@ from lenscope.lenses.hub import (
     is_local_path,
     is_model_id,
     local_model_name,
-    model_id,
     pull_lens,
 )
 from lenscope.lenses.learned_prompt import LearnedPromptLens  # noqa: F401 (registers its lens type)
@@ -69,8 +67,9 @@ def _sha256(path: Path) -> str:
 def config_sha256(config: dict) -> str:
     """sha256 of the config's canonical JSON (sorted keys, no spaces) without its own seal: what the
     manifest records, unchanged by re-indenting the file but by any edit of a value."""
+    # NaN is written as the file writes it (a held-out score may be one): the seal never stops a save.
     canonical = json.dumps({k: v for k, v in config.items() if k != SEAL}, sort_keys=True, separators=(",", ":"),
-                           ensure_ascii=False, allow_nan=False)
+                           ensure_ascii=False)
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 
@@ -92,13 +91,14 @@ def save_lens(lens: Lens, path: str | Path, *, base_model: str, revision: str, u
     if bad:
         raise LensArtifactError(f"refusing to write {path}: the lens's {', '.join(bad)} contain NaN or inf "
                                 "(training diverged); lower the learning rate and train again")
+    local_name = local_model_name(base_model)  # a lens may be shared: it never holds the user's paths
     with atomic_dir(path) as tmp:
         if tensors:
             save_file(tensors, tmp / WEIGHTS)
         config = {
             "lens_type": lens.lens_type,
-            "base_model_name_or_path": model_id(base_model),
-            "base_model_local": local_model_name(base_model) is not None,
+            "base_model_name_or_path": local_name or base_model,
+            "base_model_local": local_name is not None,
             "base_model_revision": revision,
             "unembed_hash": unembed_hash,
             "d_model": lens.d_model,

@@ -17,8 +17,8 @@ variables are read when a lens is pulled, not when ``huggingface_hub`` was impor
 ``push_lens`` uploads an artifact folder with a generated model card (base model and revision,
 training data, tokens seen, per-layer held-out KL) in one commit. What is uploaded identifies the
 lens and never a local path (``public_config``): a base model that was a local folder is named by
-the id it was converted from or the folder's name, a training corpus by its file name. It is a thin call of
-``HfApi.create_commit``; it needs a token (``hf auth login``) and a network.
+the id it was converted from or the folder's name, a training corpus by its file name. It is a
+thin call of ``HfApi.create_commit``; it needs a token (``hf auth login``) and a network.
 """
 
 from __future__ import annotations

@@ -407,3 +407,13 @@ def test_a_learned_prompt_lens_loaded_without_a_model_refuses_another_model(tmp_
     with pytest.raises(WrongModelError, match="the learned_prompt lens was made for"):
         loaded.logits(other_model, h)
     loaded.logits(model, model.residuals(model.tokenize("w3 w4"))[loaded.layers][:, 0, -1])
+
+
+def test_a_tuned_lens_export_names_no_local_path_and_a_nan_score_still_seals(tmp_path, model, tiny_model_dir):
+    from lenscope.lenses.tuned_lens_format import save_tuned_lens
+
+    exported = save_tuned_lens(_lens(model), tmp_path / "exported", model)
+    assert json.loads((exported / "config.json").read_text())["base_model_name_or_path"] == tiny_model_dir.name
+    # A held-out score of NaN (a layer with no tokens) is written as before and the seal holds.
+    folder = _save(_lens(model), tmp_path / "tuned", model, held_out={"step": 1, "kl_bits": [float("nan")] * 3})
+    assert load_lens(folder, model).unembed_hash == model.unembed_hash
