@@ -73,17 +73,19 @@ class Lens(nn.Module):
         return lens_key(self.lens_type, self.offset)
 
     def bind(self, model: FrozenModel) -> None:
-        """Refuse ``model`` in one line unless this lens was made for it; a lens not bound yet is bound
-        to it. A lens without parameters (the logit lens) decodes every model and stays unbound."""
-        if self.unembed_hash == model.unembed_hash:
-            return
-        if self.unembed_hash is None:
-            if next(self.parameters(), None) is not None:
-                self.unembed_hash, self.made_for = model.unembed_hash, model.name
-            return
-        made_for = f"{self.made_for!r}" if self.made_for else "another model"
-        raise WrongModelError(f"the {self.key} lens was made for {made_for} (unembedding {self.unembed_hash}), not for "
-                              f"{model.name!r} (unembedding {model.unembed_hash}); use a lens trained on this model")
+        """Refuse ``model`` in one line unless this lens, and every lens it wraps (a lens asked as a
+        patchscope), was made for it; a lens not bound yet is bound to it. A lens without parameters
+        (the logit lens) decodes every model and stays unbound."""
+        lenses = [module for module in self.modules() if isinstance(module, Lens)]
+        for lens in lenses:  # every one checked before any is bound: a refusal binds nothing
+            if lens.unembed_hash not in (None, model.unembed_hash):
+                made_for = f"{lens.made_for!r}" if lens.made_for else "another model"
+                raise WrongModelError(f"the {lens.key} lens was made for {made_for} (unembedding {lens.unembed_hash}), "
+                                      f"not for {model.name!r} (unembedding {model.unembed_hash}); use a lens trained "
+                                      "on this model")
+        for lens in lenses:
+            if lens.unembed_hash is None and next(lens.parameters(), None) is not None:
+                lens.unembed_hash, lens.made_for = model.unembed_hash, model.name
 
     def trajectory(self, model: FrozenModel, text: str, k: int = 5, baseline: bool = True) -> Trajectory:
         """What every layer predicts at every token of ``text`` under this lens (beside the logit

@@ -417,3 +417,12 @@ def test_a_tuned_lens_export_names_no_local_path_and_a_nan_score_still_seals(tmp
     # A held-out score of NaN (a layer with no tokens) is written as before and the seal holds.
     folder = _save(_lens(model), tmp_path / "tuned", model, held_out={"step": 1, "kl_bits": [float("nan")] * 3})
     assert load_lens(folder, model).unembed_hash == model.unembed_hash
+
+
+def test_a_loaded_lens_asked_as_a_patchscope_refuses_another_model(tmp_path, model, other_model):
+    from lenscope.lenses.patchscope import LensPatchscope
+
+    wrapped = LensPatchscope(load_lens(_save(_lens(model), tmp_path / "tuned", model)))
+    with pytest.raises(WrongModelError, match="the tuned lens was made for"):
+        Trajectory.of(other_model, "w3 w4", [wrapped])
+    assert len(Trajectory.of(model, "w3 w4", [wrapped]).panels) == 1
