@@ -81,11 +81,11 @@ def _no_room(err: BaseException) -> int | None:
 
 
 def _size(n: float) -> str:
-    for unit in ("bytes", "KiB", "MiB", "GiB", "TiB"):
-        if n < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
+    for unit in ("bytes", "KiB", "MiB", "GiB"):
+        if n < 1024:
+            return f"{n:.0f} bytes" if unit == "bytes" else f"{n:.1f} {unit}"
         n /= 1024
-    return f"{n} bytes"  # pragma: no cover
+    return f"{n:.1f} TiB"
 
 
 def _file_size_limit() -> int | None:
@@ -149,6 +149,18 @@ def _fsync_dir(path: Path) -> None:
 
 
 @contextlib.contextmanager
+def _said_when_no_room(path: Path) -> Iterator[None]:
+    """Around a whole write to ``path`` (the temporary's creation included: a full disk can refuse
+    even an empty file): a lack of room, whichever library met it, becomes ``WriteError``."""
+    try:
+        yield
+    except Exception as err:
+        if (code := _no_room(err)) is not None:
+            raise _write_error(path, code) from None
+        raise
+
+
+@contextlib.contextmanager
 def atomic_path(path: str | Path, suffix: str = ".tmp", durable: bool = True) -> Iterator[Path]:
     """Yield a temporary path next to ``path``; once the block has written it, publish it as ``path``.
 
@@ -158,21 +170,20 @@ def atomic_path(path: str | Path, suffix: str = ".tmp", durable: bool = True) ->
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
-    os.close(fd)
-    tmp = Path(name)
-    try:
-        yield tmp
-        if durable:
-            with open(tmp, "rb+") as f:
-                os.fsync(f.fileno())
-        os.chmod(tmp, file_mode())
-        os.replace(tmp, path)
-    except BaseException as err:
-        tmp.unlink(missing_ok=True)
-        if (code := _no_room(err)) is not None:
-            raise _write_error(path, code) from None
-        raise
+    with _said_when_no_room(path):
+        fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
+        os.close(fd)
+        tmp = Path(name)
+        try:
+            yield tmp
+            if durable:
+                with open(tmp, "rb+") as f:
+                    os.fsync(f.fileno())
+            os.chmod(tmp, file_mode())
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
     if durable:
         _fsync_dir(path.parent)
 
@@ -265,38 +276,38 @@ def atomic_dir(path: str | Path, replace: bool = True) -> Iterator[Path]:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     recover_dir(path)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-{_writer()}-", dir=path.parent))
-    try:
-        yield tmp
-        for child in tmp.iterdir():
-            if child.is_file():
-                with open(child, "rb+") as f:
-                    os.fsync(f.fileno())
-                os.chmod(child, file_mode())
-        os.chmod(tmp, dir_mode())
-        _hold_for_test(path, "filled")
-        if path.exists() and not replace:
-            return
-        if path.exists():
-            # Two renames (POSIX has no portable exchange): killed between them, the path is empty
-            # until the next write or load of it puts the old folder back (recover_dir).
-            old = path.with_name(f".{path.name}.old-{_writer()}")
-            os.rename(path, old)
-            _hold_for_test(path, "moved-aside")
-            os.rename(tmp, path)
-            _hold_for_test(path, "replaced")
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            try:
-                os.rename(tmp, path)
-            except OSError:
-                if replace or not path.exists():
-                    raise  # (another process made the same folder meanwhile: keep theirs)
-        _fsync_dir(path.parent)
-    except BaseException as err:
-        if (code := _no_room(err)) is not None:
+    with _said_when_no_room(path):
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-{_writer()}-", dir=path.parent))
+        try:
+            yield tmp
+            for child in tmp.iterdir():
+                if child.is_file():
+                    with open(child, "rb+") as f:
+                        os.fsync(f.fileno())
+                    os.chmod(child, file_mode())
+            os.chmod(tmp, dir_mode())
+            _hold_for_test(path, "filled")
+            if path.exists() and not replace:
+                return
+            if path.exists():
+                # Two renames (POSIX has no portable exchange): killed between them, the path is
+                # empty until the next write or load of it puts the old folder back (recover_dir).
+                old = path.with_name(f".{path.name}.old-{_writer()}")
+                os.rename(path, old)
+                _hold_for_test(path, "moved-aside")
+                try:
+                    os.rename(tmp, path)
+                except BaseException:
+                    os.rename(old, path)
+                    raise
+                _hold_for_test(path, "replaced")
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                try:
+                    os.rename(tmp, path)
+                except OSError:
+                    if replace or not path.exists():
+                        raise  # (another process made the same folder meanwhile: keep theirs)
+            _fsync_dir(path.parent)
+        finally:
             shutil.rmtree(tmp, ignore_errors=True)
-            raise _write_error(path, code) from None
-        raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)

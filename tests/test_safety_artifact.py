@@ -354,6 +354,16 @@ def test_a_full_disk_is_one_line_naming_the_file_and_the_earlier_file_is_intact(
             raise RuntimeError("Error while serializing: IoError(Os { code: 122, kind: QuotaExceeded, "
                                f"message: \"{__import__('os').strerror(errno.EDQUOT)}\" }})")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["results.json"]
+    # Even the empty temporary folder can be refused.
+    import tempfile
+
+    def no_room_for_a_folder(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / ".tuned.tmp-1"))
+
+    monkeypatch.setattr(tempfile, "mkdtemp", no_room_for_a_folder)
+    with pytest.raises(WriteError, match=rf"^could not write {re.escape(str(tmp_path / 'tuned'))}: the disk is full"):
+        with atomic_dir(tmp_path / "tuned"):
+            pass
 
 
 FILL_UNDER_A_SIZE_LIMIT = """
