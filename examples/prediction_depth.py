@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 
 import lenscope
-from lenscope.lenses.artifact import read_config
+from lenscope.lenses.artifact import model_named_by
 from lenscope.lenses.lens import LogitLens
 from lenscope.lenses.trajectory import Trajectory
 
@@ -49,8 +49,7 @@ def main(argv: list[str] | None = None) -> None:
 
     name = args.model
     if name is None:
-        name = (read_config(args.lens[0])["base_model_name_or_path"] if args.lens
-                else "embedded:smollm2-135m")
+        name = model_named_by(args.lens[0]) if args.lens else "embedded:smollm2-135m"
     model = lenscope.load_model(name)
     lenses = [LogitLens(model.layers, model.d_model)] + [lenscope.load_lens(path, model) for path in args.lens]
     prompts = args.prompt or PROMPTS

@@ -15,8 +15,10 @@ or a tuned-lens folder (``config.json`` + ``params.pt``). Files go through the H
 variables are read when a lens is pulled, not when ``huggingface_hub`` was imported.
 
 ``push_lens`` uploads an artifact folder with a generated model card (base model and revision,
-training data, tokens seen, per-layer held-out KL) in one commit. It is a thin call of
-``HfApi.create_commit``; it needs a token (``hf auth login``) and a network.
+training data, tokens seen, per-layer held-out KL) in one commit. What is uploaded identifies the
+lens and never a local path (``public_config``): a base model that was a local folder is named by
+the id it was converted from or the folder's name, a training corpus by its file name. It is a
+thin call of ``HfApi.create_commit``; it needs a token (``hf auth login``) and a network.
 """
 
 from __future__ import annotations
@@ -38,6 +40,50 @@ _REPO_TYPES = {"models": "model", "spaces": "space", "datasets": "dataset"}
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")  # owner/name
 # Where a model named by lenscope comes from on the Hub, for the card's ``base_model``.
 _HUB_ORIGIN = {"embedded:smollm2-135m": "HuggingFaceTB/SmolLM2-135M-Instruct"}
+
+
+_MODEL_ID = re.compile(r"^(embedded:[\w.-]+|[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?)$")  # a Hub id or embedded:…
+
+
+def is_model_id(name: object) -> bool:
+    """``name`` has the shape of a model id (``owner/name``, a legacy ``gpt2``, ``embedded:…``)."""
+    return isinstance(name, str) and bool(_MODEL_ID.match(name)) and ".." not in name
+
+
+def is_local_path(name: object) -> bool:
+    """``name`` is a path on this machine: absolute, ``~``, ``./`` or ``../``, anything not shaped
+    like a model id that has a separator, or anything that exists here (a folder ``gpt2`` would be
+    opened instead of the Hub's ``gpt2``)."""
+    if not isinstance(name, str) or not name:
+        return False
+    if name.startswith(("/", "~", "./", "../", "\\")) or Path(name).is_absolute():
+        return True
+    if not is_model_id(name) and ("/" in name or os.sep in name):
+        return True
+    try:
+        return Path(name).exists()
+    except OSError:  # a name too long to be a path
+        return False
+
+
+def local_model_name(name: str) -> str | None:
+    """What a model named by a local path is called in a lens: the Hub id its folder was converted
+    from (``_name_or_path`` of its config) when that is one, else the folder's name. None when
+    ``name`` is not a local path (a Hub id or ``embedded:…``)."""
+    if not is_local_path(name):
+        return None
+    folder = Path(name).expanduser()
+    try:
+        origin = json.loads((folder / "config.json").read_text()).get("_name_or_path")
+    except (OSError, ValueError, AttributeError):
+        origin = None
+    return origin if isinstance(origin, str) and is_model_id(origin) else folder.resolve().name
+
+
+def model_id(name: str) -> str:
+    """How a lens names the model ``name``: as given for a Hub id or ``embedded:…``, by
+    ``local_model_name`` for a local folder (a lens may be shared: it never holds the user's paths)."""
+    return local_model_name(name) or name
 
 
 class HubError(UserError):
@@ -177,18 +223,55 @@ def _warm_start(config: dict) -> str:
     return f"on the first {batches} batches, before the optimizer steps" if batches else "none (the steps started elsewhere)"
 
 
+def _without_local_paths(value):
+    """``value`` (a config's JSON) with every string that is a path on this machine cut to its last
+    part: a training corpus ``/home/me/data/pile.jsonl.zst`` is published as ``pile.jsonl.zst``."""
+    if isinstance(value, dict):
+        return {k: _without_local_paths(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_without_local_paths(v) for v in value]
+    if isinstance(value, str) and is_local_path(value):
+        return Path(value).expanduser().name
+    return value
+
+
+def public_config(config: dict) -> dict:
+    """What of a lens's config is published: what identifies the lens (model id, revision,
+    unembedding fingerprint, recipe), never a local path. A base model given as a local folder is
+    named as ``local_model_name`` says (the id it was converted from, or the folder's name); a
+    lenscope config is sealed again over what is published (format 1 is published sealed)."""
+    base = config.get("base_model_name_or_path")
+    local = local_model_name(base) if isinstance(base, str) else None
+    public = _without_local_paths(config)
+    if local is not None:
+        public["base_model_name_or_path"] = local
+        if "format_version" in config:
+            public["base_model_local"] = True
+    if "format_version" in config:
+        from lenscope.lenses.artifact import sealed
+
+        public = sealed(public)
+    return public
+
+
+def _local_base(config: dict) -> bool:
+    return config.get("base_model_local") is True or not is_model_id(config.get("base_model_name_or_path"))
+
+
 def model_card(folder: str | Path, repo_id: str, path_in_repo: str = "") -> str:
     """A Hub model card (README.md with YAML metadata) for the lens artifact in ``folder``: what it
-    is, how to load it, what it was trained on and its held-out KL per layer."""
+    is, how to load it, what it was trained on and its held-out KL per layer. It says what
+    ``public_config`` publishes: no local path."""
     from huggingface_hub import ModelCardData
 
     from lenscope.lenses.artifact import read_config
     from lenscope.lenses.metrics import per_layer_table
 
-    config = read_config(folder)
+    config = public_config(read_config(folder))
     base = config.get("base_model_name_or_path", "unknown")
     revision = config.get("base_model_revision", "unknown")
     kind = config.get("lens_type", "tuned")
+    local = _local_base(config)
     origin = _HUB_ORIGIN.get(base, base if _REPO_ID.match(str(base)) else None)
     metadata = ModelCardData(library_name="lenscope", base_model=origin,
                              tags=["lenscope", "interpretability", f"{kind}-lens", "logit-lens"])
@@ -199,7 +282,8 @@ def model_card(folder: str | Path, repo_id: str, path_in_repo: str = "") -> str:
     layers, total = config.get("layers") or [], config.get("num_hidden_layers")
     rows = [
         ("lens", f"{kind}" + (f" (predicts the token {config['offset']} ahead)" if config.get("offset") else "")),
-        ("base model", f"`{base}`" + (f" (from [{origin}](https://huggingface.co/{origin}))" if origin and origin != base else "")),
+        ("base model", f"`{base}`" + (" (a local copy)" if local else "")
+         + (f" (from [{origin}](https://huggingface.co/{origin}))" if origin and origin != base else "")),
         ("base model revision", f"`{revision}`"),
         ("unembedding fingerprint", f"`{config.get('unembed_hash', 'unknown')}`"),
         ("residuals lensed", f"{len(layers)} of {total + 1}" if isinstance(total, int) else str(len(layers))),
@@ -214,7 +298,8 @@ def model_card(folder: str | Path, repo_id: str, path_in_repo: str = "") -> str:
         "Per-layer maps from the residual stream of the base model to its vocabulary, trained with "
         "lenscope: at every layer, what the model would predict if it stopped there.", "",
         "```python", "import lenscope",
-        f'model = lenscope.load_model("{base}")',
+        f'model = lenscope.load_model("path/to/{base}")  # the local model the lens was trained on' if local
+        else f'model = lenscope.load_model("{base}")',
         f'lens = lenscope.load_lens("{name}", model)',
         'print(lens.trajectory(model, "The capital of France is"))', "```", "",
         "## Training", "", "| | |", "|---|---|", *[f"| {k} | {v} |" for k, v in rows], "",
@@ -244,8 +329,10 @@ def push_lens(folder: str | Path, repo_id: str, *, path_in_repo: str = "", revis
     load_lens(folder)  # refuse to publish a damaged artifact
     prefix = path_in_repo.strip("/")
     target = lambda name: f"{prefix}/{name}" if prefix else name  # noqa: E731
-    files = sorted(p for p in folder.iterdir() if p.is_file() and p.name != README)
-    operations = [CommitOperationAdd(target(p.name), str(p)) for p in files]
+    # Only the lens's own files: its config as published (no local path) and the weights it lists.
+    config = public_config(json.loads((folder / CONFIG).read_text()))
+    operations = [CommitOperationAdd(target(CONFIG), (json.dumps(config, indent=2) + "\n").encode())]
+    operations += [CommitOperationAdd(target(name), str(folder / name)) for name in _weights_of(folder / CONFIG)]
     operations.append(CommitOperationAdd(target(README), model_card(folder, repo_id, prefix).encode()))
     api = HfApi(token=token)
     try:

@@ -95,6 +95,7 @@ class LearnedPromptLens(Lens):
         """h: (num_layers, ..., d) source states at this lens's layers → (num_layers, ..., V) logits
         at the prompt's last position, each state patched into the model running on the prompt
         (at most ``rows_per_pass`` per forward pass); differentiable with respect to the prompt."""
+        self.bind(model)  # a learned prompt means nothing to another model
         width = model.hf.get_input_embeddings().embedding_dim
         if width != self.d_model:
             raise ConfigError(f"this model's input embeddings have width {width}, its residual stream {self.d_model} "

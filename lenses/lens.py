@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lenscope.errors import UserError
 from lenscope.lenses.unembed import lens_kl, lens_metrics
 
 if TYPE_CHECKING:
@@ -35,9 +36,19 @@ def lens_key(lens_type: str, offset: int) -> str:
     return lens_type if offset == 0 else f"{lens_type}+{offset}"
 
 
+class WrongModelError(UserError):
+    """A lens was used with a model other than the one it was made for."""
+
+
 class Lens(nn.Module):
     """Base class: ``logits(model, h)`` decodes the residuals of the lensed layers, whatever the
-    kind of lens; for the affine kinds ``forward(h)`` maps them to decodable residuals first."""
+    kind of lens; for the affine kinds ``forward(h)`` maps them to decodable residuals first.
+
+    A lens with learned parameters is bound to one model, by the fingerprint of its unembedding
+    (``unembed_hash``): a loaded lens is bound to the model its artifact names, a new one to the
+    first model it is used with, and every use with a model (``logits``, ``head_inputs`` and what
+    builds on them, ``Trajectory.of``) refuses another model in one line (``bind``).
+    """
 
     lens_type: str = "abstract"
     offset: int = 0
@@ -47,6 +58,10 @@ class Lens(nn.Module):
         super().__init__()
         self.layers = list(layers)
         self.d_model = d_model
+        self.unembed_hash: str | None = None
+        """Fingerprint of the unembedding of the model this lens was made for (None: not bound yet)."""
+        self.made_for: str | None = None
+        """The name of that model, for messages."""
 
     @property
     def num_layers(self) -> int:
@@ -56,6 +71,21 @@ class Lens(nn.Module):
     def key(self) -> str:
         """The lens's name within a run or a results table: ``tuned``, ``tuned+2``, ..."""
         return lens_key(self.lens_type, self.offset)
+
+    def bind(self, model: FrozenModel) -> None:
+        """Refuse ``model`` in one line unless this lens, and every lens it wraps (a lens asked as a
+        patchscope), was made for it; a lens not bound yet is bound to it. A lens without parameters
+        (the logit lens) decodes every model and stays unbound."""
+        lenses = [module for module in self.modules() if isinstance(module, Lens)]
+        for lens in lenses:  # every one checked before any is bound: a refusal binds nothing
+            if lens.unembed_hash not in (None, model.unembed_hash):
+                made_for = f"{lens.made_for!r}" if lens.made_for else "another model"
+                raise WrongModelError(f"the {lens.key} lens was made for {made_for} (unembedding {lens.unembed_hash}), "
+                                      f"not for {model.name!r} (unembedding {model.unembed_hash}); use a lens trained "
+                                      "on this model")
+        for lens in lenses:
+            if lens.unembed_hash is None and next(lens.parameters(), None) is not None:
+                lens.unembed_hash, lens.made_for = model.unembed_hash, model.name
 
     def trajectory(self, model: FrozenModel, text: str, k: int = 5, baseline: bool = True) -> Trajectory:
         """What every layer predicts at every token of ``text`` under this lens (beside the logit
@@ -69,6 +99,7 @@ class Lens(nn.Module):
         """h: (num_layers, ..., d_model), the residuals at ``self.layers`` → (num_layers, ..., vocab)
         fp32 logits, decoded by ``model`` exactly as it decodes its own last residual. The lens runs in
         fp32, the decoder in the model's dtype (as ``lenscope evaluate`` scores it)."""
+        self.bind(model)
         decoder_dtype = model.adapter.unembedding_weight.dtype
         return model.decode(self(h.float()).to(decoder_dtype)).float()
 
@@ -82,6 +113,7 @@ class Lens(nn.Module):
     def head_inputs(self, model: FrozenModel, h: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """h: (num_layers, N, d_model) → the model head's inputs (through its final norm), with the
         lens's matrix products in ``dtype``."""
+        self.bind(model)
         with torch.autocast(h.device.type, dtype=dtype, enabled=dtype != torch.float32):
             return model.adapter.normalize(self(h.float()))
 

@@ -82,6 +82,7 @@ class Trajectory:
         if not lenses:
             raise ConfigError("no lens to show; give at least one (the logit lens needs nothing trained)")
         for lens in lenses:
+            lens.bind(model)  # a lens made for another model decodes nothing meaningful here
             if lens.d_model != model.d_model or max(lens.layers) >= model.num_layers:
                 raise ConfigError(f"the {lens.key} lens (width {lens.d_model}, layers {lens.layers[0]}..{lens.layers[-1]}) "
                                   f"does not fit this model (width {model.d_model}, {model.num_layers} layers)")

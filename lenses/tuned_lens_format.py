@@ -34,6 +34,7 @@ import numpy as np
 import torch
 
 from lenscope.files import atomic_dir
+from lenscope.lenses.hub import model_id
 from lenscope.lenses.lens import TunedLens
 
 if TYPE_CHECKING:
@@ -150,7 +151,7 @@ def save_tuned_lens(lens: TunedLens, path: str | Path, model: FrozenModel) -> Pa
         bias = lens.bias[i] if lens.bias is not None else torch.zeros(lens.d_model)
         state[f"{i}.bias"] = bias.detach().to("cpu", torch.float32).clone()
     config = {
-        "base_model_name_or_path": model.name,
+        "base_model_name_or_path": model_id(model.name),  # never a local path: the folder may be shared
         "d_model": lens.d_model,
         "num_hidden_layers": lens.num_layers,
         "bias": True,

@@ -149,7 +149,8 @@ def test_lenscope_show_writes_the_page_and_picture(model, tmp_path, capsys, monk
     save_lens(lens, tmp_path / "lens", base_model=model.name, revision=model.revision,
               unembed_hash=model.unembed_hash, num_hidden_layers=model.num_layers)
     monkeypatch.chdir(tmp_path)
-    cli.main(["show", "w3 w4 w5", "--lens", str(tmp_path / "lens"), "--out", "view"])
+    # A lens trained on a local folder does not open that folder on its own word: --model names it.
+    cli.main(["show", "w3 w4 w5", "--model", str(model.name), "--lens", str(tmp_path / "lens"), "--out", "view"])
     out = capsys.readouterr().out
     assert "tuned: top token" in out and (tmp_path / "view.html").is_file() and (tmp_path / "view.png").is_file()
     with pytest.raises(SystemExit) as stop:

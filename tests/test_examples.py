@@ -36,7 +36,8 @@ def test_prediction_depth(tmp_path, tiny_model_dir, model, monkeypatch, capsys):
     folder = save_lens(lens, tmp_path / "tuned", base_model=str(tiny_model_dir), revision="local",
                        unembed_hash=model.unembed_hash, num_hidden_layers=model.num_layers)
     out = tmp_path / "depth.html"
-    run_example("prediction_depth.py", "--lens", str(folder), "--prompt", "alpha beta gamma", "--prompt", "delta",
+    # A lens never opens the local folder it was trained on by itself: --model names it.
+    run_example("prediction_depth.py", "--model", str(tiny_model_dir), "--lens", str(folder), "--prompt", "alpha beta gamma", "--prompt", "delta",
                 "--out", str(out), monkeypatch=monkeypatch)
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].split()[-2:] == ["logit", "tuned"]

@@ -22,7 +22,8 @@ def parser(prog: str) -> argparse.ArgumentParser:
                         "token_identity (the token-identity patchscope); repeat for several, side by side; "
                         "without one, the logit lens alone")
     p.add_argument("--model", default=None,
-                   help="hub id, folder or embedded:smollm2-135m (default: the model the first lens was trained on)")
+                   help="hub id, folder or embedded:smollm2-135m (default: the model the first lens was trained on, "
+                        "when that is a hub id or the embedded model; a lens trained on a local folder needs --model)")
     p.add_argument("--stat", default="entropy", choices=list(STATISTICS), help="what the colour shows")
     p.add_argument("--k", type=int, default=5, help="top tokens kept per cell (shown on hover)")
     p.add_argument("--out", default="trajectory", help="writes OUT.html and OUT.png")
@@ -40,7 +41,7 @@ def main(argv: list[str] | None = None, prog: str = "lenscope show") -> None:
 
 
 def show(args: argparse.Namespace) -> None:
-    from lenscope.lenses.artifact import load_lens, read_config
+    from lenscope.lenses.artifact import load_lens, model_named_by
     from lenscope.lenses.lens import LogitLens
     from lenscope.lenses.token_identity import TokenIdentityLens
     from lenscope.lenses.trajectory import Trajectory
@@ -52,9 +53,7 @@ def show(args: argparse.Namespace) -> None:
     name = args.model
     folders = [path for path in args.lens if path != TOKEN_IDENTITY]
     if name is None and folders:
-        name = read_config(folders[0]).get("base_model_name_or_path")
-        if not name:
-            raise ConfigError(f"{folders[0]} does not name the model it was trained on; pass --model")
+        name = model_named_by(folders[0])  # a Hub id or embedded model; a lens's local path is refused
     if not name:
         raise ConfigError("no model to run: pass --model (a hub id, a folder or embedded:smollm2-135m) or a --lens")
     model = FrozenModel.load(name)
