@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import re
 from pathlib import Path
 
 import matplotlib
+
+from lenscope import strict_json
 
 matplotlib.use("Agg")  # files only, no display needed
 import matplotlib.pyplot as plt  # noqa: E402
@@ -137,7 +138,7 @@ def write_report(results: dict, out_dir: Path, wandb_runs: list = ()) -> list[Pa
     the given W&B runs."""
     out_dir = Path(out_dir)
     written = []
-    atomic_write(out_dir / "results.json", (json.dumps(results, indent=2) + "\n").encode())
+    atomic_write(out_dir / "results.json", strict_json.dumps(results).encode())
     atomic_write(out_dir / "results.csv", csv_text(results).encode())
     atomic_write(out_dir / "results.md", markdown_tables(results).encode())
     written += [out_dir / "results.json", out_dir / "results.csv", out_dir / "results.md"]

@@ -1,0 +1,165 @@
+"""Every command checks its inputs, its numbers and its outputs before any work: an earlier run's
+results are never replaced without --overwrite, a folder another run writes to is refused, every
+float option is finite and in range, and every JSON file written is strict JSON."""
+
+from __future__ import annotations
+
+import inspect
+import json
+import math
+
+import pytest
+
+from lenscope import cli, strict_json
+from lenscope.cli import evaluate
+from lenscope.cli.patchscope import COMMANDS
+from lenscope.cli.steer import steer
+from lenscope.evaluation.patchscope_module import PatchscopeEvaluation
+from lenscope.training.preflight import lock_folders, release_locks
+
+PROMPT = "w5 w6 w7 w8 w9 w10 w11"
+SUBJECT = "w7 w8"
+
+# Per command: the arguments it needs besides --model and --out, what --out names (a folder, or a
+# file name for `run` and `show`), and one file of an earlier run there.
+OUTPUTS = {
+    "run": (["patchscope", "run", "--source.prompts", "['w1 w2 w3']", "--source.layers", "[1]"], "scope.json", None),
+    "attribute": (["patchscope", "attribute"], "results", "heatmap_capital.png"),
+    "describe": (["patchscope", "describe"], "results", "rouge_l.png"),
+    "multihop": (["patchscope", "multihop"], "results", "queries.csv"),
+    "crossmodel": (["patchscope", "crossmodel"], "results", "map.safetensors"),
+    "trace": (["patchscope", "trace", "--prompt", PROMPT, "--subject", SUBJECT], "results", "trace.json"),
+    "knockout": (["patchscope", "knockout", "--prompt", PROMPT, "--subject", SUBJECT], "results", "knockout.json"),
+    "lre": (["patchscope", "lre"], "results", "table.csv"),
+    "steer": (["steer", "--tasks", "[antonyms]"], "results", "aie_antonyms.png"),
+    "show": (["show", "w3 w4"], "traj", None),
+}
+
+
+def _command(name: str, tmp_path, model, overwrite: bool) -> tuple[list[str], object]:
+    """The command line, and the earlier result file it must not replace silently."""
+    argv, out, earlier = OUTPUTS[name]
+    argv = [*argv, "--model", str(model), "--out", str(tmp_path / out)]
+    if name == "show":
+        earlier_file = tmp_path / "traj.html"
+        argv += ["--overwrite"] if overwrite else []
+    else:
+        earlier_file = tmp_path / out if earlier is None else tmp_path / out / earlier
+        argv += ["--overwrite", "true"] if overwrite else []
+    earlier_file.parent.mkdir(parents=True, exist_ok=True)
+    return argv, earlier_file
+
+
+def _fails(argv: list[str], capsys) -> str:
+    with pytest.raises(SystemExit) as stop:
+        cli.main(argv)
+    err = capsys.readouterr().err.strip()
+    assert stop.value.code == 2 and len(err.splitlines()) == 1 and "Traceback" not in err, err
+    return err
+
+
+@pytest.mark.parametrize("name", list(OUTPUTS))
+def test_an_earlier_result_is_refused_before_any_work_and_overwrite_passes(name, tmp_path, capsys):
+    """With a model that does not exist: the refusal comes first (nothing was loaded), and with
+    --overwrite the command gets past its outputs to the model (which then fails)."""
+    missing = tmp_path / "no-such-model"
+    argv, earlier = _command(name, tmp_path, missing, overwrite=False)
+    earlier.write_text("earlier")
+    err = _fails(argv, capsys)
+    assert f"already holds an earlier run's results ({earlier.name}" in err and "--overwrite" in err, err
+    argv, _ = _command(name, tmp_path, missing, overwrite=True)
+    err = _fails(argv, capsys)
+    assert "already holds" not in err and "no-such-model" in err, err
+    assert earlier.read_text() == "earlier"
+
+
+@pytest.mark.parametrize("name", ["run", "trace", "show"])
+def test_overwrite_replaces_an_earlier_result(name, tmp_path, tiny_model_dir, capsys):
+    argv, earlier = _command(name, tmp_path, tiny_model_dir, overwrite=True)
+    earlier.write_text("earlier")
+    cli.main(argv)
+    assert earlier.read_text() != "earlier"
+    if earlier.suffix == ".json":
+        json.loads(earlier.read_text())
+
+
+def test_show_refuses_to_replace_its_default_page(tmp_path, tiny_model_dir, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "trajectory.png").write_bytes(b"earlier")
+    err = _fails(["show", "w3", "--model", str(tiny_model_dir)], capsys)
+    assert "already holds an earlier run's results (trajectory.png)" in err and "pass --overwrite to" in err
+    assert (tmp_path / "trajectory.png").read_bytes() == b"earlier"
+
+
+def test_an_output_folder_that_is_a_file_is_refused_before_the_experiment(tmp_path, capsys):
+    (tmp_path / "taken").write_text("mine")
+    err = _fails(["patchscope", "attribute", "--model", str(tmp_path / "no-such-model"), "--out", str(tmp_path / "taken")],
+                 capsys)
+    assert f"output folder {tmp_path / 'taken'} is a file" in err and (tmp_path / "taken").read_text() == "mine"
+
+
+def test_a_folder_where_a_result_file_goes_is_refused(tmp_path, capsys):
+    (tmp_path / "scope.json").mkdir()
+    argv, _ = _command("run", tmp_path, tmp_path / "no-such-model", overwrite=True)
+    err = _fails(argv, capsys)
+    assert f"{tmp_path / 'scope.json'} is a folder, where a result file would be written" in err
+
+
+def test_a_folder_another_run_writes_to_is_refused(tmp_path, capsys):
+    lock_folders({tmp_path / "results": "--out"})
+    try:
+        argv, _ = _command("trace", tmp_path, tmp_path / "no-such-model", overwrite=True)
+        err = _fails(argv, capsys)
+    finally:
+        release_locks()
+    assert f"is writing to {tmp_path / 'results'}" in err
+
+
+# --- float options ------------------------------------------------------------------------------------
+def _float_options():
+    """Every float option of every command (found from their signatures: a new one is walked too)."""
+    functions = {**{("patchscope", name): f for name, f in COMMANDS.items()}, ("steer",): steer}
+    for words, function in functions.items():
+        for p in inspect.signature(function).parameters.values():
+            if p.annotation in ("float", float):
+                yield [*words], p.name
+    for p in inspect.signature(PatchscopeEvaluation.__init__).parameters.values():
+        if p.annotation in ("float", float):
+            yield ["evaluate"], f"model.{p.name}"
+
+
+FLOAT_OPTIONS = list(_float_options())
+
+
+def test_the_walk_finds_the_float_options():
+    assert {(" ".join(w), o) for w, o in FLOAT_OPTIONS} == {
+        ("patchscope crossmodel", "ridge"), ("patchscope trace", "noise"), ("patchscope lre", "beta"),
+        ("steer", "test_share"), ("evaluate", "model.ridge")}
+
+
+@pytest.mark.parametrize("value", ["nan", ".nan", "inf", "-inf", "-1"])
+@pytest.mark.parametrize(("words", "option"), FLOAT_OPTIONS, ids=[" ".join(w) + " " + o for w, o in FLOAT_OPTIONS])
+def test_every_float_option_is_checked_before_any_work(words, option, value, tmp_path, tiny_model_dir, corpus, capsys):
+    if words == ["evaluate"]:
+        from tests.test_evaluation import eval_args
+
+        with pytest.raises(SystemExit) as stop:
+            evaluate.main(eval_args(tmp_path / "eval", tiny_model_dir, corpus, f"--{option}={value}"))
+        err = capsys.readouterr().err.strip()
+        assert stop.value.code == 2 and len(err.splitlines()) == 1, err
+    else:
+        name = words[-1]
+        argv = [*(OUTPUTS[name][0] if name in OUTPUTS else words), "--model", str(tmp_path / "no-such-model"),
+                "--out", str(tmp_path / "out"), f"--{option}={value}"]
+        err = _fails(argv, capsys)
+        assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+    # Refused by the parser (nan, inf: not numbers to jsonargparse) or by the command's own check.
+    assert f"--{option}: Expected a float" in err or f"--{option} must be" in err, err
+    assert "no-such-model" not in err
+
+
+# --- strict JSON --------------------------------------------------------------------------------------
+def test_json_is_strict_with_non_finite_numbers_as_null():
+    text = strict_json.dumps({"a": [1.0, math.nan, {"b": math.inf}], "c": (-math.inf, 2), "d": "NaN"})
+    assert json.loads(text) == {"a": [1.0, None, {"b": None}], "c": [None, 2], "d": "NaN"}
+    assert "NaN" not in text.replace('"NaN"', "") and "Infinity" not in text
