@@ -163,3 +163,81 @@ def test_json_is_strict_with_non_finite_numbers_as_null():
     text = strict_json.dumps({"a": [1.0, math.nan, {"b": math.inf}], "c": (-math.inf, 2), "d": "NaN"})
     assert json.loads(text) == {"a": [1.0, None, {"b": None}], "c": [None, 2], "d": "NaN"}
     assert "NaN" not in text.replace('"NaN"', "") and "Infinity" not in text
+
+
+# --- non-finite hidden states -------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def overflowing_dirs(tmp_path_factory):
+    """Two tiny LLaMAs whose states are inf after block 0 for the test words: one in float16 (as
+    Gemma 3 270M from block 11), one even in float32 (the commands that always load float32)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from tests.conftest import make_tokenizer
+    from tests.test_bad_inputs import overflowing_llama_dir
+
+    root = tmp_path_factory.mktemp("overflowing")
+    in_float16 = overflowing_llama_dir(root / "float16")
+    model = AutoModelForCausalLM.from_pretrained(in_float16)
+    with torch.no_grad():
+        embeddings = model.model.embed_tokens.weight
+        embeddings[embeddings.abs() > 1e4] = 3e38  # the rows the helper made large; fp32's max is 3.4e38
+        model.model.layers[0].mlp.down_proj.bias.fill_(3e38)
+    model.save_pretrained(root / "float32")
+    make_tokenizer().save_pretrained(root / "float32")
+    return in_float16, root / "float32"
+
+
+NON_FINITE = "the model's hidden states contain NaN or inf at the output of block 0 (residual index 1)"
+
+
+def test_evaluate_refuses_overflowing_float16_states(overflowing_dirs, tmp_path, corpus, capsys):
+    """It scored them as a perfect lens (KL 0, precision@5 = 1)."""
+    from tests.test_evaluation import eval_args
+
+    with pytest.raises(SystemExit) as stop:
+        evaluate.main(eval_args(tmp_path / "eval", overflowing_dirs[0], corpus, "--model.base.dtype", "float16",
+                                "--model.methods", "[logit, token_identity]", "--model.future_offsets", "[]"))
+    err = capsys.readouterr().err.strip()
+    assert stop.value.code == 2 and "Traceback" not in err, err
+    assert f"{NON_FINITE}; with float16 weights this is overflow: use float32 or bfloat16" in err
+    assert not (tmp_path / "eval" / "results.json").exists()
+
+
+@pytest.mark.parametrize("command", [
+    ["show", "w3 w4 w5", "--out", "traj"],
+    ["patchscope", "run", "--source.prompts", "['w3 w4 w5']", "--source.layers", "[1, 2]", "--out", "scope.json"],
+    ["patchscope", "trace", "--prompt", PROMPT, "--subject", SUBJECT, "--out", "results"],
+], ids=["show", "patchscope-run", "patchscope-trace"])
+def test_the_commands_refuse_non_finite_states(command, overflowing_dirs, tmp_path, capsys, monkeypatch):
+    """show printed <unk> in every cell."""
+    monkeypatch.chdir(tmp_path)
+    err = _fails([*command, "--model", str(overflowing_dirs[1])], capsys)
+    assert f"{NON_FINITE}; in float32 this is not float16 overflow: check the model's weights" in err, err
+    assert [p.name for p in tmp_path.rglob("*") if p.is_file() and p.name != ".lenscope.lock"] == []
+
+
+def test_the_patchscope_api_refuses_non_finite_states(overflowing_dirs):
+    from lenscope.lenses.patchscope import Patchscope, Source
+    from lenscope.model.frozen import FrozenModel
+    from lenscope.model.residuals import HiddenStatesNotFiniteError
+
+    model = FrozenModel.load(str(overflowing_dirs[1]))
+    with pytest.raises(HiddenStatesNotFiniteError, match=r"at the output of block 0 \(residual index 1\)"):
+        Patchscope(Source(["w3 w4 w5"], [1])).run(model)
+
+
+def test_a_patch_that_writes_inf_is_named_as_the_cause(tiny_model_dir):
+    """The model's own states are finite: the written state is what broke the pass."""
+    import torch
+
+    from lenscope.model.frozen import FrozenModel
+    from lenscope.model.residuals import HiddenStatesNotFiniteError
+
+    model = FrozenModel.load(str(tiny_model_dir))
+    ids = model.tokenize("w3 w4 w5")
+    one = torch.tensor([1])
+    state = torch.full((1, model.d_model), math.inf)
+    with pytest.raises(HiddenStatesNotFiniteError, match="the states written into it are NaN, inf or too large"):
+        model.patch(ids, None, one, one, state, torch.tensor([2]))
+    assert torch.isfinite(model.patch(ids, None, one, one, torch.zeros(1, model.d_model), torch.tensor([2]))).all()
