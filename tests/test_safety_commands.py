@@ -241,3 +241,38 @@ def test_a_patch_that_writes_inf_is_named_as_the_cause(tiny_model_dir):
     with pytest.raises(HiddenStatesNotFiniteError, match="the states written into it are NaN, inf or too large"):
         model.patch(ids, None, one, one, state, torch.tensor([2]))
     assert torch.isfinite(model.patch(ids, None, one, one, torch.zeros(1, model.d_model), torch.tensor([2]))).all()
+
+
+# --- underdetermined least-squares fits ---------------------------------------------------------------
+def test_an_underdetermined_fit_warns_with_its_numbers():
+    import warnings
+
+    import torch
+
+    from lenscope.lenses.least_squares import NormalEquations, UnderdeterminedFitWarning
+
+    eq = NormalEquations(num_layers=2, d_model=8)
+    eq.update(torch.randn(2, 5, 8), torch.randn(5, 8))
+    assert eq.underdetermined and eq.unknowns == 9
+    with pytest.warns(UnderdeterminedFitWarning, match=r"on 5 positions for inputs of width 8 \(9 unknowns per output"):
+        eq.solve()
+    eq.update(torch.randn(2, 4, 8), torch.randn(4, 8))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UnderdeterminedFitWarning)
+        eq.solve()  # 9 positions for 9 unknowns: determined, no warning
+
+
+def test_the_evaluation_marks_an_underdetermined_affine_fit_and_lists_it_last(tmp_path, tiny_model_dir, corpus, capsys):
+    from lenscope.lenses.least_squares import UnderdeterminedFitWarning
+    from tests.test_evaluation import eval_args
+
+    with pytest.warns(UnderdeterminedFitWarning, match="on 20 positions for inputs of width 32"):
+        evaluate.main(eval_args(tmp_path / "eval", tiny_model_dir, corpus, "--data.n_fit", "20",
+                                "--data.fit_positions", "one", "--model.methods", "[affine, logit]",
+                                "--model.future_offsets", "[]"))
+    results = json.loads((tmp_path / "eval" / "results.json").read_text())
+    assert results["underdetermined_fits"] == {"affine": {"positions": 20, "unknowns": 33}}
+    summary = capsys.readouterr().out.split("Summary on")[1].splitlines()[1:3]
+    assert summary[0].lstrip().startswith("logit") and summary[1].lstrip().startswith("affine"), summary
+    assert "[an underdetermined fit (20 positions for 33 unknowns: raise --data.n_fit" in summary[1]
+    assert "affine is an underdetermined fit" in (tmp_path / "eval" / "results.md").read_text()
