@@ -81,6 +81,13 @@ def test_overwrite_replaces_an_earlier_result(name, tmp_path, tiny_model_dir, ca
     assert earlier.read_text() != "earlier"
     if earlier.suffix == ".json":
         json.loads(earlier.read_text())
+    if name == "trace":  # what the writer wrote is what the claim looked for
+        from fnmatch import fnmatch
+
+        from lenscope.patchscopes.report import OUTPUTS as CLAIMED
+
+        written = [p.name for p in earlier.parent.iterdir() if p.name != ".lenscope.lock"]
+        assert written and all(any(fnmatch(n, pattern) for pattern in CLAIMED["causal-trace"]) for n in written), written
 
 
 def test_show_refuses_to_replace_its_default_page(tmp_path, tiny_model_dir, capsys, monkeypatch):
