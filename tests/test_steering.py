@@ -21,6 +21,7 @@ from lenscope.steering.vectors import (
     steer_task,
     top_heads,
 )
+from lenscope.training.preflight import LOCK_NAME
 from tests.conftest import make_tokenizer, tiny_llama
 from tests.test_adapter import build
 
@@ -231,4 +232,6 @@ def test_lenscope_steer_bad_input_is_one_line(tiny_model_dir, tmp_path, capsys, 
     assert stop.value.code == 2
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1
-    assert not (tmp_path / "o").exists()
+    # The output folder is claimed (made and locked, as train's) before the model loads; nothing is written in it.
+    out = tmp_path / "o"
+    assert not out.exists() or [p.name for p in out.iterdir()] == [LOCK_NAME]

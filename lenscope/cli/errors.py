@@ -162,9 +162,14 @@ class LenscopeCLI(LightningCLI):
         except ArgumentError as err:
             words = list(sys.argv[1:] if args is None else args)
             command = " ".join([self.prog, *[w for w in words[:1] if w in SUBCOMMANDS]])
-            message = " ".join(line.strip() for line in str(err).splitlines() if line.strip())
-            message = re.sub(r'Parser key "([^"]+)":', r"--\1:", message)
-            message = re.sub(r"<class '([\w.]+)'>", r"\1", message)
-            raise ConfigError(f"{message} (see `{command} --help`)") from None
+            raise ConfigError(f"{parse_error_line(err)} (see `{command} --help`)") from None
+
+
+def parse_error_line(err: BaseException) -> str:
+    """A jsonargparse parse error as one line naming the flag: its message spans several lines,
+    the first only ``Parser key "noise":``."""
+    message = " ".join(line.strip() for line in str(err).splitlines() if line.strip())
+    message = re.sub(r'Parser key "([^"]+)":', r"--\1:", message)
+    return re.sub(r"<class '([\w.]+)'>", r"\1", message)
 
 

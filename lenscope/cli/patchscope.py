@@ -17,19 +17,19 @@ Every option is also a YAML key (``--print_config`` writes the file to start fro
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
-from lenscope.cli.errors import run_with_clean_errors
-from lenscope.errors import ConfigError
+from lenscope.cli.errors import parse_error_line, run_with_clean_errors
+from lenscope.cli.outputs import claim_outputs
+from lenscope.errors import ConfigError, check_finite
 from lenscope.lenses.patchscope import Source, Target
 from lenscope.model.loading import EMBEDDED_MODEL
 
 
 def run(source: Source, target: Target = Target(), model: str = EMBEDDED_MODEL,  # noqa: B008
         target_model: str | None = None, lens: str | None = None, generate: int = 0, stop: str | None = "\n",
-        top_k: int = 5, rows_per_pass: int = 256, out: str | None = None) -> None:
+        top_k: int = 5, rows_per_pass: int = 256, out: str | None = None, overwrite: bool = False) -> None:
     """Run one patchscope and print what it read.
 
     Args:
@@ -43,7 +43,9 @@ def run(source: Source, target: Target = Target(), model: str = EMBEDDED_MODEL, 
         top_k: next tokens printed per row (next-token readout).
         rows_per_pass: (layer pair, prompt) rows per patched forward pass.
         out: also write the results to this JSON file.
+        overwrite: replace the file `out` if it exists (without it, the command refuses before any work).
     """
+    from lenscope import strict_json
     from lenscope.files import atomic_write
     from lenscope.lenses.artifact import load_lens
     from lenscope.lenses.patchscope import Generate, NextToken, Patchscope
@@ -51,6 +53,8 @@ def run(source: Source, target: Target = Target(), model: str = EMBEDDED_MODEL, 
 
     if generate < 0:
         raise ConfigError(f"--generate must be >= 0, got {generate}")
+    if out:
+        claim_outputs(Path(out).parent, [Path(out).name], "--out", overwrite)
     source_model = FrozenModel.load(model)
     patched = FrozenModel.load(target_model) if target_model else source_model
     mapping = load_lens(lens, source_model) if lens else None
@@ -64,14 +68,14 @@ def run(source: Source, target: Target = Target(), model: str = EMBEDDED_MODEL, 
                          ("generation" if result.texts is not None else "top_tokens"): what})
             print(f"{s:>3} → {t:<3} {prompt[:40]!r:44} {what!r}")
     if out:
-        atomic_write(Path(out), json.dumps({"model": model, "target_model": target_model or model, "rows": rows}, indent=2) + "\n")
+        atomic_write(Path(out), strict_json.dumps({"model": model, "target_model": target_model or model, "rows": rows}))
         print(f"written to {out}")
 
 
 def attribute(model: str = EMBEDDED_MODEL, facts: str | None = None, relations: list[str] | None = None,
               source_layers: list[int] | None = None, target_layers: list[int] | None = None, layer_step: int = 1,
               max_new_tokens: int = 20, rows_per_pass: int = 256, probe_folds: int = 5,
-              out: str = "results/attribute_extraction", wandb_project: str | None = None) -> None:
+              out: str = "results/attribute_extraction", wandb_project: str | None = None, overwrite: bool = False) -> None:
     """Attribute extraction (Patchscopes §4.2) against its probe baseline, per relation.
 
     Args:
@@ -87,6 +91,7 @@ def attribute(model: str = EMBEDDED_MODEL, facts: str | None = None, relations: 
         out: folder for results.json, table.md, table.csv and one heatmap PNG per relation.
         wandb_project: also log the table, the heatmaps and the means to this W&B project
             (``WANDB_MODE=offline`` keeps it on disk).
+        overwrite: replace the results of an earlier run in `out` (without it, the command refuses before any work).
     """
     from lenscope.model.frozen import FrozenModel
     from lenscope.patchscopes.attribute_extraction import attribute_extraction
@@ -97,6 +102,7 @@ def attribute(model: str = EMBEDDED_MODEL, facts: str | None = None, relations: 
     unknown = sorted(set(relations or []) - set(fact_set.relations))
     if unknown:
         raise ConfigError(f"--relations has {unknown}, which the fact set lacks; it has {sorted(fact_set.relations)}")
+    _claim("attribute-extraction", out, overwrite)
     loaded = FrozenModel.load(model)
     layers = loaded.layers[::layer_step]
     source_layers = source_layers if source_layers is not None else layers
@@ -116,7 +122,7 @@ def attribute(model: str = EMBEDDED_MODEL, facts: str | None = None, relations: 
 def describe(model: str = EMBEDDED_MODEL, entities: str | None = None, layers: list[int] | None = None,
              layer_step: int = 1, max_new_tokens: int = 50, stop: str | None = ",", rows_per_pass: int = 256,
              target_model: str | None = None, mapping: str | None = None,
-             out: str = "results/entity_description", wandb_project: str | None = None) -> None:
+             out: str = "results/entity_description", wandb_project: str | None = None, overwrite: bool = False) -> None:
     """Entity description (Patchscopes §4.3): ROUGE-L of the description read from each layer.
 
     Args:
@@ -132,6 +138,7 @@ def describe(model: str = EMBEDDED_MODEL, entities: str | None = None, layers: l
             applied to the states first; default layers: those it maps to themselves.
         out: folder for results.json, table.md, generations.csv and rouge_l.png.
         wandb_project: also log the curves, the PNG and every generation to this W&B project.
+        overwrite: replace the results of an earlier run in `out` (without it, the command refuses before any work).
     """
     from lenscope.model.frozen import FrozenModel
     from lenscope.patchscopes.cross_model import CrossModelMap
@@ -139,6 +146,7 @@ def describe(model: str = EMBEDDED_MODEL, entities: str | None = None, layers: l
 
     _check_step(layer_step)
     entity_set = load_entities(entities)
+    _claim("entity-description", out, overwrite)
     fitted = CrossModelMap.load(mapping) if mapping else None
     loaded = FrozenModel.load(model)
     patched = FrozenModel.load(target_model) if target_model else loaded
@@ -156,7 +164,7 @@ def describe(model: str = EMBEDDED_MODEL, entities: str | None = None, layers: l
 def multihop(model: str = EMBEDDED_MODEL, facts: str | None = None, source_layers: list[int] | None = None,
              target_layers: list[int] | None = None, layer_step: int = 1, max_new_tokens: int = 20,
              rows_per_pass: int = 256, control: bool = True, out: str = "results/multi_hop",
-             wandb_project: str | None = None) -> None:
+             wandb_project: str | None = None, overwrite: bool = False) -> None:
     """Multi-hop queries (Patchscopes §5): vanilla, "think step by step" and the CoT patchscope.
 
     Args:
@@ -172,6 +180,7 @@ def multihop(model: str = EMBEDDED_MODEL, facts: str | None = None, source_layer
             patch reaches without the right bridge entity.
         out: folder for results.json, table.md, queries.csv and heatmap.png.
         wandb_project: also log the rates and the heatmap to this W&B project.
+        overwrite: replace the results of an earlier run in `out` (without it, the command refuses before any work).
     """
     from lenscope.model.frozen import FrozenModel
     from lenscope.patchscopes.facts import load_facts
@@ -179,6 +188,7 @@ def multihop(model: str = EMBEDDED_MODEL, facts: str | None = None, source_layer
 
     _check_step(layer_step)
     fact_set = load_facts(facts)
+    _claim("multi-hop", out, overwrite)
     loaded = FrozenModel.load(model)
     source_layers = source_layers if source_layers is not None else loaded.layers[::layer_step]
     result = multi_hop(loaded, fact_set, source_layers, target_layers if target_layers is not None else source_layers,
@@ -193,7 +203,7 @@ def crossmodel(model: str = EMBEDDED_MODEL, target_model: str | None = None, dat
                fit_positions: str = "all", source_layers: list[int] | None = None,
                target_layers: list[int] | None = None, layer_step: int = 1, ridge: float = 1e-6,
                batch_size: int = 8, rows_per_pass: int = 256, out: str = "results/cross_model",
-               wandb_project: str | None = None) -> None:
+               wandb_project: str | None = None, overwrite: bool = False) -> None:
     """Cross-model patching (Patchscopes §4.4): an affine map from M's layer ℓ to M*'s layer ℓ*,
     scored by precision@1 and surprisal of M*'s prediction against M's own.
 
@@ -222,6 +232,7 @@ def crossmodel(model: str = EMBEDDED_MODEL, target_model: str | None = None, dat
         out: folder for map.safetensors (the fitted maps, for `describe --mapping`), results.json,
             table.md, grid.csv and the two heatmaps.
         wandb_project: also log the grid and the heatmaps to this W&B project.
+        overwrite: replace the results of an earlier run in `out` (without it, the command refuses before any work).
     """
     from lenscope.datamodules.patchscope_data import PatchscopeDataModule
     from lenscope.datamodules.sources import DataSourceError
@@ -236,8 +247,10 @@ def crossmodel(model: str = EMBEDDED_MODEL, target_model: str | None = None, dat
     _check_step(layer_step)
     if fit_positions not in ("all", "one"):
         raise ConfigError(f"--fit_positions must be 'all' or 'one', got {fit_positions!r}")
+    check_finite("--ridge", ridge)
     protocol = PatchscopeDataModule(source=data, text_field=text_field, holdout_every=holdout_every, seed=seed,
                                     n_fit=n_fit, n_eval=n_eval, max_words=max_words, max_chars=max_chars, seq_len=seq_len)
+    _claim("cross-model", out, overwrite, also=(MAP_FILE,))
     source = FrozenModel.load(model)
     target = FrozenModel.load(target_model) if target_model else source
     contexts = [c for c in (source.context_length, target.context_length) if c]
@@ -262,13 +275,15 @@ def crossmodel(model: str = EMBEDDED_MODEL, target_model: str | None = None, dat
                                   seed, protocol.trim, batch_size, rows_per_pass)
     meta = {"model": model, "target_model": target_model or model, "revision": source.revision,
             "target_revision": target.revision, "data": data, "seed": seed, "fit_documents": mapping.meta["fit_documents"],
-            "fit_positions": mapping.meta["fit_positions"], "ridge": ridge}
+            "fit_positions": mapping.meta["fit_positions"], "ridge": ridge,
+            # Fewer positions than unknowns per output (the fit warned): recorded with the results.
+            "underdetermined_fit": mapping.meta["fit_positions"] < source.d_model + 1}
     _publish("cross-model", result, out, meta, wandb_project, also=[Path(out) / MAP_FILE])
 
 
 def trace(prompt: str, subject: str, model: str = EMBEDDED_MODEL, kinds: list[str] | None = None, samples: int = 10,
           noise: float = 3.0, seed: int = 1, window: int = 10, layers: list[int] | None = None,
-          rows_per_pass: int = 128, out: str = "results/causal_trace", wandb_project: str | None = None) -> None:
+          rows_per_pass: int = 128, out: str = "results/causal_trace", wandb_project: str | None = None, overwrite: bool = False) -> None:
     """Causal tracing (Meng et al. 2022): which states, MLPs and attentions carry the prompt's answer.
 
     Args:
@@ -284,10 +299,13 @@ def trace(prompt: str, subject: str, model: str = EMBEDDED_MODEL, kinds: list[st
         rows_per_pass: (sample, token, block) rows per forward pass.
         out: folder for trace.json, trace.md and trace.png.
         wandb_project: also log the heatmaps to this W&B project.
+        overwrite: replace the results of an earlier run in `out` (without it, the command refuses before any work).
     """
     from lenscope.model.frozen import FrozenModel
     from lenscope.patchscopes.causal_tracing import KINDS, causal_trace
 
+    check_finite("--noise", noise, low_open=True)
+    _claim("causal-trace", out, overwrite)
     loaded = FrozenModel.load(model)
     result = causal_trace(loaded, prompt, subject, tuple(kinds) if kinds else KINDS, samples, noise, seed, window, layers,
                           rows_per_pass)
@@ -296,7 +314,7 @@ def trace(prompt: str, subject: str, model: str = EMBEDDED_MODEL, kinds: list[st
 
 
 def knockout(prompt: str, subject: str, model: str = EMBEDDED_MODEL, window: int = 9, layers: list[int] | None = None,
-             rows_per_pass: int = 64, out: str = "results/attention_knockout", wandb_project: str | None = None) -> None:
+             rows_per_pass: int = 64, out: str = "results/attention_knockout", wandb_project: str | None = None, overwrite: bool = False) -> None:
     """Attention knockout (Geva et al. 2023): what the last position reads, and from where, per layer.
 
     Args:
@@ -308,10 +326,12 @@ def knockout(prompt: str, subject: str, model: str = EMBEDDED_MODEL, window: int
         rows_per_pass: (blocked set, layer) rows per forward pass.
         out: folder for knockout.json, knockout.md and knockout.png.
         wandb_project: also log the curves to this W&B project.
+        overwrite: replace the results of an earlier run in `out` (without it, the command refuses before any work).
     """
     from lenscope.model.frozen import FrozenModel
     from lenscope.patchscopes.attention_knockout import attention_knockout
 
+    _claim("attention-knockout", out, overwrite)
     loaded = FrozenModel.load(model)
     result = attention_knockout(loaded, prompt, subject, window, layers, rows_per_pass)
     _publish("attention-knockout", result, out, {"model": model, "revision": loaded.revision}, wandb_project)
@@ -319,7 +339,7 @@ def knockout(prompt: str, subject: str, model: str = EMBEDDED_MODEL, window: int
 
 def lre(model: str = EMBEDDED_MODEL, facts: str | None = None, relations: list[str] | None = None,
         layers: list[int] | None = None, n_train: int = 5, beta: float = 2.25, seed: int = 0, connector: str = " is",
-        out: str = "results/lre", wandb_project: str | None = None) -> None:
+        out: str = "results/lre", wandb_project: str | None = None, overwrite: bool = False) -> None:
     """LRE (Hernandez et al. 2023): each relation as an affine map of the subject's state, and its faithfulness.
 
     Args:
@@ -333,6 +353,7 @@ def lre(model: str = EMBEDDED_MODEL, facts: str | None = None, relations: list[s
         connector: text between a template and its object ("The capital city of France" + " is" + " Paris").
         out: folder for results.json, table.md and table.csv.
         wandb_project: also log the table to this W&B project.
+        overwrite: replace the results of an earlier run in `out` (without it, the command refuses before any work).
     """
     from lenscope.model.frozen import FrozenModel
     from lenscope.patchscopes.facts import load_facts
@@ -344,6 +365,8 @@ def lre(model: str = EMBEDDED_MODEL, facts: str | None = None, relations: list[s
         raise ConfigError(f"--relations has {unknown}, which the fact set lacks; it has {sorted(fact_set.relations)}")
     if n_train < 1:
         raise ConfigError(f"--n_train must be at least 1, got {n_train}")
+    check_finite("--beta", beta, low_open=True)
+    _claim("lre", out, overwrite)
     loaded = FrozenModel.load(model)
     layers = layers if layers is not None else list(range(2, loaded.num_layers, 4))
     bad = [layer for layer in layers if not 0 <= layer < loaded.num_layers]
@@ -360,6 +383,14 @@ def lre(model: str = EMBEDDED_MODEL, facts: str | None = None, relations: list[s
     meta = {"model": model, "revision": loaded.revision, "facts": facts or "shipped", "n_train": n_train, "beta": beta,
             "seed": seed, "connector": connector}
     _publish("lre", results, out, meta, wandb_project)
+
+
+def _claim(job: str, out: str, overwrite: bool, also: tuple[str, ...] = ()) -> None:
+    """Before the experiment: claim the files it writes in ``out`` (``claim_outputs``), with
+    ``also`` those the command writes there itself."""
+    from lenscope.patchscopes.report import OUTPUTS
+
+    claim_outputs(out, [*OUTPUTS[job], *also], "--out", overwrite)
 
 
 def _check_step(layer_step: int) -> None:
@@ -409,7 +440,7 @@ def main(argv: list[str] | None = None, prog: str = "lenscope patchscope") -> No
     try:
         config = parser.parse_args(argv)
     except Exception as err:  # jsonargparse's ArgumentError and the like: one line, as the other commands
-        print(f"error: {str(err).splitlines()[0]} (see `{prog} --help`)", file=sys.stderr)
+        print(f"error: {parse_error_line(err)} (see `{prog} --help`)", file=sys.stderr)
         raise SystemExit(2) from None
     name = config.subcommand
     instantiate = getattr(parser, "instantiate", None) or parser.instantiate_classes  # renamed in jsonargparse 4.49

@@ -8,6 +8,7 @@ import argparse
 from pathlib import Path
 
 from lenscope.cli.errors import run_with_clean_errors
+from lenscope.cli.outputs import claim_outputs
 from lenscope.errors import ConfigError
 from lenscope.lenses.trajectory import STATISTICS
 
@@ -27,6 +28,8 @@ def parser(prog: str) -> argparse.ArgumentParser:
     p.add_argument("--stat", default="entropy", choices=list(STATISTICS), help="what the colour shows")
     p.add_argument("--k", type=int, default=5, help="top tokens kept per cell (shown on hover)")
     p.add_argument("--out", default="trajectory", help="writes OUT.html and OUT.png")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace OUT.html and OUT.png if they exist (without it, the command refuses before any work)")
     p.add_argument("--no-logit", action="store_true", help="leave out the logit lens baseline")
     return p
 
@@ -50,6 +53,8 @@ def show(args: argparse.Namespace) -> None:
     out = Path(args.out)
     if out.name in ("", ".", ".."):
         raise ConfigError(f"--out {args.out!r} names a folder; give a file name without extension, e.g. --out traj")
+    page_path, picture_path = out.with_name(out.name + ".html"), out.with_name(out.name + ".png")
+    claim_outputs(out.parent, [page_path.name, picture_path.name], "--out", args.overwrite, overwrite_flag="--overwrite")
     name = args.model
     folders = [path for path in args.lens if path != TOKEN_IDENTITY]
     if name is None and folders:
@@ -62,7 +67,7 @@ def show(args: argparse.Namespace) -> None:
     if not args.no_logit or not lenses:
         lenses.insert(0, LogitLens(model.layers, model.d_model))
     trajectory = Trajectory.of(model, args.text, lenses, args.k)
-    page = trajectory.to_html(out.with_name(out.name + ".html"), args.stat)
-    picture = trajectory.to_png(out.with_name(out.name + ".png"), args.stat)
+    page = trajectory.to_html(page_path, args.stat)
+    picture = trajectory.to_png(picture_path, args.stat)
     print(trajectory)
     print(f"Interactive: {page}\nPicture:     {picture}  (colour: {STATISTICS[args.stat]})")

@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import sys
 
-from lenscope.cli.errors import run_with_clean_errors
+from lenscope.cli.errors import parse_error_line, run_with_clean_errors
+from lenscope.cli.outputs import claim_outputs
 from lenscope.errors import ConfigError
 from lenscope.model.loading import EMBEDDED_MODEL
 
@@ -24,7 +25,7 @@ def steer(model: str = EMBEDDED_MODEL, tasks: list[str] | None = None, n_shots: 
           n_prompts: int = 100, aie_prompts: int = 25, test_share: float = 0.3, seed: int = 0,
           layers: list[int] | None = None, layer_step: int = 1, n_top_heads: int = 10, rows_per_pass: int = 128,
           generate_examples: int = 5, max_new_tokens: int = 12, out: str = "results/steering",
-          wandb_project: str | None = None) -> None:
+          wandb_project: str | None = None, overwrite: bool = False) -> None:
     """Task vectors from in-context prompts, added to zero-shot prompts.
 
     Args:
@@ -44,10 +45,12 @@ def steer(model: str = EMBEDDED_MODEL, tasks: list[str] | None = None, n_shots: 
         max_new_tokens: tokens of those generations.
         out: folder for results.json, table.md, per_layer.csv, heads.csv and two PNGs per task.
         wandb_project: also log the curves, heatmaps and rates to this W&B project.
+        overwrite: replace the results of an earlier run in `out` (without it, the command refuses before any work).
     """
     from lenscope.cli.patchscope import _publish
     from lenscope.model.frozen import FrozenModel
     from lenscope.steering.report import (
+        STEERING_OUTPUTS,
         log_steering_to_wandb,
         steering_markdown,
         write_steering_report,
@@ -71,6 +74,7 @@ def steer(model: str = EMBEDDED_MODEL, tasks: list[str] | None = None, n_shots: 
     names = [p.task.name for p in prompts]
     if len(set(names)) != len(names):
         raise ConfigError(f"--tasks names a task twice ({names}); each task's files are named after it")
+    claim_outputs(out, STEERING_OUTPUTS, "--out", overwrite)
     loaded = FrozenModel.load(model)
     layers = layers if layers is not None else list(range(loaded.num_layers + 1))[::layer_step]
     bad = [layer for layer in layers if not 0 <= layer <= loaded.num_layers]
@@ -100,7 +104,7 @@ def main(argv: list[str] | None = None, prog: str = "lenscope steer") -> None:
     try:
         config = parser.parse_args(argv)
     except Exception as err:  # jsonargparse's ArgumentError and the like: one line, as the other commands
-        print(f"error: {str(err).splitlines()[0]} (see `{prog} --help`)", file=sys.stderr)
+        print(f"error: {parse_error_line(err)} (see `{prog} --help`)", file=sys.stderr)
         raise SystemExit(2) from None
     kwargs = {k: v for k, v in vars(config).items() if k != "config"}
     run_with_clean_errors(lambda: steer(**kwargs), where="while steering; each file it writes is whole or absent")

@@ -220,6 +220,7 @@ class PatchscopeEvaluation(L.LightningModule):
             self.scopes[name] = Patchscope(target=target, rows_per_pass=rows_per_pass)
         self.bigram: torch.Tensor | None = None
         self.fit_positions: dict[int, int] = {}
+        self.underdetermined: dict[str, dict[str, int]] = {}  # fits with fewer positions than unknowns
         self.metrics = PerLayerMeans(self._series(), len(self.layers))
         self.results: dict | None = None
         self._pending: list[ReadPositions] = []  # read positions not yet decoded
@@ -280,6 +281,8 @@ class PatchscopeEvaluation(L.LightningModule):
             if eq.count == 0:
                 raise ConfigError("no fitting positions for the affine lens; raise --data.n_fit or drop 'affine' from --model.methods")
             key = lens_key("affine", k)
+            if eq.underdetermined:  # warned by the fit; marked in the report, never listed first
+                self.underdetermined[key] = {"positions": eq.count, "unknowns": eq.unknowns}
             self.fitted[key] = eq.fit(AffineLens(self.layers, d, bias=True, offset=k).to(self.device), self.hparams.ridge)
             self.scopes[key] = self._lens_scope(self.fitted[key])
         self.fit_positions = {k: eq.count for k, eq in equations.items()}
@@ -377,6 +380,7 @@ class PatchscopeEvaluation(L.LightningModule):
             | {"continuation": self.hparams.continuation},
             "documents": {"fit": len(datamodule.fit_samples), "eval": len(datamodule.eval_samples)},
             "affine_fit_positions": {f"+{k}" if k else "0": n for k, n in self.fit_positions.items()},
+            "underdetermined_fits": self.underdetermined,
             "lenses": self.artifacts,
             "metrics": values, "counts": counts,
             "units": "precision: fraction of positions; surprisal and KL: nats per position",

@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import re
 from pathlib import Path
 
 import matplotlib
+
+from lenscope import strict_json
 
 matplotlib.use("Agg")  # files only, no display needed
 import matplotlib.pyplot as plt  # noqa: E402
@@ -95,6 +96,8 @@ def markdown_tables(results: dict) -> str:
     layers, metrics = results["layers"], results["metrics"]
     parts = [f"Model {results['model']}, {results['documents']['eval']} evaluation positions "
              f"({results['documents']['fit']} fitting documents).", ""]
+    parts += [f"{method} is {fit_note(results['underdetermined_fits'][method])}, so its numbers say little about the method.\n"
+              for method in results.get("underdetermined_fits", {})]
     if "precision@1" in metrics:
         methods = list(metrics["precision@1"])
         columns = {**{f"P@1 {m}": metrics["precision@1"][m] for m in methods},
@@ -124,12 +127,22 @@ def summary_lines(results: dict, shown: int = 5) -> list[str]:
     at = "/".join(str(layers[i]) for i in picks)
     lines = [f"Summary on {results['documents']['eval']} positions of {results['protocol']['source']}:"]
     width = max(len(m) for m in metrics["precision@1"])
-    for method, precision in metrics["precision@1"].items():
+    underdetermined = results.get("underdetermined_fits", {})
+    # An underdetermined fit's numbers say little about the method: it is listed last, and marked.
+    for method in sorted(metrics["precision@1"], key=lambda m: m in underdetermined):
+        precision = metrics["precision@1"][method]
         kl = metrics.get("kl_nats", {}).get(method)
         mean_kl = f"mean KL {sum(kl) / len(kl):6.3f} nats" if kl else "mean KL      —     "
         values = "/".join(f"{precision[i]:.2f}" for i in picks)
-        lines.append(f"  {method:<{width}}  {mean_kl}, precision@1 at layers {at}: {values}")
+        lines.append(f"  {method:<{width}}  {mean_kl}, precision@1 at layers {at}: {values}"
+                     + (f"  [{fit_note(underdetermined[method])}]" if method in underdetermined else ""))
     return lines
+
+
+def fit_note(fit: dict) -> str:
+    """What an underdetermined least-squares fit (``{"positions": n, "unknowns": u}``) is, and the fix."""
+    return (f"an underdetermined fit ({fit['positions']} positions for {fit['unknowns']} unknowns: raise --data.n_fit "
+            "or use --data.fit_positions all)")
 
 
 def write_report(results: dict, out_dir: Path, wandb_runs: list = ()) -> list[Path]:
@@ -137,7 +150,7 @@ def write_report(results: dict, out_dir: Path, wandb_runs: list = ()) -> list[Pa
     the given W&B runs."""
     out_dir = Path(out_dir)
     written = []
-    atomic_write(out_dir / "results.json", (json.dumps(results, indent=2) + "\n").encode())
+    atomic_write(out_dir / "results.json", strict_json.dumps(results).encode())
     atomic_write(out_dir / "results.csv", csv_text(results).encode())
     atomic_write(out_dir / "results.md", markdown_tables(results).encode())
     written += [out_dir / "results.json", out_dir / "results.csv", out_dir / "results.md"]

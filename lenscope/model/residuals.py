@@ -13,7 +13,41 @@ import torch
 from nnsight.modeling.transformers import TransformersModel
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from lenscope.errors import UserError
 from lenscope.model.adapter import ArchitectureAdapter, _first_tensor
+
+
+class HiddenStatesNotFiniteError(UserError):
+    """The model computed NaN or inf hidden states: everything read from them (a lens's score, a
+    patched state, a trajectory) would be meaningless, so nothing is."""
+
+
+def check_finite_states(residuals: torch.Tensor, attention_mask: torch.Tensor | None = None) -> None:
+    """Refuse residuals (num_layers + 1, batch, seq, d_model) with NaN or inf at a real token,
+    naming the first residual index that has them. The one check every reader of the model's states
+    goes through (training, evaluation, the patchscopes, steering, trajectories): a float16 model
+    that overflows (Gemma 3 270M from block 11) otherwise decodes to uniform distributions that
+    score as a perfect lens, and prints ``<unk>`` everywhere. Padding positions do not count."""
+    if bool(torch.isfinite(residuals).all()):  # the usual case: one reduction, no per-layer work
+        return
+    bad = ~torch.isfinite(residuals)
+    if attention_mask is not None:
+        bad &= attention_mask.bool()[None, :, :, None]
+    per_layer = bad.flatten(1).any(-1)
+    if not bool(per_layer.any()):
+        return
+    first = int(per_layer.nonzero()[0])
+    where = "the embeddings" if first == 0 else f"the output of block {first - 1}"
+    raise HiddenStatesNotFiniteError(
+        f"the model's hidden states contain NaN or inf at {where} (residual index {first}); {dtype_advice(residuals.dtype)}")
+
+
+def dtype_advice(dtype: torch.dtype) -> str:
+    """What to do about NaN or inf the model computes in ``dtype``."""
+    if dtype == torch.float16:
+        return "with float16 weights this is overflow: use float32 or bfloat16 weights (--model.base.dtype)"
+    wider = "" if dtype == torch.float32 else ", or load it in float32"
+    return f"in {str(dtype).removeprefix('torch.')} this is not float16 overflow: check the model's weights{wider}"
 
 
 def envoy_at(root, path: str):
@@ -48,4 +82,6 @@ class ResidualReader:
             outputs = nnsight.save([blocks[i].output for i in range(n)])
             # Nothing after the last block is needed: skip the final norm and the (large) head.
             tracer.stop()
-        return torch.stack([first] + [_first_tensor(o) for o in outputs])
+        residuals = torch.stack([first] + [_first_tensor(o) for o in outputs])
+        check_finite_states(residuals, attention_mask)
+        return residuals

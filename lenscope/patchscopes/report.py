@@ -14,11 +14,12 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 from pathlib import Path
 
 import matplotlib
 import torch
+
+from lenscope import strict_json
 
 matplotlib.use("Agg")  # files only, no display needed
 import matplotlib.pyplot as plt  # noqa: E402
@@ -90,7 +91,7 @@ def write_report(results: list[RelationResult], out_dir: Path, meta: dict) -> li
          "patchscope_by_layer": r.patchscope.tolist() if r.patchscope is not None else None,
          "probe_by_layer": r.probe.tolist() if r.probe is not None else None,
          "answered_facts": [f.subject for f in r.answered]} for r in results]}
-    written = [atomic_write(out_dir / "results.json", json.dumps(data, indent=2) + "\n"),
+    written = [atomic_write(out_dir / "results.json", strict_json.dumps(data)),
                atomic_write(out_dir / "table.md", table_markdown(results) + "\n"),
                atomic_write(out_dir / "table.csv", table_csv(results))]
     written += [atomic_write(out_dir / f"heatmap_{r.relation}.png", heatmap_png(r)) for r in results if r.heatmap is not None]
@@ -135,7 +136,7 @@ def write_description_report(result: DescriptionResult, out_dir: Path, meta: dic
     writer.writerow(["layer", "entity", "split", "reference", "generation", "rouge_l"])
     writer.writerows([layer, e.name, e.split, e.description, result.generations[i][j], f"{float(result.rouge[i, j]):.4f}"]
                      for i, layer in enumerate(result.layers) for j, e in enumerate(result.entities))
-    return [atomic_write(out_dir / "results.json", json.dumps(data, indent=2) + "\n"),
+    return [atomic_write(out_dir / "results.json", strict_json.dumps(data)),
             atomic_write(out_dir / "table.md", description_markdown(result) + "\n"),
             atomic_write(out_dir / "generations.csv", rows.getvalue()),
             atomic_write(out_dir / "rouge_l.png", description_curve_png(result))]
@@ -227,7 +228,7 @@ def write_multi_hop_report(result: MultiHopResult, out_dir: Path, meta: dict) ->
     writer.writerows([q["query"], q["answer"], q["solved"]["vanilla"], q["solved"]["step_by_step"],
                       q["solved"]["cot_patchscope"], len(q["cot_patchscope_pairs"]), q["solved"].get("control", ""),
                       len(q.get("control_pairs", []))] for q in queries)
-    written = [atomic_write(out_dir / "results.json", json.dumps(data, indent=2) + "\n"),
+    written = [atomic_write(out_dir / "results.json", strict_json.dumps(data)),
                atomic_write(out_dir / "table.md", multi_hop_markdown(result) + "\n"),
                atomic_write(out_dir / "queries.csv", rows.getvalue())]
     if result.kept:
@@ -290,7 +291,7 @@ def write_cross_model_report(result: CrossModelResult, out_dir: Path, meta: dict
     writer.writerows([s, t, f"{float(result.precision[a, b]):.4f}", f"{float(result.surprisal[a, b]):.4f}"]
                      for a, s in enumerate(result.source_layers) for b, t in enumerate(result.target_layers))
     pair = f"{meta.get('model', 'M')} → {meta.get('target_model', 'M*')}"
-    return [atomic_write(out_dir / "results.json", json.dumps(data, indent=2) + "\n"),
+    return [atomic_write(out_dir / "results.json", strict_json.dumps(data)),
             atomic_write(out_dir / "table.md", cross_model_markdown(result) + "\n"),
             atomic_write(out_dir / "grid.csv", rows.getvalue()),
             atomic_write(out_dir / "precision_at_1.png", grid_png(
@@ -356,7 +357,7 @@ def write_trace_report(trace, out_dir: Path, meta: dict) -> list[Path]:
             "answer": trace.answer, "clean": trace.clean, "corrupted": trace.corrupted, "noise": trace.noise,
             "noise_std": trace.noise_std,
             "layers": trace.layers, "window": trace.window, "scores": {k: v.tolist() for k, v in trace.scores.items()}}
-    return [atomic_write(out_dir / "trace.json", json.dumps(data, indent=2) + "\n"),
+    return [atomic_write(out_dir / "trace.json", strict_json.dumps(data)),
             atomic_write(out_dir / "trace.md", trace_markdown(trace) + "\n"),
             atomic_write(out_dir / "trace.png", trace_png(trace))]
 
@@ -398,7 +399,7 @@ def write_knockout_report(result, out_dir: Path, meta: dict) -> list[Path]:
     data = {**meta, "prompt": result.prompt, "tokens": result.tokens, "subject": list(result.subject),
             "answer": result.answer, "probability": result.probability, "layers": result.layers,
             "window": result.window, "change_percent": {k: v.tolist() for k, v in result.change.items()}}
-    return [atomic_write(out_dir / "knockout.json", json.dumps(data, indent=2) + "\n"),
+    return [atomic_write(out_dir / "knockout.json", strict_json.dumps(data)),
             atomic_write(out_dir / "knockout.md", knockout_markdown(result) + "\n"),
             atomic_write(out_dir / "knockout.png", knockout_png(result))]
 
@@ -435,7 +436,7 @@ def write_lre_report(results, out_dir: Path, meta: dict) -> list[Path]:
     writer.writerow(["relation", "kind", "layer", "answered_test_facts", "faithfulness"])
     writer.writerows([r["relation"], r["kind"], r["layer"], r["answered_test_facts"],
                       "" if r["faithfulness"] is None else f"{r['faithfulness']:.4f}"] for r in rows)
-    return [atomic_write(out_dir / "results.json", json.dumps({**meta, "relations": rows}, indent=2) + "\n"),
+    return [atomic_write(out_dir / "results.json", strict_json.dumps({**meta, "relations": rows})),
             atomic_write(out_dir / "table.md", lre_markdown(results) + "\n"),
             atomic_write(out_dir / "table.csv", table.getvalue())]
 
@@ -457,3 +458,15 @@ REPORTS = {
     "lre": (write_lre_report, log_lre_to_wandb, lre_markdown),
 }
 """Per experiment (its W&B job type): write the files, log to a W&B run, the terminal table."""
+
+OUTPUTS = {
+    "attribute-extraction": ("results.json", "table.md", "table.csv", "heatmap_*.png"),
+    "entity-description": ("results.json", "table.md", "generations.csv", "rouge_l.png"),
+    "multi-hop": ("results.json", "table.md", "queries.csv", "heatmap.png", "heatmap_minus_control.png"),
+    "cross-model": ("results.json", "table.md", "grid.csv", "precision_at_1.png", "surprisal_nats.png"),
+    "causal-trace": ("trace.json", "trace.md", "trace.png"),
+    "attention-knockout": ("knockout.json", "knockout.md", "knockout.png"),
+    "lre": ("results.json", "table.md", "table.csv"),
+}
+"""Per experiment: the names (or glob patterns) of the files its writer above puts in its folder,
+claimed before the experiment runs (``lenscope.cli.outputs.claim_outputs``)."""

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 from pathlib import Path
 
+from lenscope import strict_json
 from lenscope.files import atomic_write
 from lenscope.patchscopes.report import grid_png, plt, png_bytes
 from lenscope.steering.vectors import SteeringResult
@@ -84,7 +84,7 @@ def write_steering_report(results: list[SteeringResult], out_dir: Path, meta: di
     for r in results:
         writer.writerows([r.task, layer, h, f"{float(r.aie[i, h]):.6f}"]
                          for i, layer in enumerate(r.head_layers) for h in range(r.aie.shape[1]))
-    written = [atomic_write(out_dir / "results.json", json.dumps(data, indent=2) + "\n"),
+    written = [atomic_write(out_dir / "results.json", strict_json.dumps(data)),
                atomic_write(out_dir / "table.md", steering_markdown(results) + "\n"),
                atomic_write(out_dir / "per_layer.csv", per_layer.getvalue()),
                atomic_write(out_dir / "heads.csv", heads.getvalue())]
@@ -92,6 +92,10 @@ def write_steering_report(results: list[SteeringResult], out_dir: Path, meta: di
         written += [atomic_write(out_dir / f"accuracy_{r.task}.png", accuracy_png(r)),
                     atomic_write(out_dir / f"aie_{r.task}.png", aie_png(r))]
     return written
+
+
+STEERING_OUTPUTS = ("results.json", "table.md", "per_layer.csv", "heads.csv", "accuracy_*.png", "aie_*.png")
+"""The names (or glob patterns) of the files ``write_steering_report`` puts in its folder."""
 
 
 def log_steering_to_wandb(run, results: list[SteeringResult], out_dir: Path) -> None:
