@@ -197,6 +197,7 @@ class LensTrainingModule(L.LightningModule):
         self.last_results: dict | None = None
         self.tokens_seen = 0  # this process's training positions so far (a lens artifact records the sum)
         self._warm_started = False
+        self._checkpoint_step: int | None = None  # the step of the checkpoint loaded, if any
 
     def train(self, mode: bool = True):
         """The frozen model stays in eval mode (no dropout) while the lens trains."""
@@ -236,7 +237,15 @@ class LensTrainingModule(L.LightningModule):
             if isinstance(logger, WandbLogger):  # so that a resumed run logs into the same W&B run
                 checkpoint["lenscope"]["wandb_run_id"] = logger.version
 
+    @property
+    def scored_step(self) -> int:
+        """The step of the lenses scored now: the trainer's while fitting; in ``validate``, which
+        restores the lenses but not the step counter, the step of the checkpoint they came from."""
+        fitting = self._trainer is not None and self._trainer.state.fn == "fit"
+        return self.global_step if fitting or self._checkpoint_step is None else self._checkpoint_step
+
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self._checkpoint_step = checkpoint.get("global_step")
         saved = checkpoint.get("lenscope", {})
         if saved.get("unembed_hash") not in (None, self.frozen.unembed_hash):
             raise ConfigError(
@@ -516,8 +525,11 @@ class LensTrainingModule(L.LightningModule):
                 self.val_metrics.update("ce_nats", key, sums["ce"], count=sums["n_labels"])
 
     def on_validation_epoch_start(self) -> None:
-        """A closed-form fit is solved here, over every rank's pairs so far: what validation scores
-        and the artifact holds."""
+        self.solve_closed_form_fits()
+
+    def solve_closed_form_fits(self) -> None:
+        """A closed-form fit is solved before each validation, over every rank's pairs so far: what
+        validation scores and the artifact holds (a collective: every rank calls it)."""
         for key, eq in self._summed_normal_equations().items():
             if eq.count:
                 eq.fit(self.lenses[key], self.hparams.ridge)
@@ -548,7 +560,7 @@ class LensTrainingModule(L.LightningModule):
                 for i, layer in enumerate(self.layers):
                     self.log(f"val/{name}/{key}/layer_{layer:02d}", per_layer[i].float(), sync_dist=False)
                 self.log(f"val/{name}/{key}_mean", per_layer.mean().float(), prog_bar=key == "kl_bits" and name != "logit")
-        results["step"] = self.global_step
+        results["step"] = self.scored_step
         self.last_results = results
 
     # --- optimisation ---------------------------------------------------------------------------------

@@ -1,0 +1,177 @@
+"""Resuming never runs code, never starts afresh without a word, never loses a trained lens and
+never ignores a setting (issue 26, sections 1, 3 and 4)."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from lenscope.cli import train
+from lenscope.training import callbacks
+from lenscope.training.checkpoint_io import AtomicCheckpointIO, CheckpointReadError, read_checkpoint
+from tests.conftest import fit_args
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+class WritesAMarker:
+    """Unpickled, it would call ``os.system`` to create a file: what a hostile checkpoint does."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def hostile_checkpoint(path: Path, marker: Path) -> Path:
+    """A file shaped like a lenscope checkpoint (the keys the preflight looks for) that runs code when unpickled."""
+    torch.save({"state_dict": {}, "lenscope": {}, "global_step": 1, "payload": WritesAMarker(marker)}, path)
+    return path
+
+
+def error_lines(stderr: str) -> list[str]:
+    return [line for line in stderr.splitlines() if line.startswith("error:")]
+
+
+def run_train(capsys, args: list[str]) -> tuple[int, str]:
+    """``train.main(args)`` in this process: its exit status (0 if it returned) and what it wrote to stderr."""
+    try:
+        train.main(args)
+        status = 0
+    except SystemExit as stop:
+        status = stop.code
+    return status, capsys.readouterr().err
+
+
+# --- 1. a checkpoint never executes code ------------------------------------------------------------
+@pytest.mark.subprocess
+@pytest.mark.parametrize("subcommand", ["fit", "validate"])
+def test_a_checkpoint_that_would_run_code_is_refused_unrun(zygote, tmp_path, tiny_model_dir, corpus, subcommand):
+    marker = tmp_path / "code-ran"
+    hostile = hostile_checkpoint(tmp_path / "shared.ckpt", marker)
+    args = fit_args(tmp_path / "run", tiny_model_dir, corpus, "--ckpt_path", str(hostile))
+    result = zygote.run(ROOT / "train.py", [subcommand, *args[1:]], tmp_path, dict(os.environ), timeout=600)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    errors = error_lines(result.stderr)
+    assert len(errors) == 1 and f"{hostile} is not a lenscope checkpoint and was not loaded" in errors[0], result.stderr
+    assert "posix.system" in errors[0]
+    assert not marker.exists(), "the checkpoint's code ran"
+
+
+def test_lightnings_own_restore_reads_through_the_same_refusal(tmp_path):
+    # Lightning restores fit/validate(ckpt_path=...) and SLURM's requeue checkpoint through the
+    # checkpoint IO, whatever weights_only it asks for.
+    marker = tmp_path / "code-ran"
+    hostile = hostile_checkpoint(tmp_path / "shared.ckpt", marker)
+    for weights_only in (None, False):
+        with pytest.raises(CheckpointReadError, match="is not a lenscope checkpoint and was not loaded"):
+            AtomicCheckpointIO().load_checkpoint(hostile, weights_only=weights_only)
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("lens_type", ["affine", "learned_prompt"])
+def test_every_kind_of_checkpoint_reads_without_an_allow_list(tmp_path, tiny_model_dir, corpus, lens_type):
+    # The tuned lens's checkpoints are read on every resume in test_train_cli / test_fault_tolerance;
+    # the other kinds hold more (normal equations, Adam's state): still only tensors and plain values.
+    train.main(fit_args(tmp_path, tiny_model_dir, corpus, "--model.lens_type", lens_type,
+                        "--model.prompt_positions", "2"))
+    checkpoint = read_checkpoint(tmp_path / "ckpt" / "last.ckpt")
+    assert checkpoint["global_step"] == 4 and checkpoint["state_dict"]
+
+
+# --- 2. a resume that finds nothing to resume refuses --------------------------------------------------
+@pytest.mark.parametrize("found", ["cut-short", "empty", "other"])
+def test_ckpt_path_last_with_nothing_to_resume_refuses(tmp_path, tiny_model_dir, corpus, capsys, found):
+    folder = tmp_path / "ckpt"
+    expected = {"cut-short": "holds only .last.ckpt.k1ll3d.tmp, a checkpoint cut short while it was being written",
+                "empty": "holds no checkpoint",
+                "other": "holds step=2.ckpt but no last.ckpt (pass one of them as --ckpt_path)"}[found]
+    folder.mkdir()
+    if found == "cut-short":
+        (folder / ".last.ckpt.k1ll3d.tmp").write_bytes(b"PK\x03\x04 half a checkpoint")
+    if found == "other":
+        (folder / "step=2.ckpt").write_bytes(b"")
+    status, stderr = run_train(capsys, fit_args(tmp_path, tiny_model_dir, corpus, "--ckpt_path", "last"))
+    errors = error_lines(stderr)
+    assert status == 2 and len(errors) == 1, stderr
+    assert f"--ckpt_path last found nothing to resume: {folder} {expected}; drop --ckpt_path to start a new run" in errors[0]
+    assert [p.name for p in (tmp_path / "out").iterdir()] == [".lenscope.lock"], "nothing was started"
+
+
+def test_a_copied_run_folder_resumes_into_last_ckpt_and_leftovers_are_removed(tmp_path, tiny_model_dir, corpus):
+    original = tmp_path / "original"
+    train.main(fit_args(original, tiny_model_dir, corpus))
+    copy = tmp_path / "copy"
+    shutil.copytree(original, copy)
+    leftover = copy / "ckpt" / ".last.ckpt.d3ad.tmp"  # a writer killed mid-write in the copied folder
+    leftover.write_bytes(b"PK\x03\x04 half a checkpoint")
+    train.main(fit_args(copy, tiny_model_dir, corpus, "--ckpt_path", "last", steps=6))
+    # Lightning would write last-v1.ckpt (the last.ckpt there was not written by this process)
+    # and leave last.ckpt at step 4, so that the next --ckpt_path last went back two steps.
+    assert sorted(p.name for p in (copy / "ckpt").iterdir()) == [".lenscope.lock", "last.ckpt"]
+    assert read_checkpoint(copy / "ckpt" / "last.ckpt")["global_step"] == 6
+
+
+# --- 3. a crash after the last checkpoint loses no lens ------------------------------------------------
+def fail_writing_artifacts(monkeypatch) -> None:
+    """The fault: the disk fills up as the artifact is written, after the final checkpoint."""
+    def full_disk(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(callbacks, "save_lens", full_disk)
+
+
+@pytest.mark.parametrize("artifact", ["missing", "older"])
+def test_a_run_cut_short_before_its_artifact_writes_it_from_the_final_checkpoint(
+        tmp_path, tiny_model_dir, corpus, capsys, caplog, monkeypatch, artifact):
+    run = tmp_path / "run"
+    if artifact == "older":  # a finished 4-step run, continued to 6 steps
+        train.main(fit_args(run, tiny_model_dir, corpus, steps=4))
+    fail_writing_artifacts(monkeypatch)
+    resume = ("--ckpt_path", "last") if artifact == "older" else ()
+    status, stderr = run_train(capsys, fit_args(run, tiny_model_dir, corpus, *resume, steps=6))
+    monkeypatch.undo()
+    assert status == 2 and "No space left" in stderr, stderr
+    final = read_checkpoint(run / "ckpt" / "last.ckpt")
+    assert final["global_step"] == 6
+    if artifact == "older":
+        assert json.loads((run / "out" / "tuned" / "config.json").read_text())["trained_steps"] == 4
+    else:
+        assert not (run / "out" / "tuned").exists()
+
+    # The rerun writes the artifact (and the results) from the checkpoint: what the run would have written.
+    caplog.clear()
+    status, _ = run_train(capsys, fit_args(run, tiny_model_dir, corpus, "--ckpt_path", "last", steps=6))
+    assert status == 0
+    said = [r.getMessage() for r in caplog.records if "holds the final lens" in r.getMessage()]
+    assert said == [f"{run / 'ckpt' / 'last.ckpt'} holds the final lens (step 6) of a run that stopped before writing "
+                    "its lens artifacts: writing them from it, and its held-out results, instead of training"]
+    written = json.loads((run / "out" / "tuned" / "config.json").read_text())
+    assert written["trained_steps"] == 6 and written["held_out"]["step"] == 6
+    assert written["tokens_seen"] == sum(final["lenscope"]["tokens_seen_by_rank"])
+    lens = load_file(run / "out" / "tuned" / "lens.safetensors")
+    assert torch.equal(lens["weight"], final["state_dict"]["lenses.tuned.weight"])
+    results = json.loads((run / "out" / "results.json").read_text())
+    assert results["step"] == 6 and written["held_out"]["kl_bits"] == results["tuned"]["kl_bits"]
+    if artifact == "missing":  # the same artifact and results as a run that was not cut short
+        reference = tmp_path / "reference"
+        train.main(fit_args(reference, tiny_model_dir, corpus, steps=6))
+        expected = json.loads((reference / "out" / "tuned" / "config.json").read_text())
+        for key in ("trained_steps", "tokens_seen", "warm_start_batches", "training_data", "held_out", "lenscope_lens_dtype"):
+            assert written[key] == expected[key], key
+        torch.testing.assert_close(lens["weight"], load_file(reference / "out" / "tuned" / "lens.safetensors")["weight"],
+                                   atol=1e-6, rtol=0)
+        expected_results = json.loads((reference / "out" / "results.json").read_text())
+        assert results["tuned"]["kl_nats"] == pytest.approx(expected_results["tuned"]["kl_nats"], rel=1e-6)
+
+    # Now the lens is in its artifact, and only now does the refusal say so.
+    status, stderr = run_train(capsys, fit_args(run, tiny_model_dir, corpus, "--ckpt_path", "last", steps=6))
+    assert status == 2 and "the lens of step 6 is already in" in stderr, stderr
