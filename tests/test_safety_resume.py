@@ -175,3 +175,75 @@ def test_a_run_cut_short_before_its_artifact_writes_it_from_the_final_checkpoint
     # Now the lens is in its artifact, and only now does the refusal say so.
     status, stderr = run_train(capsys, fit_args(run, tiny_model_dir, corpus, "--ckpt_path", "last", steps=6))
     assert status == 2 and "the lens of step 6 is already in" in stderr, stderr
+
+
+# --- 4. nothing ignored on resume -------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def finished_4_steps(tmp_path_factory, tiny_model_dir):
+    """``finished_4_steps(kind)``: a finished 4-step run of that gradient-trained kind (``last.ckpt``
+    at step 4; trained once per module) and its corpus, to be copied and resumed to 6 steps."""
+    from tests.conftest import write_corpus
+
+    runs: dict[str, tuple[Path, Path]] = {}
+
+    def finished(kind: str) -> tuple[Path, Path]:
+        if kind not in runs:
+            base = tmp_path_factory.mktemp(f"finished-{kind}")
+            corpus = write_corpus(base / "corpus.jsonl", 40)
+            train.main(fit_args(base / "run", tiny_model_dir, corpus, "--model.lens_type", kind,
+                                "--model.prompt_positions", "2"))
+            runs[kind] = base / "run", corpus
+        return runs[kind]
+
+    return finished
+
+
+CHANGED = {  # lens kind, flag, new value, the refusal's words for it
+    "lr": ("tuned", "--model.lr", "0.5", "--model.lr 1.0 (this run: 0.5)"),
+    "momentum": ("tuned", "--model.momentum", "0.5", "--model.momentum 0.9 (this run: 0.5)"),
+    "nesterov": ("tuned", "--model.nesterov", "false", "--model.nesterov True (this run: False)"),
+    "weight-decay": ("tuned", "--model.weight_decay", "0.1", "--model.weight_decay 0.001 (this run: 0.1)"),
+    "warmup": ("tuned", "--model.warmup_steps", "2", "--model.warmup_steps 0 (this run: 2)"),
+    "warm-start": ("tuned", "--model.warm_start_batches", "3", "--model.warm_start_batches 16 (this run: 3)"),
+    "ridge": ("tuned", "--model.ridge", "0.1", "--model.ridge 0.001 (this run: 0.1)"),
+    "clip": ("tuned", "--trainer.gradient_clip_val", "0.5", "--trainer.gradient_clip_val 1.0 (this run: 0.5)"),
+    "clip-kind": ("tuned", "--trainer.gradient_clip_algorithm", "value",
+                  "--trainer.gradient_clip_algorithm 'norm' (this run: 'value')"),
+    "accumulate": ("tuned", "--trainer.accumulate_grad_batches", "2", "--trainer.accumulate_grad_batches 1 (this run: 2)"),
+    "prompt-lr": ("learned_prompt", "--model.prompt_lr", "0.01", "--model.prompt_lr 0.001 (this run: 0.01)"),
+    "prompt-positions": ("learned_prompt", "--model.prompt_positions", "3", "--model.prompt_positions 2 (this run: 3)"),
+    "warmup-prompt": ("learned_prompt", "--model.warmup_steps", "2", "--model.warmup_steps 0 (this run: 2)"),
+}
+
+
+@pytest.mark.parametrize("case", list(CHANGED))
+def test_a_changed_training_setting_is_refused_on_resume(tmp_path, tiny_model_dir, finished_4_steps, capsys, case):
+    # Resumed, the checkpoint's optimizer state (lr, momentum, ...) and warm start would win over
+    # the command line while runs/config.yaml recorded the new value: refused, naming both.
+    kind, flag, value, words = CHANGED[case]
+    run, corpus = finished_4_steps(kind)
+    shutil.copytree(run, tmp_path / "run")
+    recorded = (tmp_path / "run" / "runs" / "config.yaml").read_bytes()
+    status, stderr = run_train(capsys, fit_args(tmp_path / "run", tiny_model_dir, corpus, "--model.lens_type", kind,
+                                                "--model.prompt_positions", "2", "--ckpt_path", "last", flag, value,
+                                                steps=6))
+    errors = error_lines(stderr)
+    assert status == 2 and len(errors) == 1, stderr
+    assert "was trained with other settings, so it cannot resume exactly: the checkpoint has " + words in errors[0]
+    assert (tmp_path / "run" / "runs" / "config.yaml").read_bytes() == recorded, "the recorded config must be what ran"
+    assert read_checkpoint(tmp_path / "run" / "ckpt" / "last.ckpt")["global_step"] == 4
+
+
+@pytest.mark.parametrize("kind", ["tuned", "learned_prompt"])
+def test_raising_max_steps_on_resume_says_how_the_schedule_changes(tmp_path, tiny_model_dir, finished_4_steps, caplog,
+                                                                     kind):
+    run, corpus = finished_4_steps(kind)
+    shutil.copytree(run, tmp_path / "run")
+    caplog.clear()
+    train.main(fit_args(tmp_path / "run", tiny_model_dir, corpus, "--model.lens_type", kind,
+                        "--model.prompt_positions", "2", "--ckpt_path", "last", steps=6))
+    said = [r.getMessage() for r in caplog.records if "--trainer.max_steps 6" in r.getMessage()]
+    # The 4-step run's schedule reached 0 at step 4; stretched to 6 steps, step 4 gets a third of the lr.
+    assert said == ["--trainer.max_steps 6 (the checkpoint's run had 4): the learning rate now decays to 0 at step 6, "
+                    "so from step 4 it is 0.333× the configured one (it would have been 0×)"]
+    assert read_checkpoint(tmp_path / "run" / "ckpt" / "last.ckpt")["global_step"] == 6

@@ -84,7 +84,7 @@ class LensCLI(LenscopeCLI):
         if checkpoint is not None:
             training = self.subcommand == "fit"
             if check_resume(path, checkpoint, plain(config.model), plain(config.data) if training else None,
-                            trainer.get("max_steps") if training else None, artifact_folders(config)):
+                            plain(trainer) if training else None, artifact_folders(config)):
                 self.final_checkpoint = path
             # Resuming continues the same W&B run: the run id travels in the checkpoint.
             run_id = checkpoint["lenscope"].get("wandb_run_id")

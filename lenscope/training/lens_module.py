@@ -39,7 +39,7 @@ from lenscope.model.loading import (
 )
 from lenscope.training.fsdp import FSDP_PREFIX
 from lenscope.training.fsdp import tag as fsdp_tag
-from lenscope.training.recipes import RECIPES
+from lenscope.training.recipes import RECIPES, lr_factor
 
 log = logging.getLogger(__name__)
 
@@ -233,6 +233,16 @@ class LensTrainingModule(L.LightningModule):
             # Each rank reads its own share of the stream: keep every rank's position, not rank 0's alone.
             checkpoint["lenscope"]["loader_state_by_rank"] = self._gather_from_ranks(fit_loop["combined_loader"])
         checkpoint["lenscope"]["tokens_seen_by_rank"] = self._gather_from_ranks(self.tokens_seen)
+        if not self.recipe.closed_form:
+            # The trainer settings that shape the gradient steps (Lightning keeps none of them): a
+            # resumed run compares its own with them (preflight.check_resume). Plain values only.
+            trainer = self.trainer
+            algorithm = trainer.gradient_clip_algorithm
+            checkpoint["lenscope"]["trainer"] = {
+                "max_steps": trainer.max_steps, "accumulate_grad_batches": trainer.accumulate_grad_batches,
+                "gradient_clip_val": trainer.gradient_clip_val,
+                "gradient_clip_algorithm": str(algorithm.value if algorithm is not None else "norm"),
+            }
         for logger in self.trainer.loggers:
             if isinstance(logger, WandbLogger):  # so that a resumed run logs into the same W&B run
                 checkpoint["lenscope"]["wandb_run_id"] = logger.version
@@ -595,12 +605,5 @@ class LensTrainingModule(L.LightningModule):
         total = self.trainer.max_steps
         if total is None or total <= 0:
             raise ConfigError(f"--trainer.max_steps must be a positive number of steps, got {total}")
-        warmup = hp.warmup_steps
-
-        def factor(step: int) -> float:
-            if step < warmup:
-                return (step + 1) / warmup
-            return max(0.0, (total - step) / max(1, total - warmup))
-
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, hp.warmup_steps, total))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

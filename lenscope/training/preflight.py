@@ -17,10 +17,11 @@ import os
 import tempfile
 from pathlib import Path
 
-from lightning.fabric.utilities.rank_zero import rank_zero_only
+from lightning.fabric.utilities.rank_zero import rank_zero_info, rank_zero_only
 
 from lenscope.errors import ConfigError, UserError
 from lenscope.training.checkpoint_io import read_checkpoint
+from lenscope.training.recipes import RECIPES, lr_factor
 
 LOCK_NAME = ".lenscope.lock"
 
@@ -232,11 +233,28 @@ def _differences(saved: dict, wanted: dict, keys: tuple[str, ...], section: str)
             if was is not _ABSENT and not _same(was, now)]
 
 
-def check_resume(path: Path, checkpoint: dict, model: dict, data: dict | None, max_steps: int | None,
+TRAINER = ("accumulate_grad_batches", "gradient_clip_val", "gradient_clip_algorithm")
+"""Trainer settings that shape each gradient step: they must match to resume (a checkpoint of a
+gradient-trained lens records them)."""
+
+
+def _trainer_settings(trainer: dict) -> dict:
+    """``--trainer.*`` settings as a checkpoint records them (Lightning's defaults filled in)."""
+    return {"accumulate_grad_batches": trainer.get("accumulate_grad_batches") or 1,
+            "gradient_clip_val": trainer.get("gradient_clip_val"),
+            "gradient_clip_algorithm": str(trainer.get("gradient_clip_algorithm") or "norm").lower()}
+
+
+def check_resume(path: Path, checkpoint: dict, model: dict, data: dict | None, trainer: dict | None = None,
                  artifact_folders: list[Path] = ()) -> bool:
-    """``model`` / ``data``: this run's ``--model.*`` / ``--data.*`` settings (``data`` None: not
-    resuming training, only scoring the checkpoint, so the data may differ). ``artifact_folders``:
-    where the run writes its lens artifacts.
+    """``model`` / ``data`` / ``trainer``: this run's ``--model.*`` / ``--data.*`` / ``--trainer.*``
+    settings (``data`` None: not resuming training, only scoring the checkpoint, so the data and
+    the training settings may differ). ``artifact_folders``: where the run writes its lens artifacts.
+
+    Resuming continues the checkpoint's run: a setting it would not apply (the checkpoint's optimizer
+    state and warm start win) or could not apply exactly is refused with both values, so that what
+    the run records (runs/config.yaml, the artifact) is what ran. ``--trainer.max_steps`` is the one
+    that may change (to train on): the learning-rate schedule then ends there, which is said in one line.
 
     Returns whether the checkpoint is the run's final lens (at ``max_steps``) and its artifacts do
     not hold it: the run was cut short after its last checkpoint, before its artifacts were written,
@@ -248,13 +266,25 @@ def check_resume(path: Path, checkpoint: dict, model: dict, data: dict | None, m
                           "pass the checkpoint's settings, or start a new run in another folder")
     if data is None:
         return False
-    differ = _differences(saved_model, model, EXACT_MODEL, "model")
+    trainer = trainer or {}
+    recipe = RECIPES.get(saved_model.get("lens_type"))
+    differ = _differences(saved_model, model, EXACT_MODEL + (recipe.trained_with if recipe else ()), "model")
     differ += _differences(checkpoint.get("datamodule_hyper_parameters") or {}, data, DATA_ORDER, "data")
+    saved_trainer = (checkpoint.get("lenscope") or {}).get("trainer") or {}
+    differ += _differences(saved_trainer, _trainer_settings(trainer), TRAINER, "trainer")
     if differ:
         raise ResumeError(f"{path} was trained with other settings, so it cannot resume exactly: the checkpoint "
                           f"has {'; '.join(differ)}; pass the checkpoint's settings, or start a new run in another folder")
     step = checkpoint.get("global_step", 0)
+    max_steps = trainer.get("max_steps")
     if max_steps is None or step < max_steps:
+        before = saved_trainer.get("max_steps")
+        if max_steps is not None and before is not None and before != max_steps and recipe and recipe.schedules_lr:
+            warmup = saved_model.get("warmup_steps", 0)
+            rank_zero_info(f"--trainer.max_steps {max_steps} (the checkpoint's run had {before}): the learning rate "
+                           f"now decays to 0 at step {max_steps}, so from step {step} it is "
+                           f"{lr_factor(step, warmup, max_steps):.3g}× the configured one "
+                           f"(it would have been {lr_factor(step, warmup, before):.3g}×)")
         return False
     written = artifacts_holding(checkpoint, artifact_folders)
     if written:
