@@ -247,3 +247,77 @@ def test_raising_max_steps_on_resume_says_how_the_schedule_changes(tmp_path, tin
     assert said == ["--trainer.max_steps 6 (the checkpoint's run had 4): the learning rate now decays to 0 at step 6, "
                     "so from step 4 it is 0.333× the configured one (it would have been 0×)"]
     assert read_checkpoint(tmp_path / "run" / "ckpt" / "last.ckpt")["global_step"] == 6
+
+
+# --- 5. a corpus edited in place is not resumed --------------------------------------------------------
+def test_a_resume_on_a_corpus_edited_in_place_is_refused(tmp_path, tiny_model_dir, capsys):
+    from tests.conftest import write_corpus
+
+    corpus = write_corpus(tmp_path / "corpus.jsonl", 40)
+    train.main(fit_args(tmp_path, tiny_model_dir, corpus))
+    write_corpus(corpus, 40, seed=1)  # same path, same number of documents, other texts
+    status, stderr = run_train(capsys, fit_args(tmp_path, tiny_model_dir, corpus, "--ckpt_path", "last", steps=6))
+    errors = error_lines(stderr)
+    assert status == 2 and len(errors) == 1 and "Traceback" not in stderr, stderr
+    assert f"{str(corpus)!r} is not the corpus this run has read: the " in errors[0]
+    assert "documents the checkpoint's run had read differ now, so it was edited in place" in errors[0]
+    assert read_checkpoint(tmp_path / "ckpt" / "last.ckpt")["global_step"] == 4, "nothing was trained on the edit"
+
+
+def stream_of(path: Path):
+    from lenscope.datamodules.lens_data import DocumentStream
+    from lenscope.datamodules.preprocessing import TrimSettings
+    from lenscope.datamodules.sources import DocumentSource
+    from tests.conftest import make_tokenizer
+
+    return DocumentStream(DocumentSource(str(path)), make_tokenizer(), split="train", mode="pack", seq_len=64, seed=0,
+                          shuffle_buffer=1000, holdout_every=10, trim=TrimSettings(), repeat=True)
+
+
+def edit_document(path: Path, ordinal: int) -> None:
+    lines = path.read_text().splitlines()
+    record = json.loads(lines[ordinal])
+    record["text"] = " ".join(reversed(record["text"].split()))
+    lines[ordinal] = json.dumps(record)
+    path.write_text("\n".join(lines) + "\n")
+
+
+@pytest.mark.parametrize("num_workers", [0, 1])
+@pytest.mark.parametrize("edited", ["read-in-this-pass", "read-in-an-earlier-pass"])
+def test_the_stream_checks_what_it_reads_again(tmp_path, num_workers, edited):
+    # A resumed stream reads the documents before its position again: an edit there stops it at once.
+    # An edit in a document read only in an earlier pass is caught when the pass it is in ends.
+    from functools import partial
+
+    from torchdata.stateful_dataloader import StatefulDataLoader
+
+    from lenscope.datamodules.preprocessing import collate
+    from lenscope.datamodules.sources import DataSourceError
+    from tests.conftest import write_corpus
+
+    corpus = write_corpus(tmp_path / "corpus.jsonl", 40)
+    order = [ordinal for ordinal, _ in stream_of(corpus).documents()]  # the training documents, in reading order
+
+    def loader():
+        return StatefulDataLoader(stream_of(corpus), batch_size=3, num_workers=num_workers,
+                                  collate_fn=partial(collate, pad_id=3))
+
+    first = loader()
+    batches = iter(first)
+    for _ in range(5 if edited == "read-in-this-pass" else 9):  # 9 batches: into the second pass (~23 chunks a pass)
+        next(batches)
+    state = first.state_dict()
+    del batches
+    edit_document(corpus, order[0] if edited == "read-in-this-pass" else order[-1])
+    resumed = loader()
+    resumed.load_state_dict(state)
+    read_again = iter(resumed)
+    if edited == "read-in-this-pass":
+        with pytest.raises(Exception, match="the .* documents the checkpoint's run had read differ now") as refused:
+            next(read_again)
+    else:
+        next(read_again)  # the documents before the position are unchanged: it resumes
+        with pytest.raises(Exception, match="its documents in pass 1 of the stream, which were not those of pass 0") as refused:
+            for _ in range(100):  # a guard: the pass ends within ~8 batches
+                next(read_again)
+    assert isinstance(refused.value, DataSourceError) or "DataSourceError" in str(refused.value)
