@@ -177,6 +177,29 @@ def test_a_run_cut_short_before_its_artifact_writes_it_from_the_final_checkpoint
     assert status == 2 and "the lens of step 6 is already in" in stderr, stderr
 
 
+def test_the_artifact_is_said_to_hold_the_lens_only_when_it_does(tmp_path):
+    from lenscope.training.preflight import ResumeError, check_resume
+
+    checkpoint = {"global_step": 4, "state_dict": {"lenses.tuned.weight": torch.zeros(1)},
+                  "lenscope": {"tokens_seen_by_rank": [300, 20]}}
+    artifact = tmp_path / "out" / "tuned"
+    artifact.mkdir(parents=True)
+
+    def final(recorded: dict | None, folders=(tmp_path / "out",)) -> bool:
+        if recorded is not None:
+            (artifact / "config.json").write_text(json.dumps(recorded))
+        return check_resume(tmp_path / "last.ckpt", checkpoint, {}, {}, {"max_steps": 4}, list(folders))
+
+    assert final(None), "no artifact: written from the checkpoint"
+    assert final({"trained_steps": 2, "tokens_seen": 200}), "an older artifact: written from the checkpoint"
+    assert final({"trained_steps": 4, "tokens_seen": 999}), "as many steps on other tokens: another run's lens"
+    with pytest.raises(ResumeError, match=r"nothing is left to train; raise --trainer.max_steps above 4 \(the lens of "
+                                          r"step 4 is already in .*out\)"):
+        final({"trained_steps": 4, "tokens_seen": 320})
+    with pytest.raises(ResumeError, match=r"nothing is left to train; raise --trainer.max_steps above 4$"):
+        final(None, folders=())  # no artifact writer: nothing to write, and nothing claimed
+
+
 # --- 4. nothing ignored on resume -------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def finished_4_steps(tmp_path_factory, tiny_model_dir):

@@ -287,10 +287,10 @@ def check_resume(path: Path, checkpoint: dict, model: dict, data: dict | None, t
                            f"(it would have been {lr_factor(step, warmup, before):.3g}×)")
         return False
     written = artifacts_holding(checkpoint, artifact_folders)
-    if written:
+    if written or not artifact_folders:
+        where = f" (the lens of step {step} is already in {', '.join(str(p) for p in written)})" if written else ""
         raise ResumeError(f"{path} is at step {step} and --trainer.max_steps is {max_steps}: nothing is left to "
-                          f"train; raise --trainer.max_steps above {step} (the lens of step {step} is already in "
-                          f"{', '.join(str(p) for p in written)})")
+                          f"train; raise --trainer.max_steps above {step}{where}")
     if step > max_steps:
         raise ResumeError(f"{path} is at step {step}, past --trainer.max_steps {max_steps}, and its lens is not in "
                           f"the run's artifacts; pass --trainer.max_steps {step} to write them from it, or more to "
@@ -319,7 +319,7 @@ def artifacts_holding(checkpoint: dict, artifact_folders: list[Path]) -> list[Pa
             if not isinstance(config, dict) or config.get("trained_steps") != step or config.get("tokens_seen") != tokens:
                 return []
         holding.append(Path(folder))
-    return holding if artifact_folders else []
+    return holding
 
 
 # --- the step schedule --------------------------------------------------------------------------------
