@@ -4,6 +4,7 @@ never ignores a setting (issue 26, sections 1, 3 and 4)."""
 from __future__ import annotations
 
 import errno
+import gc
 import json
 import os
 import shutil
@@ -334,13 +335,21 @@ def test_the_stream_checks_what_it_reads_again(tmp_path, num_workers, edited):
     edit_document(corpus, order[0] if edited == "read-in-this-pass" else order[-1])
     resumed = loader()
     resumed.load_state_dict(state)
-    read_again = iter(resumed)
-    if edited == "read-in-this-pass":
-        with pytest.raises(Exception, match="the .* documents the checkpoint's run had read differ now") as refused:
-            next(read_again)
-    else:
-        next(read_again)  # the documents before the position are unchanged: it resumes
-        with pytest.raises(Exception, match="its documents in pass 1 of the stream, which were not those of pass 0") as refused:
-            for _ in range(100):  # a guard: the pass ends within ~8 batches
+    read_again, refused = iter(resumed), None
+    try:
+        if edited == "read-in-this-pass":
+            with pytest.raises(Exception, match="the .* documents the checkpoint's run had read differ now") as refused:
                 next(read_again)
-    assert isinstance(refused.value, DataSourceError) or "DataSourceError" in str(refused.value)
+        else:
+            next(read_again)  # the documents before the position are unchanged: it resumes
+            with pytest.raises(Exception, match="its documents in pass 1 of the stream, which were not those of "
+                                                "pass 0") as refused:
+                for _ in range(100):  # a guard: the pass ends within ~8 batches
+                    next(read_again)
+        assert isinstance(refused.value, DataSourceError) or "DataSourceError" in str(refused.value)
+    finally:
+        # Its worker process ends with the iterator: now, not whenever a garbage collection frees the
+        # exception's frames, which hold it (a live worker holds the pipes it inherited, the test
+        # zygote's included, and the zygote would wait for it at the end of the session).
+        del read_again, refused
+        gc.collect()
