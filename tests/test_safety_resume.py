@@ -78,6 +78,20 @@ def test_lightnings_own_restore_reads_through_the_same_refusal(tmp_path):
     assert not marker.exists()
 
 
+def test_lightning_resumes_the_checkpoint_the_preflight_read(tmp_path, tiny_model_dir, finished_4_steps):
+    # Lightning resolves --ckpt_path last to the newest last*.ckpt in the folder; a hostile
+    # last-v9.ckpt written after last.ckpt would be the one it loaded (under FSDP with its own
+    # unrestricted unpickler). lenscope hands it the last.ckpt it read and checked.
+    run, corpus = finished_4_steps("tuned")
+    shutil.copytree(run, tmp_path / "run")
+    marker = tmp_path / "code-ran"
+    hostile = hostile_checkpoint(tmp_path / "run" / "ckpt" / "last-v9.ckpt", marker)
+    os.utime(hostile, (os.path.getmtime(hostile) + 60,) * 2)
+    train.main(fit_args(tmp_path / "run", tiny_model_dir, corpus, "--ckpt_path", "last", steps=6))
+    assert not marker.exists()
+    assert read_checkpoint(tmp_path / "run" / "ckpt" / "last.ckpt")["global_step"] == 6
+
+
 @pytest.mark.parametrize("lens_type", ["affine", "learned_prompt"])
 def test_every_kind_of_checkpoint_reads_without_an_allow_list(tmp_path, tiny_model_dir, corpus, lens_type):
     # The tuned lens's checkpoints are read on every resume in test_train_cli / test_fault_tolerance;

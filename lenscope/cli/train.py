@@ -77,6 +77,10 @@ class LensCLI(LenscopeCLI):
         if is_first_process():
             remove_leftover_temporaries(results)  # the folders are locked: their writers are dead
         checkpoint = load_checkpoint(path) if path is not None else None
+        if path is not None:
+            # Lightning resolves ``last`` to the newest last*.ckpt of the folder, which may be another
+            # file than the one read and checked here: it is handed the same file.
+            config.ckpt_path = str(path)
         self.final_checkpoint: Path | None = None
         if self.subcommand != "fit" and checkpoint is None:
             raise ConfigError(f"{self.prog} {self.subcommand} scores a trained lens: pass --ckpt_path (a checkpoint "
