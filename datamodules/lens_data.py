@@ -16,11 +16,18 @@ DDP ranks (Lightning stops on ``max_steps``) and lets the hidden-state cache hit
 pass on. Each worker's position (pass, documents consumed, packing carry-over) is its state; the
 ``StatefulDataLoader`` puts it into every checkpoint and resumes from it, replaying the
 deterministic stream up to that point without tokenising anything.
+
+The state also holds a fingerprint of what the worker has read (``read_fingerprint``: its documents'
+texts, chained in order) and of its whole share in the last complete pass. A resumed stream reads the
+same documents again on its way to the position, and stops with one line if they are not the ones
+the checkpoint's run read (a corpus edited in place, same path); each later pass is checked against
+the one before it, so an edit anywhere in what was read is caught by the end of the pass at the latest.
 """
 
 from __future__ import annotations
 
 import atexit
+import hashlib
 import itertools
 import logging
 import multiprocessing
@@ -110,6 +117,14 @@ def seeded_shuffle(items: Iterator, buffer_size: int, seed: int) -> Iterator:
     yield from buffer
 
 
+def read_fingerprint(before: str, text: str) -> str:
+    """The fingerprint of a worker's documents so far, ``before``, followed by ``text`` (hex; "" for none).
+    A chain rather than one running hash object, whose state a checkpoint could not hold."""
+    chained = hashlib.sha256(bytes.fromhex(before))
+    chained.update(text.encode("utf-8", "surrogatepass"))
+    return chained.hexdigest()
+
+
 class DocumentStream(IterableDataset):
     """Samples for one split, sharded across DDP ranks and dataloader workers, with resumable state."""
 
@@ -129,16 +144,24 @@ class DocumentStream(IterableDataset):
         self.max_docs = max_docs
         self.rank = rank
         self.world_size = world_size
-        self._state = {"pass": 0, "docs": 0, "within": 0, "carry": []}
+        self._state = self._start()
         self.pad_to = 0  # samples every slot of a finite split hands out, padding included (pad_shares)
 
     # --- state: read and written inside the worker by StatefulDataLoader -------------------------
+    @staticmethod
+    def _start(pass_index: int = 0, whole_pass: str | None = None) -> dict:
+        """The state at the start of a pass: nothing of it read yet. ``read``: the fingerprint of the
+        documents this slot has read in this pass (the one in progress included); ``whole_pass``:
+        that of its whole share in the last complete pass (None before one)."""
+        return {"pass": pass_index, "docs": 0, "within": 0, "carry": [], "read": "", "whole_pass": whole_pass}
+
     def state_dict(self) -> dict:
         return {**self._state, "carry": list(self._state["carry"])}
 
     def load_state_dict(self, state: dict) -> None:
+        # A checkpoint from before fingerprints has no "read": nothing to compare.
         self._state = {"pass": state["pass"], "docs": state["docs"], "within": state.get("within", 0),
-                       "carry": list(state["carry"])}
+                       "carry": list(state["carry"]), "read": state.get("read"), "whole_pass": state.get("whole_pass")}
 
     # --- the pipeline ----------------------------------------------------------------------------
     def selected(self) -> Iterator[tuple[int, str]]:
@@ -167,18 +190,25 @@ class DocumentStream(IterableDataset):
         # The state says where the last sample handed out came from: ``docs`` of this slot's
         # documents were fully used, then ``within`` samples of the next one, which is re-packed
         # from ``carry`` (the packing buffer before it). A finite split is always read whole.
-        state = self._state if self.repeat else {"pass": 0, "docs": 0, "within": 0, "carry": []}
+        state = self._state if self.repeat else self._start()
         start_pass, skip_docs = state["pass"], state["docs"]
         skip_within, carry = state.get("within", 0), state["carry"]
+        # The documents the checkpoint had read in its pass (the one it stopped inside included),
+        # and their fingerprint then: read again on the way to the position, they must be the same.
+        resume_at, expected, whole_pass = skip_docs + (1 if skip_within else 0), state.get("read"), state.get("whole_pass")
         passes = itertools.count(start_pass) if self.repeat else range(1)
         for pass_index in passes:
             resumed = skip_docs > 0 or skip_within > 0
             packer = Packer(self.seq_len, self.tokenizer.eos_token_id, carry)
             owned = produced = 0
+            read = ""
             for n, (ordinal, text) in enumerate(self.documents()):
                 if n % n_slots != slot:
                     continue
                 owned += 1
+                read = read_fingerprint(read, text)
+                if owned == resume_at and expected is not None and read != expected:
+                    self._refuse_changed(slot, n_slots, f"the {resume_at} documents the checkpoint's run had read")
                 if owned <= skip_docs:  # resuming: used before the checkpoint, not even tokenised
                     continue
                 carry_before = list(packer.buffer)
@@ -186,20 +216,36 @@ class DocumentStream(IterableDataset):
                     produced += 1
                     if owned == skip_docs + 1 and j < skip_within:
                         continue  # resuming inside a document: handed out before the checkpoint
-                    self._state = {"pass": pass_index, "docs": owned - 1, "within": j + 1, "carry": carry_before}
+                    self._state = {"pass": pass_index, "docs": owned - 1, "within": j + 1, "carry": carry_before,
+                                   "read": read, "whole_pass": whole_pass}
                     yield sample
-                self._state = {"pass": pass_index, "docs": owned, "within": 0, "carry": list(packer.buffer)}
+                self._state = {"pass": pass_index, "docs": owned, "within": 0, "carry": list(packer.buffer),
+                               "read": read, "whole_pass": whole_pass}
+            if expected is not None and owned < resume_at:
+                self._refuse_changed(slot, n_slots, f"the {resume_at} documents the checkpoint's run had read "
+                                                    f"(only {owned} are left)")
             if self.repeat and produced == 0 and not resumed:
                 # Nothing for this slot: an endless loop over an empty share would hang training.
                 raise DataSourceError(
                     f"the {self.split} split of {self.source.source!r} gives no samples to worker slot "
                     f"{slot} of {n_slots}; add data, lower --data.num_workers or check --data.max_words/max_chars"
                 )
-            skip_docs, skip_within, carry = 0, 0, []
-            self._state = {"pass": pass_index + 1, "docs": 0, "within": 0, "carry": []}
+            if whole_pass is not None and read != whole_pass:
+                self._refuse_changed(slot, n_slots, f"its documents in pass {pass_index} of the stream, which were "
+                                                    f"not those of pass {pass_index - 1}")
+            skip_docs, skip_within, carry, expected, resume_at = 0, 0, [], None, 0
+            whole_pass = read
+            self._state = self._start(pass_index + 1, whole_pass)
         if not self.repeat:
             for _ in range(self.pad_to - produced):  # see pad_shares
                 yield self.empty_sample()
+
+    def _refuse_changed(self, slot: int, n_slots: int, what: str) -> None:
+        whose = f" (worker slot {slot} of {n_slots})" if n_slots > 1 else ""
+        raise DataSourceError(
+            f"{self.source.source!r} is not the corpus this run has read: {what} differ now{whose}, so it was "
+            "edited in place; restore it, or start a new run (without --ckpt_path) on the edited corpus"
+        )
 
     def pad_shares(self, workers_per_rank: int) -> None:
         """Make every slot of this finite split hand out as many samples as the largest share, the

@@ -28,7 +28,11 @@ from lenscope.cli.errors import (
 from lenscope.datamodules.lens_data import LensDataModule
 from lenscope.errors import ConfigError
 from lenscope.loggers import finish_loggers, logger_save_dirs
-from lenscope.training.callbacks import LensArtifactWriter, StepProgressBar
+from lenscope.training.callbacks import (
+    LensArtifactWriter,
+    StepProgressBar,
+    write_lenses_from_checkpoint,
+)
 from lenscope.training.checkpoint_io import AtomicCheckpointIO
 from lenscope.training.lens_module import LensTrainingModule
 from lenscope.training.preflight import (
@@ -36,7 +40,10 @@ from lenscope.training.preflight import (
     check_resume,
     check_schedule,
     claim_outputs,
+    is_first_process,
+    last_checkpoint,
     load_checkpoint,
+    remove_leftover_temporaries,
 )
 from lenscope.training.stops import GracefulStop
 
@@ -57,17 +64,32 @@ class LensCLI(LenscopeCLI):
         trainer = config.trainer
         if self.subcommand == "fit":
             check_schedule(plain(trainer))
+        for args in _callbacks(config, "ModelCheckpoint"):
+            # Lightning writes last-v1.ckpt beside a last.ckpt it did not write in this process (a
+            # copied run folder), leaving last.ckpt, which --ckpt_path last resumes from, stale. A run
+            # never writes over an earlier run's checkpoints unless resuming it or told to
+            # (check_not_replacing), so the checkpoint names need no version.
+            args.enable_version_counter = False
         root = Path(trainer.get("default_root_dir") or os.getcwd())
-        claim_outputs({root: "--trainer.default_root_dir"}, result_folders(config), logger_save_dirs(config))
+        results = result_folders(config)
+        claim_outputs({root: "--trainer.default_root_dir"}, results, logger_save_dirs(config))
         path = resolve_ckpt_path(config)
+        if is_first_process():
+            remove_leftover_temporaries(results)  # the folders are locked: their writers are dead
         checkpoint = load_checkpoint(path) if path is not None else None
+        if path is not None:
+            # Lightning resolves ``last`` to the newest last*.ckpt of the folder, which may be another
+            # file than the one read and checked here: it is handed the same file.
+            config.ckpt_path = str(path)
+        self.final_checkpoint: Path | None = None
         if self.subcommand != "fit" and checkpoint is None:
             raise ConfigError(f"{self.prog} {self.subcommand} scores a trained lens: pass --ckpt_path (a checkpoint "
                               "file, or last); without one it would score untrained lenses and replace the run's results")
         if checkpoint is not None:
             training = self.subcommand == "fit"
-            check_resume(path, checkpoint, plain(config.model), plain(config.data) if training else None,
-                         trainer.get("max_steps") if training else None)
+            if check_resume(path, checkpoint, plain(config.model), plain(config.data) if training else None,
+                            plain(trainer) if training else None, artifact_folders(config)):
+                self.final_checkpoint = path
             # Resuming continues the same W&B run: the run id travels in the checkpoint.
             run_id = checkpoint["lenscope"].get("wandb_run_id")
             loggers = trainer.get("logger")
@@ -76,7 +98,16 @@ class LensCLI(LenscopeCLI):
                     logger.init_args.id = run_id
                     logger.init_args.resume = "allow"
         elif self.subcommand == "fit":
-            check_not_replacing(result_folders(config), config.get("overwrite", False), resume_hint=True)
+            check_not_replacing(results, config.get("overwrite", False), resume_hint=True)
+
+    def fit(self, model, datamodule, **kwargs) -> None:
+        """``trainer.fit``, unless the checkpoint is the final lens of a run cut short before its
+        artifacts were written (check_resume): then they are written from it, and nothing is trained."""
+        if self.final_checkpoint is None:
+            self.trainer.fit(model, datamodule=datamodule, **kwargs)
+            return
+        writers = [c for c in self.trainer.callbacks if isinstance(c, LensArtifactWriter)]
+        write_lenses_from_checkpoint(self.trainer, model, datamodule, self.final_checkpoint, writers)
 
     def before_fit(self) -> None:
         self.model.check_trainer(self.trainer)  # here, before Lightning starts the other ranks
@@ -112,23 +143,27 @@ def result_folders(config) -> dict[Path, str]:
     return folders
 
 
+def artifact_folders(config) -> list[Path]:
+    """Where the run writes its lens artifacts (the LensArtifactWriters' folders)."""
+    return [Path(args.get("dirpath") or LensArtifactWriter.DEFAULT_DIRPATH) for args in _callbacks(config, "LensArtifactWriter")]
+
+
 def resolve_ckpt_path(config) -> Path | None:
     """The checkpoint this run starts from: ``--ckpt_path`` (``last``: the configured ModelCheckpoint's
-    ``last.ckpt``, if there is one yet), or, in a job SLURM requeued, Lightning's requeue checkpoint."""
+    ``last.ckpt``, or one line saying there is none), or, in a job SLURM requeued (or with
+    ``--ckpt_path hpc``), Lightning's requeue checkpoint. The preflight reads it (never running code)
+    before Lightning does."""
     ckpt = config.get("ckpt_path")
-    if ckpt in ("best", "hpc"):
-        return None  # Lightning's own keywords, resolved by Lightning
-    if ckpt and ckpt != "last":
+    if ckpt == "best":
+        return None  # Lightning's keyword: the best checkpoint of this same process's run
+    if ckpt and ckpt not in ("last", "hpc"):
         return Path(ckpt)
     if ckpt == "last":
-        for args in _callbacks(config, "ModelCheckpoint"):
-            if args.get("dirpath") and (Path(args.dirpath) / "last.ckpt").is_file():
-                return Path(args.dirpath) / "last.ckpt"
-        return None  # Lightning starts afresh (with a warning): a job script's first run
+        return last_checkpoint([Path(args.dirpath) for args in _callbacks(config, "ModelCheckpoint") if args.get("dirpath")])
     root = Path(config.trainer.get("default_root_dir") or os.getcwd())
     numbered = [(int(p.stem.rsplit("_", 1)[-1]), p) for p in root.glob("hpc_ckpt_*.ckpt")
                 if p.stem.rsplit("_", 1)[-1].isdigit()]
-    if numbered and SLURMEnvironment.detect():
+    if numbered and (ckpt == "hpc" or SLURMEnvironment.detect()):
         return max(numbered)[1]  # what Lightning resumes from by itself: the highest number
     return None
 

@@ -9,13 +9,14 @@ import lightning as L
 from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.trainer.states import TrainerFn
-from lightning.pytorch.utilities import rank_zero_only
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 
 from lenscope.files import atomic_write
 from lenscope.lenses.artifact import save_lens
 from lenscope.lenses.lens import residual_name
 from lenscope.lenses.metrics import per_layer_table
 from lenscope.loggers import wandb_locations
+from lenscope.training.checkpoint_io import read_checkpoint
 
 
 def results_table(results: dict, unit: str = "bits") -> str:
@@ -59,18 +60,22 @@ class LensArtifactWriter(L.Callback):
         tokens_seen = pl_module.total_tokens_seen()  # a collective: every rank takes part
         if not trainer.is_global_zero:
             return
-        written = [save_lens(
+        self._written = self.write_lenses(trainer, pl_module, trainer.global_step, tokens_seen,
+                                          str(pl_module.lens_compute_dtype).removeprefix("torch."))
+        self._write_results(trainer, pl_module)
+
+    def write_lenses(self, trainer: L.Trainer, pl_module, step: int, tokens_seen: int, lens_dtype: str) -> list[Path]:
+        """One artifact per lens of ``pl_module``, as trained for ``step`` steps on ``tokens_seen`` positions."""
+        return [save_lens(
             lens, self.dirpath / key, base_model=pl_module.hparams.base["name"],
             revision=pl_module.frozen.revision, unembed_hash=pl_module.frozen.unembed_hash,
             num_hidden_layers=pl_module.frozen.num_layers,
-            extra={"trained_steps": trainer.global_step, "tokens_seen": tokens_seen,
+            extra={"trained_steps": step, "tokens_seen": tokens_seen,
                    "warm_start_batches": pl_module.warm_start_batches,
                    "training_data": training_data(trainer),
                    "held_out": held_out(pl_module.last_results, key),
-                   "lenscope_lens_dtype": str(pl_module.lens_compute_dtype).removeprefix("torch.")},
+                   "lenscope_lens_dtype": lens_dtype},
         ) for key, lens in pl_module.lenses.items()]
-        self._write_results(trainer, pl_module)
-        self._written = written
 
     @rank_zero_only
     def on_fit_end(self, trainer: L.Trainer, pl_module) -> None:
@@ -127,3 +132,25 @@ class StepProgressBar(TQDMProgressBar):
             self.train_progress_bar.reset(total=trainer.max_steps)
             self.train_progress_bar.n = trainer.global_step
             self.train_progress_bar.set_description("Training")
+
+
+def write_lenses_from_checkpoint(trainer: L.Trainer, pl_module, datamodule, path: Path,
+                                 writers: list[LensArtifactWriter]) -> None:
+    """Finish a run that was cut short after its final checkpoint and before its lens artifacts
+    (a kill, an out-of-memory, a full disk): score the checkpoint's lenses as the run's last
+    validation did (``validate`` restores them and writes the results) and write their artifacts,
+    with the step and tokens the checkpoint records. Nothing is trained."""
+    checkpoint = read_checkpoint(path)
+    step = checkpoint["global_step"]
+    saved = checkpoint.get("lenscope", {})
+    tokens_seen = sum(saved.get("tokens_seen_by_rank") or [0])
+    rank_zero_info(f"{path} holds the final lens (step {step}) of a run that stopped before writing its lens "
+                   "artifacts: writing them from it, and its held-out results, instead of training")
+    trainer.validate(pl_module, datamodule=datamodule, ckpt_path=path, verbose=False)
+    pl_module.solve_closed_form_fits()  # what validation does first; without validation, still needed
+    if not trainer.is_global_zero:
+        return
+    lens_dtype = saved.get("lens_compute_dtype") or str(pl_module.lens_compute_dtype).removeprefix("torch.")
+    for writer in writers:
+        written = writer.write_lenses(trainer, pl_module, step, tokens_seen, lens_dtype)
+        print(where_files_went(trainer, written, writer.dirpath))

@@ -6,12 +6,17 @@ Here the checkpoint goes through ``lenscope.files.atomic_path``: a temporary fil
 flushed to disk, then one ``os.replace``, so readers see the old checkpoint or the new one, never
 half of one. A failed write (full disk, say) removes the temporary file and stops the run with a
 one-line message; the previous checkpoint stays intact.
+
+Every checkpoint is read by ``read_checkpoint``, never by a plain ``torch.load``: the preflight's
+look at ``--ckpt_path`` and Lightning's own restore (``AtomicCheckpointIO.load_checkpoint``) alike.
+A checkpoint may come from someone else, and unpickling it could run any code it names.
 """
 
 from __future__ import annotations
 
 import errno
 import os
+import pickle
 import time
 from pathlib import Path
 from typing import Any
@@ -29,7 +34,37 @@ the process at exactly that moment (no timing involved)."""
 
 
 class CheckpointWriteError(UserError):
-    """A checkpoint could not be written (earlier checkpoints are untouched) or does not load."""
+    """A checkpoint could not be written (earlier checkpoints are untouched)."""
+
+
+class CheckpointReadError(UserError):
+    """A file given as a checkpoint does not load, or holds more than a lenscope checkpoint does (and was not loaded)."""
+
+
+def read_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict:
+    """The checkpoint at ``path``, unpickled with ``weights_only=True``: tensors, dtypes, plain
+    containers, numbers and strings, which is all a lenscope checkpoint holds (every lens kind,
+    with every logger, loads without an allow-list of other types; tests/test_safety_resume.py
+    checks them). A file whose pickle names anything else (a class, ``os.system``) is refused
+    before any of it runs."""
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True, mmap=True)
+    except pickle.UnpicklingError:
+        try:  # which globals it names, read from the pickle's opcodes without running them
+            unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+        except Exception:  # not even a torch archive: damaged, reported below
+            unsafe = []
+        if unsafe:
+            shown = ", ".join(unsafe[:3]) + (", …" if len(unsafe) > 3 else "")
+            raise CheckpointReadError(
+                f"{path} is not a lenscope checkpoint and was not loaded: it names {shown}, which a lenscope "
+                "checkpoint never holds (loading it could run code); pass a .ckpt written by `lenscope train`"
+            ) from None
+        damaged = "its pickle is damaged"
+    except Exception as err:  # torch raises several types for a damaged file
+        damaged = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else 'damaged'}"
+    raise CheckpointReadError(f"checkpoint {path} does not load ({damaged}); it was cut short or modified: "
+                              "pass an earlier --ckpt_path or delete it to start over")
 
 
 def _hold_for_test(checkpoint: dict, tmp: Path) -> None:
@@ -54,3 +89,10 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                 f"could not write checkpoint {path}: {reason}; free space or change the checkpoint "
                 "folder (earlier checkpoints are intact)"
             ) from None
+
+    def load_checkpoint(self, path, map_location: Any | None = None, weights_only: bool | None = None) -> dict[str, Any]:
+        """Lightning's restore (``fit``/``validate`` with ``ckpt_path``, a SLURM requeue) reads through
+        here: always ``read_checkpoint``, whatever ``weights_only`` Lightning passes."""
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"Checkpoint file not found: {path}")  # what Lightning's own reader raises
+        return read_checkpoint(path, map_location if map_location is not None else "cpu")

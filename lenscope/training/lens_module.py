@@ -39,7 +39,7 @@ from lenscope.model.loading import (
 )
 from lenscope.training.fsdp import FSDP_PREFIX
 from lenscope.training.fsdp import tag as fsdp_tag
-from lenscope.training.recipes import RECIPES
+from lenscope.training.recipes import RECIPES, lr_factor
 
 log = logging.getLogger(__name__)
 
@@ -197,6 +197,7 @@ class LensTrainingModule(L.LightningModule):
         self.last_results: dict | None = None
         self.tokens_seen = 0  # this process's training positions so far (a lens artifact records the sum)
         self._warm_started = False
+        self._checkpoint_step: int | None = None  # the step of the checkpoint loaded, if any
 
     def train(self, mode: bool = True):
         """The frozen model stays in eval mode (no dropout) while the lens trains."""
@@ -232,11 +233,29 @@ class LensTrainingModule(L.LightningModule):
             # Each rank reads its own share of the stream: keep every rank's position, not rank 0's alone.
             checkpoint["lenscope"]["loader_state_by_rank"] = self._gather_from_ranks(fit_loop["combined_loader"])
         checkpoint["lenscope"]["tokens_seen_by_rank"] = self._gather_from_ranks(self.tokens_seen)
+        if not self.recipe.closed_form:
+            # The trainer settings that shape the gradient steps (Lightning keeps none of them): a
+            # resumed run compares its own with them (preflight.check_resume). Plain values only.
+            trainer = self.trainer
+            algorithm = trainer.gradient_clip_algorithm
+            checkpoint["lenscope"]["trainer"] = {
+                "max_steps": trainer.max_steps, "accumulate_grad_batches": trainer.accumulate_grad_batches,
+                "gradient_clip_val": trainer.gradient_clip_val,
+                "gradient_clip_algorithm": str(algorithm.value if algorithm is not None else "norm"),
+            }
         for logger in self.trainer.loggers:
             if isinstance(logger, WandbLogger):  # so that a resumed run logs into the same W&B run
                 checkpoint["lenscope"]["wandb_run_id"] = logger.version
 
+    @property
+    def scored_step(self) -> int:
+        """The step of the lenses scored now: the trainer's while fitting; in ``validate``, which
+        restores the lenses but not the step counter, the step of the checkpoint they came from."""
+        fitting = self._trainer is not None and self._trainer.state.fn == "fit"
+        return self.global_step if fitting or self._checkpoint_step is None else self._checkpoint_step
+
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self._checkpoint_step = checkpoint.get("global_step")
         saved = checkpoint.get("lenscope", {})
         if saved.get("unembed_hash") not in (None, self.frozen.unembed_hash):
             raise ConfigError(
@@ -516,8 +535,11 @@ class LensTrainingModule(L.LightningModule):
                 self.val_metrics.update("ce_nats", key, sums["ce"], count=sums["n_labels"])
 
     def on_validation_epoch_start(self) -> None:
-        """A closed-form fit is solved here, over every rank's pairs so far: what validation scores
-        and the artifact holds."""
+        self.solve_closed_form_fits()
+
+    def solve_closed_form_fits(self) -> None:
+        """A closed-form fit is solved before each validation, over every rank's pairs so far: what
+        validation scores and the artifact holds (a collective: every rank calls it)."""
         for key, eq in self._summed_normal_equations().items():
             if eq.count:
                 eq.fit(self.lenses[key], self.hparams.ridge)
@@ -548,7 +570,7 @@ class LensTrainingModule(L.LightningModule):
                 for i, layer in enumerate(self.layers):
                     self.log(f"val/{name}/{key}/layer_{layer:02d}", per_layer[i].float(), sync_dist=False)
                 self.log(f"val/{name}/{key}_mean", per_layer.mean().float(), prog_bar=key == "kl_bits" and name != "logit")
-        results["step"] = self.global_step
+        results["step"] = self.scored_step
         self.last_results = results
 
     # --- optimisation ---------------------------------------------------------------------------------
@@ -583,12 +605,5 @@ class LensTrainingModule(L.LightningModule):
         total = self.trainer.max_steps
         if total is None or total <= 0:
             raise ConfigError(f"--trainer.max_steps must be a positive number of steps, got {total}")
-        warmup = hp.warmup_steps
-
-        def factor(step: int) -> float:
-            if step < warmup:
-                return (step + 1) / warmup
-            return max(0.0, (total - step) / max(1, total - warmup))
-
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, hp.warmup_steps, total))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

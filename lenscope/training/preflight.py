@@ -12,14 +12,16 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import json
 import os
 import tempfile
 from pathlib import Path
 
-import torch
-from lightning.fabric.utilities.rank_zero import rank_zero_only
+from lightning.fabric.utilities.rank_zero import rank_zero_info, rank_zero_only
 
 from lenscope.errors import ConfigError, UserError
+from lenscope.training.checkpoint_io import read_checkpoint
+from lenscope.training.recipes import RECIPES, lr_factor
 
 LOCK_NAME = ".lenscope.lock"
 
@@ -143,17 +145,52 @@ def load_checkpoint(path: Path) -> dict:
     if path.suffix == ".safetensors" or head[8:9] == b"{":
         raise ResumeError(f"--ckpt_path {path} is a safetensors weights file, not a training checkpoint; pass a .ckpt "
                           "from the run's checkpoint folder (to start from a lens artifact, use --model.init_lens)")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
-    except Exception as err:  # torch raises several types for a damaged file
-        first = str(err).splitlines()[0] if str(err) else "damaged"
-        raise ResumeError(
-            f"checkpoint {path} does not load ({type(err).__name__}: {first}); it was cut short or modified: "
-            "pass an earlier --ckpt_path or delete it to start over"
-        ) from None
+    checkpoint = read_checkpoint(path)  # never runs code: a checkpoint may come from someone else
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint or "lenscope" not in checkpoint:
         raise ResumeError(f"{path} is not a lenscope training checkpoint; pass a .ckpt written by `lenscope train`")
     return checkpoint
+
+
+LAST = "last.ckpt"
+
+
+def leftover_temporaries(folder: Path) -> list[Path]:
+    """Files a writer killed mid-write left in ``folder``: ``lenscope.files.atomic_path`` writes
+    ``.<name>.<random>.tmp`` beside its target and renames it into place only when complete."""
+    folder = Path(folder)
+    return sorted(p for p in folder.glob(".*.tmp") if p.is_file()) if folder.is_dir() else []
+
+
+def remove_leftover_temporaries(folders) -> None:
+    """Remove what killed writers left in ``folders``. Only for folders this run has locked
+    (``lock_folders``): no other lenscope run is writing there, so every temporary file is a dead one."""
+    for folder in folders:
+        for leftover in leftover_temporaries(folder):
+            leftover.unlink(missing_ok=True)
+
+
+def last_checkpoint(folders: list[Path]) -> Path:
+    """``--ckpt_path last``: the ``last.ckpt`` of the run's checkpoint folders, or one line saying
+    where it looked, what it found there and how to start afresh (never a silent start from step 0)."""
+    for folder in folders:
+        if (Path(folder) / LAST).is_file():
+            return Path(folder) / LAST
+    if not folders:
+        raise ResumeError("--ckpt_path last needs a checkpoint folder: the run has no ModelCheckpoint with a dirpath; "
+                          "pass the checkpoint file as --ckpt_path, or drop --ckpt_path to start a new run")
+    seen = []
+    for folder in folders:
+        folder = Path(folder)
+        others = sorted(p.name for p in folder.glob("*.ckpt")) if folder.is_dir() else []
+        cut = [p.name for p in leftover_temporaries(folder) if p.name.startswith(f".{LAST}.")]
+        if cut:
+            seen.append(f"{folder} holds only {', '.join(cut)}, a checkpoint cut short while it was being written")
+        elif others:
+            seen.append(f"{folder} holds {', '.join(others[:4])} but no {LAST} (pass one of them as --ckpt_path)")
+        else:  # the folder exists: claim_outputs made it, to lock it
+            seen.append(f"{folder} holds no checkpoint")
+    raise ResumeError(f"--ckpt_path last found nothing to resume: {'; '.join(seen)}; drop --ckpt_path to start a new "
+                      "run")
 
 
 STRUCTURE = ("lens_type", "offsets", "bias", "prompt_length")
@@ -196,26 +233,93 @@ def _differences(saved: dict, wanted: dict, keys: tuple[str, ...], section: str)
             if was is not _ABSENT and not _same(was, now)]
 
 
-def check_resume(path: Path, checkpoint: dict, model: dict, data: dict | None, max_steps: int | None) -> None:
-    """``model`` / ``data``: this run's ``--model.*`` / ``--data.*`` settings (``data`` None: not
-    resuming training, only scoring the checkpoint, so the data may differ)."""
+TRAINER = ("accumulate_grad_batches", "gradient_clip_val", "gradient_clip_algorithm")
+"""Trainer settings that shape each gradient step: they must match to resume (a checkpoint of a
+gradient-trained lens records them)."""
+
+
+def _trainer_settings(trainer: dict) -> dict:
+    """``--trainer.*`` settings as a checkpoint records them (Lightning's defaults filled in)."""
+    return {"accumulate_grad_batches": trainer.get("accumulate_grad_batches") or 1,
+            "gradient_clip_val": trainer.get("gradient_clip_val"),
+            "gradient_clip_algorithm": str(trainer.get("gradient_clip_algorithm") or "norm").lower()}
+
+
+def check_resume(path: Path, checkpoint: dict, model: dict, data: dict | None, trainer: dict | None = None,
+                 artifact_folders: list[Path] = ()) -> bool:
+    """``model`` / ``data`` / ``trainer``: this run's ``--model.*`` / ``--data.*`` / ``--trainer.*``
+    settings (``data`` None: not resuming training, only scoring the checkpoint, so the data and
+    the training settings may differ). ``artifact_folders``: where the run writes its lens artifacts.
+
+    Resuming continues the checkpoint's run: a setting it would not apply (the checkpoint's optimizer
+    state and warm start win) or could not apply exactly is refused with both values, so that what
+    the run records (runs/config.yaml, the artifact) is what ran. ``--trainer.max_steps`` is the one
+    that may change (to train on): the learning-rate schedule then ends there, which is said in one line.
+
+    Returns whether the checkpoint is the run's final lens (at ``max_steps``) and its artifacts do
+    not hold it: the run was cut short after its last checkpoint, before its artifacts were written,
+    and the resumed run writes them from the checkpoint instead of training."""
     saved_model = checkpoint.get("hyper_parameters") or {}
     differ = _differences(saved_model, model, STRUCTURE, "model")
     if differ:
         raise ResumeError(f"{path} holds lenses of other settings: the checkpoint has {'; '.join(differ)}; "
                           "pass the checkpoint's settings, or start a new run in another folder")
     if data is None:
-        return
-    differ = _differences(saved_model, model, EXACT_MODEL, "model")
+        return False
+    trainer = trainer or {}
+    recipe = RECIPES.get(saved_model.get("lens_type"))
+    differ = _differences(saved_model, model, EXACT_MODEL + (recipe.trained_with if recipe else ()), "model")
     differ += _differences(checkpoint.get("datamodule_hyper_parameters") or {}, data, DATA_ORDER, "data")
+    saved_trainer = (checkpoint.get("lenscope") or {}).get("trainer") or {}
+    differ += _differences(saved_trainer, _trainer_settings(trainer), TRAINER, "trainer")
     if differ:
         raise ResumeError(f"{path} was trained with other settings, so it cannot resume exactly: the checkpoint "
                           f"has {'; '.join(differ)}; pass the checkpoint's settings, or start a new run in another folder")
     step = checkpoint.get("global_step", 0)
-    if max_steps is not None and step >= max_steps:
+    max_steps = trainer.get("max_steps")
+    if max_steps is None or step < max_steps:
+        before = saved_trainer.get("max_steps")
+        if max_steps is not None and before is not None and before != max_steps and recipe and recipe.schedules_lr:
+            warmup = saved_model.get("warmup_steps", 0)
+            rank_zero_info(f"--trainer.max_steps {max_steps} (the checkpoint's run had {before}): the learning rate "
+                           f"now decays to 0 at step {max_steps}, so from step {step} it is "
+                           f"{lr_factor(step, warmup, max_steps):.3g}× the configured one "
+                           f"(it would have been {lr_factor(step, warmup, before):.3g}×)")
+        return False
+    written = artifacts_holding(checkpoint, artifact_folders)
+    if written or not artifact_folders:
+        where = f" (the lens of step {step} is already in {', '.join(str(p) for p in written)})" if written else ""
         raise ResumeError(f"{path} is at step {step} and --trainer.max_steps is {max_steps}: nothing is left to "
-                          f"train; raise --trainer.max_steps above {step} (the lens of step {step} is already in "
-                          "its run's artifact)")
+                          f"train; raise --trainer.max_steps above {step}{where}")
+    if step > max_steps:
+        raise ResumeError(f"{path} is at step {step}, past --trainer.max_steps {max_steps}, and its lens is not in "
+                          f"the run's artifacts; pass --trainer.max_steps {step} to write them from it, or more to "
+                          "train on")
+    return True
+
+
+def lens_keys(checkpoint: dict) -> list[str]:
+    """The lenses a checkpoint holds (``tuned``, ``tuned+1``, ...), from its ``lenses.<key>.*`` weights."""
+    return sorted({name.split(".")[1] for name in checkpoint.get("state_dict", {}) if name.startswith("lenses.")})
+
+
+def artifacts_holding(checkpoint: dict, artifact_folders: list[Path]) -> list[Path]:
+    """The artifact folders that hold every lens of ``checkpoint`` as of its step (empty if any lens
+    is missing or older). An artifact records the step and the tokens its lens was trained on; both
+    must be the checkpoint's (a rerun of as many steps on other data has other tokens)."""
+    step = checkpoint.get("global_step", 0)
+    tokens = sum(checkpoint.get("lenscope", {}).get("tokens_seen_by_rank") or [0])
+    holding = []
+    for folder in artifact_folders:
+        for key in lens_keys(checkpoint):
+            try:
+                config = json.loads((Path(folder) / key / "config.json").read_text())
+            except (OSError, ValueError):
+                return []
+            if not isinstance(config, dict) or config.get("trained_steps") != step or config.get("tokens_seen") != tokens:
+                return []
+        holding.append(Path(folder))
+    return holding
 
 
 # --- the step schedule --------------------------------------------------------------------------------

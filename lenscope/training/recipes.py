@@ -31,6 +31,12 @@ class Recipe:
     """Kinds of lens artifact ``--model.init_lens`` may start this kind from."""
     warm_starts = False
     """Starts from the least-squares affine fit of the run's first batches (``--model.warm_start_batches``)."""
+    trained_with: tuple[str, ...] = ("init_lens",)
+    """``--model.*`` settings that shape how this kind trains. A checkpoint's optimizer state, its
+    warm start and its starting lens win over the command line's when a run resumes, so a resumed
+    run refuses any of these that differ from the checkpoint's (preflight.check_resume)."""
+    schedules_lr = True
+    """Its learning rate follows ``lr_factor`` over ``--trainer.max_steps``."""
 
     def __init__(self, hparams):
         self.hp = hparams
@@ -60,6 +66,7 @@ class TunedRecipe(Recipe):
     lens_type = "tuned"
     starts_from = ("tuned", "affine")  # an affine fit is a tuned lens's best starting point
     warm_starts = True
+    trained_with = ("init_lens", "lr", "momentum", "nesterov", "weight_decay", "warmup_steps", "warm_start_batches", "ridge")
 
     def make_lens(self, model, layers, offset):
         return TunedLens(layers, model.d_model, bias=self.hp.bias, offset=offset)
@@ -78,6 +85,7 @@ class PromptRecipe(Recipe):
     lens_type = "learned_prompt"
     lr_flag = "--model.prompt_lr"
     starts_from = ("learned_prompt",)
+    trained_with = ("init_lens", "prompt_lr", "warmup_steps", "prompt_positions")
 
     def make_lens(self, model, layers, offset):
         lens = LearnedPromptLens(layers, model.d_model, offset=offset, prompt_length=self.hp.prompt_length)
@@ -110,6 +118,8 @@ class LeastSquaresRecipe(Recipe):
     lens_type = "affine"
     closed_form = True
     starts_from = ("affine",)
+    schedules_lr = False
+    # Its --model.ridge is applied when the accumulated equations are solved: a changed one is used in full.
 
     def make_lens(self, model, layers, offset):
         return AffineLens(layers, model.d_model, bias=True, offset=offset)
@@ -119,6 +129,14 @@ class LeastSquaresRecipe(Recipe):
 
     def optimizer(self, lenses, equations):
         return LeastSquaresFit(lenses.parameters(), equations)
+
+
+def lr_factor(step: int, warmup_steps: int, max_steps: int) -> float:
+    """The learning rate at ``step`` as a fraction of the configured one: a linear warm-up over
+    ``warmup_steps``, then a linear decay to 0 at ``max_steps`` (the reference's schedule)."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    return max(0.0, (max_steps - step) / max(1, max_steps - warmup_steps))
 
 
 RECIPES: dict[str, type[Recipe]] = {r.lens_type: r for r in (TunedRecipe, PromptRecipe, LeastSquaresRecipe)}
