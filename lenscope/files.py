@@ -7,11 +7,14 @@ the umask: ``mkstemp`` and ``mkdtemp`` make ``0600`` / ``0700``, which would hid
 results from its collaborators), and renamed into place. A reader sees the old version or the new
 one, never a mixture; a failed write removes its temporary and leaves the old version intact.
 
-A folder is replaced in two renames (the old one aside as ``.NAME.old-PID@HOST``, the new one
-``.NAME.tmp-PID@HOST-…`` into place): a process killed between them leaves no folder at the path,
-and the next write or load of it (``recover_dir``) puts the old one back, once its writer is dead,
-and removes what dead writers left; one line says what it recovered. Only this host's writers can
-be known dead: another host's leftovers (a shared filesystem) are left alone.
+A folder is replaced in two renames (the old one aside as ``.NAME.old-WRITER``, the new one
+``.NAME.tmp-WRITER-…`` into place, WRITER being ``PID@HOST+START``): a process killed between them
+leaves no folder at the path, and the next write or load of it (``recover_dir``) puts the old one
+back, once its writer is dead, and removes what dead writers left; one line says what it
+recovered. A pid alone does not name a process (a container's restarted writer gets the same pid,
+and pids are reused): START, when the process started (Linux's ``/proc``), tells the writer from a
+later process under its pid. Only this host's writers can be known dead: another host's leftovers
+(a shared filesystem) are left alone.
 
 A full disk, a full quota or a file-size limit (``ulimit -f``) is one line (``WriteError``) naming
 the file, the limit and the fix, whichever library was writing (torch says only "enforce fail at
@@ -203,30 +206,43 @@ def _hold_for_test(path: Path, point: str) -> None:
             time.sleep(1)
 
 
+def _started(pid: int) -> int | None:
+    """When process ``pid`` started, in clock ticks since boot (field 22 of Linux's
+    ``/proc/PID/stat``; the fields after the command name, which may hold spaces), or None where
+    that cannot be read (no such process, another system)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        return int(stat.rpartition(")")[2].split()[19])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 def _writer() -> str:
-    """``PID@HOST`` of this process, in the names of the folders it leaves beside the one it replaces."""
-    return f"{os.getpid()}@{socket.gethostname()}"
+    """``PID@HOST+START`` of this process (``PID@HOST`` where its start time cannot be read), in the
+    names of the folders it leaves beside the one it replaces."""
+    started = _started(os.getpid())
+    return f"{os.getpid()}@{socket.gethostname()}" + ("" if started is None else f"+{started}")
 
 
-def _writer_is_dead(pid: int, host: str | None) -> bool:
+def _writer_is_dead(pid: int, host: str | None, started: int | None) -> bool:
     """Whether the writer of a leftover is known dead: a process of this host (``host`` None: a
-    leftover of an older lenscope, which named no host) that no longer runs."""
+    leftover of an older lenscope, which named no host) that no longer runs, or whose pid another
+    process now holds (one that started at another time than ``started``, the writer's start)."""
     if host not in (None, socket.gethostname()):
         return False  # another machine's process: it may be running
-    if pid == os.getpid():
-        return False  # this process's own: a replace under way (another thread)
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return True
-    except PermissionError:  # alive, another user's
-        return False
-    return False
+    except PermissionError:
+        pass  # a process runs under that pid, another user's
+    now = _started(pid)  # (unknown for a leftover that names no start: then the writer may be alive)
+    return started is not None and now is not None and now != started
 
 
 def recover_dir(path: str | Path) -> str | None:
     """Undo what a killed ``atomic_dir`` left beside ``path``: with no folder at ``path``, the old
-    folder it had moved aside (``.NAME.old-PID@HOST``) goes back; the moved-aside and temporary folders
+    folder it had moved aside (``.NAME.old-WRITER``) goes back; the moved-aside and temporary folders
     of dead writers are removed. The folders of live writers are left alone. Says (logs) in one
     line what it recovered, and returns that line (None: nothing to recover)."""
     path = Path(path)
@@ -236,13 +252,16 @@ def recover_dir(path: str | Path) -> str | None:
         return None
     leftovers = []
     for entry in entries:
-        # .NAME.old-PID[@HOST] or .NAME.tmp-PID[@HOST]-RANDOM (mkdtemp's suffix has no '-')
-        match = re.fullmatch(rf"\.{re.escape(path.name)}\.(?:old-(\d+)(?:@(.+))?|tmp-(\d+)(?:@(.+))?-[\w]+)", entry.name)
+        # .NAME.old-WRITER or .NAME.tmp-WRITER-RANDOM (mkdtemp's suffix has no '-'), WRITER being
+        # PID[@HOST[+START]] (a host name holds no '+')
+        writer = r"(\d+)(?:@([^+]+?)(?:\+(\d+))?)?"
+        is_tmp = entry.name.startswith(f".{path.name}.tmp-")
+        match = re.fullmatch(rf"\.{re.escape(path.name)}\." + (rf"tmp-{writer}-\w+" if is_tmp else rf"old-{writer}"),
+                             entry.name)
         if not match or not entry.is_dir():
             continue
-        is_tmp = match[3] is not None
-        pid, host = (int(match[3]), match[4]) if is_tmp else (int(match[1]), match[2])
-        if _writer_is_dead(pid, host):
+        pid, host, started = int(match[1]), match[2], None if match[3] is None else int(match[3])
+        if _writer_is_dead(pid, host, started):
             leftovers.append((is_tmp, entry, pid))  # the moved-aside ones first
     done = []
     for is_tmp, entry, pid in sorted(leftovers):

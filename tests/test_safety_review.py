@@ -49,3 +49,72 @@ def test_a_lens_mapping_refuses_states_of_another_model(tmp_path, model, other_m
     # --target_model` does): the lens maps the source's states, so that is allowed.
     assert scope.run(model, other_model).logits.isfinite().all()
 
+
+# --- a leftover's writer is one process, not a pid ------------------------------------------------------
+def _held_writer(folder, point: str):
+    """A process replacing ``folder`` (its data.txt: "new"), held at ``point`` of the replace (the
+    marker it creates says it is there): returns it running."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    from lenscope.files import HOLD_ENV
+    from tests.test_safety_artifact import REPLACE_FOLDER
+
+    process = subprocess.Popen([sys.executable, "-c", REPLACE_FOLDER, str(folder), "new"],
+                               env={**os.environ, HOLD_ENV: point}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    marker = folder.with_name(f".{folder.name}.held-{point}")
+    deadline = time.monotonic() + 300  # a guard against a hang, not a timing assumption
+    while not marker.exists():
+        assert process.poll() is None, f"the writer ended before its hold point: {process.stderr.read()[-3000:]}"
+        assert time.monotonic() < deadline, "timed out waiting for the hold point"
+        time.sleep(0.02)
+    marker.unlink()
+    return process
+
+
+def _stop(process) -> None:
+    import signal
+
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    process.stderr.close()
+
+
+@pytest.mark.skipif(not __import__("pathlib").Path("/proc/self/stat").exists(), reason="needs Linux's /proc")
+def test_a_replace_killed_under_a_pid_a_live_process_now_holds_is_recovered(tmp_path):
+    """A restarted container's writer gets its killed predecessor's pid (and the host name stays):
+    the leftovers of the killed one were taken for a live writer's, so the moved-aside artifact was
+    never put back and every load of it failed."""
+    import os
+
+    from lenscope.files import atomic_dir, recover_dir
+
+    folder = tmp_path / "tuned"
+    with atomic_dir(folder) as tmp:
+        (tmp / "data.txt").write_text("old")
+    writer = _held_writer(folder, "moved-aside")
+    dead = writer.pid
+    _stop(writer)
+    for leftover in tmp_path.iterdir():  # as if this process were the restarted writer: the same pid
+        leftover.rename(leftover.with_name(leftover.name.replace(f"-{dead}@", f"-{os.getpid()}@")))
+    assert sorted(p.name.split("-")[0] for p in tmp_path.iterdir()) == [".tuned.old", ".tuned.tmp"]
+    line = recover_dir(folder)
+    assert line is not None and "put back the folder" in line and "removed the unfinished new folder" in line
+    assert (folder / "data.txt").read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["tuned"]
+
+
+def test_a_live_writers_folders_are_left_alone(tmp_path):
+    from lenscope.files import atomic_dir, recover_dir
+
+    folder = tmp_path / "tuned"
+    with atomic_dir(folder) as tmp:
+        (tmp / "data.txt").write_text("old")
+    writer = _held_writer(folder, "moved-aside")
+    try:
+        assert recover_dir(folder) is None
+        assert sorted(p.name.split("-")[0] for p in tmp_path.iterdir()) == [".tuned.old", ".tuned.tmp"]
+    finally:
+        _stop(writer)
+    assert "put back" in recover_dir(folder) and (folder / "data.txt").read_text() == "old"
