@@ -202,15 +202,17 @@ def pull_lens(ref: str | HubRef) -> Path:
 
 
 def _weights_of(config_path: Path) -> list[str]:
-    """The files a lens folder needs besides its config: a lenscope artifact lists them in its
-    manifest; a tuned-lens folder has ``params.pt``."""
+    """The files a lens folder needs besides its config: a lenscope artifact's weights file (unless
+    its manifest lists none: a lens without parameters); a tuned-lens folder's ``params.pt``. Only
+    those names: the manifest's keys are chosen by whoever wrote the config (its seal is a checksum,
+    not a signature), and a key such as ``/home/me/.ssh/id_rsa`` would be uploaded by a push."""
     try:
         config = json.loads(config_path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError):
         return []  # load_lens says what is wrong with it
     if isinstance(config, dict) and "format_version" in config:
         files = config.get("files")
-        return sorted(files) if isinstance(files, dict) else [LENSCOPE_WEIGHTS]
+        return [LENSCOPE_WEIGHTS] if not isinstance(files, dict) or LENSCOPE_WEIGHTS in files else []
     return [TUNED_LENS_PARAMS]
 
 

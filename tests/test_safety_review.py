@@ -118,3 +118,29 @@ def test_a_live_writers_folders_are_left_alone(tmp_path):
     finally:
         _stop(writer)
     assert "put back" in recover_dir(folder) and (folder / "data.txt").read_text() == "old"
+
+
+# --- a lens's manifest names no file for lenscope to upload or download ---------------------------------
+def test_push_uploads_only_the_lens_files_whatever_its_manifest_names(tmp_path, model, monkeypatch):
+    """The manifest's keys are names the lens's author chose: a sealed config listing the user's
+    key beside the weights made `lenscope push` publish that key (the seal is a checksum anyone can
+    recompute, not a signature)."""
+    import json
+
+    from lenscope.lenses.artifact import CONFIG, sealed
+    from lenscope.lenses.hub import push_lens
+    from tests.test_safety_artifact import _fake_hub
+
+    secret = tmp_path / "home" / "id_rsa"
+    secret.parent.mkdir()
+    secret.write_text("PRIVATE KEY")
+    folder = _saved_lens(model, tmp_path / "shared" / "tuned")
+    config = json.loads((folder / CONFIG).read_text())
+    entry = {"bytes": 11, "sha256": "0" * 64}
+    config["files"] = {**config["files"], str(secret): entry, "../../home/id_rsa": entry}
+    (folder / CONFIG).write_text(json.dumps(sealed(config), indent=2))
+    load_lens(folder, model)  # a lens that loads: nothing refuses it before the upload
+    uploaded = _fake_hub(monkeypatch)
+    push_lens(folder, "me/lenses", path_in_repo="tuned")
+    assert set(uploaded) == {"tuned/config.json", "tuned/lens.safetensors", "tuned/README.md"}
+    assert not any(b"PRIVATE KEY" in data for data in uploaded.values())
