@@ -220,7 +220,8 @@ def _started(pid: int) -> int | None:
 def _writer() -> str:
     """``PID@HOST+START`` of this process (``PID@HOST`` where its start time cannot be read), in the
     names of the folders it leaves beside the one it replaces."""
-    started = _started(os.getpid())  # read as recover_dir reads it (/proc/PID, not /proc/self): the same
+    # Read as recover_dir reads it (/proc/PID, not /proc/self), so that the two always agree.
+    started = _started(os.getpid())
     return f"{os.getpid()}@{socket.gethostname()}" + ("" if started is None else f"+{started}")
 
 
