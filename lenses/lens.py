@@ -22,6 +22,8 @@ from lenscope.errors import UserError
 from lenscope.lenses.unembed import lens_kl, lens_metrics
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from lenscope.lenses.trajectory import Trajectory
     from lenscope.model.frozen import FrozenModel
 
@@ -62,6 +64,9 @@ class Lens(nn.Module):
         """Fingerprint of the unembedding of the model this lens was made for (None: not bound yet)."""
         self.made_for: str | None = None
         """The name of that model, for messages."""
+        self.check_first_model: Callable[[FrozenModel], None] | None = None
+        """Run on the model this lens is bound to when it was not bound yet: a lens in the tuned-lens
+        format names its model by tuned-lens's own fingerprint, which only warns (as tuned-lens does)."""
 
     @property
     def num_layers(self) -> int:
@@ -85,6 +90,8 @@ class Lens(nn.Module):
                                       "on this model")
         for lens in lenses:
             if lens.unembed_hash is None and next(lens.parameters(), None) is not None:
+                if lens.check_first_model is not None:
+                    lens.check_first_model(model)
                 lens.unembed_hash, lens.made_for = model.unembed_hash, model.name
 
     def trajectory(self, model: FrozenModel, text: str, k: int = 5, baseline: bool = True) -> Trajectory:

@@ -144,3 +144,25 @@ def test_push_uploads_only_the_lens_files_whatever_its_manifest_names(tmp_path, 
     push_lens(folder, "me/lenses", path_in_repo="tuned")
     assert set(uploaded) == {"tuned/config.json", "tuned/lens.safetensors", "tuned/README.md"}
     assert not any(b"PRIVATE KEY" in data for data in uploaded.values())
+
+
+# --- a lens in the tuned-lens format is checked on its first model, however it was loaded ----------------
+def test_a_tuned_lens_folder_loaded_without_a_model_is_checked_on_its_first_model(tmp_path, model, other_model):
+    """Loaded with a model, a tuned-lens folder for another one warns (tuned-lens's fingerprint);
+    loaded without, it was bound to whatever model it was first used with, without a word."""
+    import warnings
+
+    from lenscope.lenses.trajectory import Trajectory
+    from lenscope.lenses.tuned_lens_format import save_tuned_lens, tuned_lens_hash
+
+    assert tuned_lens_hash(model.adapter.unembedding_weight) != tuned_lens_hash(other_model.adapter.unembedding_weight)
+    lens = TunedLens(model.layers, model.d_model)
+    folder = save_tuned_lens(lens, tmp_path / "exported", model)
+    with pytest.warns(UserWarning, match="whose unembedding differs from this model's"):
+        load_lens(folder, other_model)
+    loaded = load_lens(folder)
+    with pytest.warns(UserWarning, match="whose unembedding differs from this model's"):
+        Trajectory.of(other_model, "w1 w2", [loaded])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        Trajectory.of(model, "w1 w2", [load_lens(folder)])  # its own model: not a word
