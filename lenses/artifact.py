@@ -116,7 +116,7 @@ def save_lens(lens: Lens, path: str | Path, *, base_model: str, revision: str, u
 
 def _local_folder(path: str | Path) -> Path:
     """The folder of a lens: a Hub lens's in the Hugging Face cache; a local one after recovering
-    what a killed replace of it left (``recover_dir``: the old artifact is put back)."""
+    what a killed replace of it left (``recover_dir``: the complete new artifact is put in place)."""
     if is_hub_ref(path):
         return pull_lens(path)
     recover_dir(path)

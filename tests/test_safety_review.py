@@ -101,8 +101,8 @@ def test_a_replace_killed_under_a_pid_a_live_process_now_holds_is_recovered(tmp_
         leftover.rename(leftover.with_name(leftover.name.replace(f"-{dead}@", f"-{os.getpid()}@")))
     assert sorted(p.name.split("-")[0] for p in tmp_path.iterdir()) == [".tuned.old", ".tuned.tmp"]
     line = recover_dir(folder)
-    assert line is not None and "put back the folder" in line and "removed the unfinished new folder" in line
-    assert (folder / "data.txt").read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["tuned"]
+    assert line is not None and "put in place the complete new folder" in line and "removed the replaced old" in line
+    assert (folder / "data.txt").read_text() == "new" and sorted(p.name for p in tmp_path.iterdir()) == ["tuned"]
 
 
 def test_a_live_writers_folders_are_left_alone(tmp_path):
@@ -117,7 +117,7 @@ def test_a_live_writers_folders_are_left_alone(tmp_path):
         assert sorted(p.name.split("-")[0] for p in tmp_path.iterdir()) == [".tuned.old", ".tuned.tmp"]
     finally:
         _stop(writer)
-    assert "put back" in recover_dir(folder) and (folder / "data.txt").read_text() == "old"
+    assert "put in place" in recover_dir(folder) and (folder / "data.txt").read_text() == "new"
 
 
 # --- a lens's manifest names no file for lenscope to upload or download ---------------------------------
@@ -166,3 +166,21 @@ def test_a_tuned_lens_folder_loaded_without_a_model_is_checked_on_its_first_mode
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         Trajectory.of(model, "w1 w2", [load_lens(folder)])  # its own model: not a word
+
+
+def test_a_moved_aside_folder_without_its_new_one_goes_back(tmp_path):
+    """The new folder goes in place where the killed writer left it complete; without it (removed
+    by hand), the old one goes back: never no folder at all."""
+    import shutil
+
+    from lenscope.files import atomic_dir, recover_dir
+
+    folder = tmp_path / "tuned"
+    with atomic_dir(folder) as tmp:
+        (tmp / "data.txt").write_text("old")
+    writer = _held_writer(folder, "moved-aside")
+    _stop(writer)
+    for leftover in tmp_path.glob(".tuned.tmp-*"):
+        shutil.rmtree(leftover)
+    assert "put back the folder that the killed process" in recover_dir(folder)
+    assert (folder / "data.txt").read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["tuned"]
