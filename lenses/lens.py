@@ -79,20 +79,8 @@ class Lens(nn.Module):
 
     def bind(self, model: FrozenModel) -> None:
         """Refuse ``model`` in one line unless this lens, and every lens it wraps (a lens asked as a
-        patchscope), was made for it; a lens not bound yet is bound to it. A lens without parameters
-        (the logit lens) decodes every model and stays unbound."""
-        lenses = [module for module in self.modules() if isinstance(module, Lens)]
-        for lens in lenses:  # every one checked before any is bound: a refusal binds nothing
-            if lens.unembed_hash not in (None, model.unembed_hash):
-                made_for = f"{lens.made_for!r}" if lens.made_for else "another model"
-                raise WrongModelError(f"the {lens.key} lens was made for {made_for} (unembedding {lens.unembed_hash}), "
-                                      f"not for {model.name!r} (unembedding {model.unembed_hash}); use a lens trained "
-                                      "on this model")
-        for lens in lenses:
-            if lens.unembed_hash is None and next(lens.parameters(), None) is not None:
-                if lens.check_first_model is not None:
-                    lens.check_first_model(model)
-                lens.unembed_hash, lens.made_for = model.unembed_hash, model.name
+        patchscope), was made for it; a lens not bound yet is bound to it (``bind_lenses``)."""
+        bind_lenses([self], model)
 
     def trajectory(self, model: FrozenModel, text: str, k: int = 5, baseline: bool = True) -> Trajectory:
         """What every layer predicts at every token of ``text`` under this lens (beside the logit
@@ -152,6 +140,25 @@ class Lens(nn.Module):
     def forward(self, h: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
         """h: (num_layers, ..., d_model) → (num_layers, ..., d_model)."""
         raise NotImplementedError
+
+
+def bind_lenses(lenses: list[Lens], model: FrozenModel) -> None:
+    """Refuse ``model`` in one line unless every lens of ``lenses``, and every lens each wraps, was
+    made for it; then bind those not bound yet to it. All are checked before any is bound, so a
+    refusal binds nothing. A lens without parameters (the logit lens) decodes every model and stays
+    unbound."""
+    every = [module for lens in lenses for module in lens.modules() if isinstance(module, Lens)]
+    for lens in every:
+        if lens.unembed_hash not in (None, model.unembed_hash):
+            made_for = f"{lens.made_for!r}" if lens.made_for else "another model"
+            raise WrongModelError(f"the {lens.key} lens was made for {made_for} (unembedding {lens.unembed_hash}), "
+                                  f"not for {model.name!r} (unembedding {model.unembed_hash}); use a lens trained "
+                                  "on this model")
+    for lens in every:
+        if lens.unembed_hash is None and next(lens.parameters(), None) is not None:
+            if lens.check_first_model is not None:
+                lens.check_first_model(model)
+            lens.unembed_hash, lens.made_for = model.unembed_hash, model.name
 
 
 class LogitLens(Lens):

@@ -184,3 +184,22 @@ def test_a_moved_aside_folder_without_its_new_one_goes_back(tmp_path):
         shutil.rmtree(leftover)
     assert "put back the folder that the killed process" in recover_dir(folder)
     assert (folder / "data.txt").read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["tuned"]
+
+
+# --- a refused trajectory binds no lens -----------------------------------------------------------------
+def test_a_trajectory_refused_for_a_lens_that_does_not_fit_binds_no_lens(tmp_path, model, tiny_model_dir):
+    """Trajectory.of bound each lens before checking that the next fits: a lens not bound yet (a
+    tuned-lens folder loaded without a model, a new lens) was bound to a model it never decoded,
+    and its own model was then refused as "another model"."""
+    from lenscope.lenses.trajectory import Trajectory
+
+    wider_path = tmp_path / "wider"
+    tiny_llama(d_model=48).save_pretrained(wider_path)
+    make_tokenizer().save_pretrained(wider_path)
+    wider = lenscope.load_model(str(wider_path))
+    fresh, fits_wider = TunedLens(model.layers, model.d_model), TunedLens(wider.layers, wider.d_model)
+    with pytest.raises(lenscope.errors.ConfigError, match="does not fit this model"):
+        Trajectory.of(wider, "w1 w2", [fits_wider, fresh])
+    assert fits_wider.unembed_hash is None and fresh.unembed_hash is None
+    Trajectory.of(model, "w1 w2", [fresh])  # its model: decoded
+    assert fresh.unembed_hash == model.unembed_hash
