@@ -53,8 +53,9 @@ def is_model_id(name: object) -> bool:
 def is_local_path(name: object) -> bool:
     """``name`` is a path on this machine: absolute, ``~``, ``./`` or ``../``, anything not shaped
     like a model id that has a separator, or anything that exists here (a folder ``gpt2`` would be
-    opened instead of the Hub's ``gpt2``)."""
-    if not isinstance(name, str) or not name:
+    opened instead of the Hub's ``gpt2``). A ``hub:`` reference (a streamed dataset, a Hub lens)
+    names the Hub, not this machine."""
+    if not isinstance(name, str) or not name or name.startswith("hub:"):
         return False
     if name.startswith(("/", "~", "./", "../", "\\")) or Path(name).is_absolute():
         return True

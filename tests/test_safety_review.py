@@ -203,3 +203,16 @@ def test_a_trajectory_refused_for_a_lens_that_does_not_fit_binds_no_lens(tmp_pat
     assert fits_wider.unembed_hash is None and fresh.unembed_hash is None
     Trajectory.of(model, "w1 w2", [fresh])  # its model: decoded
     assert fresh.unembed_hash == model.unembed_hash
+
+
+# --- what push publishes keeps the Hub's names whole -----------------------------------------------------
+def test_push_publishes_a_hub_dataset_by_its_whole_name(tmp_path):
+    """A corpus streamed from the Hub (configs/pile.yaml: hub:monology/pile-uncopyrighted) was cut
+    like a local path to 'pile-uncopyrighted' in the published config and card."""
+    from lenscope.lenses.hub import public_config
+
+    local = tmp_path / "data" / "pile.jsonl"
+    config = {"base_model_name_or_path": "HuggingFaceTB/SmolLM2-135M",
+              "training_data": {"source": "hub:monology/pile-uncopyrighted", "validation": str(local)}}
+    published = public_config(config)["training_data"]
+    assert published == {"source": "hub:monology/pile-uncopyrighted", "validation": "pile.jsonl"}
