@@ -28,6 +28,7 @@ generates too.
 from __future__ import annotations
 
 import copy
+import unicodedata
 import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -215,9 +216,12 @@ def _joins_word(text: str, at: int) -> bool:
     """Whether characters at − 1 and at are both letters or digits of a script that separates its
     words with spaces (cased letters, digits): then a span edge at ``at`` cuts a word. Scripts
     without cases (Chinese, Japanese, Thai…) do not mark words in the text; there the tokens alone
-    decide."""
+    decide. A combining mark at ``at`` (the accent of a decomposed "é") belongs to the character
+    before it, in any script: an edge there cuts a character."""
     if at <= 0 or at >= len(text):
         return False
+    if unicodedata.category(text[at]).startswith("M"):
+        return True
     return all(c.isdigit() or c.isupper() or c.islower() for c in (text[at - 1], text[at]))
 
 

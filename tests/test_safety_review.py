@@ -216,3 +216,24 @@ def test_push_publishes_a_hub_dataset_by_its_whole_name(tmp_path):
               "training_data": {"source": "hub:monology/pile-uncopyrighted", "validation": str(local)}}
     published = public_config(config)["training_data"]
     assert published == {"source": "hub:monology/pile-uncopyrighted", "validation": "pile.jsonl"}
+
+
+# --- a span never ends before a combining accent -------------------------------------------------------
+def test_a_span_is_not_found_before_the_combining_accent_of_its_last_letter():
+    """Text in decomposed form (NFD: 'e' then U+0301) keeps the accent as a token of its own: the
+    subject 'cafe' was found in 'café' and its state read at the token without the accent."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from lenscope.errors import ConfigError
+    from lenscope.lenses.patchscope import find_span
+
+    # One token per character (as byte-level tokenizers often keep the accent): the tokens alone
+    # allow the cut.
+    chars = Tokenizer(models.WordLevel({c: i for i, c in enumerate(" abcdefhirs\u0301")}, unk_token=" "))
+    chars.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+    split = PreTrainedTokenizerFast(tokenizer_object=chars)
+    text = "cafe\u0301 is here"
+    assert find_span(split, text, "is") == (6, 8)
+    with pytest.raises(ConfigError, match="only inside a word or token"):
+        find_span(split, text, "cafe")
