@@ -206,13 +206,14 @@ def _hold_for_test(path: Path, point: str) -> None:
             time.sleep(1)
 
 
-def _started(pid: int) -> int | None:
-    """When process ``pid`` started, in clock ticks since boot (field 22 of Linux's
-    ``/proc/PID/stat``; the fields after the command name, which may hold spaces), or None where
-    that cannot be read (no such process, another system)."""
+def _process(pid: int) -> tuple[str, int] | None:
+    """(state, start) of process ``pid``: its state letter (``Z`` a zombie: dead, not yet reaped by
+    its parent) and when it started, in clock ticks since boot (fields 3 and 22 of Linux's
+    ``/proc/PID/stat``, counted after the command name, which may hold spaces); None where that
+    cannot be read (no such process, another system)."""
     try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-        return int(stat.rpartition(")")[2].split()[19])
+        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+        return fields[0], int(fields[19])
     except (OSError, ValueError, IndexError):
         return None
 
@@ -221,14 +222,15 @@ def _writer() -> str:
     """``PID@HOST+START`` of this process (``PID@HOST`` where its start time cannot be read), in the
     names of the folders it leaves beside the one it replaces."""
     # Read as recover_dir reads it (/proc/PID, not /proc/self), so that the two always agree.
-    started = _started(os.getpid())
-    return f"{os.getpid()}@{socket.gethostname()}" + ("" if started is None else f"+{started}")
+    process = _process(os.getpid())
+    return f"{os.getpid()}@{socket.gethostname()}" + ("" if process is None else f"+{process[1]}")
 
 
 def _writer_is_dead(pid: int, host: str | None, started: int | None) -> bool:
     """Whether the writer of a leftover is known dead: a process of this host (``host`` None: a
-    leftover of an older lenscope, which named no host) that no longer runs, or whose pid another
-    process now holds (one that started at another time than ``started``, the writer's start)."""
+    leftover of an older lenscope, which named no host) that no longer runs (or is a zombie), or
+    whose pid another process now holds (one that started at another time than ``started``, the
+    writer's start)."""
     if host not in (None, socket.gethostname()):
         return False  # another machine's process: it may be running
     try:
@@ -237,8 +239,8 @@ def _writer_is_dead(pid: int, host: str | None, started: int | None) -> bool:
         return True
     except PermissionError:
         pass  # a process runs under that pid, another user's
-    now = _started(pid)  # (unknown for a leftover that names no start: then the writer may be alive)
-    return started is not None and now is not None and now != started
+    now = _process(pid)  # (unknown for a leftover that names no start: then the writer may be alive)
+    return now is not None and (now[0] in ("Z", "X") or (started is not None and now[1] != started))
 
 
 def recover_dir(path: str | Path) -> str | None:

@@ -237,3 +237,24 @@ def test_a_span_is_not_found_before_the_combining_accent_of_its_last_letter():
     assert find_span(split, text, "is") == (6, 8)
     with pytest.raises(ConfigError, match="only inside a word or token"):
         find_span(split, text, "cafe")
+
+
+@pytest.mark.skipif(not __import__("pathlib").Path("/proc/self/stat").exists(), reason="needs Linux's /proc")
+def test_a_killed_writer_not_yet_reaped_is_dead(tmp_path):
+    """A writer killed under a parent that has not waited for it (a notebook's Popen) is a zombie:
+    its pid still answers, and its leftovers were taken for a live writer's."""
+    import os
+
+    from lenscope.files import atomic_dir, recover_dir
+
+    folder = tmp_path / "tuned"
+    with atomic_dir(folder) as tmp:
+        (tmp / "data.txt").write_text("old")
+    writer = _held_writer(folder, "moved-aside")
+    writer.kill()
+    try:
+        os.waitid(os.P_PID, writer.pid, os.WEXITED | os.WNOWAIT)  # it has ended; it is not reaped
+        assert "put in place" in recover_dir(folder) and (folder / "data.txt").read_text() == "new"
+    finally:
+        writer.wait()
+        writer.stderr.close()
