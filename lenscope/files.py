@@ -11,10 +11,11 @@ A folder is replaced in two renames (the old one aside as ``.NAME.old-WRITER``, 
 ``.NAME.tmp-WRITER-…`` into place, WRITER being ``PID@HOST+START``): a process killed between them
 leaves no folder at the path, and the next write or load of it (``recover_dir``), once its writer
 is dead, puts the new one in place (the old one is moved aside only once the new one is complete)
-and removes what dead writers left; one line says what it recovered. A pid alone does not name a process (a container's restarted writer gets the same pid,
-and pids are reused): START, when the process started (Linux's ``/proc``), tells the writer from a
-later process under its pid. Only this host's writers can be known dead: another host's leftovers
-(a shared filesystem) are left alone.
+and removes what dead writers left; one line says what it recovered. A pid alone does not name a
+process (a container's restarted writer gets the same pid, and pids are reused): START, when the
+process started (Linux's ``/proc``), tells the writer from a later process under its pid. Only
+this host's writers can be known dead: another host's leftovers (a shared filesystem) are left
+alone.
 
 A full disk, a full quota or a file-size limit (``ulimit -f``) is one line (``WriteError``) naming
 the file, the limit and the fix, whichever library was writing (torch says only "enforce fail at
