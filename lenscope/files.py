@@ -7,11 +7,15 @@ the umask: ``mkstemp`` and ``mkdtemp`` make ``0600`` / ``0700``, which would hid
 results from its collaborators), and renamed into place. A reader sees the old version or the new
 one, never a mixture; a failed write removes its temporary and leaves the old version intact.
 
-A folder is replaced in two renames (the old one aside as ``.NAME.old-PID@HOST``, the new one
-``.NAME.tmp-PID@HOST-…`` into place): a process killed between them leaves no folder at the path,
-and the next write or load of it (``recover_dir``) puts the old one back, once its writer is dead,
-and removes what dead writers left; one line says what it recovered. Only this host's writers can
-be known dead: another host's leftovers (a shared filesystem) are left alone.
+A folder is replaced in two renames (the old one aside as ``.NAME.old-WRITER``, the new one
+``.NAME.tmp-WRITER-…`` into place, WRITER being ``PID@HOST+START``): a process killed between them
+leaves no folder at the path, and the next write or load of it (``recover_dir``), once its writer
+is dead, puts the new one in place (the old one is moved aside only once the new one is complete)
+and removes what dead writers left; one line says what it recovered. A pid alone does not name a
+process (a container's restarted writer gets the same pid, and pids are reused): START, when the
+process started (Linux's ``/proc``), tells the writer from a later process under its pid. Only
+this host's writers can be known dead: another host's leftovers (a shared filesystem) are left
+alone.
 
 A full disk, a full quota or a file-size limit (``ulimit -f``) is one line (``WriteError``) naming
 the file, the limit and the fix, whichever library was writing (torch says only "enforce fail at
@@ -203,58 +207,93 @@ def _hold_for_test(path: Path, point: str) -> None:
             time.sleep(1)
 
 
+def _process(pid: int) -> tuple[str, int] | None:
+    """(state, start) of process ``pid``: its state letter (``Z`` a zombie: dead, not yet reaped by
+    its parent) and when it started, in clock ticks since boot (fields 3 and 22 of Linux's
+    ``/proc/PID/stat``, counted after the command name, which may hold spaces); None where that
+    cannot be read (no such process, another system)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+        return fields[0], int(fields[19])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 def _writer() -> str:
-    """``PID@HOST`` of this process, in the names of the folders it leaves beside the one it replaces."""
-    return f"{os.getpid()}@{socket.gethostname()}"
+    """``PID@HOST+START`` of this process (``PID@HOST`` where its start time cannot be read), in the
+    names of the folders it leaves beside the one it replaces."""
+    # Read as recover_dir reads it (/proc/PID, not /proc/self), so that the two always agree.
+    process = _process(os.getpid())
+    return f"{os.getpid()}@{socket.gethostname()}" + ("" if process is None else f"+{process[1]}")
 
 
-def _writer_is_dead(pid: int, host: str | None) -> bool:
+def _writer_is_dead(pid: int, host: str | None, started: int | None) -> bool:
     """Whether the writer of a leftover is known dead: a process of this host (``host`` None: a
-    leftover of an older lenscope, which named no host) that no longer runs."""
+    leftover of an older lenscope, which named no host) that no longer runs (or is a zombie), or
+    whose pid another process now holds (one that started at another time than ``started``, the
+    writer's start)."""
     if host not in (None, socket.gethostname()):
         return False  # another machine's process: it may be running
-    if pid == os.getpid():
-        return False  # this process's own: a replace under way (another thread)
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return True
-    except PermissionError:  # alive, another user's
-        return False
-    return False
+    except PermissionError:
+        pass  # a process runs under that pid, another user's
+    now = _process(pid)  # (unknown for a leftover that names no start: then the writer may be alive)
+    return now is not None and (now[0] in ("Z", "X") or (started is not None and now[1] != started))
 
 
 def recover_dir(path: str | Path) -> str | None:
-    """Undo what a killed ``atomic_dir`` left beside ``path``: with no folder at ``path``, the old
-    folder it had moved aside (``.NAME.old-PID@HOST``) goes back; the moved-aside and temporary folders
-    of dead writers are removed. The folders of live writers are left alone. Says (logs) in one
+    """Finish or undo what a killed ``atomic_dir`` left beside ``path``. With no folder at ``path``,
+    a dead writer's old folder moved aside (``.NAME.old-WRITER``) means that its new one
+    (``.NAME.tmp-WRITER-…``) was complete, as the old one is moved aside only then: the new one goes
+    in place, as the writer meant (the old one goes back when the new one is not there). The other
+    folders of dead writers are removed; those of live writers are left alone. Says (logs) in one
     line what it recovered, and returns that line (None: nothing to recover)."""
     path = Path(path)
     try:
         entries = list(path.parent.iterdir())
     except OSError:
         return None
-    leftovers = []
+    old: dict[str, Path] = {}  # by writer: the dead writers' folders
+    new: dict[str, list[Path]] = {}
     for entry in entries:
-        # .NAME.old-PID[@HOST] or .NAME.tmp-PID[@HOST]-RANDOM (mkdtemp's suffix has no '-')
-        match = re.fullmatch(rf"\.{re.escape(path.name)}\.(?:old-(\d+)(?:@(.+))?|tmp-(\d+)(?:@(.+))?-[\w]+)", entry.name)
-        if not match or not entry.is_dir():
-            continue
-        is_tmp = match[3] is not None
-        pid, host = (int(match[3]), match[4]) if is_tmp else (int(match[1]), match[2])
-        if _writer_is_dead(pid, host):
-            leftovers.append((is_tmp, entry, pid))  # the moved-aside ones first
+        # .NAME.old-WRITER or .NAME.tmp-WRITER-RANDOM (mkdtemp's suffix has no '-'), WRITER being
+        # PID[@HOST[+START]] (a host name holds no '+')
+        writer = r"((\d+)(?:@([^+]+?)(?:\+(\d+))?)?)"
+        is_tmp = entry.name.startswith(f".{path.name}.tmp-")
+        match = re.fullmatch(rf"\.{re.escape(path.name)}\." + (rf"tmp-{writer}-\w+" if is_tmp else rf"old-{writer}"),
+                             entry.name)
+        if match and entry.is_dir() and _writer_is_dead(int(match[2]), match[3], match[4] and int(match[4])):
+            if is_tmp:
+                new.setdefault(match[1], []).append(entry)
+            else:
+                old[match[1]] = entry
     done = []
-    for is_tmp, entry, pid in sorted(leftovers):
-        if not is_tmp and not path.exists():
+    for writer, aside in sorted(old.items()):
+        pid = writer.partition("@")[0]
+        complete = new.pop(writer, [])
+        if not path.exists() and len(complete) == 1:
             with contextlib.suppress(OSError):  # (another process restored or wrote it meanwhile)
-                os.rename(entry, path)
+                os.rename(complete[0], path)
+                done.append(f"put in place the complete new folder that the killed process {pid} was replacing it with")
+                complete = []
+        if not path.exists():
+            with contextlib.suppress(OSError):
+                os.rename(aside, path)
                 done.append(f"put back the folder that the killed process {pid} had moved aside to replace it")
-                continue
-        shutil.rmtree(entry, ignore_errors=True)
-        if not entry.exists():
-            done.append(f"removed the {'unfinished new' if is_tmp else 'replaced old'} folder {entry.name} of the "
-                        f"killed process {pid}")
+        new.setdefault(writer, []).extend(complete)
+        if aside.exists():
+            shutil.rmtree(aside, ignore_errors=True)
+            if not aside.exists():
+                done.append(f"removed the replaced old folder {aside.name} of the killed process {pid}")
+    for writer, unfinished in sorted(new.items()):
+        for entry in sorted(unfinished):
+            shutil.rmtree(entry, ignore_errors=True)
+            if not entry.exists():
+                done.append(f"removed the unfinished new folder {entry.name} of the killed process "
+                            f"{writer.partition('@')[0]}")
     if not done:
         return None
     _fsync_dir(path.parent)
@@ -286,12 +325,13 @@ def atomic_dir(path: str | Path, replace: bool = True) -> Iterator[Path]:
                         os.fsync(f.fileno())
                     os.chmod(child, file_mode())
             os.chmod(tmp, dir_mode())
+            _fsync_dir(tmp)  # complete on disk before the old folder is moved aside (recover_dir relies on it)
             _hold_for_test(path, "filled")
             if path.exists() and not replace:
                 return
             if path.exists():
                 # Two renames (POSIX has no portable exchange): killed between them, the path is
-                # empty until the next write or load of it puts the old folder back (recover_dir).
+                # empty until the next write or load of it puts the new folder in place (recover_dir).
                 old = path.with_name(f".{path.name}.old-{_writer()}")
                 os.rename(path, old)
                 _hold_for_test(path, "moved-aside")

@@ -19,6 +19,7 @@ artifact, and an earlier artifact at the same path stays intact until the new on
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import warnings
@@ -115,7 +116,7 @@ def save_lens(lens: Lens, path: str | Path, *, base_model: str, revision: str, u
 
 def _local_folder(path: str | Path) -> Path:
     """The folder of a lens: a Hub lens's in the Hugging Face cache; a local one after recovering
-    what a killed replace of it left (``recover_dir``: the old artifact is put back)."""
+    what a killed replace of it left (``recover_dir``: the complete new artifact is put in place)."""
     if is_hub_ref(path):
         return pull_lens(path)
     recover_dir(path)
@@ -247,10 +248,11 @@ def load_lens(path: str | Path, model: FrozenModel | None = None, *, unembed_has
         if model is not None and lens.d_model != model.d_model:
             raise LensArtifactError(f"{path} (tuned-lens format, for {trained_for!r}) has width {lens.d_model} but this "
                                     f"model's residual stream has {model.d_model}; use a lens trained on this model")
-        lens.made_for = trained_for
+        # No lenscope fingerprint to bind it by: the first model it is used with (this one, if given)
+        # is checked by tuned-lens's own, which only warns, as tuned-lens does.
+        lens.made_for, lens.check_first_model = trained_for, functools.partial(check_hash, path, info)
         if model is not None:
-            check_hash(path, info, model)
-            lens.bind(model)  # the user paired them; tuned-lens's own hash only warns, as tuned-lens does
+            lens.bind(model)
         return lens.to(map_location)
     config = read_config(path)
     _check_config(path, config)

@@ -53,8 +53,9 @@ def is_model_id(name: object) -> bool:
 def is_local_path(name: object) -> bool:
     """``name`` is a path on this machine: absolute, ``~``, ``./`` or ``../``, anything not shaped
     like a model id that has a separator, or anything that exists here (a folder ``gpt2`` would be
-    opened instead of the Hub's ``gpt2``)."""
-    if not isinstance(name, str) or not name:
+    opened instead of the Hub's ``gpt2``). A ``hub:`` reference (a streamed dataset, a Hub lens)
+    names the Hub, not this machine."""
+    if not isinstance(name, str) or not name or name.startswith("hub:"):
         return False
     if name.startswith(("/", "~", "./", "../", "\\")) or Path(name).is_absolute():
         return True
@@ -202,15 +203,17 @@ def pull_lens(ref: str | HubRef) -> Path:
 
 
 def _weights_of(config_path: Path) -> list[str]:
-    """The files a lens folder needs besides its config: a lenscope artifact lists them in its
-    manifest; a tuned-lens folder has ``params.pt``."""
+    """The files a lens folder needs besides its config: a lenscope artifact's weights file (unless
+    its manifest lists none: a lens without parameters); a tuned-lens folder's ``params.pt``. Only
+    those names: the manifest's keys are chosen by whoever wrote the config (its seal is a checksum,
+    not a signature), and a key such as ``/home/me/.ssh/id_rsa`` would be uploaded by a push."""
     try:
         config = json.loads(config_path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError):
         return []  # load_lens says what is wrong with it
     if isinstance(config, dict) and "format_version" in config:
         files = config.get("files")
-        return sorted(files) if isinstance(files, dict) else [LENSCOPE_WEIGHTS]
+        return [LENSCOPE_WEIGHTS] if not isinstance(files, dict) or LENSCOPE_WEIGHTS in files else []
     return [TUNED_LENS_PARAMS]
 
 

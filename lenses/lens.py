@@ -22,6 +22,8 @@ from lenscope.errors import UserError
 from lenscope.lenses.unembed import lens_kl, lens_metrics
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from lenscope.lenses.trajectory import Trajectory
     from lenscope.model.frozen import FrozenModel
 
@@ -62,6 +64,9 @@ class Lens(nn.Module):
         """Fingerprint of the unembedding of the model this lens was made for (None: not bound yet)."""
         self.made_for: str | None = None
         """The name of that model, for messages."""
+        self.check_first_model: Callable[[FrozenModel], None] | None = None
+        """Run on the model this lens is bound to when it was not bound yet: a lens in the tuned-lens
+        format names its model by tuned-lens's own fingerprint, which only warns (as tuned-lens does)."""
 
     @property
     def num_layers(self) -> int:
@@ -74,18 +79,8 @@ class Lens(nn.Module):
 
     def bind(self, model: FrozenModel) -> None:
         """Refuse ``model`` in one line unless this lens, and every lens it wraps (a lens asked as a
-        patchscope), was made for it; a lens not bound yet is bound to it. A lens without parameters
-        (the logit lens) decodes every model and stays unbound."""
-        lenses = [module for module in self.modules() if isinstance(module, Lens)]
-        for lens in lenses:  # every one checked before any is bound: a refusal binds nothing
-            if lens.unembed_hash not in (None, model.unembed_hash):
-                made_for = f"{lens.made_for!r}" if lens.made_for else "another model"
-                raise WrongModelError(f"the {lens.key} lens was made for {made_for} (unembedding {lens.unembed_hash}), "
-                                      f"not for {model.name!r} (unembedding {model.unembed_hash}); use a lens trained "
-                                      "on this model")
-        for lens in lenses:
-            if lens.unembed_hash is None and next(lens.parameters(), None) is not None:
-                lens.unembed_hash, lens.made_for = model.unembed_hash, model.name
+        patchscope), was made for it; a lens not bound yet is bound to it (``bind_lenses``)."""
+        bind_lenses([self], model)
 
     def trajectory(self, model: FrozenModel, text: str, k: int = 5, baseline: bool = True) -> Trajectory:
         """What every layer predicts at every token of ``text`` under this lens (beside the logit
@@ -145,6 +140,25 @@ class Lens(nn.Module):
     def forward(self, h: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
         """h: (num_layers, ..., d_model) → (num_layers, ..., d_model)."""
         raise NotImplementedError
+
+
+def bind_lenses(lenses: list[Lens], model: FrozenModel) -> None:
+    """Refuse ``model`` in one line unless every lens of ``lenses``, and every lens each wraps, was
+    made for it; then bind those not bound yet to it. All are checked before any is bound, so a
+    refusal binds nothing. A lens without parameters (the logit lens) decodes every model and stays
+    unbound."""
+    every = [module for lens in lenses for module in lens.modules() if isinstance(module, Lens)]
+    for lens in every:
+        if lens.unembed_hash not in (None, model.unembed_hash):
+            made_for = f"{lens.made_for!r}" if lens.made_for else "another model"
+            raise WrongModelError(f"the {lens.key} lens was made for {made_for} (unembedding {lens.unembed_hash}), "
+                                  f"not for {model.name!r} (unembedding {model.unembed_hash}); use a lens trained "
+                                  "on this model")
+    for lens in every:
+        if lens.unembed_hash is None and next(lens.parameters(), None) is not None:
+            if lens.check_first_model is not None:
+                lens.check_first_model(model)
+            lens.unembed_hash, lens.made_for = model.unembed_hash, model.name
 
 
 class LogitLens(Lens):

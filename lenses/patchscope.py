@@ -28,6 +28,7 @@ generates too.
 from __future__ import annotations
 
 import copy
+import unicodedata
 import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -215,9 +216,12 @@ def _joins_word(text: str, at: int) -> bool:
     """Whether characters at − 1 and at are both letters or digits of a script that separates its
     words with spaces (cased letters, digits): then a span edge at ``at`` cuts a word. Scripts
     without cases (Chinese, Japanese, Thai…) do not mark words in the text; there the tokens alone
-    decide."""
+    decide. A combining mark at ``at`` (the accent of a decomposed "é") belongs to the character
+    before it, in any script: an edge there cuts a character."""
     if at <= 0 or at >= len(text):
         return False
+    if unicodedata.category(text[at]).startswith("M"):
+        return True
     return all(c.isdigit() or c.isupper() or c.islower() for c in (text[at - 1], text[at]))
 
 
@@ -303,7 +307,8 @@ class Patchscope:
     def run(self, model: FrozenModel, target_model: FrozenModel | None = None) -> PatchscopeResult:
         """Read the source prompts on ``model``, patch into ``target_model`` (default: the same)."""
         states, own = self.read(model)
-        result = self.patch(target_model or model, states, list(self.source.layers), own_prompts=own)
+        result = self.patch(target_model or model, states, list(self.source.layers), own_prompts=own,
+                            source_model=model)
         result.prompts = list(self.source.prompts)
         return result
 
@@ -332,10 +337,14 @@ class Patchscope:
 
     @torch.no_grad()
     def patch(self, model: FrozenModel, states: torch.Tensor, source_layers: Sequence[int],
-              own_prompts: list[list[int]] | None = None) -> PatchscopeResult:
+              own_prompts: list[list[int]] | None = None, source_model: FrozenModel | None = None) -> PatchscopeResult:
         """Patch source states already read: states (num_source_layers, N, d) at ``source_layers``.
         ``own_prompts``: the N source token lists, cut after the read position (needed only for a
-        target that is the source prompt itself, unless it is decoded directly)."""
+        target that is the source prompt itself, unless it is decoded directly). ``source_model``:
+        the model the states were read from (default: ``model``); a lens as the mapping must have
+        been made for it (``Lens.bind``), as it maps that model's states."""
+        if isinstance(self.mapping, LensMapping):
+            self.mapping.lens.bind(source_model or model)
         pairs = self.pairs(model.num_layers, source_layers)
         n = states.shape[1]
         mapped = torch.stack([self.mapping(states[list(source_layers).index(s)], s, t) for s, t in pairs])  # (pairs, N, d)

@@ -24,7 +24,7 @@ import torch
 
 from lenscope.errors import ConfigError
 from lenscope.files import atomic_path
-from lenscope.lenses.lens import residual_name
+from lenscope.lenses.lens import bind_lenses, residual_name
 from lenscope.lenses.unembed import NATS_PER_BIT, kl_divergence
 
 if TYPE_CHECKING:
@@ -82,10 +82,12 @@ class Trajectory:
         if not lenses:
             raise ConfigError("no lens to show; give at least one (the logit lens needs nothing trained)")
         for lens in lenses:
-            lens.bind(model)  # a lens made for another model decodes nothing meaningful here
             if lens.d_model != model.d_model or max(lens.layers) >= model.num_layers:
                 raise ConfigError(f"the {lens.key} lens (width {lens.d_model}, layers {lens.layers[0]}..{lens.layers[-1]}) "
                                   f"does not fit this model (width {model.d_model}, {model.num_layers} layers)")
+        # A lens made for another model decodes nothing meaningful here; bound only once all fit, so
+        # that a refused call binds no lens to a model it never decoded.
+        bind_lenses(lenses, model)
         ids = model.tokenize(text)
         h = model.residuals(ids)
         model_logp = model.log_probs(h[-1])[0].cpu()  # (T, V); the statistics are small, kept on the CPU

@@ -282,8 +282,9 @@ def _kill_held_writer(script: str, folder, point: str, *args: str) -> int:
 
 @pytest.mark.parametrize(("point", "survivor", "said"), [
     ("filled", "old", r"recovered .*tuned: removed the unfinished new folder \.tuned\.tmp-\d+@\S+-\w+ of the killed process \d+$"),
-    ("moved-aside", "old", r"recovered .*tuned: put back the folder that the killed process \d+ had moved aside to "
-                           r"replace it; removed the unfinished new folder \.tuned\.tmp-\d+@\S+-\w+ of the killed process"),
+    # The old folder is moved aside only once the new one is complete: the new one goes in place.
+    ("moved-aside", "new", r"recovered .*tuned: put in place the complete new folder that the killed process \d+ was "
+                           r"replacing it with; removed the replaced old folder \.tuned\.old-\d+@\S+ of the killed process \d+$"),
     ("replaced", "new", r"recovered .*tuned: removed the replaced old folder \.tuned\.old-\d+@\S+ of the killed process \d+$"),
 ])
 def test_a_folder_replace_killed_at_any_point_is_recovered(tmp_path, caplog, point, survivor, said):
@@ -312,8 +313,8 @@ def test_loading_an_artifact_whose_replace_was_killed_restores_it(tmp_path, capl
     assert not folder.exists()
     with caplog.at_level("WARNING", logger="lenscope.files"):
         lens = load_lens(folder)
-    assert torch.count_nonzero(lens.weight) == 0, "the old lens, complete"
-    assert ["put back" in r.getMessage() for r in caplog.records] == [True]
+    assert (lens.weight == 1).all(), "the new lens, complete (the old one is moved aside only then)"
+    assert ["put in place" in r.getMessage() for r in caplog.records] == [True]
     # A writer still alive is left alone, and so is one on another machine (a shared filesystem),
     # which this one cannot know dead; a leftover of an older lenscope names no machine: this one's.
     import os
