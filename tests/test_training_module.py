@@ -195,3 +195,20 @@ def test_a_tuned_lens_starts_from_the_least_squares_fit_of_the_batches_before_it
     # The paper's recipe starts from zero: with lr 0 its lens stays the logit lens.
     cold = run(1, warm_start_batches=0, lr=0.0)
     assert cold.lenses["tuned"].weight.abs().max() == 0 and cold.tokens_seen == 2 * 16
+
+
+def test_an_init_lens_is_checked_against_this_model(tiny_model_dir, tmp_path):
+    """--model.init_lens goes through load_lens with the model: a tuned-lens folder whose fingerprint
+    names another unembedding gets tuned-lens's warning (it was copied in without a word)."""
+    import json
+
+    import lenscope
+    from lenscope.lenses.tuned_lens_format import save_tuned_lens
+    from lenscope.lenses.lens import TunedLens
+
+    model = lenscope.load_model(str(tiny_model_dir))
+    save_tuned_lens(TunedLens(model.layers, model.d_model), tmp_path / "lens", model)
+    config = json.loads((tmp_path / "lens" / "config.json").read_text())
+    (tmp_path / "lens" / "config.json").write_text(json.dumps({**config, "unembed_hash": "0" * 64}))
+    with pytest.warns(UserWarning, match="unembedding differs from this model's"):
+        LensTrainingModule(base=str(tiny_model_dir), lens_dtype="float32", init_lens=str(tmp_path / "lens"))

@@ -174,7 +174,7 @@ class LensTrainingModule(L.LightningModule):
         self.automatic_optimization = not self.recipe.closed_form
         self.normal_equations: dict[str, NormalEquations] = self.recipe.equations(self.lenses)
         if init_lens is not None:
-            start = load_lens(init_lens, unembed_hash=self.frozen.unembed_hash, num_hidden_layers=self.frozen.adapter.num_layers)
+            start = load_lens(init_lens, self.frozen)  # checked against this model (a tuned-lens folder too), on its device
             compatible = start.lens_type in self.recipe.starts_from
             start_offset = start.offset
             if not compatible or start.layers != layers or start_offset not in offsets:
