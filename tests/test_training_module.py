@@ -203,8 +203,8 @@ def test_an_init_lens_is_checked_against_this_model(tiny_model_dir, tmp_path):
     import json
 
     import lenscope
-    from lenscope.lenses.tuned_lens_format import save_tuned_lens
     from lenscope.lenses.lens import TunedLens
+    from lenscope.lenses.tuned_lens_format import save_tuned_lens
 
     model = lenscope.load_model(str(tiny_model_dir))
     save_tuned_lens(TunedLens(model.layers, model.d_model), tmp_path / "lens", model)
