@@ -42,6 +42,26 @@ def check_finite_states(residuals: torch.Tensor, attention_mask: torch.Tensor | 
         f"the model's hidden states contain NaN or inf at {where} (residual index {first}); {dtype_advice(residuals.dtype)}")
 
 
+def check_finite_logits(logits: torch.Tensor, reader: ResidualReader, input_ids: torch.Tensor | None,
+                        attention_mask: torch.Tensor | None = None, written: bool = False) -> None:
+    """Refuse NaN or inf ``logits`` of a pass over ``input_ids``, saying why: the model's own states
+    (read again, ``check_finite_states`` names their first bad layer), else the states ``written``
+    into the pass, else the final norm or the head. ``input_ids`` None: a pass that continues a
+    key/value cache, whose states cannot be read alone. For the passes that do not read states
+    through ``ResidualReader.read`` (a patched pass, generation, attention knockout): the check is
+    one reduction over the logits; the second read happens only on the way to the error."""
+    if bool(torch.isfinite(logits).all()):
+        return
+    if input_ids is not None:
+        reader.read(input_ids, attention_mask)  # raises HiddenStatesNotFiniteError, naming the layer
+        if written:
+            raise HiddenStatesNotFiniteError(
+                "a patched pass gave NaN or inf logits while the model's own states are finite: the states written "
+                "into it are NaN, inf or too large for its dtype; check the lens or mapping that made them")
+    dtype = reader.adapter.unembedding_weight.dtype
+    raise HiddenStatesNotFiniteError(f"the model's next-token logits contain NaN or inf; {dtype_advice(dtype)}")
+
+
 def dtype_advice(dtype: torch.dtype) -> str:
     """What to do about NaN or inf the model computes in ``dtype``."""
     if dtype == torch.float16:

@@ -1,0 +1,86 @@
+"""A review of the commands' checks (outputs, float options, non-finite states): the passes that
+run outside ``ResidualReader.read`` (attention knockout's clean pass, the greedy generations that
+choose attribute extraction's facts) refuse non-finite states as the others do, and the
+``rows_per_pass`` of knockout and trace is checked like every other command's."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from lenscope import cli
+from tests.test_safety_commands import PROMPT, SUBJECT
+
+NON_FINITE = "the model's hidden states contain NaN or inf at the embeddings (residual index 0)"
+
+
+def _poisoned(model, *words: str):
+    """``model`` with the embeddings of ``words`` set to inf, after its heads were found (the
+    attention probe scales its inputs by the embeddings' spread, which an inf row makes inf)."""
+    import torch
+
+    assert model.heads is not None  # found now, while the embeddings are finite
+    with torch.no_grad():
+        model.hf.get_input_embeddings().weight[model.tokenizer.convert_tokens_to_ids(list(words))] = torch.inf
+    return model
+
+
+def _fails(argv: list[str], capsys) -> str:
+    with pytest.raises(SystemExit) as stop:
+        cli.main(argv)
+    err = capsys.readouterr().err.strip()
+    assert stop.value.code == 2 and len(err.splitlines()) == 1 and "Traceback" not in err, err
+    return err
+
+
+def _written(folder) -> list[str]:
+    return sorted(p.name for p in folder.rglob("*") if p.is_file() and p.name != ".lenscope.lock")
+
+
+def test_knockout_refuses_non_finite_states(tiny_model_dir):
+    """Its clean pass runs the model directly: it wrote knockout.json with answer `<unk>` and
+    every change null (NaN probabilities)."""
+    from lenscope.model.frozen import FrozenModel
+    from lenscope.model.residuals import HiddenStatesNotFiniteError
+    from lenscope.patchscopes.attention_knockout import attention_knockout
+
+    model = _poisoned(FrozenModel.load(str(tiny_model_dir)), "w5")
+    with pytest.raises(HiddenStatesNotFiniteError, match=re.escape(NON_FINITE)):
+        attention_knockout(model, PROMPT, SUBJECT, window=1, layers=[0])
+
+
+def test_attribute_extraction_refuses_non_finite_states(tiny_model_dir, tmp_path):
+    """Its facts are chosen by `generate`, outside the reader: NaN logits decoded to token 0, so the
+    model answered no fact and every relation was left unscored, without a word about why."""
+    from lenscope.model.frozen import FrozenModel
+    from lenscope.model.residuals import HiddenStatesNotFiniteError
+    from lenscope.patchscopes.attribute_extraction import attribute_extraction
+    from tests.test_attribute_extraction import tiny_facts
+
+    model = FrozenModel.load(str(tiny_model_dir))
+    facts = tiny_facts(model, tmp_path)  # every fact answered by the finite model
+    _poisoned(model, "w10", "w30")  # the first word of each relation's questions
+    with pytest.raises(HiddenStatesNotFiniteError, match=re.escape(NON_FINITE)):
+        attribute_extraction(model, facts, source_layers=[0], target_layers=[0], max_new_tokens=2)
+
+
+def test_a_finite_model_passes_the_checks_outside_the_reader(tiny_model_dir):
+    """The checks add no refusal where the states are finite."""
+    from lenscope.model.frozen import FrozenModel
+    from lenscope.patchscopes.attention_knockout import attention_knockout
+    from lenscope.patchscopes.attribute_extraction import greedy_continuations
+
+    model = FrozenModel.load(str(tiny_model_dir))
+    assert len(greedy_continuations(model, ["w5 w6 w7", "w8"], 2)) == 2
+    assert attention_knockout(model, PROMPT, SUBJECT, window=1, layers=[0]).probability > 0
+
+
+@pytest.mark.parametrize("command", [["knockout"], ["trace", "--samples", "2"]])
+@pytest.mark.parametrize("rows", ["0", "-3"])
+def test_rows_per_pass_below_one_is_refused(command, rows, tiny_model_dir, tmp_path, capsys):
+    """knockout crashed with `range() arg 3 must not be zero`; trace ran, ignoring the setting."""
+    err = _fails(["patchscope", *command, "--prompt", PROMPT, "--subject", SUBJECT, "--model", str(tiny_model_dir),
+                  "--out", str(tmp_path / "out"), "--rows_per_pass", rows], capsys)
+    assert f"rows_per_pass must be at least 1, got {rows}" in err, err
+    assert _written(tmp_path) == []
