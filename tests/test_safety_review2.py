@@ -5,6 +5,7 @@ choose attribute extraction's facts) refuse non-finite states as the others do, 
 
 from __future__ import annotations
 
+import math
 import re
 
 import pytest
@@ -84,3 +85,43 @@ def test_rows_per_pass_below_one_is_refused(command, rows, tiny_model_dir, tmp_p
                   "--out", str(tmp_path / "out"), "--rows_per_pass", rows], capsys)
     assert f"rows_per_pass must be at least 1, got {rows}" in err, err
     assert _written(tmp_path) == []
+
+
+# --- the check of the states on every read ------------------------------------------------------------
+@pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf])
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
+def test_the_states_check_finds_every_non_finite_value(value, dtype):
+    import torch
+
+    from lenscope.model.residuals import HiddenStatesNotFiniteError, check_finite_states
+
+    residuals = torch.randn(4, 2, 5, 8).to(getattr(torch, dtype))
+    check_finite_states(residuals)
+    residuals[2, 1, 3, 7] = value
+    with pytest.raises(HiddenStatesNotFiniteError, match=r"at the output of block 1 \(residual index 2\)"):
+        check_finite_states(residuals)
+    mask = torch.ones(2, 5, dtype=torch.long)
+    mask[1, 3] = 0  # a padding position: not the model's state of a real token
+    check_finite_states(residuals, mask)
+
+
+def test_the_states_check_builds_no_tensor_of_the_states_size():
+    """It runs on every read (training, evaluation, every command): `isfinite(residuals).all()`
+    built a boolean copy of all the states first, 10× the time of one fused reduction on CPU."""
+    import torch
+    from torch.overrides import TorchFunctionMode
+
+    from lenscope.model.residuals import check_finite_states
+
+    residuals = torch.randn(4, 2, 5, 8)
+    sizes = []
+
+    class Sizes(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            sizes.extend(t.numel() for t in (out if isinstance(out, tuple) else (out,)) if isinstance(t, torch.Tensor))
+            return out
+
+    with Sizes():
+        check_finite_states(residuals)
+    assert sizes and max(sizes) < residuals.numel(), sizes
