@@ -22,16 +22,20 @@ class HiddenStatesNotFiniteError(UserError):
     patched state, a trajectory) would be meaningless, so nothing is."""
 
 
+def all_finite(values: torch.Tensor) -> bool:
+    """Whether every value is finite, in one fused reduction (the least and the greatest value at
+    once; NaN propagates into both) that builds no tensor of the values' size:
+    ``isfinite(values).all()`` builds a boolean copy first, and took 10× as long on CPU."""
+    return values.numel() == 0 or bool(torch.isfinite(torch.stack(torch.aminmax(values))).all())
+
+
 def check_finite_states(residuals: torch.Tensor, attention_mask: torch.Tensor | None = None) -> None:
     """Refuse residuals (num_layers + 1, batch, seq, d_model) with NaN or inf at a real token,
     naming the first residual index that has them. The one check every reader of the model's states
     goes through (training, evaluation, the patchscopes, steering, trajectories): a float16 model
     that overflows (Gemma 3 270M from block 11) otherwise decodes to uniform distributions that
     score as a perfect lens, and prints ``<unk>`` everywhere. Padding positions do not count."""
-    # The usual case: one fused reduction (the least and the greatest value at once; NaN propagates
-    # into both), with no tensor the size of the states (``isfinite(residuals).all()`` builds one,
-    # and took 10× as long on CPU); it runs on every read.
-    if residuals.numel() == 0 or bool(torch.isfinite(torch.stack(torch.aminmax(residuals))).all()):
+    if all_finite(residuals):  # the usual case, on every read
         return
     bad = ~torch.isfinite(residuals)
     if attention_mask is not None:
@@ -53,7 +57,7 @@ def check_finite_logits(logits: torch.Tensor, reader: ResidualReader, input_ids:
     key/value cache, whose states cannot be read alone. For the passes that do not read states
     through ``ResidualReader.read`` (a patched pass, generation, attention knockout): the check is
     one reduction over the logits; the second read happens only on the way to the error."""
-    if bool(torch.isfinite(logits).all()):
+    if all_finite(logits):
         return
     if input_ids is not None:
         reader.read(input_ids, attention_mask)  # raises HiddenStatesNotFiniteError, naming the layer
