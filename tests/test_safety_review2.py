@@ -125,3 +125,24 @@ def test_the_states_check_builds_no_tensor_of_the_states_size():
     with Sizes():
         check_finite_states(residuals)
     assert sizes and max(sizes) < residuals.numel(), sizes
+
+
+# --- --overwrite ---------------------------------------------------------------------------------------
+def test_overwrite_leaves_no_earlier_result_beside_the_new_ones(tiny_model_dir, tmp_path, capsys):
+    """A relation left out of the second run: its heatmap stayed in the folder beside the new
+    results.json, as if this run had made it."""
+    import json
+
+    from lenscope.model.frozen import FrozenModel
+    from tests.test_attribute_extraction import tiny_facts
+
+    tiny_facts(FrozenModel.load(str(tiny_model_dir)), tmp_path)
+    argv = ["patchscope", "attribute", "--model", str(tiny_model_dir), "--facts", str(tmp_path / "facts.json"),
+            "--source_layers", "[0]", "--target_layers", "[0]", "--max_new_tokens", "2", "--out", str(tmp_path / "out")]
+    cli.main(argv)
+    assert (tmp_path / "out" / "heatmap_tiny.png").is_file()
+    capsys.readouterr()
+    cli.main([*argv, "--relations", "[other]", "--overwrite", "true"])
+    assert "removed the earlier run's heatmap_tiny.png" in capsys.readouterr().out
+    assert _written(tmp_path / "out") == ["results.json", "table.csv", "table.md"]
+    assert [r["relation"] for r in json.loads((tmp_path / "out" / "results.json").read_text())["relations"]] == ["other"]
