@@ -146,3 +146,23 @@ def test_overwrite_leaves_no_earlier_result_beside_the_new_ones(tiny_model_dir, 
     assert "removed the earlier run's heatmap_tiny.png" in capsys.readouterr().out
     assert _written(tmp_path / "out") == ["results.json", "table.csv", "table.md"]
     assert [r["relation"] for r in json.loads((tmp_path / "out" / "results.json").read_text())["relations"]] == ["other"]
+
+
+# --- underdetermined fits ------------------------------------------------------------------------------
+@pytest.mark.parametrize(("fit_positions", "underdetermined"), [("one", True), ("all", False)])
+def test_crossmodel_records_an_underdetermined_map(fit_positions, underdetermined, tiny_model_dir, corpus, tmp_path):
+    """12 documents, one position each, for width 32 (33 unknowns): underdetermined; all their
+    positions: not. The record comes from the fit itself (NormalEquations.underdetermined)."""
+    import json
+    import warnings
+
+    from lenscope.lenses.least_squares import UnderdeterminedFitWarning
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", UnderdeterminedFitWarning)
+        cli.main(["patchscope", "crossmodel", "--model", str(tiny_model_dir), "--data", str(corpus), "--n_fit", "12",
+                  "--n_eval", "4", "--fit_positions", fit_positions, "--source_layers", "[1]", "--target_layers", "[1]",
+                  "--out", str(tmp_path / "cross")])
+    results = json.loads((tmp_path / "cross" / "results.json").read_text())
+    assert results["underdetermined_fit"] is underdetermined
+    assert any(issubclass(w.category, UnderdeterminedFitWarning) for w in caught) is underdetermined

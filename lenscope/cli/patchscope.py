@@ -277,7 +277,7 @@ def crossmodel(model: str = EMBEDDED_MODEL, target_model: str | None = None, dat
             "target_revision": target.revision, "data": data, "seed": seed, "fit_documents": mapping.meta["fit_documents"],
             "fit_positions": mapping.meta["fit_positions"], "ridge": ridge,
             # Fewer positions than unknowns per output (the fit warned): recorded with the results.
-            "underdetermined_fit": mapping.meta["fit_positions"] < source.d_model + 1}
+            "underdetermined_fit": mapping.meta["underdetermined"]}
     _publish("cross-model", result, out, meta, wandb_project, also=[Path(out) / MAP_FILE])
 
 
