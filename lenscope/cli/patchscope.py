@@ -277,7 +277,7 @@ def crossmodel(model: str = EMBEDDED_MODEL, target_model: str | None = None, dat
             "target_revision": target.revision, "data": data, "seed": seed, "fit_documents": mapping.meta["fit_documents"],
             "fit_positions": mapping.meta["fit_positions"], "ridge": ridge,
             # Fewer positions than unknowns per output (the fit warned): recorded with the results.
-            "underdetermined_fit": mapping.meta["fit_positions"] < source.d_model + 1}
+            "underdetermined_fit": mapping.meta["underdetermined"]}
     _publish("cross-model", result, out, meta, wandb_project, also=[Path(out) / MAP_FILE])
 
 
@@ -393,22 +393,37 @@ def _claim(job: str, out: str, overwrite: bool, also: tuple[str, ...] = ()) -> N
     claim_outputs(out, [*OUTPUTS[job], *also], "--out", overwrite)
 
 
+def _remove_stale(out: Path, claimed: tuple[str, ...], written: list[Path]) -> list[Path]:
+    """The files in ``out`` matching ``claimed`` that are not ``written``, removed: with --overwrite,
+    an earlier run's heatmap of a relation, a task or a control this run left out would otherwise
+    sit beside the new results as if it were one of them."""
+    kept = {Path(path).resolve() for path in written}
+    stale = sorted({path for pattern in claimed for path in out.glob(pattern)
+                    if path.is_file() and path.resolve() not in kept})
+    for path in stale:
+        path.unlink()
+    return stale
+
+
 def _check_step(layer_step: int) -> None:
     if layer_step < 1:
         raise ConfigError(f"--layer_step must be at least 1, got {layer_step}")
 
 
 def _publish(job: str, result, out: str, meta: dict, wandb_project: str | None, also: list[Path] = (),  # noqa: B006
-             report=None) -> None:
+             report=None, claimed: tuple[str, ...] | None = None) -> None:
     """An experiment's files (``report``: its (write, log to W&B, markdown) functions, by default
     ``lenscope.patchscopes.report.REPORTS[job]``), its W&B run if asked for, and its table on the
-    terminal. ``also``: files the command wrote itself, named with the others."""
-    if report is None:
-        from lenscope.patchscopes.report import REPORTS
+    terminal. ``also``: files the command wrote itself, named with the others. ``claimed``: the
+    names its claim looked for (default ``OUTPUTS[job]``): those this run did not write again are
+    an earlier run's (replaced with --overwrite) and are removed, so the folder holds one run."""
+    from lenscope.patchscopes.report import OUTPUTS, REPORTS
 
-        report = REPORTS[job]
-    write, log, markdown = report
+    write, log, markdown = report or REPORTS[job]
     written = [*also, *write(result, Path(out), meta)]
+    stale = _remove_stale(Path(out), claimed or OUTPUTS[job], written)
+    if stale:
+        print(f"removed the earlier run's {', '.join(p.name for p in stale)} (this run has no such result)")
     if wandb_project:
         import wandb
 

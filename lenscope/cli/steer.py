@@ -91,7 +91,7 @@ def steer(model: str = EMBEDDED_MODEL, tasks: list[str] | None = None, n_shots: 
     meta = {"model": model, "revision": loaded.revision, "tasks": tasks, "n_shots": n_shots, "n_prompts": n_prompts,
             "aie_prompts": aie_prompts, "test_share": test_share, "seed": seed, "n_top_heads": n_top_heads}
     _publish("steering", results, out, meta, wandb_project,
-             report=(write_steering_report, log_steering_to_wandb, steering_markdown))
+             report=(write_steering_report, log_steering_to_wandb, steering_markdown), claimed=STEERING_OUTPUTS)
 
 
 def main(argv: list[str] | None = None, prog: str = "lenscope steer") -> None:

@@ -27,12 +27,7 @@ import nnsight
 import torch
 
 from lenscope.model.heads import AttentionHeads
-from lenscope.model.residuals import (
-    HiddenStatesNotFiniteError,
-    ResidualReader,
-    dtype_advice,
-    envoy_at,
-)
+from lenscope.model.residuals import ResidualReader, check_finite_logits, envoy_at
 from lenscope.model.sublayers import Sublayers
 
 PASS_COST_BLOCK_ROWS = 512
@@ -188,20 +183,10 @@ class PatchingEngine:
             logits = self.traced.output.logits[all_rows, read_positions].save()
             if return_cache:
                 cache = getattr(self.traced.output, cache_argument(self.adapter.model)).save()
-        if not differentiable and not bool(torch.isfinite(logits).all()):
-            self._explain_non_finite(input_ids, attention_mask, past_key_values, self.adapter.unembedding_weight.dtype)
+        if not differentiable:  # a training pass is left to the training's own checks of its loss and weights
+            check_finite_logits(logits, self.reader, input_ids if past_key_values is None else None, attention_mask,
+                                written=bool(interventions))
         return (logits, cache) if return_cache else logits
-
-    def _explain_non_finite(self, input_ids, attention_mask, past_key_values, dtype: torch.dtype) -> None:
-        """A pass gave NaN or inf logits: say whether the model's own states are at fault (the
-        shared check names their first bad layer), or what was written into them. (A training
-        pass, differentiable, is left to the training's own checks of its loss and weights.)"""
-        if input_ids is not None and past_key_values is None:
-            self.reader.read(input_ids, attention_mask)  # raises HiddenStatesNotFiniteError, naming the layer
-            raise HiddenStatesNotFiniteError(
-                "a patched pass gave NaN or inf logits while the model's own states are finite: the states written "
-                "into it are NaN, inf or too large for its dtype; check the lens or mapping that made them")
-        raise HiddenStatesNotFiniteError(f"the model's next-token logits contain NaN or inf; {dtype_advice(dtype)}")
 
     @staticmethod
     def skippable_blocks(interventions: list[Intervention], length: int, n: int) -> int:

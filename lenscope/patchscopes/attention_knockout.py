@@ -25,6 +25,7 @@ import torch
 from lenscope.errors import ConfigError
 from lenscope.lenses.patchscope import Span
 from lenscope.model.heads import HeadsError
+from lenscope.model.residuals import check_finite_logits
 from lenscope.patchscopes.causal_tracing import blocks_or_all, subject_tokens, window_blocks
 
 SETS = ("subject", "non-subject", "last")
@@ -113,6 +114,8 @@ def attention_knockout(model, prompt: str, subject: str | Span, window: int = 9,
     of it (``subject_tokens``)."""
     if window < 1:
         raise ConfigError(f"window must be at least 1, got {window}")
+    if rows_per_pass < 1:
+        raise ConfigError(f"rows_per_pass must be at least 1, got {rows_per_pass}")
     heads = model.heads
     num_blocks = model.num_layers
     layers = blocks_or_all(model, layers)
@@ -120,7 +123,10 @@ def attention_knockout(model, prompt: str, subject: str | Span, window: int = 9,
     t = ids.shape[1]
     start, end = subject_tokens(model.tokenizer, prompt, subject)
     with torch.no_grad():
-        probs = torch.softmax(model.hf(input_ids=ids).logits[0, -1].float(), -1)
+        logits = model.hf(input_ids=ids).logits[0, -1]
+    # A pass outside the reader: its overflow would give NaN probabilities and an `<unk>` answer.
+    check_finite_logits(logits, model.reader, ids)
+    probs = torch.softmax(logits.float(), -1)
     answer_id = int(probs.argmax())
     keys = {"subject": list(range(start, end)),
             "non-subject": [j for j in range(t - 1) if not start <= j < end],

@@ -38,6 +38,11 @@ def greedy_continuations(model, prompts: list[str], max_new_tokens: int) -> list
     finally:
         tokenizer.padding_side = side
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    # `generate` runs outside the reader: read the prompts' states once through it, so that a model
+    # whose states overflow stops here, naming the layer, instead of answering no fact (NaN logits
+    # decode to token 0) and leaving every relation unscored. One pass without the head, before
+    # max_new_tokens passes with it.
+    model.reader.read(batch["input_ids"], batch["attention_mask"])
     out = model.hf.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad)
     return tokenizer.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
 

@@ -93,6 +93,8 @@ def causal_trace(model, prompt: str, subject: str | Span, kinds: tuple[str, ...]
         raise ConfigError(f"kinds {unknown} unknown: choose among {list(KINDS)}")
     if samples < 1 or window < 1:
         raise ConfigError(f"samples and window must be at least 1, got {samples} and {window}")
+    if rows_per_pass < 1:  # the passes hold at least one sample set each: 0 or less would be ignored silently
+        raise ConfigError(f"rows_per_pass must be at least 1, got {rows_per_pass}")
     num_blocks = model.num_layers
     layers = blocks_or_all(model, layers)
     ids = model.tokenize(prompt)

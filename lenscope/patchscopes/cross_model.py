@@ -168,7 +168,7 @@ def fit_cross_model_map(source, target, docs: list[AlignedDocument], source_laye
         equations.update(h, y.permute(1, 0, 2).reshape(len(rows), num_t * d_target).to(h.device))
     weight, bias = equations.solve(ridge)  # (S, T·d*, d), (S, T·d*)
     meta = {"source_model": source.name, "target_model": target.name, "fit_positions": equations.count,
-            "fit_documents": len(docs), "ridge": ridge}
+            "fit_documents": len(docs), "ridge": ridge, "underdetermined": equations.underdetermined}
     return CrossModelMap(source_layers, target_layers, weight.view(num_s, num_t, d_target, -1).cpu(),
                          bias.view(num_s, num_t, d_target).cpu(), meta)
 
