@@ -37,6 +37,7 @@ from lenscope.model.loading import (
     compute_dtype,
     resolve_dtype,
 )
+from lenscope.model.residuals import HiddenStatesNotFiniteError
 from lenscope.training.fsdp import FSDP_PREFIX
 from lenscope.training.fsdp import tag as fsdp_tag
 from lenscope.training.recipes import RECIPES, lr_factor
@@ -52,8 +53,9 @@ def _frozen_model_is_not_checkpointed(module, incompatible_keys) -> None:
     missing[:] = [key for key in missing if key.replace(FSDP_PREFIX, "").startswith("lenses.")]
 
 
-class HiddenStateError(UserError):
-    """The frozen model produced NaN or inf: a lens trained on it would be garbage."""
+HiddenStateError = HiddenStatesNotFiniteError
+"""The frozen model produced NaN or inf: a lens trained on it would be garbage. Raised by the one
+check of the model's states, where every command reads them (``ResidualReader.read``)."""
 
 
 class DivergedError(UserError):
@@ -382,15 +384,7 @@ class LensTrainingModule(L.LightningModule):
             residuals = self.frozen.reader.read(batch["input_ids"], batch["attention_mask"])
         if states is None:
             rows, cols = valid.nonzero(as_tuple=True)
-            states = residuals[:, rows, positions[rows, cols]]
-            finite = torch.isfinite(states).flatten(1).all(-1)
-            if not finite.all():
-                bad = int((~finite).nonzero()[0])
-                where = "the embeddings" if bad == 0 else f"the output of block {bad - 1}"
-                raise HiddenStateError(
-                    f"the model's hidden states contain NaN or inf at {where} (residual index {bad}); "
-                    "with fp16 weights this is overflow: use --model.base.dtype float32 or bfloat16"
-                )
+            states = residuals[:, rows, positions[rows, cols]]  # finite: the reader checked them
             if self.cache is not None:
                 self.cache.put(key, states)
         return states
