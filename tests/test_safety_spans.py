@@ -202,6 +202,18 @@ def test_the_command_line_refuses_an_ambiguous_span_in_one_line(tiny_model_dir, 
     assert stop.value.code == 2 and len(err.splitlines()) == 1 and "subject 'w7' occurs 2 times" in err, err
 
 
+@pytest.mark.parametrize("command,answer_file", [("trace", "trace.json"), ("knockout", "knockout.json")])
+def test_trace_and_knockout_name_an_occurrence_of_a_repeated_subject(tiny_model_dir, tmp_path, command, answer_file):
+    """The refusal above names an occurrence as the fix; the command line can give one."""
+    from lenscope import cli
+
+    out = tmp_path / command
+    cli.main(["patchscope", command, "--prompt", "w7 w8 w7 w9", "--subject", "w7", "--subject_occurrence", "-1",
+              "--model", str(tiny_model_dir), "--out", str(out), "--layers", "[0]"])
+    # the word-level tokenizer: w7 w8 w7 w9 are tokens 0..3, the last w7 is token 2
+    assert json.loads((out / answer_file).read_text())["subject"] == [2, 3]
+
+
 def test_a_yaml_position_can_name_an_occurrence(tiny_model_dir, tmp_path):
     from lenscope import cli
 

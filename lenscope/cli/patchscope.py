@@ -23,7 +23,7 @@ from pathlib import Path
 from lenscope.cli.errors import parse_error_line, run_with_clean_errors
 from lenscope.cli.outputs import claim_outputs
 from lenscope.errors import ConfigError, check_finite
-from lenscope.lenses.patchscope import Source, Target
+from lenscope.lenses.patchscope import Source, Span, Target
 from lenscope.model.loading import EMBEDDED_MODEL
 
 
@@ -281,7 +281,7 @@ def crossmodel(model: str = EMBEDDED_MODEL, target_model: str | None = None, dat
     _publish("cross-model", result, out, meta, wandb_project, also=[Path(out) / MAP_FILE])
 
 
-def trace(prompt: str, subject: str, model: str = EMBEDDED_MODEL, kinds: list[str] | None = None, samples: int = 10,
+def trace(prompt: str, subject: str, subject_occurrence: int | None = None, model: str = EMBEDDED_MODEL, kinds: list[str] | None = None, samples: int = 10,
           noise: float = 3.0, seed: int = 1, window: int = 10, layers: list[int] | None = None,
           rows_per_pass: int = 128, out: str = "results/causal_trace", wandb_project: str | None = None, overwrite: bool = False) -> None:
     """Causal tracing (Meng et al. 2022): which states, MLPs and attentions carry the prompt's answer.
@@ -289,6 +289,8 @@ def trace(prompt: str, subject: str, model: str = EMBEDDED_MODEL, kinds: list[st
     Args:
         prompt: text the model completes with the answer ("The Eiffel Tower is located in the city of").
         subject: the span of the prompt whose input states are corrupted ("The Eiffel Tower").
+        subject_occurrence: which occurrence of a subject the prompt repeats (0 the first, -1 the last; the
+            Span(text, occurrence=k) of the refusal); without it a repeated subject is refused.
         model: hub id, folder or embedded:smollm2-135m.
         kinds: what is restored: residual, mlp, attention (default: all three).
         samples: noise draws averaged over (ROME: 10).
@@ -307,19 +309,26 @@ def trace(prompt: str, subject: str, model: str = EMBEDDED_MODEL, kinds: list[st
     check_finite("--noise", noise, low_open=True)
     _claim("causal-trace", out, overwrite)
     loaded = FrozenModel.load(model)
-    result = causal_trace(loaded, prompt, subject, tuple(kinds) if kinds else KINDS, samples, noise, seed, window, layers,
+    result = causal_trace(loaded, prompt, _span(subject, subject_occurrence), tuple(kinds) if kinds else KINDS, samples, noise, seed, window, layers,
                           rows_per_pass)
     meta = {"model": model, "revision": loaded.revision, "samples": samples, "noise": noise, "seed": seed}
     _publish("causal-trace", result, out, meta, wandb_project)
 
 
-def knockout(prompt: str, subject: str, model: str = EMBEDDED_MODEL, window: int = 9, layers: list[int] | None = None,
+def _span(text: str, occurrence: int | None) -> str | Span:
+    """A subject as find_span takes it: the text, or one named occurrence of it."""
+    return text if occurrence is None else Span(text, occurrence)
+
+
+def knockout(prompt: str, subject: str, subject_occurrence: int | None = None, model: str = EMBEDDED_MODEL, window: int = 9, layers: list[int] | None = None,
              rows_per_pass: int = 64, out: str = "results/attention_knockout", wandb_project: str | None = None, overwrite: bool = False) -> None:
     """Attention knockout (Geva et al. 2023): what the last position reads, and from where, per layer.
 
     Args:
         prompt: text the model completes with the answer.
         subject: the span of the prompt that names the subject.
+        subject_occurrence: which occurrence of a subject the prompt repeats (0 the first, -1 the last; the
+            Span(text, occurrence=k) of the refusal); without it a repeated subject is refused.
         model: hub id, folder or embedded:smollm2-135m.
         window: blocks whose edges are blocked, centred on each layer (the paper: 9).
         layers: window centres (default: every block).
@@ -333,7 +342,7 @@ def knockout(prompt: str, subject: str, model: str = EMBEDDED_MODEL, window: int
 
     _claim("attention-knockout", out, overwrite)
     loaded = FrozenModel.load(model)
-    result = attention_knockout(loaded, prompt, subject, window, layers, rows_per_pass)
+    result = attention_knockout(loaded, prompt, _span(subject, subject_occurrence), window, layers, rows_per_pass)
     _publish("attention-knockout", result, out, {"model": model, "revision": loaded.revision}, wandb_project)
 
 
