@@ -64,6 +64,23 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     return path
 
 
+@pytest.fixture(scope="session")
+def other_model_dir(tmp_path_factory) -> Path:
+    """A tiny random LLaMA of the same shape as ``tiny_model_dir``'s with other weights: a lens made
+    for one fits the other, but means nothing there."""
+    path = tmp_path_factory.mktemp("other-llama")
+    tiny_llama(seed=1).save_pretrained(path)
+    make_tokenizer().save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def other_model(other_model_dir):
+    import lenscope
+
+    return lenscope.load_model(str(other_model_dir))
+
+
 def random_text(rng, n_words: int) -> str:
     return " ".join(rng.choice(WORDS) for _ in range(n_words))
 

@@ -14,21 +14,11 @@ import lenscope
 from lenscope.lenses.artifact import LensArtifactError, load_lens, model_named_by, reseal, save_lens
 from lenscope.lenses.lens import TunedLens, WrongModelError
 from lenscope.lenses.trajectory import Trajectory
-from tests.conftest import make_tokenizer, tiny_llama
 
 
 @pytest.fixture(scope="module")
 def model(tiny_model_dir):
     return lenscope.load_model(str(tiny_model_dir))
-
-
-@pytest.fixture(scope="module")
-def other_model(tmp_path_factory):
-    """A model of the same shape as ``model`` with other weights: a lens fits it but means nothing there."""
-    path = tmp_path_factory.mktemp("other-llama")
-    tiny_llama(seed=1).save_pretrained(path)
-    make_tokenizer().save_pretrained(path)
-    return lenscope.load_model(str(path))
 
 
 def _lens(model, seed: int = 0) -> TunedLens:

@@ -17,15 +17,6 @@ def model(tiny_model_dir):
     return lenscope.load_model(str(tiny_model_dir))
 
 
-@pytest.fixture(scope="module")
-def other_model(tmp_path_factory):
-    """A model of the same shape as ``model`` with other weights: a lens fits it but means nothing there."""
-    path = tmp_path_factory.mktemp("other-llama")
-    tiny_llama(seed=1).save_pretrained(path)
-    make_tokenizer().save_pretrained(path)
-    return lenscope.load_model(str(path))
-
-
 def _saved_lens(model, folder):
     torch.manual_seed(0)
     lens = TunedLens(model.layers, model.d_model)

@@ -11,7 +11,7 @@ import re
 import pytest
 
 from lenscope import cli
-from tests.test_safety_commands import PROMPT, SUBJECT
+from tests.test_safety_commands import PROMPT, SUBJECT, _fails
 
 NON_FINITE = "the model's hidden states contain NaN or inf at the embeddings (residual index 0)"
 
@@ -25,14 +25,6 @@ def _poisoned(model, *words: str):
     with torch.no_grad():
         model.hf.get_input_embeddings().weight[model.tokenizer.convert_tokens_to_ids(list(words))] = torch.inf
     return model
-
-
-def _fails(argv: list[str], capsys) -> str:
-    with pytest.raises(SystemExit) as stop:
-        cli.main(argv)
-    err = capsys.readouterr().err.strip()
-    assert stop.value.code == 2 and len(err.splitlines()) == 1 and "Traceback" not in err, err
-    return err
 
 
 def _written(folder) -> list[str]:
