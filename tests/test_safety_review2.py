@@ -158,3 +158,15 @@ def test_crossmodel_records_an_underdetermined_map(fit_positions, underdetermine
     results = json.loads((tmp_path / "cross" / "results.json").read_text())
     assert results["underdetermined_fit"] is underdetermined
     assert any(issubclass(w.category, UnderdeterminedFitWarning) for w in caught) is underdetermined
+
+
+# --- show --out ----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("out", ["pages/", "pages"])
+def test_show_refuses_an_out_that_names_a_folder(out, tmp_path, capsys, monkeypatch):
+    """`--out pages/` (or an existing folder `pages`) wrote pages.html and pages.png beside the
+    folder, not in it."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "pages").mkdir()
+    err = _fails(["show", "w3", "--model", str(tmp_path / "no-such-model"), "--out", out], capsys)
+    assert f"--out {out!r} names a folder" in err, err
+    assert _written(tmp_path) == []

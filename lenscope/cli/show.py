@@ -5,6 +5,7 @@ PNG (see ``lenscope.lenses.trajectory``)."""
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
 from lenscope.cli.errors import run_with_clean_errors
@@ -51,7 +52,8 @@ def show(args: argparse.Namespace) -> None:
     from lenscope.model.frozen import FrozenModel
 
     out = Path(args.out)
-    if out.name in ("", ".", ".."):
+    # A folder (`--out results/`) would get results.html beside it, not in it.
+    if out.name in ("", ".", "..") or args.out.endswith(("/", os.sep)) or out.is_dir():
         raise ConfigError(f"--out {args.out!r} names a folder; give a file name without extension, e.g. --out traj")
     page_path, picture_path = out.with_name(out.name + ".html"), out.with_name(out.name + ".png")
     claim_outputs(out.parent, [page_path.name, picture_path.name], "--out", args.overwrite, overwrite_flag="--overwrite")
